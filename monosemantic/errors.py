@@ -1,0 +1,32 @@
+"""The project's own exception types: every failure a user can cause is one of these, with a clear message."""
+
+
+class MonosemanticError(Exception):
+    """Base class: a failure whose message is meant for the user, never a library traceback."""
+
+
+class ConfigError(MonosemanticError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class HookError(MonosemanticError, KeyError):
+    """A hook point does not exist in the model; the message lists valid names near it."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelLoadError(MonosemanticError):
+    """A language model or tokenizer could not be loaded from the given path or id."""
+
+
+class ArtifactError(MonosemanticError):
+    """A dictionary artifact is missing, corrupted, of an unknown format, or does not match the model."""
+
+
+class ArtifactNotFound(ArtifactError):
+    """The named dictionary or version does not exist in the registry."""
+
+
+class ArtifactMismatch(ArtifactError):
+    """The dictionary was trained for another model, hook or input width."""

@@ -1,0 +1,1 @@
+"""monosemantic trainer: corpus, reference LM, harvesting, SAE training, evaluation, publishing."""
