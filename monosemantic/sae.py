@@ -1,0 +1,351 @@
+"""Sparse autoencoder architectures (ReLU+L1, TopK, JumpReLU) in a name → class registry.
+
+Every architecture shares one layout, named and oriented as SAELens does so dictionaries move between
+tools without transposes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_dec [d_in]`` (plus ``threshold [d_sae]`` for JumpReLU).
+
+Callers always pass raw activations. Inside, inputs are multiplied by ``input_scale`` (chosen by the trainer
+so that E‖x‖ = √d_in, as SAELens' ActivationScaler and Anthropic's April-2024 update do) and decoded outputs
+divided by it, so the sparsity coefficients mean the same thing whatever the activation scale of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import Tensor, nn
+
+from monosemantic.errors import ConfigError
+
+Architecture = Literal["relu", "topk", "jumprelu"]
+
+
+class SAEConfig(BaseModel):
+    """The shape and inference-time parameters of a dictionary (everything needed to rebuild it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: Architecture
+    d_in: int = Field(gt=0)
+    d_sae: int = Field(gt=0)
+    input_scale: float = Field(default=1.0, gt=0, description="raw activations are multiplied by this")
+    k: int | None = Field(default=None, gt=0, description="TopK: active latents per token")
+    k_aux: int | None = Field(default=None, gt=0, description="TopK: dead latents used by the AuxK loss")
+    bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU: rectangle-kernel width of the STE")
+
+    @model_validator(mode="after")
+    def _check_architecture_fields(self) -> "SAEConfig":
+        if self.architecture == "topk":
+            if self.k is None:
+                raise ValueError("k is required for the topk architecture")
+            if self.k > self.d_sae:
+                raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
+        return self
+
+    @classmethod
+    def build(cls, **fields: object) -> "SAEConfig":
+        """Validate at the edge: a bad field becomes a ConfigError naming it."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise ConfigError(_describe_validation_error(exc)) from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{field}: {err['msg']}")
+    return "invalid SAE config: " + "; ".join(parts)
+
+
+@dataclass
+class SAEOutput:
+    """One forward pass: the reconstruction, the codes and the loss terms (in normalised units)."""
+
+    x_hat: Tensor  # raw units, like the input
+    features: Tensor  # [batch, d_sae] feature activations
+    mse: Tensor  # mean over the batch of ‖x − x̂‖² summed over dimensions (normalised space)
+    sparsity: Tensor  # the architecture's sparsity penalty before its coefficient (L1 or L0)
+    aux: Tensor  # auxiliary loss already weighted (AuxK for TopK); 0 for others
+    l0: Tensor  # mean active features per token (no gradient)
+
+
+SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
+
+
+def register(name: str) -> Callable[[type["SparseAutoencoder"]], type["SparseAutoencoder"]]:
+    def wrap(cls: type["SparseAutoencoder"]) -> type["SparseAutoencoder"]:
+        cls.architecture = name
+        SAE_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+class SparseAutoencoder(nn.Module):
+    """Shared layout and maths; subclasses define the activation and the sparsity penalty."""
+
+    architecture: ClassVar[str]
+    tensor_names: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    def __init__(self, cfg: SAEConfig, seed: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # Decoder rows in random unit directions and the encoder as their transpose: Gao et al. 2024 §2.4 and
+        # the Apr-2024 Anthropic update find this start keeps far more latents alive than Kaiming init.
+        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.t().clone().contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    # ---- the maths -------------------------------------------------------------------------------
+    def pre_activations(self, x_normalised: Tensor) -> Tensor:
+        # Bricken et al. 2023: the pre-encoder bias is minus the decoder bias (tied), f = σ(W_enc(x − b_dec) + b_enc).
+        return (x_normalised - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
+        return torch.zeros((), device=pre.device)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw activations [..., d_in] → feature activations [..., d_sae]."""
+        return self.activate(self.pre_activations(x * self.cfg.input_scale))
+
+    def decode(self, features: Tensor) -> Tensor:
+        """Feature activations [..., d_sae] → reconstruction in raw units [..., d_in]."""
+        return (features @ self.W_dec + self.b_dec) / self.cfg.input_scale
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        x_n = x * self.cfg.input_scale
+        pre = self.pre_activations(x_n)
+        features = self.activate(pre)
+        x_hat_n = features @ self.W_dec + self.b_dec
+        mse = (x_hat_n.float() - x_n.float()).pow(2).sum(-1).mean()
+        return SAEOutput(
+            x_hat=x_hat_n / self.cfg.input_scale,
+            features=features,
+            mse=mse,
+            sparsity=self.sparsity_penalty(pre, features),
+            aux=torch.zeros((), device=x.device),
+            l0=(features > 0).float().sum(-1).mean().detach(),
+        )
+
+    # ---- decoder geometry (Bricken et al. 2023, "Interaction between Adam and decoder normalisation") ----
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Put every decoder row back on the unit sphere (after each optimiser step)."""
+        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component along each (unit) decoder row: it would only change the row's norm."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec.data
+
+    # ---- tensors as stored in artifacts -----------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        """The named tensors of the artifact format (SAELens names and orientation)."""
+        return {name: getattr(self, name).detach().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Fill the parameters from named tensors, checking every name and shape."""
+        expected = self.expected_shapes()
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ConfigError(f"dictionary tensors missing: {', '.join(missing)}")
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ConfigError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(self, name).data.copy_(tensors[name].to(getattr(self, name).dtype))
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+
+
+@register("relu")
+class ReluSAE(SparseAutoencoder):
+    """Bricken et al. 2023: f = ReLU(W_enc(x − b_dec) + b_enc), loss = MSE + λ·‖f‖₁."""
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return F.relu(pre)
+
+    def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
+        # With unit-norm decoder rows the plain L1 of f is the paper's penalty.
+        return features.float().sum(-1).mean()
+
+
+@register("topk")
+class TopKSAE(SparseAutoencoder):
+    """Gao et al. 2024: keep the k largest pre-activations (ReLU'd); no sparsity penalty, AuxK on dead latents."""
+
+    AUX_COEFFICIENT: ClassVar[float] = 1.0 / 32.0  # Gao et al. 2024 §2.4 / openai/sparse_autoencoder auxk_coef
+
+    def top_k(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return F.relu(values), indices
+
+    def activate(self, pre: Tensor) -> Tensor:
+        values, indices = self.top_k(pre)
+        return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Normalised-space reconstruction from only the k active rows (no dense [batch, d_sae] product)."""
+        flat_idx = indices.reshape(-1, indices.shape[-1])
+        flat_val = values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype)
+        out = F.embedding_bag(flat_idx, self.W_dec, per_sample_weights=flat_val, mode="sum")
+        return out.reshape(*indices.shape[:-1], self.cfg.d_in) + self.b_dec
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        x_n = x * self.cfg.input_scale
+        pre = self.pre_activations(x_n)
+        values, indices = self.top_k(pre)
+        x_hat_n = self.decode_sparse(values, indices)
+        error = x_n.float() - x_hat_n.float()
+        features = torch.zeros_like(pre).scatter_(-1, indices, values.to(pre.dtype))
+        aux = torch.zeros((), device=x.device)
+        if dead_mask is not None and bool(dead_mask.any()):
+            aux = self.AUX_COEFFICIENT * self._aux_loss(pre, error.detach(), dead_mask)
+        return SAEOutput(
+            x_hat=x_hat_n / self.cfg.input_scale,
+            features=features,
+            mse=error.pow(2).sum(-1).mean(),
+            sparsity=torch.zeros((), device=x.device),
+            aux=aux,
+            l0=(values > 0).float().sum(-1).mean().detach(),
+        )
+
+    def _aux_loss(self, pre: Tensor, error: Tensor, dead_mask: Tensor) -> Tensor:
+        # AuxK (Gao et al. 2024 §2.4, App. A.2): the top-k_aux *dead* latents model the main residual error,
+        # normalised by the error's variance as openai/sparse_autoencoder does, so a dead latent gets gradient.
+        k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
+        dead_pre = pre.masked_fill(~dead_mask, -math.inf)
+        values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
+        error_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values).to(self.W_dec.dtype), mode="sum")
+        residual = (error_hat.float() - error).pow(2).sum(-1).mean()
+        scale = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        loss = residual / scale
+        return torch.nan_to_num(loss, nan=0.0)
+
+
+class _JumpReLUFunction(torch.autograd.Function):
+    """JumpReLU_θ(z) = z·H(z − θ); θ gets the rectangle-kernel pseudo-gradient −(θ/ε)·K((z−θ)/ε)
+    (Rajamanoharan et al. 2024; the same form as SAELens and dictionary_learning). z gets the ordinary 1{z>θ}."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        grad_pre = (pre > threshold).to(grad.dtype) * grad
+        grad_threshold = (-(threshold / eps) * in_window * grad).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _StepFunction(torch.autograd.Function):
+    """H(z − θ) with pseudo-gradient −(1/ε)·K((z−θ)/ε) for θ and none for z (the L0 penalty's estimator)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        return None, (-(1.0 / eps) * in_window * grad).sum(0), None
+
+
+@register("jumprelu")
+class JumpReLUSAE(SparseAutoencoder):
+    """Rajamanoharan et al. 2024: per-feature learned thresholds θ = exp(t), loss = MSE + λ·‖f‖₀."""
+
+    tensor_names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+    INITIAL_THRESHOLD: ClassVar[float] = 0.05  # in normalised units (E‖x‖ = √d_in); see SAELens' default
+
+    def __init__(self, cfg: SAEConfig, seed: int | None = None) -> None:
+        super().__init__(cfg, seed)
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(self.INITIAL_THRESHOLD)))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def _flat(self, pre: Tensor) -> Tensor:
+        return pre.reshape(-1, pre.shape[-1])
+
+    def activate(self, pre: Tensor) -> Tensor:
+        flat = _JumpReLUFunction.apply(self._flat(pre), self.threshold.to(pre.dtype), self.cfg.bandwidth)
+        return flat.reshape(pre.shape)
+
+    def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
+        active = _StepFunction.apply(self._flat(pre), self.threshold.to(pre.dtype), self.cfg.bandwidth)
+        return active.float().sum(-1).mean()
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = super().tensors()
+        out["threshold"] = self.threshold.detach().contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_tensors(tensors)
+        self.log_threshold.data.copy_(tensors["threshold"].float().clamp_min(1e-12).log())
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {**super().expected_shapes(), "threshold": (self.cfg.d_sae,)}
+
+
+def build_sae(cfg: SAEConfig, seed: int | None = None) -> SparseAutoencoder:
+    """Instantiate the registered class for ``cfg.architecture``."""
+    try:
+        cls = SAE_REGISTRY[cfg.architecture]
+    except KeyError:
+        raise ConfigError(f"unknown architecture {cfg.architecture!r}; known: {', '.join(sorted(SAE_REGISTRY))}") from None
+    return cls(cfg, seed=seed)
+
+
+def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, Tensor]) -> SparseAutoencoder:
+    """Rebuild a dictionary from its config and named tensors (the artifact loader's entry point)."""
+    sae = build_sae(cfg)
+    sae.load_tensors(tensors)
+    return sae.eval()
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance (b_dec's start, Bricken et al.)."""
+    points = points.float()
+    median = points.mean(0)
+    for _ in range(iterations):
+        distances = (points - median).norm(dim=1).clamp_min(1e-8)
+        weights = 1.0 / distances
+        updated = (weights[:, None] * points).sum(0) / weights.sum()
+        if (updated - median).norm() <= tol * median.norm().clamp_min(1e-8):
+            return updated
+        median = updated
+    return median

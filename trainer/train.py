@@ -1,0 +1,313 @@
+"""SAE training: Adam with warm-up and decay, sparsity warm-up and a target-L0 controller, dead-feature
+resampling (ReLU) or AuxK (TopK), bf16 mixed precision on CPU, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from monosemantic.errors import ConfigError, MonosemanticError
+from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae, geometric_median
+from trainer.activations import ActivationSource, write_json_atomic
+
+# Starting sparsity coefficients, in the normalised units of monosemantic.sae (E‖x‖ = √d_in, summed MSE):
+# λ_L1 = 5 is the Apr-2024 Anthropic 1L-MLP setting that lands near L0 40 at 131k features; the L0
+# coefficient is of the same order once the controller has settled. With --target-l0 both are only starts.
+DEFAULT_SPARSITY = {"relu": 5.0, "jumprelu": 1.0, "topk": 0.0}
+
+
+class TrainConfig(BaseModel):
+    """Everything that determines a training run; recorded in the published manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: Literal["relu", "topk", "jumprelu"] = "relu"
+    d_sae: int = Field(default=4096, gt=0)
+    k: int | None = Field(default=None, gt=0, description="TopK: active latents per token (default: target_l0 or 32)")
+    sparsity_coefficient: float | None = Field(default=None, ge=0, description="λ: L1 (relu) or L0 (jumprelu) coefficient")
+    target_l0: float | None = Field(default=None, gt=0, description="steer λ so the running L0 approaches this")
+    tokens: int = Field(default=20_000_000, gt=0, description="training tokens (activation rows) to consume")
+    batch_size: int = Field(default=4096, gt=0)
+    lr: float = Field(default=4e-4, gt=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_warmup_fraction: float = Field(default=0.01, ge=0, le=1)
+    lr_decay_fraction: float = Field(default=0.2, ge=0, le=1, description="linear decay to 0 over this final share")
+    sparsity_warmup_fraction: float = Field(default=0.05, ge=0, le=1)
+    controller_gain: float = Field(default=0.02, ge=0, description="per-step log-λ change per unit log L0 error")
+    grad_clip: float = Field(default=1.0, gt=0)
+    resample_fractions: tuple[float, ...] = Field(default=(0.1, 0.2, 0.3, 0.4), description="ReLU: when to resample dead features")
+    dead_window_tokens: int | None = Field(default=None, gt=0, description="a feature unfired this long is dead")
+    bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU STE bandwidth (normalised units)")
+    bf16: bool = Field(default=True, description="bf16 autocast for the matmuls (fp32 master weights)")
+    seed: int = 0
+    log_every: int = Field(default=50, gt=0)
+    checkpoint_every: int = Field(default=500, gt=0, description="steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.architecture == "topk" and self.k is not None and self.k > self.d_sae:
+            raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
+        if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
+            raise ValueError("lr_warmup_fraction + lr_decay_fraction must not exceed 1")
+        return self
+
+    @classmethod
+    def build(cls, **fields: object) -> "TrainConfig":
+        try:
+            return cls(**{k: v for k, v in fields.items() if v is not None})
+        except ValidationError as exc:
+            parts = [f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()]
+            raise ConfigError("invalid training config: " + "; ".join(parts)) from None
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    def resolved_k(self) -> int | None:
+        if self.architecture != "topk":
+            return None
+        return self.k or (int(round(self.target_l0)) if self.target_l0 else 32)
+
+
+@dataclass
+class TrainResult:
+    sae: SparseAutoencoder
+    config: TrainConfig
+    sparsity_coefficient: float
+    tokens: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    input_scale: float = 1.0
+    dead_fraction: float = 0.0
+
+
+def estimate_input_scale(sample: Tensor) -> float:
+    """√d_in / E‖x‖: the SAELens ActivationScaler convention (Anthropic, Apr 2024 update)."""
+    mean_norm = sample.float().norm(dim=1).mean().item()
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise MonosemanticError("activation data is all zeros or not finite; nothing to train on")
+    return math.sqrt(sample.shape[1]) / mean_norm
+
+
+class Trainer:
+    """One SAE training run over an activation source. ``run()`` trains to the end (or from a checkpoint)."""
+
+    def __init__(self, cfg: TrainConfig, source: ActivationSource, checkpoint_dir: Path | None = None) -> None:
+        if cfg.batch_size > source.rows:
+            raise ConfigError(f"batch_size ({cfg.batch_size}) exceeds the {source.rows} rows of activation data")
+        self.cfg, self.source = cfg, source
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        torch.manual_seed(cfg.seed)
+        sample = source.sample(min(source.rows, 32_768), seed=cfg.seed)
+        self.input_scale = estimate_input_scale(sample)
+        sae_cfg = SAEConfig.build(
+            architecture=cfg.architecture, d_in=source.d_in, d_sae=cfg.d_sae, input_scale=self.input_scale,
+            k=cfg.resolved_k(), bandwidth=cfg.bandwidth,
+        )
+        self.sae = build_sae(sae_cfg, seed=cfg.seed)
+        with torch.no_grad():
+            # Bricken et al.: b_dec starts at the geometric median of the data (in normalised units here).
+            self.sae.b_dec.copy_(geometric_median(sample[:8192] * self.input_scale))
+        self.variance = float((sample * self.input_scale).var(0, unbiased=False).sum())  # for the live FVU
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        self.step = 0
+        self.coefficient = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else DEFAULT_SPARSITY[cfg.architecture]
+        self.l0_ema: float | None = None
+        self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+        self.history: list[dict] = []
+        self.dead_window = cfg.dead_window_tokens or self._default_dead_window()
+        self.resample_steps = sorted({int(f * cfg.steps) for f in cfg.resample_fractions if 0 < f < 1}) if cfg.architecture == "relu" else []
+
+    def _default_dead_window(self) -> int:
+        # Gao et al. call a latent dead after 10M tokens unfired; a short run uses half the gap between
+        # resamples (Bricken: 12,500 of the 25,000 steps between resamples), or a tenth of the run.
+        tokens = self.cfg.tokens
+        if self.cfg.architecture == "relu" and self.cfg.resample_fractions:
+            return max(self.cfg.batch_size, int(min(self.cfg.resample_fractions) * tokens / 2))
+        return max(self.cfg.batch_size, min(10_000_000, tokens // 10))
+
+    # ---- schedules --------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        steps, cfg = self.cfg.steps, self.cfg
+        warm = int(cfg.lr_warmup_fraction * steps)
+        decay_start = int((1 - cfg.lr_decay_fraction) * steps)
+        if warm and step < warm:
+            return cfg.lr * (step + 1) / warm
+        if step >= decay_start and cfg.lr_decay_fraction > 0:
+            return cfg.lr * max(0.0, (steps - step) / max(1, steps - decay_start))
+        return cfg.lr
+
+    def sparsity_warmup(self, step: int) -> float:
+        warm = int(self.cfg.sparsity_warmup_fraction * self.cfg.steps)
+        return min(1.0, (step + 1) / warm) if warm else 1.0
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def train_step(self, batch: Tensor) -> dict:
+        cfg, sae = self.cfg, self.sae
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        dead_mask = (self.tokens_since_fired >= self.dead_window) if cfg.architecture == "topk" else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = sae(batch, dead_mask=dead_mask)
+        coefficient = self.coefficient * self.sparsity_warmup(self.step)
+        loss = out.mse + coefficient * out.sparsity + out.aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        sae.normalize_decoder()
+
+        fired = (out.features > 0).any(0)
+        self.tokens_since_fired += batch.shape[0]
+        self.tokens_since_fired[fired] = 0
+        l0 = float(out.l0)
+        self.l0_ema = l0 if self.l0_ema is None else 0.95 * self.l0_ema + 0.05 * l0
+        self._steer_coefficient(l0)
+        self.step += 1
+        if self.step in self.resample_steps:
+            self.resample_dead_features()
+        mse = float(out.mse.detach())
+        return {"step": self.step, "mse": mse, "fvu": mse / self.variance, "l0": l0,
+                "aux": float(out.aux.detach()), "coefficient": self.coefficient, "lr": self.lr_at(self.step - 1),
+                "dead_fraction": float((self.tokens_since_fired >= self.dead_window).float().mean())}
+
+    def _steer_coefficient(self, l0: float) -> None:
+        # Users think in L0, not λ: after the sparsity warm-up, move log λ by a small step proportional to
+        # log(L0 / target). Multiplicative, so it works whatever scale λ lives on.
+        cfg = self.cfg
+        if cfg.target_l0 is None or cfg.architecture == "topk" or self.sparsity_warmup(self.step) < 1.0:
+            return
+        if self.step >= int((1 - cfg.lr_decay_fraction) * cfg.steps):
+            return  # hold λ fixed while the learning rate anneals, so the end point is a fixed objective
+        error = math.log(max(l0, 1e-3) / cfg.target_l0)
+        self.coefficient *= math.exp(cfg.controller_gain * max(-1.0, min(1.0, error)))
+
+    # ---- Bricken et al. 2023, "Neuron Resampling" appendix -----------------------------------------
+    @torch.no_grad()
+    def resample_dead_features(self) -> int:
+        sae, cfg = self.sae, self.cfg
+        dead = (self.tokens_since_fired >= self.dead_window).nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        inputs = self.source.sample(min(self.source.rows, 64 * cfg.batch_size), seed=cfg.seed + self.step)
+        losses = []
+        for chunk in inputs.split(cfg.batch_size):
+            x_n = chunk * self.input_scale
+            x_hat_n = sae.decode(sae.encode(chunk)) * self.input_scale
+            losses.append((x_n - x_hat_n).pow(2).sum(-1))
+        weights = torch.cat(losses).pow(2)  # sampling probability ∝ squared loss
+        if float(weights.sum()) <= 0:
+            return 0
+        picked = torch.multinomial(weights, dead.numel(), replacement=True, generator=generator)
+        # The encoder sees x − b_dec, so that centred input is the direction a revived feature should detect.
+        directions = inputs[picked] * self.input_scale - sae.b_dec
+        directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        alive = torch.ones(cfg.d_sae, dtype=torch.bool)
+        alive[dead] = False
+        alive_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        sae.W_dec[dead] = directions
+        sae.W_enc[:, dead] = (directions * 0.2 * alive_norm).t()
+        sae.b_enc[dead] = 0.0
+        for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+            state = self.optimizer.state.get(param, {})
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in state:
+                    state[moment][index] = 0.0
+        self.tokens_since_fired[dead] = 0
+        return int(dead.numel())
+
+    # ---- checkpoints (safetensors + JSON; no pickle) ----------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.sae.named_parameters()}
+        for n, p in self.sae.named_parameters():
+            for moment, value in self.optimizer.state.get(p, {}).items():
+                if moment != "step":
+                    tensors[f"adam.{n}.{moment}"] = value.contiguous()
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tmp = self.checkpoint_dir / "state.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(self.checkpoint_dir / "state.safetensors")
+        adam_steps = {n: float(self.optimizer.state[p]["step"]) for n, p in self.sae.named_parameters() if p in self.optimizer.state}
+        write_json_atomic(self.checkpoint_dir / "state.json", {
+            "step": self.step, "coefficient": self.coefficient, "l0_ema": self.l0_ema, "input_scale": self.input_scale,
+            "variance": self.variance, "adam_steps": adam_steps, "config": self.cfg.model_dump(mode="json"),
+            "history": self.history,
+        })
+
+    def load_checkpoint(self) -> bool:
+        """Restore a previous run's exact state; False when there is none."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / "state.json").exists():
+            return False
+        state = json.loads((self.checkpoint_dir / "state.json").read_text())
+        if state["config"] != self.cfg.model_dump(mode="json"):
+            raise ConfigError("--resume: the checkpoint was written with a different training config; "
+                              "use the same options or a new --checkpoint-dir")
+        tensors = load_file(str(self.checkpoint_dir / "state.safetensors"))
+        params = dict(self.sae.named_parameters())
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[f"param.{n}"])
+        for n, p in params.items():
+            if n in state["adam_steps"]:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(state["adam_steps"][n]),
+                    "exp_avg": tensors[f"adam.{n}.exp_avg"].clone(),
+                    "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"].clone(),
+                }
+        self.tokens_since_fired = tensors["tokens_since_fired"].clone()
+        self.step, self.coefficient, self.l0_ema = state["step"], state["coefficient"], state["l0_ema"]
+        self.input_scale, self.variance, self.history = state["input_scale"], state["variance"], state["history"]
+        self.sae.cfg = self.sae.cfg.model_copy(update={"input_scale": self.input_scale})
+        return True
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self, resume: bool = False, progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
+        if resume:
+            self.load_checkpoint()
+        cfg, started = self.cfg, time.perf_counter()
+        batches = self.source.batches(cfg.batch_size, seed=cfg.seed, start_batch=self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=None if progress else True, unit="step", desc=f"train {cfg.architecture}")
+        self.sae.train()
+        last: dict = {}
+        try:
+            while self.step < cfg.steps:
+                last = self.train_step(next(batches))
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.history.append(last)
+                    bar.set_postfix(mse=f"{last['mse']:.3g}", fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}",
+                                    dead=f"{last['dead_fraction']:.3f}", lam=f"{self.coefficient:.3g}")
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if stop_after_steps is not None and self.step >= stop_after_steps:
+                    break
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        self.sae.eval()
+        return TrainResult(
+            sae=self.sae, config=cfg, sparsity_coefficient=self.coefficient, tokens=self.step * cfg.batch_size,
+            seconds=time.perf_counter() - started, history=self.history, input_scale=self.input_scale,
+            dead_fraction=last.get("dead_fraction", 0.0),
+        )
+
+
+def train_sae(cfg: TrainConfig, source: ActivationSource, checkpoint_dir: Path | None = None,
+              resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train a dictionary on ``source`` (the entry point of ``monosemantic-train train``)."""
+    return Trainer(cfg, source, checkpoint_dir).run(resume=resume, progress=progress)
