@@ -34,7 +34,7 @@ def from_storage(a: np.ndarray, dtype: str) -> Tensor:
     """A shard's rows back as a float32 tensor."""
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(a)).float()
+    return torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: shards are read-only memory maps
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -154,3 +154,21 @@ def open_activation_file(path: Path) -> ActivationSource:
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ConfigError(f"activations: expected a 2-D [rows, d_in] matrix, got shape {tuple(array.shape)}")
     return ActivationSource(parts=[array], dtype=dtype, description={"kind": "file", "file": path.name, "rows": int(array.shape[0])})
+
+
+def split_tail(source: ActivationSource, fraction: float = 0.05, max_rows: int = 200_000) -> tuple[ActivationSource, ActivationSource]:
+    """(train, held-out): the last rows (a ``fraction``, at most ``max_rows``) are kept out of training.
+    The tail rather than a random subset, because rows of a user's file are usually in document order."""
+    holdout = min(max_rows, max(1, int(source.rows * fraction)))
+    if source.rows - holdout < 1:
+        raise ConfigError(f"activations: {source.rows} rows are too few to hold some out for evaluation")
+    train_parts, held_parts, remaining = [], [], source.rows - holdout
+    for part in source.parts:
+        take = min(remaining, part.shape[0])
+        if take:
+            train_parts.append(part[:take])
+        if take < part.shape[0]:
+            held_parts.append(part[take:])
+        remaining -= take
+    return (ActivationSource(train_parts, source.dtype, {**source.description, "split": "train"}),
+            ActivationSource(held_parts, source.dtype, {**source.description, "split": "heldout"}))

@@ -43,9 +43,9 @@ class TrainConfig(BaseModel):
     lr_warmup_fraction: float = Field(default=0.01, ge=0, le=1)
     lr_decay_fraction: float = Field(default=0.2, ge=0, le=1, description="linear decay to 0 over this final share")
     sparsity_warmup_fraction: float = Field(default=0.05, ge=0, le=1)
-    controller_gain: float = Field(default=0.02, ge=0, description="per-step log-λ change per unit log L0 error")
+    controller_gain: float = Field(default=0.005, ge=0, description="per-step log-λ change per unit log L0 error")
     grad_clip: float = Field(default=1.0, gt=0)
-    resample_fractions: tuple[float, ...] = Field(default=(0.1, 0.2, 0.3, 0.4), description="ReLU: when to resample dead features")
+    resample_fractions: tuple[float, ...] = Field(default=(0.1, 0.2, 0.3, 0.4, 0.5), description="ReLU: when to resample dead features")
     dead_window_tokens: int | None = Field(default=None, gt=0, description="a feature unfired this long is dead")
     bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU STE bandwidth (normalised units)")
     bf16: bool = Field(default=True, description="bf16 autocast for the matmuls (fp32 master weights)")
@@ -172,8 +172,8 @@ class Trainer:
         self.tokens_since_fired += batch.shape[0]
         self.tokens_since_fired[fired] = 0
         l0 = float(out.l0)
-        self.l0_ema = l0 if self.l0_ema is None else 0.95 * self.l0_ema + 0.05 * l0
-        self._steer_coefficient(l0)
+        self.l0_ema = l0 if self.l0_ema is None else 0.9 * self.l0_ema + 0.1 * l0
+        self._steer_coefficient(self.l0_ema)
         self.step += 1
         if self.step in self.resample_steps:
             self.resample_dead_features()
@@ -191,7 +191,7 @@ class Trainer:
         if self.step >= int((1 - cfg.lr_decay_fraction) * cfg.steps):
             return  # hold λ fixed while the learning rate anneals, so the end point is a fixed objective
         error = math.log(max(l0, 1e-3) / cfg.target_l0)
-        self.coefficient *= math.exp(cfg.controller_gain * max(-1.0, min(1.0, error)))
+        self.coefficient *= math.exp(cfg.controller_gain * max(-0.5, min(0.5, error)))
 
     # ---- Bricken et al. 2023, "Neuron Resampling" appendix -----------------------------------------
     @torch.no_grad()
@@ -246,6 +246,7 @@ class Trainer:
         write_json_atomic(self.checkpoint_dir / "state.json", {
             "step": self.step, "coefficient": self.coefficient, "l0_ema": self.l0_ema, "input_scale": self.input_scale,
             "variance": self.variance, "adam_steps": adam_steps, "config": self.cfg.model_dump(mode="json"),
+            "source": self.source.description,
             "history": self.history,
         })
 

@@ -1,0 +1,297 @@
+"""The versioned dictionary format (v1): publish atomically, list, resolve ``latest``, load with sha256 checks.
+
+Layout: ``<registry>/<name>/v<N>/{manifest.json, sae.safetensors, features.safetensors?}``. A version is
+written into a hidden temporary directory and renamed into place, so readers see a whole version or none;
+versions are never modified afterwards. Nothing is loaded with pickle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from monosemantic.errors import ArtifactError, ArtifactMismatch, ArtifactNotFound, ConfigError
+from monosemantic.sae import SAE_REGISTRY, SAEConfig, SparseAutoencoder, sae_from_tensors
+
+FORMAT_VERSION = 1
+SAE_FILE = "sae.safetensors"
+FEATURES_FILE = "features.safetensors"
+MANIFEST_FILE = "manifest.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRef(BaseModel):
+    """The transformer a dictionary reads: a name for people, the weights checksum for machines."""
+
+    name: str
+    checksum: str
+
+
+class HookRef(BaseModel):
+    name: str  # as given (alias or module path)
+    module_path: str
+    alias: str | None = None
+    kind: str = "output"
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: everything needed to trust, rebuild and judge a dictionary version."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int
+    name: str
+    version: int
+    created: str
+    architecture: str
+    sae: SAEConfig
+    sparsity_coefficient: float | None = None
+    dtype: str
+    model: ModelRef
+    hook: HookRef
+    input_scale: float
+    training: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+    tokens: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass
+class Dictionary:
+    """A loaded, verified dictionary version."""
+
+    sae: SparseAutoencoder
+    manifest: Manifest
+    path: Path
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.manifest.name}:v{self.manifest.version}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise ConfigError(f"dictionary name {name!r} is invalid: use letters, digits, '.', '_' or '-' (max 100)")
+
+
+def list_versions(registry: Path, name: str) -> list[int]:
+    """Published versions of ``name``, ascending (temporary directories are never listed)."""
+    _check_name(name)
+    directory = Path(registry) / name
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _VERSION_DIR.match(p.name)) and p.is_dir())
+
+
+def list_dictionaries(registry: Path) -> dict[str, list[int]]:
+    """Every dictionary in a registry with its versions."""
+    registry = Path(registry)
+    if not registry.is_dir():
+        return {}
+    out = {}
+    for p in sorted(registry.iterdir()):
+        if p.is_dir() and _NAME.match(p.name) and (versions := list_versions(registry, p.name)):
+            out[p.name] = versions
+    return out
+
+
+def parse_reference(reference: str) -> tuple[str, int | None]:
+    """``NAME``, ``NAME:latest``, ``NAME:3`` or ``NAME:v3`` → (name, version or None for latest)."""
+    name, _, version = reference.partition(":")
+    _check_name(name)
+    if version in ("", "latest"):
+        return name, None
+    match = re.fullmatch(r"v?([1-9][0-9]*)", version)
+    if not match:
+        raise ConfigError(f"dictionary version {version!r} is invalid: use a positive integer, vN or 'latest'")
+    return name, int(match.group(1))
+
+
+def resolve_version(registry: Path, name: str, version: int | str | None = None) -> Path:
+    """The directory of a version; ``None`` or ``"latest"`` means the highest published one."""
+    versions = list_versions(registry, name)
+    if not versions:
+        raise ArtifactNotFound(f"dictionary {name!r} not found in registry {Path(registry).name!r}")
+    if version in (None, "latest"):
+        number = versions[-1]
+    else:
+        match = re.fullmatch(r"v?([1-9][0-9]*)", str(version))
+        if not match:
+            raise ConfigError(f"dictionary version {version!r} is invalid: use a positive integer, vN or 'latest'")
+        number = int(match.group(1))
+        if number not in versions:
+            raise ArtifactNotFound(f"dictionary {name!r} has no version {number}; published: {versions}")
+    return Path(registry) / name / f"v{number}"
+
+
+def publish(
+    registry: Path,
+    name: str,
+    sae: SparseAutoencoder,
+    *,
+    model: ModelRef,
+    hook: HookRef,
+    dtype: str = "float32",
+    features: dict[str, Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``sae`` as the next version of ``name``; returns the version directory.
+
+    The files are written and checksummed in a temporary directory, then renamed to ``v<N>``. rename(2)
+    of a directory onto an existing non-empty one fails, so two concurrent publishers can never produce
+    the same version: the loser takes the next number and tries again."""
+    _check_name(name)
+    if dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
+    directory = Path(registry) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous() for k, v in sae.tensors().items()}
+        save_file(tensors, str(tmp / SAE_FILE), metadata={"format": "monosemantic-v1", "architecture": sae.cfg.architecture})
+        files = [SAE_FILE]
+        if features:
+            save_file({k: v.detach().cpu().contiguous() for k, v in features.items()}, str(tmp / FEATURES_FILE))
+            files.append(FEATURES_FILE)
+        _fsync_files(tmp, files)
+        checksums = {f: sha256_file(tmp / f) for f in files}
+        fields = dict(extra or {})
+        while True:
+            number = (list_versions(registry, name) or [0])[-1] + 1
+            manifest = Manifest(
+                format_version=FORMAT_VERSION, name=name, version=number,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                architecture=sae.cfg.architecture, sae=sae.cfg, dtype=dtype, model=model, hook=hook,
+                input_scale=sae.cfg.input_scale, files=checksums, **fields,
+            )
+            (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+            _fsync_files(tmp, [MANIFEST_FILE])
+            target = directory / f"v{number}"
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if target.exists():
+                    continue  # another publisher took this number
+                raise
+            _fsync_dir(directory)
+            return target
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_files(directory: Path, files: list[str]) -> None:
+    for f in files:
+        with open(directory / f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    path = Path(version_dir) / MANIFEST_FILE
+    if not path.exists():
+        raise ArtifactError(f"{_label(version_dir)}: {MANIFEST_FILE} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{_label(version_dir)}: {MANIFEST_FILE} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{_label(version_dir)}: {MANIFEST_FILE} must hold a JSON object")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{_label(version_dir)}: unknown format_version {raw.get('format_version')!r}; this release reads {FORMAT_VERSION}")
+    architecture = raw.get("architecture")
+    if architecture not in SAE_REGISTRY:
+        raise ArtifactError(f"{_label(version_dir)}: unknown architecture {architecture!r}; known: {', '.join(sorted(SAE_REGISTRY))}")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise ArtifactError(f"{_label(version_dir)}: invalid manifest ({problems})") from None
+
+
+def _label(version_dir: Path) -> str:
+    p = Path(version_dir)
+    return f"{p.parent.name}/{p.name}"
+
+
+def verify(version_dir: Path) -> Manifest:
+    """Check that every file the manifest lists exists and has its recorded sha256."""
+    manifest = read_manifest(version_dir)
+    if SAE_FILE not in manifest.files:
+        raise ArtifactError(f"{_label(version_dir)}: manifest lists no {SAE_FILE}")
+    for file, expected in manifest.files.items():
+        path = Path(version_dir) / file
+        if not path.exists():
+            raise ArtifactError(f"{_label(version_dir)}: {file} is missing")
+        if sha256_file(path) != expected:
+            raise ArtifactError(f"{_label(version_dir)}: {file} does not match its sha256 in the manifest (corrupted or tampered)")
+    return manifest
+
+
+def load_dictionary(
+    registry: Path,
+    name: str,
+    version: int | str | None = None,
+    *,
+    expected_model_checksum: str | None = None,
+    expected_d_in: int | None = None,
+    device: str = "cpu",
+) -> Dictionary:
+    """Load and verify a version. Refuses a dictionary made for another model or input width."""
+    version_dir = resolve_version(registry, name, version)
+    manifest = verify(version_dir)
+    if expected_model_checksum is not None and manifest.model.checksum != expected_model_checksum:
+        raise ArtifactMismatch(
+            f"dictionary {name}:v{manifest.version} was trained on model {manifest.model.name!r} "
+            f"(weights checksum {manifest.model.checksum[:12]}…), not on the loaded model ({expected_model_checksum[:12]}…)"
+        )
+    if expected_d_in is not None and manifest.sae.d_in != expected_d_in:
+        raise ArtifactMismatch(
+            f"dictionary {name}:v{manifest.version} reads d_in={manifest.sae.d_in} at hook {manifest.hook.name!r}, "
+            f"but the model's activation there has width {expected_d_in}"
+        )
+    try:
+        tensors = load_file(str(version_dir / SAE_FILE))
+        features = load_file(str(version_dir / FEATURES_FILE)) if FEATURES_FILE in manifest.files else {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{_label(version_dir)}: cannot read tensors ({exc})") from None
+    try:
+        sae = sae_from_tensors(manifest.sae, {k: v.float() for k, v in tensors.items()})
+    except ConfigError as exc:
+        raise ArtifactError(f"{_label(version_dir)}: {exc}") from None
+    return Dictionary(sae=sae.to(device), manifest=manifest, path=version_dir, features=features)

@@ -1,0 +1,103 @@
+"""Specifications of the SAE architectures: recovery of known features, decoder geometry, resampling."""
+
+import pytest
+import torch
+
+from monosemantic.errors import ConfigError
+from monosemantic.sae import SAE_REGISTRY, SAEConfig, build_sae, geometric_median, sae_from_tensors
+from trainer.activations import ActivationSource
+from trainer.synthetic import make_sparse_data, mean_max_cosine
+from trainer.train import TrainConfig, Trainer
+
+ARCH_OPTIONS = {"relu": {"target_l0": 5}, "topk": {"k": 5}, "jumprelu": {"target_l0": 5}}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_sparse_data(300_000, d=32, n_features=64, mean_active=5.0, seed=0)
+
+
+def _train(data, arch, tokens=1_200_000, d_sae=128, **overrides):
+    source = ActivationSource(parts=[data.activations.numpy()], dtype="float32")
+    options = {**ARCH_OPTIONS[arch], **overrides}
+    cfg = TrainConfig.build(architecture=arch, d_sae=d_sae, tokens=tokens, batch_size=512, lr=3e-3, seed=0, **options)
+    return Trainer(cfg, source).run(progress=False)
+
+
+@pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
+def test_each_architecture_recovers_the_true_directions_of_synthetic_sparse_data(synthetic, arch):
+    result = _train(synthetic, arch)
+    assert mean_max_cosine(synthetic.directions, result.sae.W_dec.detach()) >= 0.9
+
+
+@pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
+def test_decoder_rows_stay_unit_norm_through_training(synthetic, arch):
+    result = _train(synthetic, arch, tokens=50_000)
+    norms = result.sae.W_dec.detach().norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_the_gradient_along_each_decoder_row_is_removed_before_the_step():
+    sae = build_sae(SAEConfig.build(architecture="relu", d_in=8, d_sae=16), seed=0)
+    sae(torch.randn(64, 8).abs()).mse.backward()
+    sae.remove_parallel_decoder_grad()
+    parallel = (sae.W_dec.grad * sae.W_dec.data).sum(dim=1)
+    assert parallel.abs().max() < 1e-6
+
+
+def test_topk_activates_exactly_k_features_per_token():
+    sae = build_sae(SAEConfig.build(architecture="topk", d_in=8, d_sae=32, k=3), seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive, so ReLU never drops a kept value
+    features = sae.encode(torch.randn(20, 8))
+    assert ((features > 0).sum(-1) == 3).all()
+
+
+def test_topk_sparse_decoder_equals_the_dense_product():
+    sae = build_sae(SAEConfig.build(architecture="topk", d_in=8, d_sae=32, k=4, input_scale=2.0), seed=0)
+    x = torch.randn(10, 8)
+    out = sae(x)
+    assert torch.allclose(out.x_hat, sae.decode(out.features), atol=1e-5)
+
+
+def test_jumprelu_thresholds_receive_gradient_from_the_l0_penalty():
+    sae = build_sae(SAEConfig.build(architecture="jumprelu", d_in=8, d_sae=16, bandwidth=10.0), seed=0)
+    sae(torch.randn(64, 8)).sparsity.backward()
+    assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+
+
+def test_input_scale_is_applied_inside_so_callers_pass_raw_activations():
+    base = build_sae(SAEConfig.build(architecture="relu", d_in=8, d_sae=16), seed=0)
+    scaled = sae_from_tensors(SAEConfig.build(architecture="relu", d_in=8, d_sae=16, input_scale=4.0), base.tensors())
+    x = torch.randn(5, 8)
+    assert torch.allclose(scaled.encode(x), base.encode(4.0 * x), atol=1e-5)
+    assert torch.allclose(scaled.decode(base.encode(4.0 * x)) * 4.0, base.decode(base.encode(4.0 * x)), atol=1e-5)
+
+
+def test_resampling_revives_dead_features(synthetic):
+    source = ActivationSource(parts=[synthetic.activations.numpy()], dtype="float32")
+    trainer = Trainer(TrainConfig.build(architecture="relu", d_sae=64, tokens=100_000, batch_size=512, seed=0), source)
+    dead = torch.arange(0, 64, 2)
+    with torch.no_grad():
+        trainer.sae.b_enc[dead] = -1e4  # these features can never fire
+    trainer.tokens_since_fired[dead] = trainer.dead_window
+    x = synthetic.activations[:4096]
+    assert (trainer.sae.encode(x)[:, dead] > 0).sum() == 0
+    assert trainer.resample_dead_features() == len(dead)
+    fired = (trainer.sae.encode(x)[:, dead] > 0).any(0)
+    assert fired.float().mean() > 0.9
+
+
+def test_geometric_median_resists_outliers():
+    points = torch.cat([torch.zeros(99, 3), torch.full((1, 3), 1000.0)])
+    assert geometric_median(points).norm() < 1.0 < points.mean(0).norm()
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"architecture": "topk", "d_in": 8, "d_sae": 16}, "k"),
+    ({"architecture": "relu", "d_in": 0, "d_sae": 16}, "d_in"),
+    ({"architecture": "gated", "d_in": 8, "d_sae": 16}, "architecture"),
+])
+def test_a_bad_sae_config_is_refused_with_the_field_named(fields, named):
+    with pytest.raises(ConfigError, match=named):
+        SAEConfig.build(**fields)

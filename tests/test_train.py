@@ -1,0 +1,93 @@
+"""Specifications of SAE training: determinism, exact resume, the target-L0 controller, user-supplied data."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from monosemantic.errors import ConfigError
+from trainer.activations import ActivationSource, open_activation_file, split_tail
+from trainer.synthetic import make_sparse_data
+from trainer.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def source():
+    data = make_sparse_data(60_000, d=16, n_features=32, mean_active=4.0, seed=1)
+    return ActivationSource(parts=[data.activations.numpy()], dtype="float32")
+
+
+def _config(**overrides):
+    fields = dict(architecture="relu", d_sae=48, tokens=80_000, batch_size=256, lr=3e-3, seed=3, target_l0=4.0,
+                  checkpoint_every=50, log_every=10)
+    return TrainConfig.build(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_a_fixed_seed_gives_the_same_dictionary_twice(source, arch):
+    first = Trainer(_config(architecture=arch, k=4), source).run(progress=False)
+    second = Trainer(_config(architecture=arch, k=4), source).run(progress=False)
+    assert torch.equal(first.sae.W_dec, second.sae.W_dec) and torch.equal(first.sae.W_enc, second.sae.W_enc)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(source, arch, tmp_path):
+    cfg = _config(architecture=arch, k=4)
+    straight = Trainer(cfg, source).run(progress=False)
+    Trainer(cfg, source, tmp_path / "ckpt").run(progress=False, stop_after_steps=137)  # "killed" after step 137
+    resumed = Trainer(cfg, source, tmp_path / "ckpt").run(resume=True, progress=False)
+    assert resumed.tokens == straight.tokens
+    assert torch.equal(resumed.sae.W_dec, straight.sae.W_dec)
+    assert torch.equal(resumed.sae.b_enc, straight.sae.b_enc)
+
+
+def test_resume_refuses_a_checkpoint_written_with_another_config(source, tmp_path):
+    Trainer(_config(), source, tmp_path / "ckpt").run(progress=False, stop_after_steps=10)
+    with pytest.raises(ConfigError, match="different training config"):
+        Trainer(_config(lr=1e-3), source, tmp_path / "ckpt").run(resume=True, progress=False)
+
+
+@pytest.mark.parametrize("arch, target", [("relu", 2.0), ("relu", 8.0), ("jumprelu", 8.0)])
+def test_target_l0_steers_the_sparsity_coefficient_towards_the_requested_l0(source, arch, target):
+    cfg = _config(architecture=arch, target_l0=target, tokens=400_000, controller_gain=0.05)
+    result = Trainer(cfg, source).run(progress=False)
+    final_l0 = np.mean([h["l0"] for h in result.history[-5:]])
+    assert target * 0.6 <= final_l0 <= target * 1.4
+
+
+def test_training_reads_a_users_npy_and_safetensors_matrix(tmp_path):
+    matrix = make_sparse_data(5_000, d=8, n_features=16, seed=2).activations
+    np.save(tmp_path / "acts.npy", matrix.numpy())
+    save_file({"activations": matrix}, str(tmp_path / "acts.safetensors"))
+    for name in ("acts.npy", "acts.safetensors"):
+        src = open_activation_file(tmp_path / name)
+        assert (src.rows, src.d_in) == (5_000, 8)
+        assert torch.allclose(src.sample(5_000).sort(0).values, matrix.sort(0).values)
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.zeros(5, dtype=np.float32), "2-D"),
+    (np.zeros((4, 3), dtype=np.int64), "dtype"),
+])
+def test_a_malformed_activation_file_is_refused_with_a_clear_error(tmp_path, content, message):
+    np.save(tmp_path / "bad.npy", content)
+    with pytest.raises(ConfigError, match=message):
+        open_activation_file(tmp_path / "bad.npy")
+
+
+def test_the_held_out_tail_is_never_trained_on():
+    src = ActivationSource(parts=[np.arange(40, dtype=np.float32).reshape(20, 2)], dtype="float32")
+    train, held = split_tail(src, fraction=0.25)
+    assert (train.rows, held.rows) == (15, 5)
+    assert float(held.parts[0][0, 0]) == 30.0
+
+
+def test_a_batch_larger_than_the_data_is_refused(source):
+    with pytest.raises(ConfigError, match="batch_size"):
+        Trainer(_config(batch_size=10_000_000), source)
+
+
+@pytest.mark.parametrize("field, value", [("tokens", 0), ("architecture", "gated"), ("lr", -1.0)])
+def test_an_invalid_training_option_names_its_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        _config(**{field: value})

@@ -1,0 +1,219 @@
+"""``monosemantic-train``: one subcommand per stage of the pipeline (typer), plus ``reference`` and ``verify``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from monosemantic.errors import MonosemanticError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate and publish sparse autoencoders.")
+
+Registry = Annotated[Path, typer.Option("--registry", help="registry directory holding <name>/v<N>/")]
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _print_json(data: dict) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=float))
+
+
+@app.command()
+def corpus(
+    out: Annotated[Optional[Path], typer.Option(help="write the documents as JSON lines here")] = None,
+    max_chars: Annotated[Optional[int], typer.Option(help="cap the total characters (a mixed slice)")] = None,
+) -> None:
+    """Build the reference corpus from the Python standard library; print its fingerprint and stats."""
+    from trainer.corpus import build_corpus
+
+    c = build_corpus(max_chars=max_chars)
+    if out:
+        with open(out, "w") as fh:
+            for split, docs in (("train", c.train), ("heldout", c.heldout)):
+                for d in docs:
+                    fh.write(json.dumps({"split": split, "text": d}) + "\n")
+    _print_json({"fingerprint": c.fingerprint, "stats": c.stats})
+
+
+@app.command()
+def lm(
+    out: Annotated[Path, typer.Option(help="directory for the model + tokenizer")] = Path("artifacts/reference-lm"),
+    tokens: Annotated[Optional[int], typer.Option(help="training tokens")] = None,
+    max_chars: Annotated[Optional[int], typer.Option(help="train on a corpus slice")] = None,
+    seed: int = 0,
+) -> None:
+    """Train the BPE tokenizer and the one-layer reference transformer (d_model 128, MLP 512 ReLU)."""
+    from trainer.corpus import build_corpus
+    from trainer.language_model import LMConfig, train_language_model
+
+    try:
+        cfg = LMConfig(**{k: v for k, v in {"tokens": tokens, "seed": seed}.items() if v is not None})
+        result = train_language_model(cfg, build_corpus(max_chars=max_chars), out)
+    except MonosemanticError as exc:
+        _fail(exc)
+    _print_json({k: result[k] for k in result if k in ("heldout_loss", "unigram_loss", "train_tokens", "seconds")})
+
+
+@app.command("harvest")
+def harvest_cmd(
+    out: Annotated[Path, typer.Option(help="directory for the shards (resumable)")],
+    model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
+    hook: Annotated[str, typer.Option(help="hook point: HF module path or TransformerLens alias")] = "blocks.0.mlp.hook_post",
+    contexts: Annotated[int, typer.Option(help="number of corpus contexts to harvest")] = 4096,
+    context_length: int = 256,
+    dtype: Annotated[str, typer.Option(help="float16 | bfloat16 | float32")] = "float16",
+    max_chars: Annotated[Optional[int], typer.Option(help="use a corpus slice")] = None,
+    seed: int = 0,
+) -> None:
+    """Run the model over training contexts and store the activations at a hook (forward stops there)."""
+    from trainer.pipeline import harvest_corpus
+
+    try:
+        manifest = harvest_corpus(model, out, hook=hook, contexts=contexts, context_length=context_length, dtype=dtype,
+                                  max_chars=max_chars, seed=seed)
+    except MonosemanticError as exc:
+        _fail(exc)
+    _print_json({k: manifest[k] for k in ("tokens", "contexts_done", "hook", "dtype", "complete")})
+
+
+@app.command()
+def train(
+    registry: Annotated[Optional[Path], typer.Option(help="publish the result into this registry")] = None,
+    name: Annotated[Optional[str], typer.Option(help="dictionary name (published as its next version)")] = None,
+    activations: Annotated[Optional[Path], typer.Option(help="a [rows, d_in] matrix: .npy or .safetensors")] = None,
+    harvest: Annotated[Optional[Path], typer.Option(help="a harvest directory (from `harvest`)")] = None,
+    arch: Annotated[str, typer.Option(help="relu | topk | jumprelu")] = "relu",
+    d_sae: Annotated[int, typer.Option(help="number of features")] = 4096,
+    k: Annotated[Optional[int], typer.Option(help="TopK: active features per token")] = None,
+    l1: Annotated[Optional[float], typer.Option(help="sparsity coefficient λ (L1 for relu, L0 for jumprelu)")] = None,
+    target_l0: Annotated[Optional[float], typer.Option(help="steer λ towards this L0 (default 20 unless --l1 is given)")] = None,
+    tokens: Annotated[int, typer.Option(help="training tokens")] = 20_000_000,
+    batch_size: int = 4096,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate")] = None,
+    seed: int = 0,
+    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision")] = True,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoints (enables --resume)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from --checkpoint-dir")] = False,
+    model: Annotated[Optional[Path], typer.Option(help="the model the activations came from (recorded in the manifest)")] = None,
+    hook: Annotated[Optional[str], typer.Option(help="the hook the activations came from (recorded in the manifest)")] = None,
+    dtype: Annotated[str, typer.Option(help="stored weights: float32 | bfloat16 | float16")] = "float32",
+    json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Train a dictionary on activations and publish it as the next version of NAME."""
+    from trainer.pipeline import train_and_publish
+
+    if (activations is None) == (harvest is None):
+        _fail(MonosemanticError("give exactly one of --activations FILE or --harvest DIR"))
+    if (registry is None) != (name is None):
+        _fail(MonosemanticError("--registry and --name go together"))
+    if resume and checkpoint_dir is None:
+        _fail(MonosemanticError("--resume needs --checkpoint-dir"))
+    try:
+        out = train_and_publish(
+            activations=activations, harvest_dir=harvest, registry=registry, name=name, checkpoint_dir=checkpoint_dir,
+            resume=resume, model=model, hook=hook, dtype=dtype,
+            config=dict(architecture=arch, d_sae=d_sae, k=k, sparsity_coefficient=l1,
+                        target_l0=target_l0 if (target_l0 is not None or l1 is not None or arch == "topk") else 20.0,
+                        tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16),
+        )
+    except MonosemanticError as exc:
+        _fail(exc)
+    _print_json(out) if json_output else typer.echo(f"{out.get('published', 'trained (not published)')}: {json.dumps(out['metrics'], default=float)}")
+
+
+@app.command()
+def evaluate(
+    registry: Registry,
+    dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")],
+    model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
+    activations: Annotated[Optional[Path], typer.Option(help="evaluate reconstruction on this matrix instead (no model)")] = None,
+    tokens: Annotated[int, typer.Option(help="held-out tokens to evaluate on")] = 200_000,
+    json_output: Annotated[bool, typer.Option("--json", help="print the metrics as one JSON object")] = False,
+) -> None:
+    """Metrics on held-out tokens: MSE, FVU, L0, loss recovered, dead and dense fractions, density histogram."""
+    from trainer.pipeline import evaluate_dictionary
+
+    try:
+        metrics = evaluate_dictionary(registry, dictionary, model=model, activations=activations, tokens=tokens)
+    except MonosemanticError as exc:
+        _fail(exc)
+    if json_output:
+        typer.echo(json.dumps(metrics, default=float))
+    else:
+        for key in ("l0", "fvu", "mse", "loss_recovered", "dead_fraction", "dense_fraction", "tokens"):
+            if key in metrics:
+                typer.echo(f"{key:>16}: {metrics[key]:.6g}")
+
+
+@app.command("publish")
+def publish_cmd(
+    checkpoint_dir: Annotated[Path, typer.Option(help="a training checkpoint directory")],
+    registry: Registry,
+    name: Annotated[str, typer.Option(help="dictionary name")],
+    dtype: str = "float32",
+) -> None:
+    """Publish the dictionary held in a training checkpoint as the next version of NAME."""
+    from trainer.pipeline import publish_checkpoint
+
+    try:
+        path = publish_checkpoint(checkpoint_dir, registry, name, dtype=dtype)
+    except MonosemanticError as exc:
+        _fail(exc)
+    typer.echo(str(path))
+
+
+@app.command()
+def reference(
+    out: Annotated[Path, typer.Option(help="where reference-lm/ and registry/ go")] = Path("artifacts"),
+    work_dir: Annotated[Path, typer.Option(help="harvest shards and checkpoints (resumable)")] = Path("runs/reference"),
+    retrain_lm: Annotated[bool, typer.Option(help="train the language model too, even if OUT/reference-lm exists")] = False,
+    harvest_contexts: Annotated[int, typer.Option(help="training contexts to harvest (255 tokens each)")] = 24_000,
+    tokens: Annotated[int, typer.Option(help="SAE training tokens")] = 60_000_000,
+    target_l0: float = 16.0,
+    d_sae: int = 4096,
+    eval_tokens: int = 300_000,
+    max_chars: Annotated[Optional[int], typer.Option(help="a corpus slice (for quick end-to-end runs)")] = None,
+    lm_tokens: Annotated[Optional[int], typer.Option(help="LM training tokens when the LM is (re)trained")] = None,
+    seed: int = 0,
+) -> None:
+    """The whole chain with one command: corpus → LM → harvest → train → evaluate → publish."""
+    from trainer.pipeline import ReferencePlan, run_reference
+
+    try:
+        result = run_reference(ReferencePlan(out=out, work_dir=work_dir, retrain_lm=retrain_lm, harvest_contexts=harvest_contexts,
+                                             tokens=tokens, target_l0=target_l0, d_sae=d_sae, eval_tokens=eval_tokens,
+                                             max_chars=max_chars, lm_tokens=lm_tokens, seed=seed))
+    except MonosemanticError as exc:
+        _fail(exc)
+    _print_json(result)
+
+
+@app.command()
+def verify(
+    registry: Annotated[Optional[Path], typer.Option(help="registry (default: the shipped one)")] = None,
+    dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")] = "reference",
+    model: Annotated[Optional[Path], typer.Option(help="model directory (default: the shipped reference LM)")] = None,
+) -> None:
+    """Load a model and a dictionary, verify checksums and that they match, and print the dictionary's metrics."""
+    from trainer.pipeline import verify_pair
+
+    try:
+        report = verify_pair(registry, dictionary, model)
+    except MonosemanticError as exc:
+        _fail(exc)
+    _print_json(report)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,62 @@
+"""Turn a training result (or a checkpoint) into a published dictionary version with its manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from monosemantic.artifact import HookRef, ModelRef, publish
+from monosemantic.errors import MonosemanticError
+from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae
+from trainer.train import TrainConfig, TrainResult
+
+UNSPECIFIED = "unspecified"
+
+
+def publish_trained(
+    registry: Path,
+    name: str,
+    sae: SparseAutoencoder,
+    *,
+    config: TrainConfig,
+    sparsity_coefficient: float | None,
+    tokens: int,
+    model: ModelRef,
+    hook: HookRef,
+    metrics: dict[str, Any],
+    features: dict[str, torch.Tensor] | None = None,
+    data: dict[str, Any] | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Publish with the manifest fields DESIGN.md lists (training config, data, seed, tokens, metrics)."""
+    return publish(
+        registry, name, sae, model=model, hook=hook, dtype=dtype, features=features,
+        extra={
+            "sparsity_coefficient": None if config.architecture == "topk" else sparsity_coefficient,
+            "training": config.model_dump(mode="json"), "data": data or {}, "seed": config.seed,
+            "tokens": tokens, "metrics": metrics,
+        },
+    )
+
+
+def result_from_checkpoint(checkpoint_dir: Path) -> tuple[TrainResult, dict]:
+    """Rebuild the trained dictionary from a checkpoint written by ``Trainer`` (for ``publish``)."""
+    state_path = Path(checkpoint_dir) / "state.json"
+    if not state_path.exists():
+        raise MonosemanticError(f"no training checkpoint in {checkpoint_dir} (state.json missing)")
+    state = json.loads(state_path.read_text())
+    cfg = TrainConfig.model_validate(state["config"])
+    tensors = load_file(str(Path(checkpoint_dir) / "state.safetensors"))
+    d_in = tensors["param.W_enc"].shape[0]
+    sae = build_sae(SAEConfig.build(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, input_scale=state["input_scale"],
+                                    k=cfg.resolved_k(), bandwidth=cfg.bandwidth))
+    with torch.no_grad():
+        for n, p in sae.named_parameters():
+            p.copy_(tensors[f"param.{n}"])
+    result = TrainResult(sae=sae.eval(), config=cfg, sparsity_coefficient=state["coefficient"], tokens=state["step"] * cfg.batch_size,
+                         seconds=0.0, history=state["history"], input_scale=state["input_scale"])
+    return result, state.get("source", {})
