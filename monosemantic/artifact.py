@@ -181,6 +181,8 @@ def publish(
         if features:
             save_file({k: v.detach().cpu().contiguous() for k, v in features.items()}, str(tmp / FEATURES_FILE))
             files.append(FEATURES_FILE)
+        for f in files:
+            os.chmod(tmp / f, 0o644)  # safetensors writes 0600; a service running as another user must read it
         _fsync_files(tmp, files)
         checksums = {f: sha256_file(tmp / f) for f in files}
         fields = dict(extra or {})
