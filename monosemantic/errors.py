@@ -30,3 +30,13 @@ class ArtifactNotFound(ArtifactError):
 
 class ArtifactMismatch(ArtifactError):
     """The dictionary was trained for another model, hook or input width."""
+
+
+def describe_validation_error(exc: "pydantic.ValidationError", what: str) -> str:  # noqa: F821
+    """One line naming every bad field of a pydantic model, e.g. ``invalid SAE config: k: …``."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message} (got {err.get('input')!r})")
+    return f"invalid {what}: " + "; ".join(parts)

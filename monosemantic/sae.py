@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from monosemantic.errors import ConfigError
+from monosemantic.errors import ConfigError, describe_validation_error
 
 Architecture = Literal["relu", "topk", "jumprelu"]
 
@@ -53,15 +53,7 @@ class SAEConfig(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as exc:
-            raise ConfigError(_describe_validation_error(exc)) from None
-
-
-def _describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{field}: {err['msg']}")
-    return "invalid SAE config: " + "; ".join(parts)
+            raise ConfigError(describe_validation_error(exc, "SAE config")) from None
 
 
 @dataclass

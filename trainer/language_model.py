@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from monosemantic.errors import ConfigError
+from monosemantic.errors import ConfigError, describe_validation_error
 from trainer.corpus import BOS_TOKEN, Corpus, build_corpus, token_contexts
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,7 @@ class LMConfig(BaseModel):
 
 
 def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg} (got {err.get('input')!r})")
-    return "invalid LMConfig: " + "; ".join(parts)
+    return describe_validation_error(exc, "LMConfig")
 
 
 def build_model(cfg: LMConfig, vocab_size: int, bos_token_id: int = 0) -> GPT2LMHeadModel:

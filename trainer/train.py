@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from monosemantic.errors import ConfigError, MonosemanticError
+from monosemantic.errors import ConfigError, MonosemanticError, describe_validation_error
 from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae, geometric_median
 from trainer.activations import ActivationSource, write_json_atomic
 
@@ -66,8 +66,7 @@ class TrainConfig(BaseModel):
         try:
             return cls(**{k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
-            parts = [f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()]
-            raise ConfigError("invalid training config: " + "; ".join(parts)) from None
+            raise ConfigError(describe_validation_error(exc, "training config")) from None
 
     @property
     def steps(self) -> int:
