@@ -171,8 +171,9 @@ class Trainer:
         self.tokens_since_fired += batch.shape[0]
         self.tokens_since_fired[fired] = 0
         l0 = float(out.l0)
+        previous = self.l0_ema if self.l0_ema is not None else l0
         self.l0_ema = l0 if self.l0_ema is None else 0.9 * self.l0_ema + 0.1 * l0
-        self._steer_coefficient(self.l0_ema)
+        self._steer_coefficient(self.l0_ema, previous)
         self.step += 1
         if self.step in self.resample_steps:
             self.resample_dead_features()
@@ -181,15 +182,20 @@ class Trainer:
                 "aux": float(out.aux.detach()), "coefficient": self.coefficient, "lr": self.lr_at(self.step - 1),
                 "dead_fraction": float((self.tokens_since_fired >= self.dead_window).float().mean())}
 
-    def _steer_coefficient(self, l0: float) -> None:
+    def _steer_coefficient(self, l0: float, previous_l0: float) -> None:
         # Users think in L0, not λ: after the sparsity warm-up, move log λ by a small step proportional to
-        # log(L0 / target). Multiplicative, so it works whatever scale λ lives on.
+        # log(L0 / target). Multiplicative, so it works whatever scale λ lives on. Conditional integration
+        # (no step while L0 is already moving towards the target) prevents wind-up: JumpReLU thresholds move
+        # at Adam's pace whatever λ is, and an integrator that kept pushing would overshoot by orders of magnitude.
         cfg = self.cfg
         if cfg.target_l0 is None or cfg.architecture == "topk" or self.sparsity_warmup(self.step) < 1.0:
             return
         if self.step >= int((1 - cfg.lr_decay_fraction) * cfg.steps):
             return  # hold λ fixed while the learning rate anneals, so the end point is a fixed objective
         error = math.log(max(l0, 1e-3) / cfg.target_l0)
+        trend = math.log(max(l0, 1e-3) / max(previous_l0, 1e-3))
+        if error * trend < 0:
+            return
         self.coefficient *= math.exp(cfg.controller_gain * max(-0.5, min(0.5, error)))
 
     # ---- Bricken et al. 2023, "Neuron Resampling" appendix -----------------------------------------
