@@ -108,9 +108,6 @@ def model_metrics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Ten
     ce = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0}
     count = 0
 
-    def keep(x: Tensor) -> Tensor:
-        return x
-
     def splice(x: Tensor) -> Tensor:
         flat = x[:, 1:].reshape(-1, x.shape[-1]).float()
         features = sae.encode(flat)
@@ -127,10 +124,11 @@ def model_metrics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Ten
 
     for b in tqdm(range(0, contexts.shape[0], batch_size), desc="evaluate", disable=None if progress else True):
         ids = contexts[b : b + batch_size].to(lm.model.device)
-        for key, fn in (("clean", keep), ("spliced", splice), ("zero_ablated", zero)):
+        loss, n = _cross_entropy(lm.model(input_ids=ids, use_cache=False).logits, ids)
+        ce["clean"] += loss
+        for key, fn in (("spliced", splice), ("zero_ablated", zero)):
             with hooked_replacement(lm.model, hook_point, fn):
-                logits = lm.model(input_ids=ids, use_cache=False).logits
-            loss, n = _cross_entropy(logits, ids)
+                loss, _ = _cross_entropy(lm.model(input_ids=ids, use_cache=False).logits, ids)
             ce[key] += loss
         count += n
     metrics, statistics = acc.metrics(), acc.feature_statistics()

@@ -20,10 +20,6 @@ from trainer.harvest import harvest
 from trainer.publish import UNSPECIFIED, publish_trained, result_from_checkpoint
 from trainer.train import TrainConfig, Trainer
 
-# Learning rates that worked on the reference and on synthetic data for 4096-wide dictionaries at batch 4096.
-DEFAULT_LR = {"relu": 4e-4, "topk": 4e-4, "jumprelu": 4e-4}
-
-
 def _model_source(model: Path | None) -> Path:
     return Path(model) if model is not None else reference_lm_path()
 
@@ -68,10 +64,7 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
         model_ref = ModelRef(name=str(model) if model else "harvest", checksum=info["model_checksum"])
         hook_ref = HookRef(name=info["hook"], module_path=info["hook"])
         data = {"kind": "harvest", "tokens": info["tokens"]}
-    architecture = config.get("architecture", "relu")
-    if config.get("lr") is None:
-        config["lr"] = DEFAULT_LR.get(architecture, 4e-4)
-    cfg = TrainConfig.build(**config)
+    cfg = TrainConfig.build(**config)  # options left as None take TrainConfig's defaults
     result = Trainer(cfg, source, checkpoint_dir).run(resume=resume)
     metrics, statistics = reconstruction_metrics(result.sae, _batches(heldout))
     metrics["heldout"] = "tail of the activation rows"
