@@ -61,17 +61,15 @@ def quality(arch: str, source: ActivationSource, tokens: int) -> dict[str, float
     return out
 
 
-def peer_rates(source: ActivationSource, steps: int) -> dict[str, float]:
-    rates: dict[str, float] = {}
-    try:
-        import sae_lens  # noqa: F401
-    except ImportError:
-        print("  SAELens not installed (pip install -e '.[bench]'): skipped")
-    try:
-        import sparsify  # noqa: F401
-    except ImportError:
-        print("  sparsify not installed (pip install -e '.[bench]'): skipped")
-    return rates
+def report_missing_peers() -> None:
+    """The peer rows (SAELens, sparsify) need the `bench` extra; say so instead of printing a number."""
+    for module, name in (("sae_lens", "SAELens"), ("sparsify", "sparsify")):
+        try:
+            __import__(module)
+        except ImportError:
+            print(f"  {name} not installed (pip install -e '.[bench]'): its step is not measured")
+        else:
+            print(f"  {name} is installed, but its step is not yet wired into this script")
 
 
 def main() -> None:
@@ -91,7 +89,7 @@ def main() -> None:
             q = quality(arch, source, args.quality_tokens)
             print(f"          FVU after {args.quality_tokens:,} tokens: fp32 {q['fp32']:.4f}, bf16 {q['bf16']:.4f} "
                   f"(relative difference {abs(q['bf16'] - q['fp32']) / q['fp32']:.1%})")
-    peer_rates(source, args.steps)
+    report_missing_peers()
 
 
 if __name__ == "__main__":

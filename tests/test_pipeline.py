@@ -51,3 +51,13 @@ def test_verify_accepts_the_pair_and_a_dictionary_refuses_another_model(referenc
     wrong = runner.invoke(app, ["evaluate", "--registry", str(out / "registry"), "--dictionary", "reference",
                                 "--json"])  # default model: the shipped reference LM, which it was not trained on
     assert wrong.exit_code == 2 and "not on the loaded model" in wrong.output
+
+
+def test_train_on_a_harvest_records_the_hooks_module_path_and_the_model_checksum(reference_run, tmp_path):
+    out, _ = reference_run
+    result = runner.invoke(app, ["train", "--harvest", str(out / "work" / "harvest"), "--d-sae", "64", "--tokens", "20000",
+                                 "--batch-size", "1024", "--registry", str(tmp_path), "--name", "h"])
+    assert result.exit_code == 0, result.output
+    manifest = load_dictionary(tmp_path, "h").manifest
+    assert (manifest.hook.name, manifest.hook.module_path) == ("blocks.0.mlp.hook_post", "transformer.h.0.mlp.act")
+    assert manifest.model.checksum == load_lm(out / "reference-lm").checksum

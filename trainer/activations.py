@@ -79,6 +79,12 @@ class ActivationSource:
             start = end
         return torch.cat(out)
 
+    def in_order(self, batch_size: int = 8192) -> Iterator[Tensor]:
+        """Every row once, in storage order, as float32 batches (for evaluation)."""
+        for part in self.parts:
+            for start in range(0, part.shape[0], batch_size):
+                yield from_storage(part[start : start + batch_size], self.dtype)
+
     def batches(self, batch_size: int, seed: int, chunk_rows: int = 1 << 19, start_batch: int = 0) -> Iterator[Tensor]:
         """Endless shuffled batches. Each epoch visits chunks of ``chunk_rows`` contiguous rows (fast on a
         memmap) in a seeded order, shuffles each chunk in memory and cuts it into batches (a chunk's ragged
@@ -118,7 +124,8 @@ def open_harvest(directory: Path) -> ActivationSource:
     if not manifest["shards"]:
         raise MonosemanticError(f"harvest at {directory} has no completed shard yet")
     parts = [np.load(Path(directory) / s["file"], mmap_mode="r") for s in manifest["shards"]]
-    return ActivationSource(parts=parts, dtype=manifest["dtype"], description={"kind": "harvest", **{k: manifest[k] for k in ("hook", "model_checksum", "tokens")}})
+    return ActivationSource(parts=parts, dtype=manifest["dtype"],
+                            description={"kind": "harvest", **{k: manifest[k] for k in ("hook", "module_path", "model_checksum", "tokens")}})
 
 
 def open_activation_file(path: Path) -> ActivationSource:

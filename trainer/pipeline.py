@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from monosemantic.artifact import HookRef, ModelRef, load_dictionary, parse_reference, verify
+from monosemantic.artifact import HookRef, ModelRef, load_dictionary, parse_reference
 from monosemantic.errors import ConfigError
 from monosemantic.lm import LoadedLM, hook_dim, load_lm, resolve_hook, weights_checksum
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
-from trainer.activations import ActivationSource, from_storage, open_activation_file, open_harvest, split_tail
+from trainer.activations import open_activation_file, open_harvest, split_tail
 from trainer.corpus import build_corpus, token_contexts
 from trainer.evaluate import model_metrics, reconstruction_metrics
 from trainer.harvest import harvest
@@ -42,12 +42,6 @@ def harvest_corpus(model: Path | None, out: Path, *, hook: str, contexts: int, c
     return harvest(lm, ctx, hook, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048)
 
 
-def _batches(source: ActivationSource, batch: int = 8192):
-    for part in source.parts:
-        for s in range(0, part.shape[0], batch):
-            yield from_storage(part[s : s + batch], source.dtype)
-
-
 def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, registry: Path | None, name: str | None,
                       checkpoint_dir: Path | None, resume: bool, model: Path | None, hook: str | None, dtype: str,
                       config: dict[str, Any]) -> dict:
@@ -62,11 +56,11 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
         source, heldout = split_tail(open_harvest(harvest_dir))
         info = source.description
         model_ref = ModelRef(name=str(model) if model else "harvest", checksum=info["model_checksum"])
-        hook_ref = HookRef(name=info["hook"], module_path=info["hook"])
+        hook_ref = HookRef(name=info["hook"], module_path=info["module_path"])
         data = {"kind": "harvest", "tokens": info["tokens"]}
     cfg = TrainConfig.build(**config)  # options left as None take TrainConfig's defaults
     result = Trainer(cfg, source, checkpoint_dir).run(resume=resume)
-    metrics, statistics = reconstruction_metrics(result.sae, _batches(heldout))
+    metrics, statistics = reconstruction_metrics(result.sae, heldout.in_order())
     metrics["heldout"] = "tail of the activation rows"
     out: dict[str, Any] = {"metrics": metrics, "tokens": result.tokens, "seconds": result.seconds,
                            "sparsity_coefficient": result.sparsity_coefficient}
@@ -81,10 +75,11 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
 def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: str = "float32") -> Path:
     result, source = result_from_checkpoint(checkpoint_dir)
     hook = source.get("hook", UNSPECIFIED)
+    module_path = source.get("module_path", hook)
     last = result.history[-1] if result.history else {}
     return publish_trained(registry, name, result.sae, config=result.config, sparsity_coefficient=result.sparsity_coefficient,
                            tokens=result.tokens, model=ModelRef(name="checkpoint", checksum=source.get("model_checksum", UNSPECIFIED)),
-                           hook=HookRef(name=hook, module_path=hook),
+                           hook=HookRef(name=hook, module_path=module_path),
                            metrics={"training_l0": last.get("l0"), "training_fvu": last.get("fvu")}, data=source, dtype=dtype)
 
 
@@ -97,7 +92,7 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: Path | None = 
         source = open_activation_file(activations)
         if source.d_in != dictionary.sae.cfg.d_in:
             raise ConfigError(f"activations: width {source.d_in} does not match the dictionary's d_in {dictionary.sae.cfg.d_in}")
-        metrics, _ = reconstruction_metrics(dictionary.sae, _batches(source))
+        metrics, _ = reconstruction_metrics(dictionary.sae, source.in_order())
         return metrics
     lm = load_lm(_model_source(model))
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
@@ -181,8 +176,7 @@ def verify_pair(registry: Path | None, reference: str, model: Path | None) -> di
     d_in = hook_dim(lm.model, dictionary.manifest.hook.name)
     if d_in != dictionary.sae.cfg.d_in:
         raise ConfigError(f"dictionary d_in {dictionary.sae.cfg.d_in} does not match the model's width {d_in} at {dictionary.manifest.hook.name}")
-    verify(dictionary.path)
-    m = dictionary.manifest
+    m = dictionary.manifest  # load_dictionary has already checked every file's sha256
     return {
         "dictionary": f"{m.name}:v{m.version}", "architecture": m.architecture, "d_in": m.sae.d_in, "d_sae": m.sae.d_sae,
         "hook": m.hook.name, "model": {"source": lm.source, "checksum": lm.checksum}, "checksums": "ok",
