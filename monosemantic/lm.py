@@ -28,8 +28,10 @@ from monosemantic.errors import HookError, ModelLoadError, MonosemanticError
 __all__ = [
     "HookPoint",
     "LoadedLM",
+    "final_norm",
     "hook_dim",
     "hooked_replacement",
+    "linear_to_logits",
     "load_lm",
     "logits_with_replacement",
     "read_activations",
@@ -182,6 +184,7 @@ class _Layout:
     family: str
     containers: tuple[str, ...]  # paths of the ModuleList of blocks, with and without the LM-head wrapper
     points: Mapping[str, tuple[str, str]]  # alias suffix -> (module path relative to the block, kind)
+    final_norm: tuple[str, ...] = ()  # paths of the norm before the unembedding, with and without the wrapper
 
 
 _GPT2 = _Layout(
@@ -195,6 +198,7 @@ _GPT2 = _Layout(
         "mlp.hook_post": ("mlp.act", "output"),
         "hook_mlp_out": ("mlp", "output"),
     },
+    ("transformer.ln_f", "ln_f"),
 )
 _NEOX = _Layout(
     "gpt_neox",
@@ -207,6 +211,7 @@ _NEOX = _Layout(
         "mlp.hook_post": ("mlp.act", "output"),
         "hook_mlp_out": ("mlp", "output"),
     },
+    ("gpt_neox.final_layer_norm", "final_layer_norm"),
 )
 # Gated MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)). The act_fn output is only the gate, so the neurons
 # (TransformerLens' hook_post) are the input of down_proj; hook_pre is the gate pre-activation, as in TL.
@@ -221,7 +226,11 @@ _LLAMA = _Layout(
         "mlp.hook_post": ("mlp.down_proj", "input"),
         "hook_mlp_out": ("mlp", "output"),
     },
+    ("model.norm", "norm"),
 )
+# Points of the last block after which the path to the logits is linear once the final norm's scale is frozen
+# (the MLP's down projection, the residual add, the norm, the unembedding): attribution there is exact.
+_LINEAR_TO_LOGITS = ("mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 _LAYOUT_BY_MODEL_TYPE = {
     "gpt2": _GPT2,
     "gpt_neox": _NEOX,
@@ -261,6 +270,29 @@ def _layout(model: nn.Module) -> tuple[_Layout, str, int] | None:
             if all(_submodule(blocks[0], rel) is not None for rel, _ in layout.points.values() if rel):
                 return layout, container, len(blocks)
     return None
+
+
+def final_norm(model: nn.Module | LoadedLM) -> nn.Module | None:
+    """The normalisation applied just before the unembedding, or None for an unknown family."""
+    model = _unwrap(model)
+    found = _layout(model)
+    if found is None:
+        return None
+    for path in found[0].final_norm:
+        if (module := _submodule(model, path)) is not None:
+            return module
+    return None
+
+
+def linear_to_logits(model: nn.Module | LoadedLM, hook: str | HookPoint) -> bool:
+    """True when everything between `hook` and the logits is linear given a frozen final-norm scale."""
+    model = _unwrap(model)
+    point, _ = _as_hook(model, hook)
+    found = _layout(model)
+    if found is None or point.alias is None:
+        return False
+    n_layers = found[2]
+    return any(point.alias == f"blocks.{n_layers - 1}.{suffix}" for suffix in _LINEAR_TO_LOGITS)
 
 
 def _alias_table(model: nn.Module) -> dict[str, tuple[str, str]]:
@@ -454,7 +486,7 @@ def hook_dim(lm_or_model: nn.Module | LoadedLM, hook: str | HookPoint) -> int:
     """Width of the activation at `hook`, measured with a one-token forward that stops at the hook."""
     model = _unwrap(lm_or_model)
     token = torch.zeros((1, 1), dtype=torch.long, device=_device(model))
-    return int(read_activations(model, token, hook, stop_at_hook=True).shape[-1])
+    return int(read_activations(model, token, hook, attention_mask=torch.ones_like(token), stop_at_hook=True).shape[-1])
 
 
 @contextmanager

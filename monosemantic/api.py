@@ -1,0 +1,164 @@
+"""Typed requests and responses of the v1 API (DESIGN.md "The service API"), shared by the service and the client.
+
+REST serves these models as they are; gRPC messages are converted to and from them (monosemantic.wire), so both
+transports share one set of field rules."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DictionaryRef(BaseModel):
+    name: str
+    version: int
+
+
+class FeatureValue(BaseModel):
+    feature: int
+    value: float
+
+
+# ---- activations -----------------------------------------------------------------------------------------------
+class ActivationsRequest(_Request):
+    text: str | None = Field(None, description="the text to read; exactly one of text and token_ids")
+    token_ids: list[int] | None = Field(None, description="token ids to read as they are (no BOS is added)")
+    top_k: int = Field(10, ge=0, description="features reported per token, strongest first")
+    feature_ids: list[int] | None = Field(None, description="features whose value is reported at every token")
+    prepend_bos: bool = Field(True, description="start the text with the tokenizer's BOS token, as in training")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ActivationsRequest":
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of text and token_ids")
+        return self
+
+
+class TokenActivations(BaseModel):
+    id: int
+    text: str
+    start: int = Field(description="character offset of the token in the text (0 for BOS and token-id input)")
+    end: int
+    l0: int = Field(description="features active at this token")
+    recon_error: float = Field(description="relative reconstruction error ||x - x_hat|| / ||x||")
+    top: list[FeatureValue]
+    values: list[float] = Field(default_factory=list, description="values of the requested feature_ids, in that order (empty if none were requested)")
+
+
+class ActivationsResponse(BaseModel):
+    dictionary: DictionaryRef
+    tokens: list[TokenActivations]
+
+
+# ---- attributions ----------------------------------------------------------------------------------------------
+class AttributionsRequest(_Request):
+    text: str
+    target: int | str = Field(description="the token whose logit is explained: an id or its text (one token)")
+    position: int | None = Field(None, description="the position whose next-token logit is explained (default: last); negative counts from the end")
+    contrast: int | str | None = Field(None, description="explain logit(target) - logit(contrast) instead")
+    top_k: int = Field(20, ge=0)
+    prepend_bos: bool = True
+
+
+class FeatureAttribution(BaseModel):
+    position: int
+    feature: int
+    activation: float
+    attribution: float
+
+
+class AttributionsResponse(BaseModel):
+    dictionary: DictionaryRef
+    value: float = Field(description="the target logit (or logit difference) = features_total + error + rest + remainder")
+    exact: bool = Field(description="true when everything after the hook is linear (frozen final norm), so remainder is only rounding")
+    features_total: float = Field(description="sum of activation x gradient over every feature and position")
+    error: float = Field(description="share of the SAE's reconstruction error")
+    rest: float = Field(description="the value with every feature off and no error (the hook holding the decoder bias)")
+    remainder: float = Field(description="what the first-order decomposition misses")
+    position: int
+    target_id: int
+    contrast_id: int | None = None
+    features: list[FeatureAttribution]
+
+
+# ---- generate --------------------------------------------------------------------------------------------------
+class Steering(_Request):
+    feature: int
+    mode: Literal["clamp", "add"] = Field(description="clamp: pin the feature's activation to value; add: add value x its decoder direction")
+    value: float
+
+
+class GenerateRequest(_Request):
+    prompt: str
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens; 0 is no limit")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="the same seed gives the same text")
+    stop: list[str] = Field(default_factory=list)
+    steering: list[Steering] = Field(default_factory=list)
+    steer_prompt: bool = Field(True, description="steer the prompt's positions too; false steers generated positions only")
+    features_top_k: int = Field(5, ge=0, description="features reported per generated token")
+    compare_unsteered: bool = Field(False, description="also return the unsteered continuation with the same seed")
+    prepend_bos: bool = True
+    stream: bool = Field(False, description="REST only: answer as server-sent events `token` ... `done`")
+
+
+class SteeredValue(BaseModel):
+    feature: int
+    before: float
+    after: float
+
+
+class GeneratedToken(BaseModel):
+    index: int
+    id: int
+    text: str
+    top: list[FeatureValue] = Field(description="features at the position that predicted this token (after steering)")
+    steered: list[SteeredValue] = Field(description="each steered feature there, before and after steering")
+
+
+class Continuation(BaseModel):
+    text: str
+    tokens: list[GeneratedToken]
+    finish_reason: Literal["length", "stop", "eos"]
+
+
+class GenerateResponse(Continuation):
+    dictionary: DictionaryRef
+    seed: int = Field(description="the seed used (drawn at random when the request gave none)")
+    unsteered: Continuation | None = None
+
+
+# ---- dictionaries ----------------------------------------------------------------------------------------------
+class DictionaryInfo(BaseModel):
+    name: str
+    version: int
+    architecture: str
+    d_in: int
+    d_sae: int
+    hook: str
+    model_name: str
+    model_checksum: str
+    metrics: dict
+    serving: bool
+
+
+class DictionariesResponse(BaseModel):
+    dictionaries: list[DictionaryInfo]
+    available: list[DictionaryRef]
+
+
+class ReloadRequest(_Request):
+    name: str
+    version: int | None = Field(None, ge=1, description="default: the latest version")
+
+
+class ReloadResponse(BaseModel):
+    dictionary: DictionaryRef
+    previous: DictionaryRef

@@ -1,0 +1,1 @@
+"""The inference service: one engine answering over REST and gRPC."""

@@ -1,0 +1,125 @@
+"""Attribution of a target logit (or logit difference) to SAE features, the SAE error and the rest of the model.
+
+With the SAE spliced in, the activation at the hook is x = Σ_i f_i d_i + b + e (d_i the decoder rows, b the
+decoder bias, e the error). Each feature gets f_i · ∂v/∂f_i and the error e · ∂v/∂e (activation × gradient,
+Marks et al. 2024 "Sparse Feature Circuits"), with the final norm's scale frozen at its forward value so that
+the path from the hook to the logits is linear wherever nothing non-linear lies between (hook in the last
+block, see monosemantic.lm.linear_to_logits). `rest` is measured, not inferred: a second forward with the hook
+holding only b (every feature off, no error) under the same frozen scale. In the linear case
+value = features + error + rest up to rounding; elsewhere the difference is reported as the remainder.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from monosemantic.lm import final_norm, hooked_replacement, linear_to_logits
+from service.loaded import Loaded
+
+
+@dataclass
+class Attribution:
+    value: float
+    exact: bool
+    features_total: float
+    error: float
+    rest: float
+    remainder: float
+    scores: Tensor  # [T, d_sae] activation × gradient
+    activations: Tensor  # [T, d_sae]
+
+
+def _norm_scale(module: nn.Module, x: Tensor) -> Tensor:
+    """1/σ of a LayerNorm or RMSNorm for each position (the part attribution freezes)."""
+    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 1e-5
+    if isinstance(module, nn.LayerNorm):
+        return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _apply_norm(module: nn.Module, x: Tensor, inv_scale: Tensor) -> Tensor:
+    if isinstance(module, nn.LayerNorm):
+        y = (x - x.mean(-1, keepdim=True)) * inv_scale
+        return y * module.weight + module.bias if module.weight is not None else y
+    return module.weight * (x * inv_scale)
+
+
+@contextmanager
+def frozen_norm_scale(module: nn.Module | None, store: dict) -> Iterator[None]:
+    """Within the context the norm's 1/σ is a constant: recorded on the first forward, reused on later ones."""
+    if module is None:
+        yield
+        return
+
+    def hook(mod: nn.Module, args: tuple, _output: Tensor) -> Tensor:
+        x = args[0]
+        if "inv_scale" not in store:
+            store["inv_scale"] = _norm_scale(mod, x.detach())
+        return _apply_norm(mod, x, store["inv_scale"]).to(x.dtype)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _supported_norm(module: nn.Module | None) -> bool:
+    if module is None:
+        return False
+    return isinstance(module, nn.LayerNorm) or ("RMSNorm" in type(module).__name__ and hasattr(module, "weight"))
+
+
+def attribute(loaded: Loaded, ids: list[int], position: int, target: int, contrast: int | None) -> Attribution:
+    """Decompose logit(target) [− logit(contrast)] at `position` into features, error and rest."""
+    model, sae = loaded.lm.model, loaded.dictionary.sae
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    mask = torch.ones_like(input_ids)
+    norm = final_norm(model)
+    freeze = _supported_norm(norm)
+    store: dict = {}
+    leaves: dict[str, Tensor] = {}
+
+    def splice(x: Tensor) -> Tensor:
+        x = x.float()
+        features = sae.encode(x).detach().requires_grad_(True)
+        error = (x - sae.decode(features)).detach().requires_grad_(True)
+        leaves["features"], leaves["error"] = features, error
+        return sae.decode(features) + error
+
+    def objective(logits: Tensor) -> Tensor:
+        row = logits[0, position].float()
+        return row[target] - (row[contrast] if contrast is not None else 0.0)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        with frozen_norm_scale(norm if freeze else None, store), hooked_replacement(model, loaded.hook, splice):
+            value_spliced = objective(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits)
+        grad_features, grad_error = torch.autograd.grad(value_spliced, [leaves["features"], leaves["error"]])
+    with torch.no_grad():
+        bias_only = (sae.b_dec / sae.cfg.input_scale).float()
+        with frozen_norm_scale(norm if freeze else None, store), hooked_replacement(
+            model, loaded.hook, lambda x: bias_only.expand_as(x).to(x.dtype)
+        ):
+            rest = float(objective(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))
+        value = float(objective(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))  # the plain model, no SAE
+        features = leaves["features"][0].detach()
+        scores = features * grad_features[0]
+        features_total = float(scores.double().sum())
+        error = float((leaves["error"][0].detach() * grad_error[0]).double().sum())
+    exact = freeze and linear_to_logits(model, loaded.hook)
+    return Attribution(
+        value=value,
+        exact=exact,
+        features_total=features_total,
+        error=error,
+        rest=rest,
+        remainder=value - features_total - error - rest,
+        scores=scores,
+        activations=features,
+    )

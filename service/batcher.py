@@ -1,0 +1,168 @@
+"""The one worker thread that runs every forward, with dynamic batching and a bounded queue.
+
+Hooks live on the shared model object, so forwards must never overlap: all model work goes through this
+thread. Jobs with the same batch key (activations on the same loaded dictionary) that are waiting together
+are run as one forward, up to max_batch_requests / max_batch_tokens, waiting at most max_wait for company —
+so throughput grows with load while a lone request pays at most max_wait. Callers live on an asyncio loop;
+results come back through loop.call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+from service.errors import ErrorKind, ServiceError
+
+
+@dataclass(eq=False)
+class Job:
+    run: Callable[[list["Job"]], list[Any]]  # runs a batch of jobs (all with this job's key), one result each
+    payload: Any
+    batch_key: Hashable | None = None  # None: never batched
+    tokens: int = 1
+    deadline: float | None = None  # time.monotonic() after which the result is useless
+    future: asyncio.Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    abandoned: bool = False  # the caller stopped waiting (cancelled, disconnected)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Overloaded(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            ErrorKind.OVERLOADED,
+            f"the request queue is full ({limit} waiting, setting MONOSEMANTIC_MAX_QUEUE); retry shortly",
+        )
+
+
+class Worker:
+    def __init__(
+        self,
+        max_batch_requests: int,
+        max_batch_tokens: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.max_batch_requests = max_batch_requests
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch  # (requests, tokens) of every batch run, for metrics
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
+        self.busy = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, job: Job, admit: bool = True) -> Any:
+        """Queue a job and wait for its result. admit=True refuses at once when the queue is full; a
+        continuation of an admitted request (the next step of a stream) passes admit=False."""
+        loop = asyncio.get_running_loop()
+        job.loop, job.future = loop, loop.create_future()
+        with self._cond:
+            if self._stopping:
+                raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+            if admit and len(self._queue) >= self.max_queue:
+                raise Overloaded(self.max_queue)
+            self._queue.append(job)
+            self._cond.notify()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
+
+    # ---- the worker thread -------------------------------------------------------------------------------------
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping and not self._queue:
+                return None
+            first = self._queue.popleft()
+            batch = [first]
+            if first.batch_key is None or self.max_batch_requests == 1:
+                return batch
+            tokens = first.tokens
+            wait_until = first.enqueued + self.max_wait_s
+            while len(batch) < self.max_batch_requests:
+                match = next((j for j in self._queue if j.batch_key == first.batch_key), None)
+                if match is not None:
+                    if tokens + match.tokens > self.max_batch_tokens:
+                        break
+                    self._queue.remove(match)
+                    batch.append(match)
+                    tokens += match.tokens
+                    continue
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            now = time.monotonic()
+            live = []
+            for job in batch:
+                if job.abandoned:
+                    continue
+                if job.deadline is not None and now > job.deadline:
+                    self._resolve(job, error=ServiceError(ErrorKind.DEADLINE_EXCEEDED, "the deadline passed before the request ran"))
+                    continue
+                live.append(job)
+            if not live:
+                continue
+            self.busy = True
+            try:
+                results = live[0].run(live)
+            except ServiceError as exc:
+                results = [exc] * len(live)
+            except Exception as exc:  # never let one bad batch kill the worker; the adapters answer INTERNAL
+                results = [exc] * len(live)
+            finally:
+                self.busy = False
+            if self.on_batch is not None:
+                self.on_batch(len(live), sum(j.tokens for j in live))
+            for job, result in zip(live, results):
+                if isinstance(result, BaseException):
+                    self._resolve(job, error=result)
+                else:
+                    self._resolve(job, result=result)
+
+    @staticmethod
+    def _resolve(job: Job, result: Any = None, error: BaseException | None = None) -> None:
+        def deliver() -> None:
+            if job.future.done():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+        try:
+            job.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass

@@ -1,0 +1,49 @@
+"""`monosemantic-serve`: start the service (HTTP and gRPC in one process) on a model and a dictionary."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from monosemantic.errors import MonosemanticError, describe_validation_error
+from service.server import Server
+from service.settings import ServiceSettings
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="bind address [env MONOSEMANTIC_HOST, default 127.0.0.1]"),
+    http_port: Optional[int] = typer.Option(None, help="HTTP port [env MONOSEMANTIC_HTTP_PORT, default 8000]"),
+    grpc_port: Optional[int] = typer.Option(None, help="gRPC port [env MONOSEMANTIC_GRPC_PORT, default 50051]"),
+    registry: Optional[Path] = typer.Option(None, help="dictionary registry [env MONOSEMANTIC_REGISTRY, default: the shipped one]"),
+    dictionary: Optional[str] = typer.Option(None, help="NAME[:VERSION] [env MONOSEMANTIC_DICTIONARY, default reference]"),
+    model: Optional[str] = typer.Option(None, help="HF model directory or hub id [env MONOSEMANTIC_MODEL, default: the shipped reference LM]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [env MONOSEMANTIC_DEVICE]"),
+) -> None:
+    """Serve activations, attributions and steered generation over REST (/v1, /docs) and gRPC."""
+    flags = {k: v for k, v in dict(host=host, http_port=http_port, grpc_port=grpc_port, registry=registry, dictionary=dictionary, model=model, device=device).items() if v is not None}
+    try:
+        settings = ServiceSettings(**flags)
+    except ValidationError as exc:
+        typer.echo(f"error: {describe_validation_error(exc, 'settings')}", err=True)
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(Server(settings).serve())
+    except MonosemanticError as exc:
+        typer.echo(f"error: cannot start: {exc}", err=True)
+        raise typer.Exit(1)
+    except OSError as exc:
+        typer.echo(f"error: cannot start: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,368 @@
+"""The inference core: validates requests by meaning, runs them on the worker thread, builds the responses.
+
+No HTTP and no gRPC here: service.rest and service.grpc are thin adapters over Engine, so both transports give
+the same results and the same errors. The serving model + dictionary pair is one immutable `Loaded` object;
+each request takes the pair serving when it arrives and finishes on it, and a reload swaps the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+
+from monosemantic.artifact import list_dictionaries, parse_reference, resolve_version
+from monosemantic.errors import ArtifactMismatch, ArtifactNotFound, ConfigError, MonosemanticError
+from monosemantic.lm import LoadedLM, hook_dim
+from monosemantic import api as schemas
+from service.attribution import attribute
+from service.batcher import Job, Worker
+from service.errors import ErrorKind, ServiceError, invalid, not_found, over_limit
+from service.generation import Generation, SamplingConfig
+from service.loaded import Loaded, load_model, load_pair
+from service.metrics import Metrics
+from service.readout import read_features
+from service.settings import ServiceSettings
+from service.steering import SteeringSpec
+
+
+class Engine:
+    def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._lm: LoadedLM | None = None
+        self._serving: Loaded | None = None
+        self._draining = False
+        self._reload_lock = asyncio.Lock()
+        self._worker = Worker(
+            max_batch_requests=settings.max_batch_requests,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            on_batch=self._record_batch,
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model and the configured dictionary (blocking; call before start)."""
+        name, version = parse_reference(self.settings.dictionary)
+        self._lm = load_model(self.settings.model, self.settings.device)
+        self._set_serving(load_pair(self._lm, self.settings.registry, name, version, self.settings.device))
+
+    def start(self) -> None:
+        torch.set_grad_enabled(False)  # attribution turns it back on locally on the worker thread
+        self._worker.start()
+
+    def begin_drain(self) -> None:
+        """Stop admitting new requests (readiness goes false); admitted ones run to the end."""
+        self._draining = True
+
+    def stop(self) -> None:
+        self._worker.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self._serving is not None and not self._draining
+
+    @property
+    def serving(self) -> Loaded:
+        if self._draining:
+            self.metrics.rejected.labels("shutting_down").inc()
+            raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+        if self._serving is None:
+            raise ServiceError(ErrorKind.UNAVAILABLE, "the model and dictionary are not loaded yet")
+        return self._serving
+
+    def _set_serving(self, loaded: Loaded) -> None:
+        self._serving = loaded
+        m = loaded.dictionary.manifest
+        self.metrics.set_dictionary(m.name, m.version, m.architecture, loaded.lm.checksum, loaded.loaded_at)
+
+    def _record_batch(self, requests: int, tokens: int) -> None:
+        self.metrics.batch_requests.observe(requests)
+        self.metrics.batch_tokens.observe(tokens)
+        self.metrics.queue_depth.set(self._worker.depth)
+
+    async def _submit(self, job: Job, admit: bool = True):
+        try:
+            return await self._worker.submit(job, admit=admit)
+        except ServiceError as exc:
+            if exc.kind is ErrorKind.OVERLOADED:
+                self.metrics.rejected.labels("queue_full").inc()
+            elif exc.kind is ErrorKind.DEADLINE_EXCEEDED:
+                self.metrics.rejected.labels("deadline").inc()
+            raise
+        finally:
+            self.metrics.queue_depth.set(self._worker.depth)
+
+    # ---- validation shared by the operations ---------------------------------------------------------------
+    def _max_tokens(self, loaded: Loaded) -> int:
+        return min(self.settings.max_tokens or loaded.max_positions, loaded.max_positions)
+
+    def _token_ids(self, loaded: Loaded, field: str, text: str | None, token_ids: list[int] | None, prepend_bos: bool):
+        s = self.settings
+        if text is not None:
+            if len(text) > s.max_text_chars:
+                raise over_limit(field, len(text), s.max_text_chars, "max_text_chars")
+            tokenized = loaded.tokenize(text, prepend_bos)
+            ids, offsets = tokenized.ids, tokenized.offsets
+        else:
+            ids, offsets, field = list(token_ids or []), [(0, 0)] * len(token_ids or []), "token_ids"
+            bad = next((i for i, t in enumerate(ids) if not 0 <= t < loaded.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"token_ids[{bad}]", f"{ids[bad]} is not a token id (vocabulary size {loaded.vocab_size})")
+        if not ids:
+            raise invalid(field, "is empty: there is no token to read")
+        limit = self._max_tokens(loaded)
+        if len(ids) > limit:
+            raise over_limit(field, len(ids), limit, "max_tokens")
+        return ids, offsets
+
+    def _top_k(self, field: str, value: int) -> int:
+        if value > self.settings.max_top_k:
+            raise over_limit(field, value, self.settings.max_top_k, "max_top_k")
+        return value
+
+    def _feature(self, loaded: Loaded, field: str, feature: int) -> int:
+        if not 0 <= feature < loaded.d_sae:
+            raise invalid(field, f"{feature} is not a feature of dictionary {loaded.name} v{loaded.version} (0 ≤ id < {loaded.d_sae})")
+        return feature
+
+    def _single_token(self, loaded: Loaded, field: str, spec: int | str) -> int:
+        if isinstance(spec, int):
+            if not 0 <= spec < loaded.vocab_size:
+                raise invalid(field, f"{spec} is not a token id (vocabulary size {loaded.vocab_size})")
+            return spec
+        ids = loaded.tokenize(spec, prepend_bos=False).ids
+        if len(ids) != 1:
+            raise invalid(field, f"{spec!r} is {len(ids)} tokens, not one; give a single token or its id")
+        return ids[0]
+
+    @staticmethod
+    def _ref(loaded: Loaded) -> schemas.DictionaryRef:
+        return schemas.DictionaryRef(name=loaded.name, version=loaded.version)
+
+    # ---- activations -------------------------------------------------------------------------------------------
+    async def activations(self, req: schemas.ActivationsRequest, deadline: float | None = None) -> schemas.ActivationsResponse:
+        loaded = self.serving
+        ids, offsets = self._token_ids(loaded, "text", req.text, req.token_ids, req.prepend_bos)
+        top_k = self._top_k("top_k", req.top_k)
+        wanted = req.feature_ids
+        if wanted is not None:
+            if len(wanted) > self.settings.max_feature_ids:
+                raise over_limit("feature_ids", len(wanted), self.settings.max_feature_ids, "max_feature_ids")
+            for i, feature in enumerate(wanted):
+                self._feature(loaded, f"feature_ids[{i}]", feature)
+        job = Job(run=self._run_activations, payload=(loaded, ids, top_k, wanted), batch_key=("activations", id(loaded)), tokens=len(ids), deadline=deadline)
+        readout = await self._submit(job)
+        l0, errors, top_values, top_ids, values = readout
+        self.metrics.tokens_processed.inc(len(ids))
+        tokens = []
+        for t, token_id in enumerate(ids):
+            top = [schemas.FeatureValue(feature=f, value=v) for f, v in zip(top_ids[t], top_values[t]) if v > 0]
+            start, end = offsets[t]
+            tokens.append(
+                schemas.TokenActivations(
+                    id=token_id, text=loaded.token_text(token_id), start=start, end=end, l0=l0[t],
+                    recon_error=errors[t], top=top, values=[] if values is None else values[t],
+                )
+            )
+            self.metrics.l0.observe(l0[t])
+        return schemas.ActivationsResponse(dictionary=self._ref(loaded), tokens=tokens)
+
+    @staticmethod
+    def _run_activations(jobs: list[Job]) -> list[tuple]:
+        loaded = jobs[0].payload[0]
+        with torch.inference_mode():
+            readouts = read_features(
+                loaded, [j.payload[1] for j in jobs], [j.payload[2] for j in jobs], [j.payload[3] for j in jobs]
+            )
+        return [
+            (r.l0.tolist(), r.recon_error.tolist(), r.top_values.tolist(), r.top_ids.tolist(), None if r.values is None else r.values.tolist())
+            for r in readouts
+        ]
+
+    # ---- attributions ------------------------------------------------------------------------------------------
+    async def attributions(self, req: schemas.AttributionsRequest, deadline: float | None = None) -> schemas.AttributionsResponse:
+        loaded = self.serving
+        ids, _ = self._token_ids(loaded, "text", req.text, None, req.prepend_bos)
+        position = req.position if req.position is not None else len(ids) - 1
+        if position < 0:
+            position += len(ids)
+        if not 0 <= position < len(ids):
+            raise invalid("position", f"{req.position} is outside the text's {len(ids)} tokens")
+        target = self._single_token(loaded, "target", req.target)
+        contrast = None if req.contrast is None else self._single_token(loaded, "contrast", req.contrast)
+        if contrast == target:
+            raise invalid("contrast", "is the target token itself; the difference would be 0")
+        top_k = self._top_k("top_k", req.top_k)
+        job = Job(run=self._run_attribution, payload=(loaded, ids, position, target, contrast), tokens=len(ids), deadline=deadline)
+        result, top = await self._submit(job)
+        self.metrics.tokens_processed.inc(len(ids))
+        features = [schemas.FeatureAttribution(position=p, feature=f, activation=a, attribution=s) for p, f, a, s in top[:top_k]]
+        return schemas.AttributionsResponse(
+            dictionary=self._ref(loaded), value=result.value, exact=result.exact, features_total=result.features_total,
+            error=result.error, rest=result.rest, remainder=result.remainder, position=position, target_id=target,
+            contrast_id=contrast, features=features,
+        )
+
+    def _run_attribution(self, jobs: list[Job]) -> list[tuple]:
+        loaded, ids, position, target, contrast = jobs[0].payload
+        result = attribute(loaded, ids, position, target, contrast)
+        k = min(self.settings.max_top_k, int((result.scores != 0).sum()))
+        flat = result.scores.flatten()
+        order = flat.abs().topk(k).indices if k else flat[:0].long()
+        d_sae = result.scores.shape[-1]
+        top = [(int(i) // d_sae, int(i) % d_sae, float(result.activations.flatten()[i]), float(flat[i])) for i in order]
+        return [(result, top)]
+
+    # ---- generate ----------------------------------------------------------------------------------------------
+    def _generation(self, loaded: Loaded, req: schemas.GenerateRequest, steering: list[SteeringSpec], seed: int) -> Generation:
+        s = self.settings
+        ids, _ = self._token_ids(loaded, "prompt", req.prompt, None, req.prepend_bos)
+        if len(ids) >= loaded.max_positions:
+            raise invalid("prompt", f"{len(ids)} tokens leave no room to generate in the model's context of {loaded.max_positions}")
+        cfg = SamplingConfig(req.max_new_tokens, req.temperature, req.top_p, req.top_k, seed, tuple(req.stop), req.features_top_k)
+        return Generation(loaded, ids, cfg, steering, req.steer_prompt)
+
+    def _validate_generate(self, loaded: Loaded, req: schemas.GenerateRequest) -> list[SteeringSpec]:
+        s = self.settings
+        if req.max_new_tokens > s.max_new_tokens:
+            raise over_limit("max_new_tokens", req.max_new_tokens, s.max_new_tokens, "max_new_tokens")
+        if not math.isfinite(req.temperature):
+            raise invalid("temperature", "must be a finite number")
+        if req.top_k > loaded.vocab_size:
+            raise invalid("top_k", f"{req.top_k} is larger than the vocabulary ({loaded.vocab_size})")
+        self._top_k("features_top_k", req.features_top_k)
+        if len(req.stop) > s.max_stop_strings:
+            raise over_limit("stop", len(req.stop), s.max_stop_strings, "max_stop_strings")
+        for i, stop in enumerate(req.stop):
+            if not stop or len(stop) > 100:
+                raise invalid(f"stop[{i}]", "must be 1 to 100 characters")
+        if len(req.steering) > s.max_steering:
+            raise over_limit("steering", len(req.steering), s.max_steering, "max_steering")
+        seen = set()
+        for i, entry in enumerate(req.steering):
+            self._feature(loaded, f"steering[{i}].feature", entry.feature)
+            if entry.feature in seen:
+                raise invalid(f"steering[{i}].feature", f"feature {entry.feature} is steered twice; give it once")
+            if not math.isfinite(entry.value):
+                raise invalid(f"steering[{i}].value", "must be a finite number")
+            seen.add(entry.feature)
+        return [SteeringSpec(e.feature, e.mode, e.value) for e in req.steering]
+
+    async def generate_events(self, req: schemas.GenerateRequest, deadline: float | None = None) -> AsyncIterator[schemas.GeneratedToken | schemas.GenerateResponse]:
+        """Yields one GeneratedToken per step, then the complete GenerateResponse."""
+        loaded = self.serving
+        steering = self._validate_generate(loaded, req)
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        steered = self._generation(loaded, req, steering, seed)
+        tokens: list[schemas.GeneratedToken] = []
+        async for token in self._run_generation(steered, deadline, first_admitted=True):
+            tokens.append(token)
+            yield token
+        unsteered = None
+        if req.compare_unsteered:
+            plain = self._generation(loaded, req, [], seed)
+            plain_tokens = [t async for t in self._run_generation(plain, deadline, first_admitted=False)]
+            unsteered = schemas.Continuation(text=plain.text, tokens=plain_tokens, finish_reason=plain.finish_reason)
+        yield schemas.GenerateResponse(
+            dictionary=self._ref(loaded), text=steered.text, tokens=tokens, finish_reason=steered.finish_reason,
+            unsteered=unsteered, seed=seed,
+        )
+
+    async def _run_generation(self, generation: Generation, deadline: float | None, first_admitted: bool) -> AsyncIterator[schemas.GeneratedToken]:
+        admit = first_admitted
+        while not generation.done:
+            step = await self._submit(Job(run=self._run_step, payload=generation, deadline=deadline), admit=admit)
+            admit = False
+            self.metrics.tokens_generated.inc()
+            yield schemas.GeneratedToken(
+                index=step.index, id=step.token_id, text=step.text,
+                top=[schemas.FeatureValue(feature=f, value=v) for f, v in step.top],
+                steered=[schemas.SteeredValue(feature=f, before=b, after=a) for f, b, a in step.steered],
+            )
+
+    @staticmethod
+    def _run_step(jobs: list[Job]) -> list:
+        return [jobs[0].payload.step()]
+
+    async def generate(self, req: schemas.GenerateRequest, deadline: float | None = None) -> schemas.GenerateResponse:
+        final = None
+        async for event in self.generate_events(req, deadline):
+            final = event
+        return final
+
+    # ---- access --------------------------------------------------------------------------------------------------
+    def check_admin(self, authorization: str | None) -> None:
+        """Admin operations need the configured key as "Bearer KEY"; with no key configured they are off."""
+        key = self.settings.admin_key
+        if key is None:
+            raise ServiceError(ErrorKind.PERMISSION_DENIED, "admin operations are disabled: set MONOSEMANTIC_ADMIN_KEY to enable them")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ServiceError(ErrorKind.UNAUTHENTICATED, "authorization: send the admin key as 'Bearer KEY'", "authorization")
+        if not secrets.compare_digest(given.strip().encode(), key.get_secret_value().encode()):
+            raise ServiceError(ErrorKind.PERMISSION_DENIED, "authorization: the key is not the admin key", "authorization")
+
+    # ---- dictionaries and reload -----------------------------------------------------------------------------
+    def dictionaries(self) -> schemas.DictionariesResponse:
+        loaded = self.serving
+        m = loaded.dictionary.manifest
+        info = schemas.DictionaryInfo(
+            name=m.name, version=m.version, architecture=m.architecture, d_in=m.sae.d_in, d_sae=m.sae.d_sae,
+            hook=loaded.hook.name, model_name=m.model.name, model_checksum=loaded.lm.checksum, metrics=m.metrics, serving=True,
+        )
+        available = [
+            schemas.DictionaryRef(name=name, version=v)
+            for name, versions in list_dictionaries(self.settings.registry).items()
+            for v in versions
+        ]
+        return schemas.DictionariesResponse(dictionaries=[info], available=available)
+
+    async def reload(self, req: schemas.ReloadRequest) -> schemas.ReloadResponse:
+        """Load `name:version` beside the serving pair, check it on the worker, then swap; on any failure the
+        serving pair stays and the error says why."""
+        previous = self.serving
+        async with self._reload_lock:
+            try:
+                loaded = await asyncio.to_thread(self._load_files, req.name, req.version)
+                await self._submit(Job(run=self._check_width, payload=loaded), admit=False)
+            except ServiceError:
+                self.metrics.reloads.labels("failure").inc()
+                raise
+            self._set_serving(loaded)
+            self.metrics.reloads.labels("success").inc()
+        return schemas.ReloadResponse(dictionary=self._ref(loaded), previous=self._ref(previous))
+
+    def _load_files(self, name: str, version: int | None) -> Loaded:
+        registry = Path(self.settings.registry)
+        try:
+            version_dir = resolve_version(registry, name, version)
+            if not version_dir.resolve().is_relative_to(registry.resolve()):
+                raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"name: dictionary {name!r} resolves outside the registry", "name")
+            return load_pair(self._lm, registry, name, version, self.settings.device, check_width=False)
+        except ArtifactNotFound as exc:
+            raise ServiceError(ErrorKind.NOT_FOUND, f"name: {exc}", "name") from None
+        except ConfigError as exc:
+            raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"name: {exc}", "name") from None
+        except MonosemanticError as exc:  # tampered, truncated, unknown format, another model
+            raise ServiceError(ErrorKind.FAILED_PRECONDITION, f"dictionary {name}: {exc}", "name") from None
+
+    @staticmethod
+    def _check_width(jobs: list[Job]) -> list:
+        loaded: Loaded = jobs[0].payload
+        width = hook_dim(loaded.lm, loaded.hook)
+        if width != loaded.dictionary.sae.cfg.d_in:
+            m = loaded.dictionary.manifest
+            raise ServiceError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"dictionary {m.name}:v{m.version} reads d_in={m.sae.d_in}, but the model's activation at {m.hook.name!r} has width {width}",
+                "name",
+            )
+        return [None]

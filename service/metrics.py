@@ -1,0 +1,47 @@
+"""Prometheus metrics of one server (its own registry), named by Prometheus conventions.
+
+Label values come from fixed sets (protocol, method, code, reason), never from user input, so the series count
+stays bounded however the service is used.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PROTOCOLS = ("rest", "grpc")
+METHODS = ("activations", "attributions", "generate", "dictionaries", "reload")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("monosemantic_requests", "Requests answered, by protocol, method and status code.", ("protocol", "method", "code"), registry=r)
+        self.duration = Histogram("monosemantic_request_duration_seconds", "Time to answer a request.", ("protocol", "method"), buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("monosemantic_inflight_requests", "Requests being answered now.", registry=r)
+        self.queue_depth = Gauge("monosemantic_queue_depth", "Jobs waiting for the engine's worker.", registry=r)
+        self.rejected = Counter("monosemantic_rejected_requests", "Requests refused before running, by reason.", ("reason",), registry=r)
+        self.batch_requests = Histogram("monosemantic_batch_requests", "Requests per forward (dynamic batching).", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_tokens = Histogram("monosemantic_batch_tokens", "Tokens per forward.", buckets=(16, 64, 256, 1024, 4096, 16384), registry=r)
+        self.tokens_processed = Counter("monosemantic_tokens_processed", "Tokens read by the SAE in activations and attributions.", registry=r)
+        self.tokens_generated = Counter("monosemantic_tokens_generated", "Tokens generated.", registry=r)
+        self.l0 = Histogram("monosemantic_active_features_per_token", "Features active per served token (L0).", buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
+        self.dictionary_info = Gauge("monosemantic_dictionary_info", "The serving dictionary (value 1).", ("name", "version", "architecture", "model_checksum"), registry=r)
+        self.dictionary_loaded = Gauge("monosemantic_dictionary_loaded_timestamp_seconds", "When the serving dictionary was loaded.", registry=r)
+        self.reloads = Counter("monosemantic_dictionary_reloads", "Dictionary reloads, by result.", ("result",), registry=r)
+        for reason in ("queue_full", "deadline", "shutting_down"):
+            self.rejected.labels(reason)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        for protocol in PROTOCOLS:
+            for method in METHODS:
+                self.duration.labels(protocol, method)
+
+    def set_dictionary(self, name: str, version: int, architecture: str, model_checksum: str, loaded_at: float) -> None:
+        self.dictionary_info.clear()
+        self.dictionary_info.labels(name, str(version), architecture, model_checksum[:12]).set(1)
+        self.dictionary_loaded.set(loaded_at)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

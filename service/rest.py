@@ -1,0 +1,194 @@
+"""REST adapter: FastAPI routes over service.engine, typed requests and responses, one error shape."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from monosemantic import api as schemas
+from service.engine import Engine
+from service.errors import ErrorKind, ServiceError, from_validation_errors
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": {"application/json": {"example": {"error": {"kind": kind, "message": "…", "field": "…"}}}}}
+    for status, description, kind in [
+        (404, "an unknown id", "not_found"),
+        (413, "the body is too large", "too_large"),
+        (422, "a field is invalid or over a limit (the message names it)", "invalid_argument"),
+        (429, "the request queue is full", "overloaded"),
+        (503, "not ready or shutting down", "unavailable"),
+    ]
+}
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse a request body over max_bytes with 413 before it is all read (chunked too)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = ServiceError(ErrorKind.TOO_LARGE, f"body: larger than {self.max_bytes} bytes (setting MONOSEMANTIC_MAX_BODY_BYTES)", "body")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
+        if declared is not None:
+            return await self.app(scope, receive, send)  # within the limit; the server enforces its length
+        # No length declared (chunked): read up to the limit here, then hand the app the buffered body.
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine) -> FastAPI:
+    metrics = engine.metrics
+    app = FastAPI(
+        title="monosemantic",
+        version="1",
+        summary="Sparse-autoencoder features of a language model: activations, attributions, steered generation.",
+        responses=ERROR_RESPONSES,
+    )
+
+    def error_response(exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.kind is ErrorKind.OVERLOADED else None
+        return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(from_validation_errors(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+        return error_response(ServiceError(ErrorKind.INTERNAL, "internal error; the server log has the details"))
+
+    async def observed(method: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one operation with its metrics: duration, and the outcome by status code."""
+        started, code = time.perf_counter(), "200"
+        metrics.inflight.inc()
+        try:
+            return await call()
+        except ServiceError as exc:
+            code = str(exc.http_status)
+            raise
+        except Exception:
+            code = "500"
+            raise
+        finally:
+            metrics.inflight.dec()
+            metrics.requests.labels("rest", method, code).inc()
+            metrics.duration.labels("rest", method).observe(time.perf_counter() - started)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict:
+        """The process is up and its event loop answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: ERROR_RESPONSES[503]})
+    async def readyz() -> Response:
+        """Model and dictionary are loaded and the server is not draining."""
+        if engine.ready:
+            return JSONResponse({"status": "ready"})
+        return error_response(ServiceError(ErrorKind.UNAVAILABLE, "not ready: loading or shutting down"))
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/activations", response_model=schemas.ActivationsResponse, tags=["features"])
+    async def activations(req: schemas.ActivationsRequest) -> schemas.ActivationsResponse:
+        """Per-token top-k features, L0 and reconstruction error of a text or a list of token ids."""
+        return await observed("activations", lambda: engine.activations(req))
+
+    @app.post("/v1/attributions", response_model=schemas.AttributionsResponse, tags=["features"])
+    async def attributions(req: schemas.AttributionsRequest) -> schemas.AttributionsResponse:
+        """Which features drive the target logit (or logit difference) at a position."""
+        return await observed("attributions", lambda: engine.attributions(req))
+
+    @app.post(
+        "/v1/generate",
+        response_model=schemas.GenerateResponse,
+        tags=["generate"],
+        responses={200: {"content": {"text/event-stream": {"description": "with stream: true, events `token` (GeneratedToken) then `done` (GenerateResponse)"}}}},
+    )
+    async def generate(req: schemas.GenerateRequest) -> Any:
+        """Feature-steered generation; with `stream: true`, server-sent events token by token."""
+        if not req.stream:
+            return await observed("generate", lambda: engine.generate(req))
+        events = engine.generate_events(req)
+        # Pull the first event before answering 200, so a bad request still gets its 4xx status.
+        first = await observed("generate", lambda: anext(events))
+        return StreamingResponse(_sse(first, events, metrics), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/dictionaries", response_model=schemas.DictionariesResponse, tags=["dictionaries"])
+    async def dictionaries() -> schemas.DictionariesResponse:
+        """The serving dictionary (name, version, metrics, hook, model) and the versions available to reload."""
+        return await observed("dictionaries", _as_async(engine.dictionaries))
+
+    @app.post("/v1/admin/reload", response_model=schemas.ReloadResponse, tags=["dictionaries"], responses={401: {"description": "no admin key given"}, 403: {"description": "wrong key, or admin disabled"}, 409: {"description": "the version cannot serve this model (corrupted, another model, another width)"}})
+    async def reload(req: schemas.ReloadRequest, authorization: str | None = Header(None)) -> schemas.ReloadResponse:
+        """Load another dictionary version beside the serving one, then swap; a failure leaves the old one serving."""
+
+        async def run() -> schemas.ReloadResponse:
+            engine.check_admin(authorization)
+            return await engine.reload(req)
+
+        return await observed("reload", run)
+
+    return app
+
+
+def _as_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    async def call() -> Any:
+        return fn()
+
+    return call
+
+
+def _event(name: str, model: Any) -> str:
+    return f"event: {name}\ndata: {model.model_dump_json()}\n\n"
+
+
+async def _sse(first: Any, events: AsyncIterator[Any], metrics: Any) -> AsyncIterator[str]:
+    """token … done; an error after the stream started is sent as an `error` event (the status is already 200).
+    A client that disconnects cancels this generator, which closes `events`: no further steps are run."""
+    try:
+        event = first
+        while True:
+            yield _event("done" if isinstance(event, schemas.GenerateResponse) else "token", event)
+            if isinstance(event, schemas.GenerateResponse):
+                return
+            event = await anext(events)
+    except ServiceError as exc:
+        yield f"event: error\ndata: {json.dumps(exc.body())}\n\n"
+    finally:
+        await events.aclose()

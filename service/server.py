@@ -1,0 +1,84 @@
+"""One process, one event loop: the engine's worker thread, uvicorn for REST and grpc.aio for gRPC.
+
+SIGTERM / SIGINT drain: readiness and gRPC health go NOT_SERVING at once, new requests get 503 / UNAVAILABLE,
+admitted ones finish within shutdown_grace_s, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import uvicorn
+
+from service.engine import Engine
+from service.grpc import build_server, set_serving
+from service.rest import BodySizeLimit, create_app
+from service.settings import ServiceSettings
+
+log = logging.getLogger("monosemantic.serve")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: the Server below owns shutdown for both protocols."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Server:
+    settings: ServiceSettings
+    engine: Engine = field(init=False)
+    http_port: int = 0
+    grpc_port: int = 0
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.engine = Engine(self.settings)
+
+    def request_stop(self) -> None:
+        self.engine.begin_drain()
+        self._stop.set()
+
+    async def serve(self, install_signal_handlers: bool = True) -> None:
+        s = self.settings
+        await asyncio.to_thread(self.engine.load)
+        self.engine.start()
+        app = BodySizeLimit(create_app(self.engine), s.max_body_bytes)
+        config = uvicorn.Config(
+            app, host=s.host, port=s.http_port, log_level="warning", lifespan="off",
+            timeout_graceful_shutdown=int(s.shutdown_grace_s) or 1, limit_concurrency=None,
+        )
+        http = _Uvicorn(config)
+        grpc_server, health_servicer, self.grpc_port = build_server(self.engine, f"{s.host}:{s.grpc_port}", s.max_body_bytes)
+        await grpc_server.start()
+        http_task = asyncio.create_task(http.serve())
+        while not http.started:
+            if http_task.done():  # the HTTP port could not be bound
+                await grpc_server.stop(0)
+                self.engine.stop()
+                await http_task
+                raise OSError(f"cannot bind the HTTP port {s.host}:{s.http_port}")
+            await asyncio.sleep(0.01)
+        self.http_port = http.servers[0].sockets[0].getsockname()[1]
+        await set_serving(health_servicer, True)
+        if install_signal_handlers:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        log.warning("monosemantic serving %s: HTTP on %s:%d, gRPC on %s:%d", self.engine.serving.dictionary.ref, s.host, self.http_port, s.host, self.grpc_port)
+        self.started.set()
+
+        await self._stop.wait()
+        self.engine.begin_drain()
+        await set_serving(health_servicer, False)
+        http.should_exit = True
+        await asyncio.gather(grpc_server.stop(s.shutdown_grace_s), http_task)
+        self.engine.stop()

@@ -1,0 +1,55 @@
+"""Service settings: every flag of `monosemantic-serve` is also a MONOSEMANTIC_* environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
+
+
+class ServiceSettings(BaseSettings):
+    """Where to listen, what to load, and the limits every request is held to."""
+
+    model_config = SettingsConfigDict(env_prefix="MONOSEMANTIC_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port (tests)
+    registry: Path = Field(default_factory=reference_registry_path)
+    dictionary: str = REFERENCE_DICTIONARY  # NAME or NAME:VERSION (vN or N); no version means latest
+    model: str = Field(default_factory=lambda: str(reference_lm_path()))  # HF directory (or hub id if online)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    # Limits: each is named in the error a request gets when it goes past it.
+    max_text_chars: int = Field(20_000, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: the model's context length
+    max_top_k: int = Field(100, ge=1)
+    max_feature_ids: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    max_steering: int = Field(16, ge=1)
+    max_stop_strings: int = Field(8, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    # Dynamic batching of activations requests: one forward for everything waiting, up to these bounds.
+    max_batch_tokens: int = Field(8192, ge=1)
+    max_batch_requests: int = Field(64, ge=1)  # 1 turns batching off
+    max_wait_ms: float = Field(2.0, ge=0)
+    max_queue: int = Field(256, ge=1)  # waiting requests beyond this are refused at once (429 / RESOURCE_EXHAUSTED)
+
+    # Admin operations (reload) are off unless a key is set; clients send it as "Authorization: Bearer KEY"
+    # (gRPC metadata "authorization").
+    admin_key: SecretStr | None = None
+
+    shutdown_grace_s: float = Field(20.0, ge=0)
+
+    @field_validator("dictionary")
+    @classmethod
+    def _dictionary_reference(cls, value: str) -> str:
+        from monosemantic.artifact import parse_reference
+
+        parse_reference(value)  # raises ValueError with the reason
+        return value

@@ -1,0 +1,68 @@
+"""Feature steering: edit an activation so that chosen features are pinned (clamp) or pushed (add).
+
+`add` moves the activation along the feature's decoder direction d = W_dec[i] (in raw units): x' = x + v·d.
+`clamp` sets the feature's activation to v while keeping the SAE's error, i.e. x' = x + α·d. The usual form
+α = v − f (Templeton et al. 2024) pins the feature exactly only when the encoder reads its own decoder row with
+gain 1 (W_enc[:, i]·W_dec[i] = 1) and the feature was already active. We solve for α instead: with several
+clamped features C, the pre-activations move by G α, where G[i, j] = W_enc[:, i]·W_dec[j], so α = G⁻¹ (target −
+pre) — after which re-encoding x' gives exactly v for every clamped feature (up to rounding), as a user expects
+of "clamp". A clamp to v ≤ 0 only switches an active feature off (target pre-activation 0) and leaves an
+inactive one alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from monosemantic.sae import SparseAutoencoder
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    feature: int
+    mode: str  # "clamp" | "add"
+    value: float
+
+
+@dataclass
+class SteeringResult:
+    activation: Tensor  # x' [..., d_in]
+    before: Tensor  # [..., n_specs] feature activations of x
+    after: Tensor  # [..., n_specs] feature activations of x' (re-encoded)
+    features_after: Tensor  # [..., d_sae] the full re-encoding of x'
+
+
+def encode_pre(sae: SparseAutoencoder, x: Tensor) -> Tensor:
+    return sae.pre_activations(x * sae.cfg.input_scale)
+
+
+def apply_steering(sae: SparseAutoencoder, x: Tensor, specs: list[SteeringSpec]) -> SteeringResult:
+    """x [..., d_in] raw activations → the steered activation and the steered features before/after."""
+    ids = torch.tensor([s.feature for s in specs], dtype=torch.long, device=x.device)
+    scale = sae.cfg.input_scale
+    pre = encode_pre(sae, x)
+    features = sae.activate(pre)
+    directions = sae.W_dec[ids] / scale  # [n, d_in] raw units
+    x_new = x.clone()
+    adds = [i for i, s in enumerate(specs) if s.mode == "add"]
+    clamps = [i for i, s in enumerate(specs) if s.mode == "clamp"]
+    if adds:
+        amounts = torch.tensor([specs[i].value for i in adds], dtype=x.dtype, device=x.device)
+        x_new = x_new + amounts @ directions[adds]
+    if clamps:
+        clamp_ids = ids[clamps]
+        # gains[i, j]: change of clamped feature i's pre-activation per unit of α along clamped direction j.
+        gains = sae.W_enc[:, clamp_ids].T @ sae.W_dec[clamp_ids].T  # [c, c]
+        pre_now = encode_pre(sae, x_new)[..., clamp_ids]
+        values = torch.tensor([specs[i].value for i in clamps], dtype=x.dtype, device=x.device)
+        active = features[..., clamp_ids] > 0
+        # v > 0: reach pre-activation v. v <= 0: an active feature goes to 0, an inactive one stays put.
+        target = torch.where(values > 0, values.expand_as(pre_now), torch.where(active, torch.zeros_like(pre_now), pre_now))
+        # Δpre = α Gᵀ, so α = Δpre (Gᵀ)⁻¹; pinv keeps a dead feature (gain ≈ 0) from blowing up the solve.
+        alpha = (target - pre_now) @ torch.linalg.pinv(gains).T
+        x_new = x_new + (alpha @ directions[clamps]).reshape(x_new.shape)
+    features_after = sae.activate(encode_pre(sae, x_new))
+    return SteeringResult(x_new, features[..., ids], features_after[..., ids], features_after)

@@ -1,0 +1,105 @@
+"""Shared fixtures: a real server (uvicorn + grpc.aio) on loopback, and a registry with several versions."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from monosemantic.artifact import HookRef, ModelRef, load_dictionary, publish
+from monosemantic.client import GrpcClient, RestClient
+from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
+
+
+class RunningServer:
+    """A service.server.Server on its own event loop in a thread, on free ports."""
+
+    def __init__(self, **settings) -> None:
+        from service.server import Server
+        from service.settings import ServiceSettings
+
+        self.server = Server(ServiceSettings(host="127.0.0.1", http_port=0, grpc_port=0, **settings))
+        self.loop = asyncio.new_event_loop()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self._started = threading.Event()
+        while not self._started.wait(0.05):
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start: {self.error!r}")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            task = asyncio.create_task(self.server.serve(install_signal_handlers=False))
+            started = asyncio.create_task(self.server.started.wait())
+            await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+            if started.done():
+                self._started.set()
+            await task
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as exc:  # surfaced by the constructor
+            self.error = exc
+
+    @property
+    def engine(self):
+        return self.server.engine
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.request_stop)
+        self.thread.join(30)
+
+
+ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory) -> Path:
+    """reference v1 (the shipped one), reference v2 (same weights, fp32), and `stranger`: a dictionary for
+    another model (a different weights checksum) that no reload may accept."""
+    root = tmp_path_factory.mktemp("registry")
+    shutil.copytree(reference_registry_path() / REFERENCE_DICTIONARY, root / REFERENCE_DICTIONARY)
+    shipped = load_dictionary(root, REFERENCE_DICTIONARY, 1)
+    m = shipped.manifest
+    publish(root, REFERENCE_DICTIONARY, shipped.sae, model=m.model, hook=m.hook, dtype="float32", extra={"metrics": m.metrics})
+    publish(root, "stranger", shipped.sae, model=ModelRef(name="another-model", checksum="0" * 64), hook=m.hook)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(registry):
+    running = RunningServer(registry=registry, dictionary="reference:1", admin_key=ADMIN_KEY, max_text_chars=2000, max_new_tokens=64)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(params=["rest", "grpc"])
+def client(request, server):
+    """The same client interface over each transport: every semantic test runs on both."""
+    made = RestClient(server.http_url) if request.param == "rest" else GrpcClient(server.grpc_target)
+    made.transport = request.param
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="session")
+def reference_pair():
+    """The shipped model and dictionary loaded directly, to check the service's numbers against."""
+    from service.loaded import load_model, load_pair
+
+    lm = load_model(str(reference_lm_path()), "cpu")
+    return load_pair(lm, reference_registry_path(), REFERENCE_DICTIONARY, None, "cpu")
