@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from google.protobuf import json_format
+from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 from pydantic import BaseModel
 
@@ -40,18 +40,34 @@ def message_to_dict(message: Message, fill_defaults: bool = False) -> dict[str, 
 
 def to_message(model: BaseModel | dict[str, Any], message_type: type[Message]) -> Message:
     data = model.model_dump(exclude_none=True) if isinstance(model, BaseModel) else {k: v for k, v in model.items() if v is not None}
-    for name in _TOKEN_FIELDS:
-        if name in data:
-            data[name] = {"id": data[name]} if isinstance(data[name], int) else {"text": data[name]}
-    if "metrics" in data:
-        data["metrics_json"] = json.dumps(data.pop("metrics"))
-    for value in data.values():
-        if isinstance(value, list):
-            for item in value:
-                if isinstance(item, dict) and "metrics" in item:
-                    item["metrics_json"] = json.dumps(item.pop("metrics"))
     data.pop("stream", None)  # REST only: gRPC has a streaming method instead
-    return json_format.ParseDict(data, message_type())
+    return _build(message_type, data)
+
+
+def _build(message_type: type[Message], data: dict[str, Any]) -> Message:
+    """A message from a dict by keyword construction (in C, several times faster than json_format.ParseDict on
+    responses with hundreds of nested entries); unknown fields raise ValueError naming them."""
+    fields = message_type.DESCRIPTOR.fields_by_name
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if value is None:
+            continue
+        if name in _TOKEN_FIELDS and name in fields:
+            value = {"id": value} if isinstance(value, int) else {"text": value}
+        if name == "metrics" and "metrics_json" in fields:
+            name, value = "metrics_json", json.dumps(value)
+        field = fields.get(name)
+        if field is None:
+            raise ValueError(f"{message_type.DESCRIPTOR.name} has no field {name!r}")
+        if field.message_type is not None:
+            sub_type = _message_class(field)
+            value = [_build(sub_type, v) for v in value] if field.is_repeated else _build(sub_type, value)
+        kwargs[name] = value
+    return message_type(**kwargs)
+
+
+def _message_class(field: Any) -> type[Message]:
+    return message_factory.GetMessageClass(field.message_type)
 
 
 def to_model(message: Message, model: type[M], fill_defaults: bool = False) -> M:

@@ -3,7 +3,8 @@
 Hooks live on the shared model object, so forwards must never overlap: all model work goes through this
 thread. Jobs with the same batch key (activations on the same loaded dictionary) that are waiting together
 are run as one forward, up to max_batch_requests / max_batch_tokens, waiting at most max_wait for company —
-so throughput grows with load while a lone request pays at most max_wait. Callers live on an asyncio loop;
+so throughput grows with load. The gathering waits only for requests known to be on their way (announced
+with `arriving()`), so a lone request never waits at all. Callers live on an asyncio loop;
 results come back through loop.call_soon_threadsafe.
 """
 
@@ -14,7 +15,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from contextlib import contextmanager
+from typing import Any, Callable, Hashable, Iterator
 
 from service.errors import ErrorKind, ServiceError
 
@@ -30,6 +32,11 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     abandoned: bool = False  # the caller stopped waiting (cancelled, disconnected)
     enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Arrival:
+    queued: bool = False
 
 
 class Overloaded(ServiceError):
@@ -57,6 +64,7 @@ class Worker:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._coming = 0  # requests announced (being validated, tokenized) but not queued yet
         self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
         self.busy = False
 
@@ -73,7 +81,21 @@ class Worker:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, job: Job, admit: bool = True) -> Any:
+    @contextmanager
+    def arriving(self) -> Iterator[Job | None]:
+        """Announce a request that will submit a batchable job soon, so a batch being gathered waits for it
+        (at most max_wait) rather than leaving without it. A lone request never waits: nothing is coming."""
+        with self._cond:
+            self._coming += 1
+        token = _Arrival()
+        try:
+            yield token
+        finally:
+            with self._cond:
+                if not token.queued:
+                    self._coming -= 1
+
+    async def submit(self, job: Job, admit: bool = True, arrival: "_Arrival | None" = None) -> Any:
         """Queue a job and wait for its result. admit=True refuses at once when the queue is full; a
         continuation of an admitted request (the next step of a stream) passes admit=False."""
         loop = asyncio.get_running_loop()
@@ -84,6 +106,9 @@ class Worker:
             if admit and len(self._queue) >= self.max_queue:
                 raise Overloaded(self.max_queue)
             self._queue.append(job)
+            if arrival is not None and not arrival.queued:
+                arrival.queued = True
+                self._coming -= 1
             self._cond.notify()
         try:
             return await job.future
@@ -114,7 +139,7 @@ class Worker:
                     tokens += match.tokens
                     continue
                 remaining = wait_until - time.monotonic()
-                if remaining <= 0 or self._stopping:
+                if remaining <= 0 or self._stopping or self._coming == 0:
                     break
                 self._cond.wait(remaining)
             return batch

@@ -52,7 +52,7 @@ class Engine:
         """Load the model and the configured dictionary (blocking; call before start)."""
         name, version = parse_reference(self.settings.dictionary)
         self._lm = load_model(self.settings.model, self.settings.device)
-        self._set_serving(load_pair(self._lm, self.settings.registry, name, version, self.settings.device))
+        self._set_serving(load_pair(self._lm, self.settings.registry, name, version, self.settings.device, sae_dtype=self.settings.sae_dtype))
 
     def start(self) -> None:
         torch.set_grad_enabled(False)  # attribution turns it back on locally on the worker thread
@@ -88,9 +88,9 @@ class Engine:
         self.metrics.batch_tokens.observe(tokens)
         self.metrics.queue_depth.set(self._worker.depth)
 
-    async def _submit(self, job: Job, admit: bool = True):
+    async def _submit(self, job: Job, admit: bool = True, arrival=None):
         try:
-            return await self._worker.submit(job, admit=admit)
+            return await self._worker.submit(job, admit=admit, arrival=arrival)
         except ServiceError as exc:
             if exc.kind is ErrorKind.OVERLOADED:
                 self.metrics.rejected.labels("queue_full").inc()
@@ -149,31 +149,33 @@ class Engine:
 
     # ---- activations -------------------------------------------------------------------------------------------
     async def activations(self, req: schemas.ActivationsRequest, deadline: float | None = None) -> schemas.ActivationsResponse:
-        loaded = self.serving
-        ids, offsets = self._token_ids(loaded, "text", req.text, req.token_ids, req.prepend_bos)
-        top_k = self._top_k("top_k", req.top_k)
-        wanted = req.feature_ids
-        if wanted is not None:
-            if len(wanted) > self.settings.max_feature_ids:
-                raise over_limit("feature_ids", len(wanted), self.settings.max_feature_ids, "max_feature_ids")
-            for i, feature in enumerate(wanted):
-                self._feature(loaded, f"feature_ids[{i}]", feature)
-        job = Job(run=self._run_activations, payload=(loaded, ids, top_k, wanted), batch_key=("activations", id(loaded)), tokens=len(ids), deadline=deadline)
-        readout = await self._submit(job)
+        with self._worker.arriving() as arrival:
+            loaded = self.serving
+            ids, offsets = self._token_ids(loaded, "text", req.text, req.token_ids, req.prepend_bos)
+            top_k = self._top_k("top_k", req.top_k)
+            wanted = req.feature_ids
+            if wanted is not None:
+                if len(wanted) > self.settings.max_feature_ids:
+                    raise over_limit("feature_ids", len(wanted), self.settings.max_feature_ids, "max_feature_ids")
+                for i, feature in enumerate(wanted):
+                    self._feature(loaded, f"feature_ids[{i}]", feature)
+            job = Job(run=self._run_activations, payload=(loaded, ids, top_k, wanted), batch_key=("activations", id(loaded)), tokens=len(ids), deadline=deadline)
+            readout = await self._submit(job, arrival=arrival)
         l0, errors, top_values, top_ids, values = readout
         self.metrics.tokens_processed.inc(len(ids))
-        tokens = []
-        for t, token_id in enumerate(ids):
-            top = [schemas.FeatureValue(feature=f, value=v) for f, v in zip(top_ids[t], top_values[t]) if v > 0]
-            start, end = offsets[t]
-            tokens.append(
-                schemas.TokenActivations(
-                    id=token_id, text=loaded.token_text(token_id), start=start, end=end, l0=l0[t],
-                    recon_error=errors[t], top=top, values=[] if values is None else values[t],
-                )
-            )
-            self.metrics.l0.observe(l0[t])
-        return schemas.ActivationsResponse(dictionary=self._ref(loaded), tokens=tokens)
+        # The hot path of the service: plain dicts validated in one pass by pydantic-core cost a third of
+        # building the 64 × top_k nested models one by one in Python (measured: 0.47 ms against 1.27 ms).
+        token_text = loaded.token_text
+        tokens = [
+            {
+                "id": token_id, "text": token_text(token_id), "start": offsets[t][0], "end": offsets[t][1], "l0": l0[t],
+                "recon_error": errors[t], "values": [] if values is None else values[t],
+                "top": [{"feature": f, "value": v} for f, v in zip(top_ids[t], top_values[t]) if v > 0],
+            }
+            for t, token_id in enumerate(ids)
+        ]
+        self.metrics.observe_l0(l0)
+        return schemas.ActivationsResponse.model_validate({"dictionary": {"name": loaded.name, "version": loaded.version}, "tokens": tokens})
 
     @staticmethod
     def _run_activations(jobs: list[Job]) -> list[tuple]:
@@ -346,7 +348,7 @@ class Engine:
             version_dir = resolve_version(registry, name, version)
             if not version_dir.resolve().is_relative_to(registry.resolve()):
                 raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"name: dictionary {name!r} resolves outside the registry", "name")
-            return load_pair(self._lm, registry, name, version, self.settings.device, check_width=False)
+            return load_pair(self._lm, registry, name, version, self.settings.device, check_width=False, sae_dtype=self.settings.sae_dtype)
         except ArtifactNotFound as exc:
             raise ServiceError(ErrorKind.NOT_FOUND, f"name: {exc}", "name") from None
         except ConfigError as exc:

@@ -11,6 +11,7 @@ import torch
 from monosemantic.artifact import Dictionary, load_dictionary
 from monosemantic.errors import ArtifactMismatch
 from monosemantic.lm import HookPoint, LoadedLM, hook_dim, load_lm, resolve_hook
+from service.encoder import FastEncoder
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class Loaded:
     dictionary: Dictionary
     hook: HookPoint
     max_positions: int
+    encoder: FastEncoder
     loaded_at: float = field(default_factory=time.time)
+    _token_texts: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -62,7 +65,10 @@ class Loaded:
         return Tokenized(ids, offsets)
 
     def token_text(self, token_id: int) -> str:
-        return self.lm.tokenizer.decode([token_id])
+        text = self._token_texts.get(token_id)
+        if text is None:  # the tokenizer's decode costs ~15 µs a call; a response has hundreds of tokens
+            text = self._token_texts[token_id] = self.lm.tokenizer.decode([token_id])
+        return text
 
 
 def _max_positions(lm: LoadedLM) -> int:
@@ -80,7 +86,9 @@ def load_model(source: str, device: str) -> LoadedLM:
     return lm
 
 
-def load_pair(lm: LoadedLM, registry: Path, name: str, version: int | None, device: str, check_width: bool = True) -> Loaded:
+def load_pair(
+    lm: LoadedLM, registry: Path, name: str, version: int | None, device: str, check_width: bool = True, sae_dtype: str = "float32"
+) -> Loaded:
     """Load and verify a dictionary for an already loaded model; refuses one made for another model or width.
 
     check_width runs a one-token forward: only from the thread that owns the model (the engine's worker).
@@ -96,4 +104,5 @@ def load_pair(lm: LoadedLM, registry: Path, name: str, version: int | None, devi
     dictionary.sae.eval().requires_grad_(False)
     with torch.no_grad():
         dictionary.sae.float()
-    return Loaded(lm=lm, dictionary=dictionary, hook=hook, max_positions=_max_positions(lm))
+    encoder = FastEncoder(dictionary.sae, getattr(torch, sae_dtype))
+    return Loaded(lm=lm, dictionary=dictionary, hook=hook, max_positions=_max_positions(lm), encoder=encoder)

@@ -43,5 +43,9 @@ class Metrics:
         self.dictionary_info.labels(name, str(version), architecture, model_checksum[:12]).set(1)
         self.dictionary_loaded.set(loaded_at)
 
+    def observe_l0(self, per_token: list[int]) -> None:
+        for value in per_token:
+            self.l0.observe(value)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,11 +45,9 @@ def read_features(
     """Top-k features, L0, relative reconstruction error and requested dense values for every token."""
     acts = hook_activations(loaded, sequences)
     flat = torch.cat(acts)
-    sae = loaded.dictionary.sae
-    features = sae.encode(flat)
-    recon = sae.decode(features)
+    features = loaded.encoder.encode(flat)
+    recon, l0 = loaded.encoder.decode_and_count(features)
     rel_error = (flat - recon).norm(dim=-1) / flat.norm(dim=-1).clamp_min(1e-12)
-    l0 = (features > 0).sum(dim=-1)
     k_max = min(max(top_k, default=0), features.shape[-1])
     top_values, top_ids = features.topk(k_max, dim=-1) if k_max else (features[:, :0], features[:, :0].long())
     out, start = [], 0

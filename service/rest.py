@@ -125,14 +125,14 @@ def create_app(engine: Engine) -> FastAPI:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/activations", response_model=schemas.ActivationsResponse, tags=["features"])
-    async def activations(req: schemas.ActivationsRequest) -> schemas.ActivationsResponse:
+    async def activations(req: schemas.ActivationsRequest) -> Response:
         """Per-token top-k features, L0 and reconstruction error of a text or a list of token ids."""
-        return await observed("activations", lambda: engine.activations(req))
+        return _json(await observed("activations", lambda: engine.activations(req)))
 
     @app.post("/v1/attributions", response_model=schemas.AttributionsResponse, tags=["features"])
-    async def attributions(req: schemas.AttributionsRequest) -> schemas.AttributionsResponse:
+    async def attributions(req: schemas.AttributionsRequest) -> Response:
         """Which features drive the target logit (or logit difference) at a position."""
-        return await observed("attributions", lambda: engine.attributions(req))
+        return _json(await observed("attributions", lambda: engine.attributions(req)))
 
     @app.post(
         "/v1/generate",
@@ -143,7 +143,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def generate(req: schemas.GenerateRequest) -> Any:
         """Feature-steered generation; with `stream: true`, server-sent events token by token."""
         if not req.stream:
-            return await observed("generate", lambda: engine.generate(req))
+            return _json(await observed("generate", lambda: engine.generate(req)))
         events = engine.generate_events(req)
         # Pull the first event before answering 200, so a bad request still gets its 4xx status.
         first = await observed("generate", lambda: anext(events))
@@ -165,6 +165,11 @@ def create_app(engine: Engine) -> FastAPI:
         return await observed("reload", run)
 
     return app
+
+
+def _json(model: Any) -> Response:
+    """The response model serialised by pydantic-core directly: FastAPI would validate it once more first."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def _as_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:

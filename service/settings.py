@@ -23,6 +23,8 @@ class ServiceSettings(BaseSettings):
     dictionary: str = REFERENCE_DICTIONARY  # NAME or NAME:VERSION (vN or N); no version means latest
     model: str = Field(default_factory=lambda: str(reference_lm_path()))  # HF directory (or hub id if online)
     device: Literal["cpu", "cuda"] = "cpu"
+    # The dtype of the activations readout's encoder matmul (service/readout.py FastEncoder has the measurements).
+    sae_dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
     # Limits: each is named in the error a request gets when it goes past it.
     max_text_chars: int = Field(20_000, ge=1)

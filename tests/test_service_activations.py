@@ -26,17 +26,41 @@ def test_top_features_are_the_strongest_nonzero_ones_in_descending_order(client)
         assert len(token.top) == min(5, token.l0)
 
 
-def test_features_match_the_dictionary_applied_to_the_models_activations(client, reference_pair):
-    result = client.activations(text=TEXT, top_k=4)
-    ids = [t.id for t in result.tokens]
+def _expected(reference_pair, ids):
     x = hook_activations(reference_pair, [ids])[0]
-    features = reference_pair.dictionary.sae.encode(x)
+    sae = reference_pair.dictionary.sae
+    features = sae.encode(x)
+    return features, (x - sae.decode(features)).norm(dim=-1) / x.norm(dim=-1)
+
+
+def test_features_match_the_dictionary_applied_to_the_models_activations(client, reference_pair):
+    # The default readout multiplies in bf16 (service/encoder.py): the same features, values within bf16 rounding.
+    result = client.activations(text=TEXT, top_k=4)
+    features, errors = _expected(reference_pair, [t.id for t in result.tokens])
+    for t, token in enumerate(result.tokens):
+        expected = features[t].topk(4)
+        assert token.top[0].feature == int(expected.indices[0])
+        assert [f.value for f in token.top] == pytest.approx(expected.values[: len(token.top)].tolist(), rel=2e-2, abs=2e-2)
+        assert abs(token.l0 - int((features[t] > 0).sum())) <= 1
+        assert token.recon_error == pytest.approx(float(errors[t]), rel=1e-2)
+
+
+def test_a_float32_readout_matches_the_dictionary_exactly(registry, reference_pair):
+    from conftest import RunningServer
+
+    running = RunningServer(registry=registry, dictionary="reference:1", sae_dtype="float32")
+    try:
+        with RestClient(running.http_url) as client:
+            result = client.activations(text=TEXT, top_k=4)
+    finally:
+        running.stop()
+    features, errors = _expected(reference_pair, [t.id for t in result.tokens])
     for t, token in enumerate(result.tokens):
         expected = features[t].topk(4)
         assert [f.feature for f in token.top] == expected.indices[: len(token.top)].tolist()
+        assert [f.value for f in token.top] == pytest.approx(expected.values[: len(token.top)].tolist(), rel=1e-5)
         assert token.l0 == int((features[t] > 0).sum())
-        x_hat = reference_pair.dictionary.sae.decode(features[t])
-        assert token.recon_error == pytest.approx(float((x[t] - x_hat).norm() / x[t].norm()), rel=1e-4)
+        assert token.recon_error == pytest.approx(float(errors[t]), rel=1e-4)
 
 
 def test_requested_feature_values_are_reported_at_every_token(client):

@@ -38,7 +38,7 @@ def test_listed_features_are_the_largest_attributions_with_their_activations(cli
     assert {f.position for f in result.features} == {result.position}
     activations = client.activations(text=TEXT, top_k=0, feature_ids=[f.feature for f in result.features])
     at_position = activations.tokens[result.position].values
-    assert [f.activation for f in result.features] == pytest.approx(at_position, rel=1e-4)
+    assert [f.activation for f in result.features] == pytest.approx(at_position, rel=2e-2, abs=2e-2)  # bf16 readout
 
 
 def test_a_target_given_by_id_equals_the_same_target_given_by_text(client):

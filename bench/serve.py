@@ -1,0 +1,203 @@
+"""Benchmark: the real server under concurrent clients on loopback, dynamic batching on vs off, against a naive
+per-request FastAPI baseline — all measured in the same run.
+
+For each configuration the server runs in its own process; a separate load process drives N closed-loop
+clients (asyncio) sending activations requests for 64-token texts, and reports requests/s and p50/p99 latency.
+Then tokens/s of generate (REST, 4 concurrent streams).
+
+    python bench/serve.py [--seconds 6] [--clients 1,8,32,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def texts_of_64_tokens(count: int) -> list[str]:
+    """Pieces of this repository's own source, each 63 tokens (+ BOS = 64) under the reference tokenizer."""
+    from transformers import AutoTokenizer
+
+    from monosemantic.shipped import reference_lm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(reference_lm_path())
+    source = "".join(p.read_text() for p in sorted((ROOT / "service").glob("*.py")))
+    ids = tokenizer(source, add_special_tokens=False).input_ids
+    out, start = [], 0
+    while len(out) < count and start + 63 < len(ids):
+        text = tokenizer.decode(ids[start : start + 63])
+        if len(tokenizer(text, add_special_tokens=False).input_ids) == 63:
+            out.append(text)
+        start += 63
+    return out
+
+
+class ServerProcess:
+    def __init__(self, kind: str, env: dict[str, str]) -> None:
+        self.http_port, self.grpc_port = free_port(), free_port()
+        if kind == "naive":
+            cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(self.http_port)]
+        else:
+            cmd = [sys.executable, "-m", "service.cli", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
+        self.process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        url = f"http://127.0.0.1:{self.http_port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                httpx.post(f"{url}/v1/activations", json={"text": "warm up"}, timeout=5).raise_for_status()
+                return
+            except (httpx.TransportError, httpx.HTTPStatusError):
+                time.sleep(0.2)
+        raise RuntimeError(f"{kind} server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+async def drive_rest(url: str, texts: list[str], clients: int, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        stop_at = time.perf_counter() + seconds
+
+        async def client(n: int) -> None:
+            i = n
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                response = await http.post("/v1/activations", json={"text": texts[i % len(texts)], "top_k": 10})
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+                i += clients
+
+        await asyncio.gather(*(client(n) for n in range(clients)))
+    return latencies
+
+
+async def drive_grpc(target: str, texts: list[str], clients: int, seconds: float) -> list[float]:
+    import grpc
+
+    from monosemantic.v1 import feature_service_pb2 as pb
+    from monosemantic.v1 import feature_service_pb2_grpc as rpc
+
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rpc.FeatureServiceStub(channel)
+        stop_at = time.perf_counter() + seconds
+
+        async def client(n: int) -> None:
+            i = n
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                await stub.Activations(pb.ActivationsRequest(text=texts[i % len(texts)], top_k=10), timeout=60)
+                latencies.append(time.perf_counter() - started)
+                i += clients
+
+        await asyncio.gather(*(client(n) for n in range(clients)))
+    return latencies
+
+
+def load_main(args: argparse.Namespace) -> None:
+    """Runs in its own process: drives one server at one concurrency and prints one JSON line."""
+    texts = json.loads(Path(args.texts).read_text())
+    drive = drive_rest(args.url, texts, args.load_clients, args.seconds) if args.protocol == "rest" else drive_grpc(args.url, texts, args.load_clients, args.seconds)
+    started = time.perf_counter()
+    latencies = asyncio.run(drive)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    print(json.dumps({"rps": len(latencies) / elapsed, "p50": p(0.5), "p99": p(0.99), "n": len(latencies)}))
+
+
+def measure(url: str, protocol: str, texts_file: Path, clients: int, seconds: float) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--load", "--url", url, "--protocol", protocol, "--texts", str(texts_file), "--load-clients", str(clients), "--seconds", str(seconds)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def generate_rate(url: str, streams: int, tokens: int) -> float:
+    async def run() -> int:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            async def one(seed: int) -> int:
+                r = await http.post("/v1/generate", json={"prompt": "def main():\n    ", "max_new_tokens": tokens, "seed": seed})
+                r.raise_for_status()
+                return len(r.json()["tokens"])
+
+            return sum(await asyncio.gather(*(one(s) for s in range(streams))))
+
+    started = time.perf_counter()
+    count = asyncio.run(run())
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--clients", default="1,8,32,128")
+    parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--protocol", help=argparse.SUPPRESS)
+    parser.add_argument("--texts", help=argparse.SUPPRESS)
+    parser.add_argument("--load-clients", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load:
+        return load_main(args)
+
+    levels = [int(c) for c in args.clients.split(",")]
+    texts_file = Path(os.environ.get("TMPDIR", "/tmp")) / "monosemantic-bench-texts.json"
+    texts_file.write_text(json.dumps(texts_of_64_tokens(64)))
+    configs = [
+        ("batched", "ours", {}, ("rest", "grpc")),
+        ("unbatched", "ours", {"MONOSEMANTIC_MAX_BATCH_REQUESTS": "1"}, ("rest", "grpc")),
+        ("naive", "naive", {}, ("rest",)),
+    ]
+    results: dict[tuple[str, str, int], dict] = {}
+    gen = {}
+    for name, kind, env, protocols in configs:
+        server = ServerProcess(kind, env)
+        try:
+            for protocol in protocols:
+                url = f"http://127.0.0.1:{server.http_port}" if protocol == "rest" else f"127.0.0.1:{server.grpc_port}"
+                for clients in levels:
+                    r = results[(name, protocol, clients)] = measure(url, protocol, texts_file, clients, args.seconds)
+                    print(f"{name:9s} {protocol:4s} clients={clients:4d}  {r['rps']:8.1f} req/s  p50 {r['p50']*1000:7.1f} ms  p99 {r['p99']*1000:7.1f} ms  (p99/p50 {r['p99']/r['p50']:.2f})", flush=True)
+            if kind == "ours":
+                gen[name] = generate_rate(f"http://127.0.0.1:{server.http_port}", 4, 64)
+                print(f"{name:9s} generate: {gen[name]:.1f} tokens/s (4 streams x 64 tokens)", flush=True)
+        finally:
+            server.stop()
+
+    print("\n| clients | protocol | batched req/s | unbatched req/s | naive req/s | batched / unbatched | batched / naive | batched p50 ms | batched p99 ms | p99/p50 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for protocol in ("rest", "grpc"):
+        for clients in levels:
+            b, u = results[("batched", protocol, clients)], results[("unbatched", protocol, clients)]
+            n = results.get(("naive", "rest", clients))
+            naive = f"{n['rps']:.1f}" if n and protocol == "rest" else "—"
+            ratio_naive = f"{b['rps'] / n['rps']:.2f}×" if n and protocol == "rest" else "—"
+            print(f"| {clients} | {protocol} | {b['rps']:.1f} | {u['rps']:.1f} | {naive} | {b['rps'] / u['rps']:.2f}× | {ratio_naive} | {b['p50']*1000:.1f} | {b['p99']*1000:.1f} | {b['p99']/b['p50']:.2f} |")
+    print(f"\ngenerate tokens/s: batched server {gen.get('batched', 0):.1f}, unbatched server {gen.get('unbatched', 0):.1f}")
+
+
+if __name__ == "__main__":
+    main()
