@@ -73,23 +73,43 @@ class ServerProcess:
         self.process.wait(30)
 
 
-async def drive_rest(url: str, texts: list[str], clients: int, seconds: float) -> list[float]:
+WARMUP_S = 1.0  # every client runs this long before latencies count: connections open, caches warm
+
+
+async def closed_loop(clients: int, seconds: float, call) -> list[float]:
+    """`clients` concurrent loops each calling call(client_index, request_index) back to back; latencies of the
+    calls that start after the warm-up and before the end."""
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
-        stop_at = time.perf_counter() + seconds
+    start_counting = time.perf_counter() + WARMUP_S
+    stop_at = start_counting + seconds
 
-        async def client(n: int) -> None:
-            i = n
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                response = await http.post("/v1/activations", json={"text": texts[i % len(texts)], "top_k": 10})
-                response.raise_for_status()
+    async def loop(n: int) -> None:
+        i = n
+        while (started := time.perf_counter()) < stop_at:
+            await call(n, i)
+            if started >= start_counting:
                 latencies.append(time.perf_counter() - started)
-                i += clients
+            i += clients
 
-        await asyncio.gather(*(client(n) for n in range(clients)))
+    await asyncio.gather(*(loop(n) for n in range(clients)))
     return latencies
+
+
+async def drive_rest(url: str, texts: list[str], clients: int, seconds: float) -> list[float]:
+    # One AsyncClient (one keep-alive connection) per simulated client, made before the clock starts: a shared
+    # httpcore pool scans all its connections for every request, which at 128 made the load generator the
+    # bottleneck.
+    pool = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(clients)]
+
+    async def call(n: int, i: int) -> None:
+        response = await pool[n].post("/v1/activations", json={"text": texts[i % len(texts)], "top_k": 10})
+        response.raise_for_status()
+
+    try:
+        return await closed_loop(clients, seconds, call)
+    finally:
+        for client in pool:
+            await client.aclose()
 
 
 async def drive_grpc(target: str, texts: list[str], clients: int, seconds: float) -> list[float]:
@@ -98,30 +118,21 @@ async def drive_grpc(target: str, texts: list[str], clients: int, seconds: float
     from monosemantic.v1 import feature_service_pb2 as pb
     from monosemantic.v1 import feature_service_pb2_grpc as rpc
 
-    latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.FeatureServiceStub(channel)
-        stop_at = time.perf_counter() + seconds
 
-        async def client(n: int) -> None:
-            i = n
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                await stub.Activations(pb.ActivationsRequest(text=texts[i % len(texts)], top_k=10), timeout=60)
-                latencies.append(time.perf_counter() - started)
-                i += clients
+        async def call(n: int, i: int) -> None:
+            await stub.Activations(pb.ActivationsRequest(text=texts[i % len(texts)], top_k=10), timeout=60)
 
-        await asyncio.gather(*(client(n) for n in range(clients)))
-    return latencies
+        return await closed_loop(clients, seconds, call)
 
 
 def load_main(args: argparse.Namespace) -> None:
     """Runs in its own process: drives one server at one concurrency and prints one JSON line."""
     texts = json.loads(Path(args.texts).read_text())
     drive = drive_rest(args.url, texts, args.load_clients, args.seconds) if args.protocol == "rest" else drive_grpc(args.url, texts, args.load_clients, args.seconds)
-    started = time.perf_counter()
     latencies = asyncio.run(drive)
-    elapsed = time.perf_counter() - started
+    elapsed = args.seconds
     latencies.sort()
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
     print(json.dumps({"rps": len(latencies) / elapsed, "p50": p(0.5), "p99": p(0.99), "n": len(latencies)}))

@@ -27,14 +27,14 @@ class FeatureValue(BaseModel):
 # ---- activations -----------------------------------------------------------------------------------------------
 class ActivationsRequest(_Request):
     text: str | None = Field(None, description="the text to read; exactly one of text and token_ids")
-    token_ids: list[int] | None = Field(None, description="token ids to read as they are (no BOS is added)")
+    token_ids: list[int] | None = Field(None, description="token ids to read as they are (no BOS is added); an empty list counts as not given")
     top_k: int = Field(10, ge=0, description="features reported per token, strongest first")
     feature_ids: list[int] | None = Field(None, description="features whose value is reported at every token")
     prepend_bos: bool = Field(True, description="start the text with the tokenizer's BOS token, as in training")
 
     @model_validator(mode="after")
     def _one_input(self) -> "ActivationsRequest":
-        if (self.text is None) == (self.token_ids is None):
+        if (self.text is None) == (not self.token_ids):
             raise ValueError("give exactly one of text and token_ids")
         return self
 

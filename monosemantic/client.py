@@ -129,7 +129,7 @@ class GrpcClient:
             reply = getattr(self._stub, method)(message, timeout=timeout or self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _grpc_error(exc) from None
-        return to_model(reply, response_model, fill_defaults=True)
+        return to_model(reply, response_model)
 
     def activations(self, timeout: float | None = None, **request: Any) -> api.ActivationsResponse:
         return self._call("Activations", request, "ActivationsRequest", api.ActivationsResponse, timeout)
@@ -146,9 +146,9 @@ class GrpcClient:
         try:
             for event in call:
                 if event.HasField("token"):
-                    yield to_model(event.token, api.GeneratedToken, fill_defaults=True)
+                    yield to_model(event.token, api.GeneratedToken)
                 else:
-                    yield to_model(event.done, api.GenerateResponse, fill_defaults=True)
+                    yield to_model(event.done, api.GenerateResponse)
                     return
         except grpc.RpcError as exc:
             raise _grpc_error(exc) from None

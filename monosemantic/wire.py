@@ -18,12 +18,11 @@ M = TypeVar("M", bound=BaseModel)
 _TOKEN_FIELDS = ("target", "contrast")
 
 
-def message_to_dict(message: Message, fill_defaults: bool = False) -> dict[str, Any]:
-    """Proto field names, TokenSpecs flattened. A request keeps only the fields that are set (so pydantic's
-    defaults apply); a response (fill_defaults) also has its zero-valued fields, which proto3 does not send."""
-    data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=fill_defaults
-    )
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """Proto field names, TokenSpecs flattened. proto3 does not send a zero of a field without presence (a
+    steering value of 0.0, feature 0), so those are filled in; `optional` fields that were not set stay absent,
+    and pydantic's defaults apply to them."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     for name in _TOKEN_FIELDS:
         if isinstance(data.get(name), dict):
             spec = data[name]
@@ -70,6 +69,6 @@ def _message_class(field: Any) -> type[Message]:
     return message_factory.GetMessageClass(field.message_type)
 
 
-def to_model(message: Message, model: type[M], fill_defaults: bool = False) -> M:
+def to_model(message: Message, model: type[M]) -> M:
     """Validates: raises pydantic.ValidationError naming the bad fields."""
-    return model.model_validate(message_to_dict(message, fill_defaults))
+    return model.model_validate(message_to_dict(message))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ class Server:
     async def serve(self, install_signal_handlers: bool = True) -> None:
         s = self.settings
         await asyncio.to_thread(self.engine.load)
+        # Everything loaded so far lives as long as the process: move it out of the collector's way, so full
+        # collections under load scan only per-request garbage (shorter pauses, a tighter p99).
+        gc.collect()
+        gc.freeze()
         self.engine.start()
         app = BodySizeLimit(create_app(self.engine), s.max_body_bytes)
         config = uvicorn.Config(

@@ -87,3 +87,25 @@ def test_an_unknown_route_is_404(server):
 def test_the_server_still_answers_after_every_bad_request(server):
     assert httpx.get(f"{server.http_url}/healthz").status_code == 200
     assert httpx.get(f"{server.http_url}/readyz").status_code == 200
+
+
+# Each limit accepts its own value and refuses one more (the test server: max_text_chars 2000, max_new_tokens 64).
+AT_THE_LIMIT = [
+    ("activations", dict(text="-" * 2000, top_k=100)),  # 2,000 characters, 32 tokens
+    ("activations", dict(token_ids=[1] * 256)),
+    ("activations", dict(text="x", feature_ids=list(range(256)))),
+    ("generate", dict(prompt="a", max_new_tokens=64, steering=[{"feature": i, "mode": "add", "value": 0.0} for i in range(16)], stop=["zzz"] * 8)),
+]
+
+
+@pytest.mark.parametrize("operation,request_fields", AT_THE_LIMIT, ids=[f"{o}-{i}" for i, (o, _) in enumerate(AT_THE_LIMIT)])
+def test_a_request_exactly_at_a_limit_is_accepted(client, operation, request_fields):
+    getattr(client, operation)(**request_fields)
+
+
+def test_an_oversized_grpc_message_is_resource_exhausted(server):
+    from monosemantic.client import GrpcClient
+
+    with GrpcClient(server.grpc_target) as client, pytest.raises(ServiceCallError) as caught:
+        client.activations(text="x" * (2 << 20))
+    assert caught.value.status == "RESOURCE_EXHAUSTED"
