@@ -135,6 +135,73 @@ class GenerateResponse(Continuation):
     unsteered: Continuation | None = None
 
 
+# ---- features (dashboards and search) -------------------------------------------------------------------------
+class WindowExample(BaseModel):
+    value: float = Field(description="the feature's activation at the example token")
+    centre: int = Field(description="index of the example token in the window")
+    token_ids: list[int]
+    tokens: list[str]
+    activations: list[float] = Field(description="the feature's activation at every token of the window")
+    quantile: int | None = Field(None, description="for sampled examples: the interval of the feature's max it was drawn from (0 lowest)")
+
+
+class LogitEffect(BaseModel):
+    id: int
+    token: str
+    value: float
+
+
+class Neighbour(BaseModel):
+    feature: int
+    cosine: float
+    label: str
+
+
+class Histogram(BaseModel):
+    log10_edges: list[float]
+    counts: list[int]
+
+
+class FeatureResponse(BaseModel):
+    dictionary: DictionaryRef
+    feature: int
+    label: str
+    density: float = Field(description="fraction of tokens on which the feature fires")
+    mean_activation: float = Field(description="mean activation where it fires")
+    max_activation: float
+    histogram: Histogram = Field(description="activations where it fires, by log10 bins")
+    top_examples: list[WindowExample]
+    quantile_examples: list[WindowExample]
+    logit_up: list[LogitEffect] = Field(description="tokens whose logits the decoder direction raises most (direct path)")
+    logit_down: list[LogitEffect]
+    neighbours: list[Neighbour] = Field(description="features with the closest decoder directions")
+    statistics_tokens: int = Field(description="tokens the statistics were computed over")
+
+
+class SearchFeaturesRequest(_Request):
+    q: str = Field(description="a token (by=token) or a text snippet (by=snippet)")
+    by: Literal["token", "snippet"] = "snippet"
+    page: int = Field(1, ge=1)
+    page_size: int = Field(20, ge=1)
+
+
+class FeatureHit(BaseModel):
+    feature: int
+    label: str
+    score: float = Field(description="by=snippet: the highest activation on the snippet over the feature's max; by=token: share of top examples peaking on the token, plus 0.5 if it is among the logits raised most")
+    density: float
+    max_activation: float
+
+
+class SearchFeaturesResponse(BaseModel):
+    dictionary: DictionaryRef
+    by: str
+    total: int
+    page: int
+    page_size: int
+    results: list[FeatureHit]
+
+
 # ---- dictionaries ----------------------------------------------------------------------------------------------
 class DictionaryInfo(BaseModel):
     name: str

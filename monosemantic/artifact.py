@@ -30,6 +30,7 @@ from monosemantic.sae import SAE_REGISTRY, SAEConfig, SparseAutoencoder, sae_fro
 FORMAT_VERSION = 1
 SAE_FILE = "sae.safetensors"
 FEATURES_FILE = "features.safetensors"
+LABELS_FILE = "labels.json"  # one short label per feature (trainer/features.py), when feature statistics exist
 MANIFEST_FILE = "manifest.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
@@ -82,6 +83,7 @@ class Dictionary:
     manifest: Manifest
     path: Path
     features: dict[str, Tensor] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -160,6 +162,7 @@ def publish(
     hook: HookRef,
     dtype: str = "float32",
     features: dict[str, Tensor] | None = None,
+    labels: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``sae`` as the next version of ``name``; returns the version directory.
@@ -181,6 +184,11 @@ def publish(
         if features:
             save_file({k: v.detach().cpu().contiguous() for k, v in features.items()}, str(tmp / FEATURES_FILE))
             files.append(FEATURES_FILE)
+        if labels is not None:
+            if len(labels) != sae.cfg.d_sae:
+                raise ConfigError(f"labels: {len(labels)} given for {sae.cfg.d_sae} features")
+            (tmp / LABELS_FILE).write_text(json.dumps({"labels": labels}, ensure_ascii=False))
+            files.append(LABELS_FILE)
         for f in files:
             os.chmod(tmp / f, 0o644)  # safetensors writes 0600; a service running as another user must read it
         _fsync_files(tmp, files)
@@ -290,10 +298,11 @@ def load_dictionary(
     try:
         tensors = load_file(str(version_dir / SAE_FILE))
         features = load_file(str(version_dir / FEATURES_FILE)) if FEATURES_FILE in manifest.files else {}
-    except (SafetensorError, OSError, ValueError) as exc:
+        labels = json.loads((version_dir / LABELS_FILE).read_text())["labels"] if LABELS_FILE in manifest.files else []
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{_label(version_dir)}: cannot read tensors ({exc})") from None
     try:
         sae = sae_from_tensors(manifest.sae, {k: v.float() for k, v in tensors.items()})
     except ConfigError as exc:
         raise ArtifactError(f"{_label(version_dir)}: {exc}") from None
-    return Dictionary(sae=sae.to(device), manifest=manifest, path=version_dir, features=features)
+    return Dictionary(sae=sae.to(device), manifest=manifest, path=version_dir, features=features, labels=labels)

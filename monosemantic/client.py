@@ -88,6 +88,13 @@ class RestClient:
                         error = data["error"]
                         raise ServiceCallError("stream", error.get("message", ""), error.get("kind"), error.get("field"))
 
+    def feature(self, feature: int) -> api.FeatureResponse:
+        return api.FeatureResponse.model_validate(self._check(self._http.get(f"/v1/features/{feature}")))
+
+    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20) -> api.SearchFeaturesResponse:
+        params = {"q": q, "by": by, "page": page, "page_size": page_size}
+        return api.SearchFeaturesResponse.model_validate(self._check(self._http.get("/v1/features/search", params=params)))
+
     def dictionaries(self) -> api.DictionariesResponse:
         return api.DictionariesResponse.model_validate(self._check(self._http.get("/v1/dictionaries")))
 
@@ -154,6 +161,13 @@ class GrpcClient:
             raise _grpc_error(exc) from None
         finally:
             call.cancel()  # leaving the loop early cancels the stream on the server
+
+    def feature(self, feature: int) -> api.FeatureResponse:
+        return self._call("GetFeature", {"feature": feature}, "GetFeatureRequest", api.FeatureResponse)
+
+    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20) -> api.SearchFeaturesResponse:
+        request = {"q": q, "by": by, "page": page, "page_size": page_size}
+        return self._call("SearchFeatures", request, "SearchFeaturesRequest", api.SearchFeaturesResponse)
 
     def dictionaries(self) -> api.DictionariesResponse:
         return self._call("ListDictionaries", {}, "ListDictionariesRequest", api.DictionariesResponse)

@@ -28,6 +28,7 @@ from monosemantic.errors import HookError, ModelLoadError, MonosemanticError
 __all__ = [
     "HookPoint",
     "LoadedLM",
+    "direct_logit_effects",
     "final_norm",
     "hook_dim",
     "hooked_replacement",
@@ -185,6 +186,7 @@ class _Layout:
     containers: tuple[str, ...]  # paths of the ModuleList of blocks, with and without the LM-head wrapper
     points: Mapping[str, tuple[str, str]]  # alias suffix -> (module path relative to the block, kind)
     final_norm: tuple[str, ...] = ()  # paths of the norm before the unembedding, with and without the wrapper
+    mlp_out: str = ""  # the MLP's output projection, relative to the block (neurons → residual stream)
 
 
 _GPT2 = _Layout(
@@ -199,6 +201,7 @@ _GPT2 = _Layout(
         "hook_mlp_out": ("mlp", "output"),
     },
     ("transformer.ln_f", "ln_f"),
+    "mlp.c_proj",
 )
 _NEOX = _Layout(
     "gpt_neox",
@@ -212,6 +215,7 @@ _NEOX = _Layout(
         "hook_mlp_out": ("mlp", "output"),
     },
     ("gpt_neox.final_layer_norm", "final_layer_norm"),
+    "mlp.dense_4h_to_h",
 )
 # Gated MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)). The act_fn output is only the gate, so the neurons
 # (TransformerLens' hook_post) are the input of down_proj; hook_pre is the gate pre-activation, as in TL.
@@ -227,6 +231,7 @@ _LLAMA = _Layout(
         "hook_mlp_out": ("mlp", "output"),
     },
     ("model.norm", "norm"),
+    "mlp.down_proj",
 )
 # Points of the last block after which the path to the logits is linear once the final norm's scale is frozen
 # (the MLP's down projection, the residual add, the norm, the unembedding): attribution there is exact.
@@ -293,6 +298,41 @@ def linear_to_logits(model: nn.Module | LoadedLM, hook: str | HookPoint) -> bool
         return False
     n_layers = found[2]
     return any(point.alias == f"blocks.{n_layers - 1}.{suffix}" for suffix in _LINEAR_TO_LOGITS)
+
+
+@torch.no_grad()
+def direct_logit_effects(model: nn.Module | LoadedLM, hook: str | HookPoint, directions: Tensor) -> Tensor | None:
+    """How each direction [n, d] at `hook` moves every logit through the direct path alone [n, vocab]: into the
+    residual stream (through the MLP's output projection for the neurons), through the final norm with its scale
+    held fixed (γ ⊙ centred for LayerNorm, γ ⊙ x for RMSNorm), then the unembedding — Bricken et al. 2023's
+    "logit weights". Later blocks are skipped, so this is exact for the last block only; the values are up to
+    the norm's positive 1/σ, so rankings are what to read. None where the hook has no known direct path."""
+    model = _unwrap(model)
+    point, _ = _as_hook(model, hook)
+    found = _layout(model)
+    if found is None or point.alias is None:
+        return None
+    layout, container, _ = found
+    layer, suffix = _ALIAS.match(point.alias).groups()
+    directions = directions.float()
+    if suffix == "mlp.hook_post":
+        projection = _submodule(model, f"{container}.{layer}.{layout.mlp_out}")
+        if projection is None:
+            return None
+        weight_dtype = next(projection.parameters()).dtype
+        zeros = torch.zeros_like(directions[:1]).to(weight_dtype)
+        residual = (projection(directions.to(weight_dtype)) - projection(zeros)).float()
+    elif suffix in ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out"):
+        residual = directions
+    else:
+        return None
+    norm = final_norm(model)
+    if isinstance(norm, nn.LayerNorm):
+        residual = residual - residual.mean(-1, keepdim=True)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, Tensor):
+        residual = residual * weight.float()
+    return residual @ model.get_output_embeddings().weight.float().T
 
 
 def _alias_table(model: nn.Module) -> dict[str, tuple[str, str]]:

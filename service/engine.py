@@ -26,7 +26,8 @@ from service.errors import ErrorKind, ServiceError, invalid, not_found, over_lim
 from service.generation import Generation, SamplingConfig
 from service.loaded import Loaded, load_model, load_pair
 from service.metrics import Metrics
-from service.readout import read_features
+from service import dashboards
+from service.readout import hook_activations, read_features
 from service.settings import ServiceSettings
 from service.steering import SteeringSpec
 
@@ -299,6 +300,59 @@ class Engine:
         async for event in self.generate_events(req, deadline):
             final = event
         return final
+
+    # ---- features ----------------------------------------------------------------------------------------------
+    def _with_statistics(self, loaded: Loaded) -> None:
+        if not dashboards.has_statistics(loaded):
+            raise ServiceError(ErrorKind.FAILED_PRECONDITION, dashboards.how_to_compute(loaded))
+
+    def feature(self, feature: int) -> schemas.FeatureResponse:
+        loaded = self.serving
+        if not 0 <= feature < loaded.d_sae:
+            raise not_found("feature", f"{feature} is not a feature of dictionary {loaded.name} v{loaded.version} (0 ≤ id < {loaded.d_sae})")
+        self._with_statistics(loaded)
+        page = dashboards.feature_page(loaded, feature)
+        return schemas.FeatureResponse.model_validate({"dictionary": self._ref(loaded).model_dump(), **page})
+
+    async def search_features(self, req: schemas.SearchFeaturesRequest, deadline: float | None = None) -> schemas.SearchFeaturesResponse:
+        loaded = self.serving
+        if req.page_size > self.settings.max_page_size:
+            raise over_limit("page_size", req.page_size, self.settings.max_page_size, "max_page_size")
+        self._with_statistics(loaded)
+        if req.by == "token":
+            if len(req.q) > 200:
+                raise invalid("q", "a token search takes one token (at most 200 characters)")
+            token_ids = loaded.tokenize(req.q, prepend_bos=False).ids
+            if not token_ids:
+                raise invalid("q", "is empty: give a token")
+            scores = dashboards.token_scores(loaded, token_ids)
+        else:
+            ids, _ = self._token_ids(loaded, "q", req.q, None, prepend_bos=True)
+            if len(ids) < 2:
+                raise invalid("q", "is empty: give a text snippet")
+            job = Job(run=self._run_snippet_peaks, payload=(loaded, ids), tokens=len(ids), deadline=deadline)
+            scores = dashboards.snippet_scores(loaded, await self._submit(job))
+        ranked = scores.argsort(descending=True, stable=True)
+        ranked = ranked[scores[ranked] > 0]
+        first = (req.page - 1) * req.page_size
+        features = loaded.dictionary.features
+        labels = loaded.dictionary.labels
+        results = [
+            {"feature": int(f), "label": labels[int(f)] if labels else "", "score": float(scores[f]),
+             "density": float(features["density"][f]), "max_activation": float(features["max_activation"][f])}
+            for f in ranked[first : first + req.page_size]
+        ]
+        return schemas.SearchFeaturesResponse.model_validate({
+            "dictionary": self._ref(loaded).model_dump(), "by": req.by, "total": int(ranked.numel()),
+            "page": req.page, "page_size": req.page_size, "results": results,
+        })
+
+    @staticmethod
+    def _run_snippet_peaks(jobs: list[Job]) -> list:
+        loaded, ids = jobs[0].payload
+        with torch.inference_mode():
+            x = hook_activations(loaded, [ids])[0][1:]  # BOS is not part of the snippet
+            return [loaded.dictionary.sae.encode(x).max(0).values]
 
     # ---- access --------------------------------------------------------------------------------------------------
     def check_admin(self, authorization: str | None) -> None:

@@ -114,6 +114,19 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             self.metrics.requests.labels("grpc", "generate", code.name).inc()
             self.metrics.duration.labels("grpc", "generate").observe(time.perf_counter() - started)
 
+    async def GetFeature(self, request: pb.GetFeatureRequest, context: grpc.aio.ServicerContext) -> pb.FeatureResponse:
+        async def call() -> Message:
+            return to_message(self.engine.feature(request.feature), pb.FeatureResponse)
+
+        return await self._observed("feature", context, call)
+
+    async def SearchFeatures(self, request: pb.SearchFeaturesRequest, context: grpc.aio.ServicerContext) -> pb.SearchFeaturesResponse:
+        async def call() -> Message:
+            req = request_model(request, schemas.SearchFeaturesRequest)
+            return to_message(await self.engine.search_features(req, _deadline(context)), pb.SearchFeaturesResponse)
+
+        return await self._observed("search_features", context, call)
+
     async def ListDictionaries(self, request: pb.ListDictionariesRequest, context: grpc.aio.ServicerContext) -> pb.ListDictionariesResponse:
         async def call() -> Message:
             return to_message(self.engine.dictionaries(), pb.ListDictionariesResponse)

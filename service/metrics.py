@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PROTOCOLS = ("rest", "grpc")
-METHODS = ("activations", "attributions", "generate", "dictionaries", "reload")
+METHODS = ("activations", "attributions", "generate", "feature", "search_features", "dictionaries", "reload")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 

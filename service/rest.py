@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from monosemantic import api as schemas
@@ -108,6 +110,14 @@ def create_app(engine: Engine) -> FastAPI:
             metrics.requests.labels("rest", method, code).inc()
             metrics.duration.labels("rest", method).observe(time.perf_counter() - started)
 
+    static = Path(__file__).resolve().parent / "static"
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def browser() -> FileResponse:
+        """The web feature browser (static files shipped in the package; works offline)."""
+        return FileResponse(static / "index.html")
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict:
         """The process is up and its event loop answers."""
@@ -148,6 +158,24 @@ def create_app(engine: Engine) -> FastAPI:
         # Pull the first event before answering 200, so a bad request still gets its 4xx status.
         first = await observed("generate", lambda: anext(events))
         return StreamingResponse(_sse(first, events, metrics), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/features/search", response_model=schemas.SearchFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
+    async def search_features(
+        q: str = Query(description="a token (by=token) or a text snippet (by=snippet)"),
+        by: Literal["token", "snippet"] = "snippet",
+        page: int = Query(1, ge=1),
+        page_size: int = Query(20, ge=1),
+    ) -> Response:
+        """Features by a token (their top examples peak on it, or they raise its logit) or by a snippet (ranked by
+        their activation on it relative to their own max)."""
+        req = schemas.SearchFeaturesRequest(q=q, by=by, page=page, page_size=page_size)
+        return _json(await observed("search_features", lambda: engine.search_features(req)))
+
+    @app.get("/v1/features/{feature}", response_model=schemas.FeatureResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
+    async def feature(feature: int) -> Response:
+        """One feature's dashboard: density, activation histogram, top and quantile examples, logit effects,
+        neighbours and label."""
+        return _json(await observed("feature", _as_async(lambda: engine.feature(feature))))
 
     @app.get("/v1/dictionaries", response_model=schemas.DictionariesResponse, tags=["dictionaries"])
     async def dictionaries() -> schemas.DictionariesResponse:

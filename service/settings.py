@@ -34,6 +34,7 @@ class ServiceSettings(BaseSettings):
     max_new_tokens: int = Field(256, ge=1)
     max_steering: int = Field(16, ge=1)
     max_stop_strings: int = Field(8, ge=1)
+    max_page_size: int = Field(100, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
 
     # Dynamic batching of activations requests: one forward for everything waiting, up to these bounds.

@@ -18,7 +18,7 @@ def reference_run(tmp_path_factory):
     result = runner.invoke(app, [
         "reference", "--out", str(out), "--work-dir", str(out / "work"), "--retrain-lm", "--max-chars", "400000",
         "--lm-tokens", "60000", "--harvest-contexts", "120", "--tokens", "120000", "--d-sae", "256",
-        "--target-l0", "12", "--eval-tokens", "8000",
+        "--target-l0", "12", "--eval-tokens", "8000", "--feature-tokens", "20000",
     ])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
@@ -31,6 +31,14 @@ def test_the_whole_chain_publishes_a_verified_dictionary_for_the_model_it_traine
     assert dictionary.manifest.hook.module_path == "transformer.h.0.mlp.act"
     assert dictionary.manifest.data["corpus_fingerprint"]
     assert set(summary["timings"]) >= {"lm_seconds", "harvest_seconds", "train_seconds", "evaluate_seconds"}
+
+
+def test_the_published_dictionary_carries_its_feature_dashboards(reference_run):
+    out, _ = reference_run
+    dictionary = load_dictionary(out / "registry", "reference")
+    assert len(dictionary.labels) == 256
+    assert {"top_tokens", "top_acts", "quantile_tokens", "histogram_counts", "logit_up_ids", "neighbour_ids"} <= set(dictionary.features)
+    assert dictionary.manifest.model_extra["feature_statistics"]["tokens"] > 0
 
 
 def test_evaluate_with_the_model_reports_every_metric_and_a_meaningful_loss_recovered(reference_run):

@@ -152,6 +152,29 @@ def evaluate(
                 typer.echo(f"{key:>16}: {metrics[key]:.6g}")
 
 
+@app.command()
+def features(
+    registry: Registry,
+    dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")],
+    model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens to compute the statistics over (held-out first)")] = 1_000_000,
+    top_k: Annotated[int, typer.Option(help="top activating examples per feature")] = 10,
+    out_registry: Annotated[Optional[Path], typer.Option(help="publish here instead of --registry")] = None,
+    max_chars: Annotated[Optional[int], typer.Option(help="use a corpus slice")] = None,
+) -> None:
+    """Feature dashboards: density, activation histogram, top and quantile examples, logit effects, neighbours
+    and labels, published with the same weights as the next version of the dictionary."""
+    from trainer.features import FeatureStatsConfig
+    from trainer.pipeline import features_and_publish
+
+    try:
+        path = features_and_publish(registry, dictionary, model=model, tokens=tokens, cfg=FeatureStatsConfig(top_k=top_k),
+                                    max_chars=max_chars, out_registry=out_registry)
+    except MonosemanticError as exc:
+        _fail(exc)
+    typer.echo(str(path))
+
+
 @app.command("publish")
 def publish_cmd(
     checkpoint_dir: Annotated[Path, typer.Option(help="a training checkpoint directory")],
@@ -179,6 +202,7 @@ def reference(
     target_l0: float = 16.0,
     d_sae: int = 4096,
     eval_tokens: int = 300_000,
+    feature_tokens: Annotated[int, typer.Option(help="tokens for the feature dashboards (held-out first)")] = 1_000_000,
     max_chars: Annotated[Optional[int], typer.Option(help="a corpus slice (for quick end-to-end runs)")] = None,
     lm_tokens: Annotated[Optional[int], typer.Option(help="LM training tokens when the LM is (re)trained")] = None,
     seed: int = 0,
@@ -188,7 +212,7 @@ def reference(
 
     try:
         result = run_reference(ReferencePlan(out=out, work_dir=work_dir, retrain_lm=retrain_lm, harvest_contexts=harvest_contexts,
-                                             tokens=tokens, target_l0=target_l0, d_sae=d_sae, eval_tokens=eval_tokens,
+                                             tokens=tokens, target_l0=target_l0, d_sae=d_sae, eval_tokens=eval_tokens, feature_tokens=feature_tokens,
                                              max_chars=max_chars, lm_tokens=lm_tokens, seed=seed))
     except MonosemanticError as exc:
         _fail(exc)

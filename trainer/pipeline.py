@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from monosemantic.artifact import HookRef, ModelRef, load_dictionary, parse_reference
+from monosemantic.artifact import HookRef, ModelRef, load_dictionary, parse_reference, publish
 from monosemantic.errors import ConfigError
 from monosemantic.lm import LoadedLM, hook_dim, load_lm, resolve_hook, weights_checksum
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
@@ -105,6 +105,41 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: Path | None = 
     return metrics
 
 
+def dashboard_contexts(tokenizer: Any, tokens: int, context_length: int, max_chars: int | None) -> tuple[torch.Tensor, str]:
+    """Contexts for feature statistics: the held-out split first; when more tokens are asked than it holds
+    (366k for the stdlib corpus), train-split contexts from the end of the seed-0 order, which harvests (that
+    take the first N contexts of that order) leave unseen unless they took nearly all of them."""
+    wanted = max(1, tokens // (context_length - 1))
+    heldout, fingerprint = corpus_contexts(tokenizer, "heldout", context_length, max_chars, None)
+    if heldout.shape[0] >= wanted:
+        return heldout[:wanted], fingerprint
+    train, _ = corpus_contexts(tokenizer, "train", context_length, max_chars, None)
+    extra = train[-(wanted - heldout.shape[0]):] if wanted - heldout.shape[0] <= train.shape[0] else train
+    return torch.cat([heldout, extra]), fingerprint
+
+
+def features_and_publish(registry: Path, reference: str, *, model: Path | None, tokens: int, cfg: Any = None,
+                         max_chars: int | None = None, context_length: int = 256, lm: LoadedLM | None = None,
+                         out_registry: Path | None = None) -> Path:
+    """``features``: compute the dashboard statistics of a dictionary version and publish them, with the same
+    weights and manifest fields, as the next version of that dictionary (versions are immutable) in
+    `out_registry` (default: the same registry)."""
+    from trainer.features import feature_statistics
+
+    name, version = parse_reference(reference)
+    lm = lm or load_lm(_model_source(model))
+    dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
+    m = dictionary.manifest
+    contexts, fingerprint = dashboard_contexts(lm.tokenizer, tokens, context_length, max_chars)
+    tensors, labels = feature_statistics(lm, dictionary.sae, m.hook.module_path + ":" + m.hook.kind, contexts, cfg)
+    keep = {k: getattr(m, k) for k in ("training", "data", "seed", "tokens", "metrics", "sparsity_coefficient")}
+    return publish(
+        out_registry or registry, name, dictionary.sae, model=m.model, hook=m.hook, dtype=m.dtype, features=tensors, labels=labels,
+        extra={**keep, "derived_from": f"{name}:v{m.version}",
+               "feature_statistics": {"tokens": int(tensors["stats_tokens"]), "corpus_fingerprint": fingerprint}},
+    )
+
+
 @dataclass
 class ReferencePlan:
     out: Path = Path("artifacts")
@@ -124,6 +159,7 @@ class ReferencePlan:
     name: str = REFERENCE_DICTIONARY
     hook: str = REFERENCE_HOOK
     dtype: str = "bfloat16"
+    feature_tokens: int = 1_000_000
 
 
 def run_reference(plan: ReferencePlan) -> dict:
@@ -153,15 +189,22 @@ def run_reference(plan: ReferencePlan) -> dict:
     t = time.perf_counter()
     contexts, fingerprint = corpus_contexts(lm.tokenizer, "heldout", plan.context_length, plan.max_chars,
                                             max(1, plan.eval_tokens // (plan.context_length - 1)))
-    metrics, statistics = model_metrics(lm, result.sae, plan.hook, contexts)
+    metrics, _ = model_metrics(lm, result.sae, plan.hook, contexts)
     timings["evaluate_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    from trainer.features import feature_statistics
+
+    feature_contexts, _ = dashboard_contexts(lm.tokenizer, plan.feature_tokens, plan.context_length, plan.max_chars)
+    statistics, labels = feature_statistics(lm, result.sae, plan.hook, feature_contexts)
+    timings["features_seconds"] = time.perf_counter() - t
     point = resolve_hook(lm.model, plan.hook)
     path = publish_trained(
         Path(plan.out) / "registry", plan.name, result.sae, config=cfg, sparsity_coefficient=result.sparsity_coefficient,
         tokens=result.tokens, model=ModelRef(name="reference-lm", checksum=lm.checksum),
         hook=HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind),
-        metrics=metrics, features=statistics, dtype=plan.dtype,
+        metrics=metrics, features=statistics, labels=labels, dtype=plan.dtype,
         data={"corpus_fingerprint": fingerprint, "harvest_tokens": manifest["tokens"], "heldout": "stdlib files held out by path hash"},
+        extra={"feature_statistics": {"tokens": int(statistics["stats_tokens"]), "corpus_fingerprint": fingerprint}},
     )
     timings["total_seconds"] = time.perf_counter() - started
     return {"published": str(path), "metrics": {k: v for k, v in metrics.items() if k != "density_histogram"}, "timings": timings}

@@ -29,13 +29,15 @@ def publish_trained(
     hook: HookRef,
     metrics: dict[str, Any],
     features: dict[str, torch.Tensor] | None = None,
+    labels: list[str] | None = None,
     data: dict[str, Any] | None = None,
     dtype: str = "float32",
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Publish with the manifest fields DESIGN.md lists (training config, data, seed, tokens, metrics)."""
     return publish(
-        registry, name, sae, model=model, hook=hook, dtype=dtype, features=features,
-        extra={
+        registry, name, sae, model=model, hook=hook, dtype=dtype, features=features, labels=labels,
+        extra={**(extra or {}),
             "sparsity_coefficient": None if config.architecture == "topk" else sparsity_coefficient,
             "training": config.model_dump(mode="json"), "data": data or {}, "seed": config.seed,
             "tokens": tokens, "metrics": metrics,

@@ -1,0 +1,94 @@
+"""The web feature browser in a real headless browser (Debian's chromium + chromedriver, no download) against the
+real service on loopback: search, open a feature, inspect a text, run a steered generation; no console errors."""
+
+import shutil
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ready
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    # No skip: a missing browser fails here (.ci/run installs Debian's chromium and chromium-driver).
+    assert shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER), "install chromium and chromium-driver (apt-get)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser, server, tmp_path):
+    browser.get(server.http_url + "/")
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "dictionary").text)
+    yield browser
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+def wait_for(driver, condition, timeout=30):
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def test_search_by_token_then_open_a_feature(page, tmp_path):
+    page.find_element(By.ID, "search-q").send_keys("def")
+    Select(page.find_element(By.ID, "search-by")).select_by_value("token")
+    page.find_element(By.CSS_SELECTOR, "#search-form button").click()
+    first = wait_for(page, ready.element_to_be_clickable((By.CSS_SELECTOR, "#search-results tbody tr")))
+    feature = first.get_attribute("data-feature")
+    first.click()
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-title"), f"Feature #{feature}"))
+    examples = page.find_elements(By.CSS_SELECTOR, "#top-examples .example")
+    assert examples and "def" in examples[0].text
+    assert page.find_elements(By.CSS_SELECTOR, "#feature-histogram rect")
+    assert page.find_elements(By.CSS_SELECTOR, "#logit-up li") and page.find_elements(By.CSS_SELECTOR, "#neighbours li")
+    page.save_screenshot(str(tmp_path / "feature.png"))
+
+
+def test_inspect_a_text_and_highlight_a_feature_over_it(page, tmp_path):
+    page.get(page.current_url.split("#")[0] + "#/inspect")
+    wait_for(page, ready.visibility_of_element_located((By.ID, "inspect-form"))).find_element(By.TAG_NAME, "button").click()
+    token = wait_for(page, ready.element_to_be_clickable((By.CSS_SELECTOR, "#inspect-tokens .tok")))
+    token.click()
+    wait_for(page, ready.element_to_be_clickable((By.CSS_SELECTOR, "#inspect-detail button.highlight"))).click()
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "inspect-detail"), "highlighting"))
+    shaded = [t.value_of_css_property("background-color") for t in page.find_elements(By.CSS_SELECTOR, "#inspect-tokens .tok")]
+    assert any(color not in ("rgba(0, 0, 0, 0)", "rgba(255, 120, 40, 0)") for color in shaded)
+    page.save_screenshot(str(tmp_path / "inspect.png"))
+
+
+def test_a_steered_generation_streams_beside_the_unsteered_one(page, tmp_path):
+    page.get(page.current_url.split("#")[0] + "#/steer")
+    feature = wait_for(page, ready.visibility_of_element_located((By.CSS_SELECTOR, "#steer-rows .steer-feature")))
+    feature.send_keys("5")
+    value = page.find_element(By.CSS_SELECTOR, "#steer-rows .steer-value")
+    value.clear()
+    value.send_keys("30")
+    tokens = page.find_element(By.ID, "steer-tokens")
+    tokens.clear()
+    tokens.send_keys("12")
+    page.find_element(By.CSS_SELECTOR, "#steer-form button[type=submit]").click()
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "steer-status"), "steered:"))
+    steered, plain = page.find_element(By.ID, "steer-steered").text, page.find_element(By.ID, "steer-plain").text
+    assert steered and plain and steered != plain
+    page.save_screenshot(str(tmp_path / "steer.png"))
+
+
+def test_an_unknown_feature_shows_the_services_message(page):
+    page.get(page.current_url.split("#")[0] + "#/feature/999999")
+    message = wait_for(page, ready.visibility_of_element_located((By.ID, "error")))
+    assert "999999" in message.text and "4096" in message.text
+    # the browser logs the 404 itself as a network error; that one is expected, nothing else may appear
+    logged = page.get_log("browser")
+    assert all(entry["source"] == "network" and "/v1/features/999999" in entry["message"] for entry in logged if entry["level"] == "SEVERE")
