@@ -41,6 +41,11 @@ def wait_for(driver, condition, timeout=30):
     return WebDriverWait(driver, timeout).until(condition)
 
 
+def test_the_start_page_draws_the_dictionarys_density_histogram(page):
+    assert page.find_elements(By.CSS_SELECTOR, "#density-histogram rect")
+    assert "dead features" in page.find_element(By.ID, "density-note").text
+
+
 def test_search_by_token_then_open_a_feature(page, tmp_path):
     page.find_element(By.ID, "search-q").send_keys("def")
     Select(page.find_element(By.ID, "search-by")).select_by_value("token")

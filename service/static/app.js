@@ -72,7 +72,8 @@ async function runSearch(q, by, page = 1) {
 }
 
 // ---- one feature ---------------------------------------------------------------------------------------------
-function drawHistogram(svg, histogram) {
+// Bars of log counts over log10 bins; `power` labels the axis with 10^edge (activations) or the edge itself.
+function drawHistogram(svg, histogram, power = true) {
   const counts = histogram.counts, edges = histogram.log10_edges;
   const logs = counts.map((c) => (c > 0 ? Math.log10(c + 1) : 0));
   const top = Math.max(1e-9, ...logs);
@@ -83,14 +84,16 @@ function drawHistogram(svg, histogram) {
     bar.setAttribute("x", 10 + i * width); bar.setAttribute("y", 120 - h);
     bar.setAttribute("width", Math.max(1, width - 1)); bar.setAttribute("height", h);
     const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
-    title.textContent = `${Math.pow(10, edges[i]).toPrecision(2)}–${Math.pow(10, edges[i + 1]).toPrecision(2)}: ${counts[i]} tokens`;
+    const axis = (e) => (power ? Math.pow(10, e).toPrecision(2) : String(e));
+    title.textContent = `${axis(edges[i])}–${axis(edges[i + 1])}: ${counts[i]}`;
     bar.append(title);
     return bar;
   });
-  const labels = [0, Math.floor(counts.length / 2), counts.length].map((i) => {
+  const labels = [0, Math.floor(counts.length / 2), counts.length].map((i, n) => {
     const text = document.createElementNS("http://www.w3.org/2000/svg", "text");
-    text.setAttribute("x", 10 + i * width - 8); text.setAttribute("y", 134);
-    text.textContent = Math.pow(10, edges[i]).toPrecision(2);
+    text.setAttribute("x", 10 + i * width); text.setAttribute("y", 134);
+    text.setAttribute("text-anchor", ["start", "middle", "end"][n]);
+    text.textContent = power ? Math.pow(10, edges[i]).toPrecision(2) : String(edges[i]);
     return text;
   });
   svg.replaceChildren(...bars, ...labels);
@@ -231,5 +234,10 @@ addSteerRow();
 api("/v1/dictionaries").then((d) => {
   const serving = d.dictionaries[0];
   $("#dictionary").textContent = `${serving.name} v${serving.version} · ${serving.architecture} ${serving.d_in}→${serving.d_sae} · ${serving.hook}`;
+  const density = serving.metrics && serving.metrics.density_histogram;
+  if (density) {
+    drawHistogram($("#density-histogram"), density, false);
+    $("#density-note").textContent = `${density.dead} dead features (never fired) not shown · L0 ${Number(serving.metrics.l0).toFixed(1)} · FVU ${Number(serving.metrics.fvu).toFixed(3)}`;
+  } else $("#density-histogram").hidden = true;
 }).catch((error) => showError(error.message));
 route();
