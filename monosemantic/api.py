@@ -202,6 +202,16 @@ class SearchFeaturesResponse(BaseModel):
     results: list[FeatureHit]
 
 
+# ---- observe (monitoring) ---------------------------------------------------------------------------------------
+class ObserveRequest(_Request):
+    texts: list[str] = Field(min_length=1, description="texts read only for the feature-monitoring metrics")
+
+
+class ObserveResponse(BaseModel):
+    accepted: int = Field(description="texts accepted (read in the background)")
+    tokens: int = Field(description="tokens that will be counted (BOS excluded)")
+
+
 # ---- dictionaries ----------------------------------------------------------------------------------------------
 class DictionaryInfo(BaseModel):
     name: str

@@ -95,6 +95,9 @@ class RestClient:
         params = {"q": q, "by": by, "page": page, "page_size": page_size}
         return api.SearchFeaturesResponse.model_validate(self._check(self._http.get("/v1/features/search", params=params)))
 
+    def observe(self, texts: list[str]) -> api.ObserveResponse:
+        return self._post("/v1/observe", {"texts": texts}, api.ObserveResponse)
+
     def dictionaries(self) -> api.DictionariesResponse:
         return api.DictionariesResponse.model_validate(self._check(self._http.get("/v1/dictionaries")))
 
@@ -168,6 +171,9 @@ class GrpcClient:
     def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20) -> api.SearchFeaturesResponse:
         request = {"q": q, "by": by, "page": page, "page_size": page_size}
         return self._call("SearchFeatures", request, "SearchFeaturesRequest", api.SearchFeaturesResponse)
+
+    def observe(self, texts: list[str]) -> api.ObserveResponse:
+        return self._call("Observe", {"texts": texts}, "ObserveRequest", api.ObserveResponse)
 
     def dictionaries(self) -> api.DictionariesResponse:
         return self._call("ListDictionaries", {}, "ListDictionariesRequest", api.DictionariesResponse)

@@ -127,6 +127,13 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
 
         return await self._observed("search_features", context, call)
 
+    async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveResponse:
+        async def call() -> Message:
+            req = request_model(request, schemas.ObserveRequest)
+            return to_message(await self.engine.observe(req), pb.ObserveResponse)
+
+        return await self._observed("observe", context, call)
+
     async def ListDictionaries(self, request: pb.ListDictionariesRequest, context: grpc.aio.ServicerContext) -> pb.ListDictionariesResponse:
         async def call() -> Message:
             return to_message(self.engine.dictionaries(), pb.ListDictionariesResponse)

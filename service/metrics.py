@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.monitoring import FeatureMonitor
+
 PROTOCOLS = ("rest", "grpc")
-METHODS = ("activations", "attributions", "generate", "feature", "search_features", "dictionaries", "reload")
+METHODS = ("activations", "attributions", "generate", "feature", "search_features", "observe", "dictionaries", "reload")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, watch: "list | None" = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("monosemantic_requests", "Requests answered, by protocol, method and status code.", ("protocol", "method", "code"), registry=r)
@@ -30,6 +32,8 @@ class Metrics:
         self.dictionary_info = Gauge("monosemantic_dictionary_info", "The serving dictionary (value 1).", ("name", "version", "architecture", "model_checksum"), registry=r)
         self.dictionary_loaded = Gauge("monosemantic_dictionary_loaded_timestamp_seconds", "When the serving dictionary was loaded.", registry=r)
         self.reloads = Counter("monosemantic_dictionary_reloads", "Dictionary reloads, by result.", ("result",), registry=r)
+        self.monitor = FeatureMonitor(r, watch or [])
+        self.observe_dropped = Counter("monosemantic_observe_dropped", "Observed texts accepted but not read (engine error or shutdown).", registry=r)
         for reason in ("queue_full", "deadline", "shutting_down"):
             self.rejected.labels(reason)
         for result in ("success", "failure"):
@@ -42,10 +46,6 @@ class Metrics:
         self.dictionary_info.clear()
         self.dictionary_info.labels(name, str(version), architecture, model_checksum[:12]).set(1)
         self.dictionary_loaded.set(loaded_at)
-
-    def observe_l0(self, per_token: list[int]) -> None:
-        for value in per_token:
-            self.l0.observe(value)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,9 @@ class SequenceReadout:
     top_values: Tensor  # [T, k]
     top_ids: Tensor  # [T, k]
     values: Tensor | None  # [T, len(feature_ids)]
+    watched: Tensor | None = None  # [T, len(watch)] the monitored features' values
+    squared_error: Tensor | None = None  # [T] ||x - x_hat||²
+    squared_norm: Tensor | None = None  # [T] ||x||²
 
 
 def hook_activations(loaded: Loaded, sequences: list[list[int]]) -> list[Tensor]:
@@ -40,20 +43,26 @@ def hook_activations(loaded: Loaded, sequences: list[list[int]]) -> list[Tensor]
 
 
 def read_features(
-    loaded: Loaded, sequences: list[list[int]], top_k: list[int], feature_ids: list[list[int] | None]
+    loaded: Loaded, sequences: list[list[int]], top_k: list[int], feature_ids: list[list[int] | None], watch: list[int] | None = None
 ) -> list[SequenceReadout]:
     """Top-k features, L0, relative reconstruction error and requested dense values for every token."""
     acts = hook_activations(loaded, sequences)
     flat = torch.cat(acts)
     features = loaded.encoder.encode(flat)
     recon, l0 = loaded.encoder.decode_and_count(features)
-    rel_error = (flat - recon).norm(dim=-1) / flat.norm(dim=-1).clamp_min(1e-12)
+    squared_error = (flat - recon).pow(2).sum(-1)
+    squared_norm = flat.pow(2).sum(-1)
+    rel_error = (squared_error / squared_norm.clamp_min(1e-24)).sqrt()
+    watched = features[:, watch] if watch else None
     k_max = min(max(top_k, default=0), features.shape[-1])
     top_values, top_ids = features.topk(k_max, dim=-1) if k_max else (features[:, :0], features[:, :0].long())
     out, start = [], 0
     for seq, k, wanted in zip(sequences, top_k, feature_ids):
         end = start + len(seq)
         values = features[start:end, wanted] if wanted else None
-        out.append(SequenceReadout(l0[start:end], rel_error[start:end], top_values[start:end, :k], top_ids[start:end, :k], values))
+        out.append(SequenceReadout(
+            l0[start:end], rel_error[start:end], top_values[start:end, :k], top_ids[start:end, :k], values,
+            None if watched is None else watched[start:end], squared_error[start:end], squared_norm[start:end],
+        ))
         start = end
     return out

@@ -177,6 +177,13 @@ def create_app(engine: Engine) -> FastAPI:
         neighbours and label."""
         return _json(await observed("feature", _as_async(lambda: engine.feature(feature))))
 
+    @app.post("/v1/observe", response_model=schemas.ObserveResponse, status_code=202, tags=["monitoring"])
+    async def observe(req: schemas.ObserveRequest) -> Response:
+        """Texts for feature monitoring alone (watched features' Prometheus series): accepted at once with 202,
+        read in the background in batches with other work."""
+        result = await observed("observe", lambda: engine.observe(req))
+        return Response(result.model_dump_json(), status_code=202, media_type="application/json")
+
     @app.get("/v1/dictionaries", response_model=schemas.DictionariesResponse, tags=["dictionaries"])
     async def dictionaries() -> schemas.DictionariesResponse:
         """The serving dictionary (name, version, metrics, hook, model) and the versions available to reload."""

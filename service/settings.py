@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
+
+
+MAX_WATCHED_FEATURES = 64  # each watched feature adds a few series per dictionary version: keep them few
+
+
+class WatchedFeature(BaseModel):
+    id: int = Field(ge=0)
+    name: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
 
 
 class ServiceSettings(BaseSettings):
@@ -47,6 +55,11 @@ class ServiceSettings(BaseSettings):
     # (gRPC metadata "authorization").
     admin_key: SecretStr | None = None
 
+    # Feature monitoring: "ID[:NAME],ID[:NAME],…" (e.g. 12,873:imports). Every text the service reads (activations,
+    # observe) counts these features' firings into Prometheus series labelled by feature, never by user input.
+    watch_features: Annotated[list[WatchedFeature], NoDecode] = Field(default_factory=list)
+    max_observe_texts: int = Field(64, ge=1)
+
     shutdown_grace_s: float = Field(20.0, ge=0)
 
     @field_validator("dictionary")
@@ -56,3 +69,26 @@ class ServiceSettings(BaseSettings):
 
         parse_reference(value)  # raises ValueError with the reason
         return value
+
+    @field_validator("watch_features", mode="before")
+    @classmethod
+    def _parse_watch_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            entries = [part.strip() for part in value.split(",") if part.strip()]
+            parsed = []
+            for entry in entries:
+                number, _, name = entry.partition(":")
+                if not number.strip().isdigit():
+                    raise ValueError(f"{entry!r} is not ID or ID:NAME")
+                parsed.append({"id": int(number), "name": name.strip()})
+            return parsed
+        return value
+
+    @model_validator(mode="after")
+    def _watch_list_bounded(self) -> "ServiceSettings":
+        if len(self.watch_features) > MAX_WATCHED_FEATURES:
+            raise ValueError(f"watch_features: at most {MAX_WATCHED_FEATURES} features can be watched, got {len(self.watch_features)}")
+        ids = [w.id for w in self.watch_features]
+        if len(set(ids)) != len(ids):
+            raise ValueError("watch_features: a feature is listed twice")
+        return self

@@ -40,6 +40,8 @@ class RunningServer:
             await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
             if started.done():
                 self._started.set()
+            else:
+                started.cancel()
             await task
 
         try:
