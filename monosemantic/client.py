@@ -13,6 +13,7 @@ ServiceCallError with the HTTP status or gRPC code, the error kind and the messa
 from __future__ import annotations
 
 import json
+import ssl
 from typing import Any, Iterator
 
 import grpc
@@ -32,9 +33,12 @@ Event = api.GeneratedToken | api.GenerateResponse
 
 
 class RestClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", admin_key: str | None = None, timeout: float = 60.0) -> None:
-        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
+                 ca_file: str | None = None) -> None:
+        """ca_file: a PEM bundle to trust for an https:// base_url (a private CA or a self-signed server)."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers, verify=verify)
 
     def __enter__(self) -> "RestClient":
         return self
@@ -114,14 +118,20 @@ def _grpc_error(exc: grpc.RpcError) -> ServiceCallError:
 
 
 class GrpcClient:
-    def __init__(self, target: str = "127.0.0.1:50051", admin_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, timeout: float = 60.0,
+                 ca_file: str | None = None) -> None:
+        """ca_file: a PEM bundle to trust; given, the channel uses TLS."""
         from monosemantic.v1 import feature_service_pb2 as pb
         from monosemantic.v1 import feature_service_pb2_grpc as pb_grpc
 
         self._pb = pb
-        self._channel = grpc.insecure_channel(target)
+        if ca_file:
+            with open(ca_file, "rb") as fh:
+                self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=fh.read()))
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {admin_key}"),) if admin_key else ()
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._timeout = timeout
 
     def __enter__(self) -> "GrpcClient":

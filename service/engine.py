@@ -20,6 +20,7 @@ from monosemantic.artifact import list_dictionaries, parse_reference, resolve_ve
 from monosemantic.errors import ArtifactMismatch, ArtifactNotFound, ConfigError, MonosemanticError
 from monosemantic.lm import LoadedLM, hook_dim
 from monosemantic import api as schemas
+from service.access import AccessControl
 from service.attribution import attribute
 from service.batcher import Job, Overloaded, Worker
 from service.errors import ErrorKind, ServiceError, invalid, not_found, over_limit
@@ -37,6 +38,8 @@ class Engine:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.watch_features)
         self._background: set[asyncio.Task] = set()  # observe jobs nobody awaits
+        admin = settings.admin_key.get_secret_value() if settings.admin_key is not None else None
+        self.access = AccessControl.from_settings(settings.api_keys_file, admin)
         self._lm: LoadedLM | None = None
         self._serving: Loaded | None = None
         self._draining = False
@@ -405,16 +408,14 @@ class Engine:
             return [loaded.dictionary.sae.encode(x).max(0).values]
 
     # ---- access --------------------------------------------------------------------------------------------------
-    def check_admin(self, authorization: str | None) -> None:
-        """Admin operations need the configured key as "Bearer KEY"; with no key configured they are off."""
-        key = self.settings.admin_key
-        if key is None:
-            raise ServiceError(ErrorKind.PERMISSION_DENIED, "admin operations are disabled: set MONOSEMANTIC_ADMIN_KEY to enable them")
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise ServiceError(ErrorKind.UNAUTHENTICATED, "authorization: send the admin key as 'Bearer KEY'", "authorization")
-        if not secrets.compare_digest(given.strip().encode(), key.get_secret_value().encode()):
-            raise ServiceError(ErrorKind.PERMISSION_DENIED, "authorization: the key is not the admin key", "authorization")
+    def authorize(self, authorization: str | None, scope: str, count: bool = True) -> None:
+        """401 / 403 / 429 before any work: the adapters call this with the operation's scope."""
+        self.access.check(authorization, scope, count)
+
+    def authorize_generate(self, authorization: str | None, req: schemas.GenerateRequest) -> None:
+        """Generation is a query (`read`); steering it needs `steer` as well."""
+        if req.steering:
+            self.access.check(authorization, "steer", count=False)
 
     # ---- dictionaries and reload -----------------------------------------------------------------------------
     def dictionaries(self) -> schemas.DictionariesResponse:

@@ -52,10 +52,11 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self.engine = engine
         self.metrics = engine.metrics
 
-    async def _observed(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Message]]) -> Message:
+    async def _observed(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Message]], scope: str = "read") -> Message:
         started, code = time.perf_counter(), grpc.StatusCode.OK
         self.metrics.inflight.inc()
         try:
+            self.engine.authorize(_authorization(context), scope)
             return await call()
         except ServiceError as exc:
             code = exc.grpc_code
@@ -85,6 +86,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def call() -> Message:
             req = request_model(request, schemas.GenerateRequest)
+            self.engine.authorize_generate(_authorization(context), req)
             return to_message(await self.engine.generate(req, _deadline(context)), pb.GenerateResponse)
 
         return await self._observed("generate", context, call)
@@ -94,7 +96,9 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self.metrics.inflight.inc()
         events = None
         try:
+            self.engine.authorize(_authorization(context), "read")
             req = request_model(request, schemas.GenerateRequest)
+            self.engine.authorize_generate(_authorization(context), req)
             events = self.engine.generate_events(req, _deadline(context))
             async for event in events:
                 if isinstance(event, schemas.GenerateResponse):
@@ -142,22 +146,27 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
 
     async def Reload(self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext) -> pb.ReloadResponse:
         async def call() -> Message:
-            self.engine.check_admin(_authorization(context))
             req = request_model(request, schemas.ReloadRequest)
             return to_message(await self.engine.reload(req), pb.ReloadResponse)
 
-        return await self._observed("reload", context, call)
+        return await self._observed("reload", context, call, scope="admin")
 
 
-def build_server(engine: Engine, address: str, max_message_bytes: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """The gRPC server (not started), its health servicer, and the bound port (address may end in :0)."""
+def build_server(
+    engine: Engine, address: str, max_message_bytes: int, tls: tuple[bytes, bytes] | None = None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The gRPC server (not started), its health servicer, and the bound port (address may end in :0).
+    tls: (certificate chain, private key) in PEM."""
     options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", 64 << 20)]
     server = grpc.aio.server(options=options)
     pb_grpc.add_FeatureServiceServicer_to_server(FeatureService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind the gRPC port at {address}")
     return server, health_servicer, port

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from monosemantic import api as schemas
 from service.engine import Engine
 from service.errors import ErrorKind, ServiceError, from_validation_errors
+from service.metrics import METHODS
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "content": {"application/json": {"example": {"error": {"kind": kind, "message": "…", "field": "…"}}}}}
@@ -27,6 +28,31 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "not ready or shutting down", "unavailable"),
     ]
 }
+
+
+class AccessCheck:
+    """ASGI middleware: every /v1 request needs a key with `read` (`admin` under /v1/admin) before its body is
+    even parsed, so an anonymous caller learns nothing from validation errors. Generation with steering checks
+    `steer` in its route, where the body is known."""
+
+    def __init__(self, app: Any, engine: Engine) -> None:
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/v1/"):
+            authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1") or None
+            try:
+                self.engine.authorize(authorization, "admin" if path.startswith("/v1/admin/") else "read")
+            except ServiceError as exc:
+                method = path.removeprefix("/v1/").split("/")[0].replace("admin", "reload").replace("features", "feature")
+                metrics = self.engine.metrics
+                metrics.requests.labels("rest", method if method in METHODS else "other", str(exc.http_status)).inc()
+                headers = {"Retry-After": "1"} if exc.kind is ErrorKind.OVERLOADED else {}
+                if exc.kind is ErrorKind.UNAUTHENTICATED:
+                    headers["WWW-Authenticate"] = "Bearer"
+                return await JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:
@@ -150,8 +176,10 @@ def create_app(engine: Engine) -> FastAPI:
         tags=["generate"],
         responses={200: {"content": {"text/event-stream": {"description": "with stream: true, events `token` (GeneratedToken) then `done` (GenerateResponse)"}}}},
     )
-    async def generate(req: schemas.GenerateRequest) -> Any:
-        """Feature-steered generation; with `stream: true`, server-sent events token by token."""
+    async def generate(req: schemas.GenerateRequest, authorization: str | None = Header(None, include_in_schema=False)) -> Any:
+        """Feature-steered generation; with `stream: true`, server-sent events token by token. Steering needs a key
+        with the `steer` scope when keys are configured."""
+        await observed("generate", _as_async(lambda: engine.authorize_generate(authorization, req)))
         if not req.stream:
             return _json(await observed("generate", lambda: engine.generate(req)))
         events = engine.generate_events(req)
@@ -190,14 +218,10 @@ def create_app(engine: Engine) -> FastAPI:
         return await observed("dictionaries", _as_async(engine.dictionaries))
 
     @app.post("/v1/admin/reload", response_model=schemas.ReloadResponse, tags=["dictionaries"], responses={401: {"description": "no admin key given"}, 403: {"description": "wrong key, or admin disabled"}, 409: {"description": "the version cannot serve this model (corrupted, another model, another width)"}})
-    async def reload(req: schemas.ReloadRequest, authorization: str | None = Header(None)) -> schemas.ReloadResponse:
-        """Load another dictionary version beside the serving one, then swap; a failure leaves the old one serving."""
-
-        async def run() -> schemas.ReloadResponse:
-            engine.check_admin(authorization)
-            return await engine.reload(req)
-
-        return await observed("reload", run)
+    async def reload(req: schemas.ReloadRequest) -> schemas.ReloadResponse:
+        """Load another dictionary version beside the serving one, then swap; a failure leaves the old one serving.
+        Needs a key with the `admin` scope (AccessCheck)."""
+        return await observed("reload", lambda: engine.reload(req))
 
     return app
 

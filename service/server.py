@@ -18,7 +18,7 @@ import uvicorn
 
 from service.engine import Engine
 from service.grpc import build_server, set_serving
-from service.rest import BodySizeLimit, create_app
+from service.rest import AccessCheck, BodySizeLimit, create_app
 from service.settings import ServiceSettings
 
 log = logging.getLogger("monosemantic.serve")
@@ -56,13 +56,15 @@ class Server:
         gc.collect()
         gc.freeze()
         self.engine.start()
-        app = BodySizeLimit(create_app(self.engine), s.max_body_bytes)
+        app = AccessCheck(BodySizeLimit(create_app(self.engine), s.max_body_bytes), self.engine)
         config = uvicorn.Config(
             app, host=s.host, port=s.http_port, log_level="warning", lifespan="off",
             timeout_graceful_shutdown=int(s.shutdown_grace_s) or 1, limit_concurrency=None,
+            ssl_certfile=s.tls_cert_file, ssl_keyfile=s.tls_key_file,
         )
         http = _Uvicorn(config)
-        grpc_server, health_servicer, self.grpc_port = build_server(self.engine, f"{s.host}:{s.grpc_port}", s.max_body_bytes)
+        tls = (s.tls_cert_file.read_bytes(), s.tls_key_file.read_bytes()) if s.tls_cert_file and s.tls_key_file else None
+        grpc_server, health_servicer, self.grpc_port = build_server(self.engine, f"{s.host}:{s.grpc_port}", s.max_body_bytes, tls)
         await grpc_server.start()
         http_task = asyncio.create_task(http.serve())
         while not http.started:

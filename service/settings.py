@@ -51,9 +51,14 @@ class ServiceSettings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0)
     max_queue: int = Field(256, ge=1)  # waiting requests beyond this are refused at once (429 / RESOURCE_EXHAUSTED)
 
-    # Admin operations (reload) are off unless a key is set; clients send it as "Authorization: Bearer KEY"
-    # (gRPC metadata "authorization").
+    # Access (service/access.py): API keys with scopes from a JSON file (or a mounted Kubernetes Secret), and an
+    # admin key. Clients send "Authorization: Bearer KEY" (gRPC metadata "authorization"). No key at all: the query
+    # operations are open and admin is off.
+    api_keys_file: Path | None = None
     admin_key: SecretStr | None = None
+    # TLS for both protocols when both files are given (PEM).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     # Feature monitoring: "ID[:NAME],ID[:NAME],…" (e.g. 12,873:imports). Every text the service reads (activations,
     # observe) counts these features' firings into Prometheus series labelled by feature, never by user input.
@@ -83,6 +88,12 @@ class ServiceSettings(BaseSettings):
                 parsed.append({"id": int(number), "name": name.strip()})
             return parsed
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServiceSettings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+        return self
 
     @model_validator(mode="after")
     def _watch_list_bounded(self) -> "ServiceSettings":

@@ -84,7 +84,7 @@ def registry(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(registry):
-    running = RunningServer(registry=registry, dictionary="reference:1", admin_key=ADMIN_KEY, max_text_chars=2000, max_new_tokens=64)
+    running = RunningServer(registry=registry, dictionary="reference:1", max_text_chars=2000, max_new_tokens=64)
     yield running
     running.stop()
 

@@ -1,0 +1,143 @@
+"""Access control: API keys with scopes (`read`, `steer`, `admin`) and a request-rate limit per key.
+
+Keys come from a JSON file (a Kubernetes Secret mounted as a file works the same) and from MONOSEMANTIC_ADMIN_KEY:
+
+    {"keys": [{"name": "dashboards", "key": "…", "scopes": ["read"], "requests_per_second": 20},
+              {"name": "ops", "key": "…", "scopes": ["read", "steer", "admin"]}]}
+
+With no key configured the query operations are open (the default bind address is localhost) and admin is off.
+Once any key exists, every /v1 operation needs one with its scope. Keys are compared as sha256 digests in
+constant time against every configured key, never logged, and a refusal says nothing about which keys exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from monosemantic.errors import ConfigError
+from service.errors import ErrorKind, ServiceError
+
+Scope = Literal["read", "steer", "admin"]
+
+
+class ApiKey(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    key: str = Field(min_length=16, description="at least 16 characters")
+    scopes: list[Scope] = Field(min_length=1)
+    requests_per_second: float | None = Field(None, gt=0, description="sustained rate; bursts up to 2 s worth")
+
+
+class ApiKeyFile(BaseModel):
+    keys: list[ApiKey]
+
+
+@dataclass
+class _Bucket:
+    """Token bucket: `rate` requests per second, holding up to two seconds' worth."""
+
+    rate: float
+    tokens: float = 0.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.capacity
+
+    @property
+    def capacity(self) -> float:
+        return max(1.0, 2 * self.rate)
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    digest: bytes
+    scopes: frozenset[str]
+    bucket: _Bucket | None
+
+
+def load_key_file(path: Path) -> list[ApiKey]:
+    try:
+        return ApiKeyFile.model_validate(json.loads(Path(path).read_text())).keys
+    except OSError as exc:
+        raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: cannot read the key file ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: not JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValidationError as exc:
+        # the field and the reason only: a key file's values are secrets and must not reach a log
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: {reasons}") from None
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class AccessControl:
+    def __init__(self, keys: list[ApiKey], admin_key: str | None = None) -> None:
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise ConfigError("MONOSEMANTIC_API_KEYS_FILE: key names must be unique")
+        self._entries = [
+            _Entry(k.name, _digest(k.key), frozenset(k.scopes), _Bucket(k.requests_per_second) if k.requests_per_second else None)
+            for k in keys
+        ]
+        if admin_key:
+            self._entries.append(_Entry("MONOSEMANTIC_ADMIN_KEY", _digest(admin_key), frozenset(("read", "steer", "admin")), None))
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, api_keys_file: Path | None, admin_key: str | None) -> "AccessControl":
+        return cls(load_key_file(api_keys_file) if api_keys_file is not None else [], admin_key)
+
+    @property
+    def open(self) -> bool:
+        return not self._entries
+
+    def _match(self, given: str) -> _Entry | None:
+        digest = _digest(given)
+        found = None
+        for entry in self._entries:  # every entry is compared, so the time does not depend on which one matches
+            if hmac.compare_digest(entry.digest, digest):
+                found = entry
+        return found
+
+    def check(self, authorization: str | None, scope: Scope, count: bool = True) -> str | None:
+        """The name of the key allowed to do `scope`, or None on an open server; raises 401 / 403 / 429.
+        count=False checks an extra scope of a request already counted against the key's rate."""
+        if self.open:
+            if scope == "admin":
+                raise ServiceError(ErrorKind.PERMISSION_DENIED, "admin operations are disabled: set MONOSEMANTIC_ADMIN_KEY or give a key the admin scope in MONOSEMANTIC_API_KEYS_FILE")
+            return None
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ServiceError(ErrorKind.UNAUTHENTICATED, "authorization: send an API key as 'Authorization: Bearer KEY'", "authorization")
+        given = given.strip()
+        entry = self._match(given)
+        if entry is None:
+            raise ServiceError(ErrorKind.UNAUTHENTICATED, "authorization: the key is not valid", "authorization")
+        if scope not in entry.scopes:
+            raise ServiceError(ErrorKind.PERMISSION_DENIED, f"authorization: the key lacks the {scope!r} scope", "authorization")
+        if count and entry.bucket is not None:
+            with self._lock:
+                allowed = entry.bucket.take()
+            if not allowed:
+                raise ServiceError(ErrorKind.OVERLOADED, "authorization: this key's request rate limit is reached; retry shortly")
+        return entry.name

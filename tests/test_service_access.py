@@ -1,0 +1,127 @@
+"""Access control: scoped API keys from a file, constant-time checks, per-key rate limits, and TLS."""
+
+import json
+import subprocess
+
+import httpx
+import pytest
+
+from conftest import RunningServer
+from monosemantic.client import GrpcClient, RestClient, ServiceCallError
+from monosemantic.shipped import reference_registry_path
+from service.access import AccessControl, load_key_file
+from monosemantic.errors import ConfigError
+
+READ, STEER, ADMIN, SLOW = "read-key-0123456789", "steer-key-0123456789", "admin-key-0123456789", "slow-key-0123456789"
+STEERING = [{"feature": 5, "mode": "clamp", "value": 5.0}]
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "keys.json"
+    path.write_text(json.dumps({"keys": [
+        {"name": "dashboards", "key": READ, "scopes": ["read"]},
+        {"name": "playground", "key": STEER, "scopes": ["read", "steer"]},
+        {"name": "ops", "key": ADMIN, "scopes": ["read", "admin"]},
+        {"name": "batch-job", "key": SLOW, "scopes": ["read"], "requests_per_second": 1},
+    ]}))
+    running = RunningServer(registry=reference_registry_path(), api_keys_file=path)
+    yield running
+    running.stop()
+
+
+def clients(server, key):
+    return [RestClient(server.http_url, api_key=key), GrpcClient(server.grpc_target, api_key=key)]
+
+
+def test_a_read_key_queries_but_cannot_steer_or_reload(keyed):
+    for client in clients(keyed, READ):
+        with client:
+            assert client.activations(text="def f():").tokens
+            assert client.generate(prompt="def ", max_new_tokens=2, seed=1).tokens
+            with pytest.raises(ServiceCallError) as steer:
+                client.generate(prompt="def ", max_new_tokens=2, steering=STEERING)
+            with pytest.raises(ServiceCallError) as reload:
+                client.reload("reference", 1)
+            assert steer.value.status in (403, "PERMISSION_DENIED") and "steer" in steer.value.message
+            assert reload.value.status in (403, "PERMISSION_DENIED") and "admin" in reload.value.message
+
+
+def test_a_steer_key_steers_and_an_admin_key_reloads(keyed):
+    for client in clients(keyed, STEER):
+        with client:
+            assert client.generate(prompt="def ", max_new_tokens=2, steering=STEERING).tokens[0].steered
+    for client in clients(keyed, ADMIN):
+        with client:
+            assert client.reload("reference", 1).dictionary.version == 1
+
+
+@pytest.mark.parametrize("key", [None, "not-a-key-0123456789"])
+def test_a_missing_or_wrong_key_is_unauthenticated_and_says_nothing_about_the_keys(keyed, key):
+    for client in clients(keyed, key):
+        with client, pytest.raises(ServiceCallError) as caught:
+            client.activations(text="x")
+        assert caught.value.status in (401, "UNAUTHENTICATED")
+        for secret in ("dashboards", "playground", "ops", "batch-job", READ, STEER):
+            assert secret not in caught.value.message
+
+
+def test_an_anonymous_request_is_refused_before_its_body_is_read(keyed):
+    response = httpx.post(f"{keyed.http_url}/v1/activations", content=b"{not json")
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+
+
+def test_health_metrics_and_the_browser_need_no_key(keyed):
+    for path in ("/healthz", "/readyz", "/metrics", "/", "/openapi.json"):
+        assert httpx.get(keyed.http_url + path).status_code == 200
+
+
+def test_a_keys_rate_limit_answers_429_and_resource_exhausted(keyed):
+    with RestClient(keyed.http_url, api_key=SLOW) as rest, GrpcClient(keyed.grpc_target, api_key=SLOW) as grpc_client:
+        statuses = []
+        for _ in range(6):
+            try:
+                rest.dictionaries()
+                statuses.append(200)
+            except ServiceCallError as exc:
+                statuses.append(exc.status)
+        with pytest.raises(ServiceCallError) as caught:
+            for _ in range(4):
+                grpc_client.dictionaries()
+    assert statuses[:2] == [200, 200] and 429 in statuses
+    assert caught.value.status == "RESOURCE_EXHAUSTED"
+    with RestClient(keyed.http_url, api_key=READ) as other:  # other keys are not limited by it
+        assert other.dictionaries().dictionaries
+
+
+def test_a_malformed_key_file_is_refused_naming_the_setting_and_not_the_keys(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"name": "x", "key": "short-secret", "scopes": ["read"]}]}))
+    with pytest.raises(ConfigError) as caught:
+        load_key_file(path)
+    assert "MONOSEMANTIC_API_KEYS_FILE" in str(caught.value) and "short-secret" not in str(caught.value)
+    path.write_text("{")
+    with pytest.raises(ConfigError, match="not JSON"):
+        load_key_file(path)
+
+
+def test_an_open_server_keeps_admin_off():
+    with pytest.raises(Exception, match="admin operations are disabled"):
+        AccessControl([]).check(None, "admin")
+
+
+def test_tls_serves_both_protocols(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    running = RunningServer(registry=reference_registry_path(), tls_cert_file=cert, tls_key_file=key)
+    try:
+        with RestClient(f"https://127.0.0.1:{running.server.http_port}", ca_file=str(cert)) as rest:
+            assert rest.activations(text="secure").tokens
+        with GrpcClient(running.grpc_target, ca_file=str(cert)) as grpc_client:
+            assert grpc_client.activations(text="secure").tokens
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{running.server.http_port}/healthz", timeout=5)
+    finally:
+        running.stop()
