@@ -38,6 +38,8 @@ class Engine:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.watch_features)
         self._background: set[asyncio.Task] = set()  # observe jobs nobody awaits
+        self.metrics.queue_capacity.set(settings.max_queue)
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         admin = settings.admin_key.get_secret_value() if settings.admin_key is not None else None
         self.access = AccessControl.from_settings(settings.api_keys_file, admin)
         self._lm: LoadedLM | None = None

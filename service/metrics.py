@@ -23,6 +23,8 @@ class Metrics:
         self.duration = Histogram("monosemantic_request_duration_seconds", "Time to answer a request.", ("protocol", "method"), buckets=LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("monosemantic_inflight_requests", "Requests being answered now.", registry=r)
         self.queue_depth = Gauge("monosemantic_queue_depth", "Jobs waiting for the engine's worker.", registry=r)
+        self.queue_capacity = Gauge("monosemantic_queue_capacity", "Waiting jobs beyond which requests are refused (MONOSEMANTIC_MAX_QUEUE).", registry=r)
+        self.ready = Gauge("monosemantic_ready", "1 when the model and dictionary are loaded and the server is not draining (as /readyz).", registry=r)
         self.rejected = Counter("monosemantic_rejected_requests", "Requests refused before running, by reason.", ("reason",), registry=r)
         self.batch_requests = Histogram("monosemantic_batch_requests", "Requests per forward (dynamic batching).", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.batch_tokens = Histogram("monosemantic_batch_tokens", "Tokens per forward.", buckets=(16, 64, 256, 1024, 4096, 16384), registry=r)
