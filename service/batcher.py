@@ -43,7 +43,7 @@ class Overloaded(ServiceError):
     def __init__(self, limit: int) -> None:
         super().__init__(
             ErrorKind.OVERLOADED,
-            f"the request queue is full ({limit} waiting, setting MONOSEMANTIC_MAX_QUEUE); retry shortly",
+            f"the server is full ({limit} requests admitted, setting MONOSEMANTIC_MAX_QUEUE); retry shortly",
         )
 
 
@@ -64,6 +64,7 @@ class Worker:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._admitted = 0  # requests holding a slot (queued or running)
         self._coming = 0  # requests announced (being validated, tokenized) but not queued yet
         self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
         self.busy = False
@@ -95,16 +96,34 @@ class Worker:
                 if not token.queued:
                     self._coming -= 1
 
-    async def submit(self, job: Job, admit: bool = True, arrival: "_Arrival | None" = None) -> Any:
-        """Queue a job and wait for its result. admit=True refuses at once when the queue is full; a
-        continuation of an admitted request (the next step of a stream) passes admit=False."""
+    @contextmanager
+    def admitted(self, count: int = 1) -> Iterator[None]:
+        """Hold `count` of the max_queue request slots while a request runs (all the steps of a stream);
+        refuse at once when they are taken. Counting requests, not jobs, makes the refusals exact: with Q
+        slots and N requests arriving together, exactly N − Q are refused, however the steps interleave."""
+        with self._cond:
+            if self._stopping:
+                raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+            if self._admitted + count > self.max_queue:
+                raise Overloaded(self.max_queue)
+            self._admitted += count
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._admitted -= count
+
+    @property
+    def admitted_requests(self) -> int:
+        return self._admitted
+
+    async def submit(self, job: Job, arrival: "_Arrival | None" = None) -> Any:
+        """Queue a job and wait for its result (the request it belongs to was admitted with `admitted`)."""
         loop = asyncio.get_running_loop()
         job.loop, job.future = loop, loop.create_future()
         with self._cond:
             if self._stopping:
                 raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down")
-            if admit and len(self._queue) >= self.max_queue:
-                raise Overloaded(self.max_queue)
             self._queue.append(job)
             if arrival is not None and not arrival.queued:
                 arrival.queued = True

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+from contextlib import contextmanager
 import secrets
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import torch
 
@@ -106,13 +107,21 @@ class Engine:
         self.metrics.batch_tokens.observe(tokens)
         self.metrics.queue_depth.set(self._worker.depth)
 
-    async def _submit(self, job: Job, admit: bool = True, arrival=None):
+    @contextmanager
+    def _admitted(self, count: int = 1) -> Iterator[None]:
         try:
-            return await self._worker.submit(job, admit=admit, arrival=arrival)
+            with self._worker.admitted(count):
+                yield
         except ServiceError as exc:
             if exc.kind is ErrorKind.OVERLOADED:
                 self.metrics.rejected.labels("queue_full").inc()
-            elif exc.kind is ErrorKind.DEADLINE_EXCEEDED:
+            raise
+
+    async def _submit(self, job: Job, arrival=None):
+        try:
+            return await self._worker.submit(job, arrival=arrival)
+        except ServiceError as exc:
+            if exc.kind is ErrorKind.DEADLINE_EXCEEDED:
                 self.metrics.rejected.labels("deadline").inc()
             raise
         finally:
@@ -178,7 +187,8 @@ class Engine:
                 for i, feature in enumerate(wanted):
                     self._feature(loaded, f"feature_ids[{i}]", feature)
             job = Job(run=self._run_activations, payload=(loaded, ids, top_k, wanted), batch_key=("activations", id(loaded)), tokens=len(ids), deadline=deadline)
-            readout = await self._submit(job, arrival=arrival)
+            with self._admitted():
+                readout = await self._submit(job, arrival=arrival)
         sequence, (l0, errors, top_values, top_ids, values) = readout
         self.metrics.tokens_processed.inc(len(ids))
         self._monitor(loaded, sequence, skip_first=req.text is not None and req.prepend_bos and loaded.bos_id is not None)
@@ -226,7 +236,7 @@ class Engine:
             ids = loaded.tokenize(text, prepend_bos=False).ids
             bos = [loaded.bos_id] if loaded.bos_id is not None else []
             chunks.extend(bos + ids[c : c + step] for c in range(0, len(ids), step))
-        if self._worker.depth + len(chunks) > s.max_queue:
+        if self._worker.admitted_requests + len(chunks) > s.max_queue:
             self.metrics.rejected.labels("queue_full").inc()
             raise Overloaded(s.max_queue)
         for chunk in chunks:
@@ -238,7 +248,8 @@ class Engine:
 
     async def _observe_one(self, loaded: Loaded, job: Job, skip_first: bool) -> None:
         try:
-            sequence, _ = await self._submit(job, admit=False)
+            with self._worker.admitted():
+                sequence, _ = await self._submit(job)
         except Exception:  # noqa: BLE001 - fire-and-forget: counted, never raised into the loop
             self.metrics.observe_dropped.inc()
             return
@@ -260,7 +271,8 @@ class Engine:
             raise invalid("contrast", "is the target token itself; the difference would be 0")
         top_k = self._top_k("top_k", req.top_k)
         job = Job(run=self._run_attribution, payload=(loaded, ids, position, target, contrast), tokens=len(ids), deadline=deadline)
-        result, top = await self._submit(job)
+        with self._admitted():
+            result, top = await self._submit(job)
         self.metrics.tokens_processed.inc(len(ids))
         features = [schemas.FeatureAttribution(position=p, feature=f, activation=a, attribution=s) for p, f, a, s in top[:top_k]]
         return schemas.AttributionsResponse(
@@ -321,24 +333,23 @@ class Engine:
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         steered = self._generation(loaded, req, steering, seed)
         tokens: list[schemas.GeneratedToken] = []
-        async for token in self._run_generation(steered, deadline, first_admitted=True):
-            tokens.append(token)
-            yield token
         unsteered = None
-        if req.compare_unsteered:
-            plain = self._generation(loaded, req, [], seed)
-            plain_tokens = [t async for t in self._run_generation(plain, deadline, first_admitted=False)]
-            unsteered = schemas.Continuation(text=plain.text, tokens=plain_tokens, finish_reason=plain.finish_reason)
+        with self._admitted():  # held for the whole stream; a client that leaves closes the generator and frees it
+            async for token in self._run_generation(steered, deadline):
+                tokens.append(token)
+                yield token
+            if req.compare_unsteered:
+                plain = self._generation(loaded, req, [], seed)
+                plain_tokens = [t async for t in self._run_generation(plain, deadline)]
+                unsteered = schemas.Continuation(text=plain.text, tokens=plain_tokens, finish_reason=plain.finish_reason)
         yield schemas.GenerateResponse(
             dictionary=self._ref(loaded), text=steered.text, tokens=tokens, finish_reason=steered.finish_reason,
             unsteered=unsteered, seed=seed,
         )
 
-    async def _run_generation(self, generation: Generation, deadline: float | None, first_admitted: bool) -> AsyncIterator[schemas.GeneratedToken]:
-        admit = first_admitted
+    async def _run_generation(self, generation: Generation, deadline: float | None) -> AsyncIterator[schemas.GeneratedToken]:
         while not generation.done:
-            step = await self._submit(Job(run=self._run_step, payload=generation, deadline=deadline), admit=admit)
-            admit = False
+            step = await self._submit(Job(run=self._run_step, payload=generation, deadline=deadline))
             self.metrics.tokens_generated.inc()
             yield schemas.GeneratedToken(
                 index=step.index, id=step.token_id, text=step.text,
@@ -386,7 +397,9 @@ class Engine:
             if len(ids) < 2:
                 raise invalid("q", "is empty: give a text snippet")
             job = Job(run=self._run_snippet_peaks, payload=(loaded, ids), tokens=len(ids), deadline=deadline)
-            scores = dashboards.snippet_scores(loaded, await self._submit(job))
+            with self._admitted():
+                peaks = await self._submit(job)
+            scores = dashboards.snippet_scores(loaded, peaks)
         ranked = scores.argsort(descending=True, stable=True)
         ranked = ranked[scores[ranked] > 0]
         first = (req.page - 1) * req.page_size
@@ -441,7 +454,7 @@ class Engine:
         async with self._reload_lock:
             try:
                 loaded = await asyncio.to_thread(self._load_files, req.name, req.version)
-                await self._submit(Job(run=self._check_width, payload=loaded), admit=False)
+                await self._submit(Job(run=self._check_width, payload=loaded))
                 if (problem := self._unwatchable(loaded)) is not None:
                     raise ServiceError(ErrorKind.FAILED_PRECONDITION, problem, "name")
             except ServiceError:

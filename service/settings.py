@@ -49,7 +49,7 @@ class ServiceSettings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=1)
     max_batch_requests: int = Field(64, ge=1)  # 1 turns batching off
     max_wait_ms: float = Field(2.0, ge=0)
-    max_queue: int = Field(256, ge=1)  # waiting requests beyond this are refused at once (429 / RESOURCE_EXHAUSTED)
+    max_queue: int = Field(256, ge=1)  # requests admitted at once (waiting or running); more are refused at once (429 / RESOURCE_EXHAUSTED)
 
     # Access (service/access.py): API keys with scopes from a JSON file (or a mounted Kubernetes Secret), and an
     # admin key. Clients send "Authorization: Bearer KEY" (gRPC metadata "authorization"). No key at all: the query
