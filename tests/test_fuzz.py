@@ -1,6 +1,8 @@
 """Fuzzing the live server: schemathesis over the OpenAPI document (every operation), and generated gRPC messages
 (hypothesis) for every RPC. The bar: no 5xx, no undocumented status, no INTERNAL/UNKNOWN, the server still up."""
 
+import os
+
 import grpc
 import httpx
 import pytest
@@ -12,6 +14,11 @@ from hypothesis import strategies as st
 from monosemantic.v1 import feature_service_pb2 as pb
 from monosemantic.v1 import feature_service_pb2_grpc as rpc
 
+
+# CI runs 25 examples per operation and 150 gRPC messages; bench/RELIABILITY.md records a longer run:
+#   MONOSEMANTIC_FUZZ_REST_EXAMPLES=100 MONOSEMANTIC_FUZZ_GRPC_EXAMPLES=2000 python -m pytest -q tests/test_fuzz.py
+REST_EXAMPLES = int(os.environ.get("MONOSEMANTIC_FUZZ_REST_EXAMPLES", "25"))
+GRPC_EXAMPLES = int(os.environ.get("MONOSEMANTIC_FUZZ_GRPC_EXAMPLES", "150"))
 
 REST_CHECKS = [
     schemathesis.checks.not_a_server_error,
@@ -30,7 +37,7 @@ def test_no_rest_input_gets_a_server_error_or_an_undocumented_answer(server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=REST_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case):
             case.validate_response(case.call(timeout=60), checks=REST_CHECKS)
             calls[operation.label] = calls.get(operation.label, 0) + 1
@@ -74,7 +81,7 @@ def stub(server):
 
 
 @given(call=MESSAGES)
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=GRPC_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_no_grpc_message_gets_internal_or_unknown(stub, call):
     method, message = call
     try:
@@ -89,3 +96,53 @@ def test_no_grpc_message_gets_internal_or_unknown(stub, call):
 def test_the_server_is_still_healthy_after_the_fuzzing(server):
     assert httpx.get(f"{server.http_url}/healthz").status_code == 200
     assert httpx.get(f"{server.http_url}/readyz").status_code == 200
+
+
+def _raw(server, payload: bytes) -> bytes:
+    import socket
+
+    port = int(server.http_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+RAW_GARBAGE = [
+    b"GARBAGE\r\n\r\n",
+    b"GET /healthz HTTP/9.9\r\n\r\n",
+    b"POST /v1/activations HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{\"te",
+    b"POST /v1/activations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot hex\r\n0\r\n\r\n",
+    b"POST /v1/activations HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET /v1/features/%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /v1/activations HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"y" * 20000 + b"\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("payload", RAW_GARBAGE, ids=range(len(RAW_GARBAGE)))
+def test_malformed_http_never_gets_a_5xx_and_the_server_keeps_answering(server, payload):
+    answer = _raw(server, payload)
+    status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/") else b""
+    assert not status.startswith(b"5"), answer[:200]
+    assert httpx.get(f"{server.http_url}/healthz").status_code == 200
+
+
+def test_metric_labels_only_take_values_from_fixed_sets_after_the_fuzzing(server):
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import METHODS
+
+    codes = {c.name for c in grpc.StatusCode}
+    for family in text_string_to_metric_families(httpx.get(f"{server.http_url}/metrics").text):
+        for sample in family.samples:
+            labels = sample.labels
+            assert labels.get("method", "activations") in (*METHODS, "other"), sample
+            assert labels.get("protocol", "rest") in ("rest", "grpc"), sample
+            code = labels.get("code", "200")
+            assert re.fullmatch(r"\d{3}", code) or code in codes, sample
