@@ -46,11 +46,16 @@ class StepResult:
 
 
 def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
-    """Temperature, then top-k, then nucleus (top-p) filtering; temperature 0 is greedy."""
+    """Temperature, then top-k, then nucleus (top-p) filtering; temperature 0 is greedy. Extreme settings degrade
+    to greedy rather than to an invalid distribution: a temperature so small that the scaled logits overflow, or a
+    top_p so small that float32 rounds it to 0 (the most likely token is always kept)."""
     logits = logits.float()
+    greedy = int(logits.argmax())
     if cfg.temperature == 0:
-        return int(logits.argmax())
+        return greedy
     logits = logits / cfg.temperature
+    if not torch.isfinite(logits).all():
+        return greedy
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -59,8 +64,11 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator)
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays in)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    if not (torch.isfinite(probs).all() and float(probs.sum()) > 0):
+        return greedy
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -106,3 +106,10 @@ def test_greedy_generation_follows_the_models_argmax(client, reference_pair):
             logits = reference_pair.lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
         assert token.id == int(logits.argmax())
         ids.append(token.id)
+
+
+@pytest.mark.parametrize("settings", [dict(top_p=5e-324), dict(temperature=1e-300), dict(temperature=1e300, top_k=1)])
+def test_extreme_sampling_settings_still_generate(client, settings):
+    # found by fuzzing: a top_p that float32 rounds to 0 once dropped every token (a 500 before the fix)
+    result = client.generate(prompt=PROMPT, max_new_tokens=3, seed=1, **settings)
+    assert len(result.tokens) == 3
