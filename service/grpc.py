@@ -7,6 +7,7 @@ errors are the engine's on both transports; ServiceError maps to a status code t
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -52,12 +53,13 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self.engine = engine
         self.metrics = engine.metrics
 
-    async def _observed(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Message]], scope: str = "read") -> Message:
+    @asynccontextmanager
+    async def _accounting(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Metrics for one call, and its failures turned into status codes (unary and streaming alike)."""
         started, code = time.perf_counter(), grpc.StatusCode.OK
         self.metrics.inflight.inc()
         try:
-            self.engine.authorize(_authorization(context), scope)
-            return await call()
+            yield
         except ServiceError as exc:
             code = exc.grpc_code
             await _abort(context, exc)
@@ -68,6 +70,11 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             self.metrics.inflight.dec()
             self.metrics.requests.labels("grpc", method, code.name).inc()
             self.metrics.duration.labels("grpc", method).observe(time.perf_counter() - started)
+
+    async def _observed(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Message]], scope: str = "read") -> Message:
+        async with self._accounting(method, context):
+            self.engine.authorize(_authorization(context), scope)
+            return await call()
 
     async def Activations(self, request: pb.ActivationsRequest, context: grpc.aio.ServicerContext) -> pb.ActivationsResponse:
         async def call() -> Message:
@@ -92,31 +99,21 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         return await self._observed("generate", context, call)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateEvent]:
-        started, code = time.perf_counter(), grpc.StatusCode.OK
-        self.metrics.inflight.inc()
         events = None
-        try:
-            self.engine.authorize(_authorization(context), "read")
-            req = request_model(request, schemas.GenerateRequest)
-            self.engine.authorize_generate(_authorization(context), req)
-            events = self.engine.generate_events(req, _deadline(context))
-            async for event in events:
-                if isinstance(event, schemas.GenerateResponse):
-                    yield pb.GenerateEvent(done=to_message(event, pb.GenerateResponse))
-                else:
-                    yield pb.GenerateEvent(token=to_message(event, pb.GeneratedToken))
-        except ServiceError as exc:
-            code = exc.grpc_code
-            await _abort(context, exc)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
-        finally:
-            if events is not None:
-                await events.aclose()  # a cancelled stream stops asking the worker for steps
-            self.metrics.inflight.dec()
-            self.metrics.requests.labels("grpc", "generate", code.name).inc()
-            self.metrics.duration.labels("grpc", "generate").observe(time.perf_counter() - started)
+        async with self._accounting("generate", context):
+            try:
+                self.engine.authorize(_authorization(context), "read")
+                req = request_model(request, schemas.GenerateRequest)
+                self.engine.authorize_generate(_authorization(context), req)
+                events = self.engine.generate_events(req, _deadline(context))
+                async for event in events:
+                    if isinstance(event, schemas.GenerateResponse):
+                        yield pb.GenerateEvent(done=to_message(event, pb.GenerateResponse))
+                    else:
+                        yield pb.GenerateEvent(token=to_message(event, pb.GeneratedToken))
+            finally:
+                if events is not None:
+                    await events.aclose()  # a cancelled stream stops asking the worker for steps
 
     async def GetFeature(self, request: pb.GetFeatureRequest, context: grpc.aio.ServicerContext) -> pb.FeatureResponse:
         async def call() -> Message:
