@@ -69,6 +69,14 @@ class RunningServer:
 ADMIN_KEY = "test-admin-key"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory) -> Path:
     """reference v1 (the shipped one), reference v2 (same weights, fp32), and `stranger`: a dictionary for

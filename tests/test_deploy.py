@@ -4,7 +4,6 @@ service evaluates every PromQL expression of the rules and the Grafana dashboard
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import RunningServer
+from conftest import RunningServer, free_port
 from monosemantic.client import RestClient
 from monosemantic.shipped import reference_registry_path
 
@@ -63,10 +62,6 @@ def test_compose_and_the_dockerfile_point_at_files_that_exist():
                 assert (ROOT / source).exists(), source
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expressions() -> list[str]:
@@ -82,7 +77,7 @@ def prometheus(tmp_path_factory):
     """A real service with watched features, scraped every second by a real Prometheus loading the rules."""
     service = RunningServer(registry=reference_registry_path(), watch_features="267:def,2322:import")
     work = tmp_path_factory.mktemp("prometheus")
-    port = _free_port()
+    port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
         "rule_files": [str(DEPLOY / "prometheus" / "rules.yaml")],

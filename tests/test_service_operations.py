@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from monosemantic.client import GrpcClient, RestClient, ServiceCallError
-from conftest import ADMIN_KEY, RunningServer
+from conftest import ADMIN_KEY, RunningServer, free_port
 
 
 def _metric(server, metric_name, **labels):
@@ -230,12 +230,6 @@ def test_a_grpc_deadline_shorter_than_the_work_is_deadline_exceeded(server):
 
 
 # ---- the process: CLI, settings and graceful shutdown ----------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_help_lists_every_flag():
@@ -258,7 +252,7 @@ def test_a_missing_dictionary_stops_the_cli_with_a_one_line_cause(tmp_path):
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero():
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "MONOSEMANTIC_HTTP_PORT": str(http_port), "MONOSEMANTIC_GRPC_PORT": str(grpc_port)}
     process = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
