@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,9 +29,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from serve import free_port  # noqa: E402
+from serve import ServerProcess  # noqa: E402
 
-from monosemantic.artifact import HookRef, ModelRef, load_dictionary, publish  # noqa: E402
+from monosemantic.artifact import load_dictionary, publish  # noqa: E402
 from monosemantic.shipped import reference_registry_path  # noqa: E402
 from monosemantic.v1 import feature_service_pb2 as pb  # noqa: E402
 from monosemantic.v1 import feature_service_pb2_grpc as rpc  # noqa: E402
@@ -43,34 +41,10 @@ TEXTS = ["def main():\n    return sorted(items, key=len)\n", "import os\nimport 
          "for i in range(10):\n    print(i * i)\n", "<html><body><p>Hello</p></body></html>"]
 
 
-class Server:
-    def __init__(self, registry: Path, **env: str) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
-        environment = {**os.environ, "MONOSEMANTIC_REGISTRY": str(registry), "MONOSEMANTIC_HTTP_PORT": str(self.http_port),
-                       "MONOSEMANTIC_GRPC_PORT": str(self.grpc_port), "MONOSEMANTIC_ADMIN_KEY": ADMIN,
-                       "MONOSEMANTIC_DICTIONARY": "reference:1", **env}
-        self.process = subprocess.Popen([sys.executable, "-m", "service.cli"], env=environment, cwd=ROOT,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.url, self.target = f"http://127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read()[-500:]}")
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.process.pid}/status") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+def Server(registry: Path, **env: str) -> ServerProcess:
+    """The service on `registry` (reference v1 serving), admin key set, as its own process."""
+    return ServerProcess("ours", {"MONOSEMANTIC_REGISTRY": str(registry), "MONOSEMANTIC_ADMIN_KEY": ADMIN,
+                                  "MONOSEMANTIC_DICTIONARY": "reference:1", **env}, warm_up=False)
 
 
 def make_registry(root: Path) -> Path:

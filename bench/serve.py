@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -51,26 +50,41 @@ def texts_of_64_tokens(count: int) -> list[str]:
 
 
 class ServerProcess:
-    def __init__(self, kind: str, env: dict[str, str]) -> None:
+    """The real service (`kind="ours"`, `monosemantic-serve`) or the naive baseline, as its own process on free
+    ports, returned once it answers. The benches share it (serve, features, reliability)."""
+
+    def __init__(self, kind: str, env: dict[str, str], warm_up: bool = True) -> None:
         self.http_port, self.grpc_port = free_port(), free_port()
+        self.url, self.target = f"http://127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
         if kind == "naive":
             cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(self.http_port)]
         else:
             cmd = [sys.executable, "-m", "service.cli", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
-        self.process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-        url = f"http://127.0.0.1:{self.http_port}"
+        self.process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         deadline = time.time() + 120
         while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{kind} server exited: {self.process.stderr.read()[-500:]}")
             try:
-                httpx.post(f"{url}/v1/activations", json={"text": "warm up"}, timeout=5).raise_for_status()
-                return
+                # the naive baseline has no /readyz: a first request is its readiness check (and everyone's warm-up)
+                if kind == "naive" or warm_up:
+                    httpx.post(f"{self.url}/v1/activations", json={"text": "warm up"}, timeout=5).raise_for_status()
+                    return
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
             except (httpx.TransportError, httpx.HTTPStatusError):
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         raise RuntimeError(f"{kind} server did not start")
 
-    def stop(self) -> None:
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+    def stop(self) -> int:
+        """SIGTERM (the server drains), then its exit code."""
         self.process.terminate()
-        self.process.wait(30)
+        return self.process.wait(60)
 
 
 WARMUP_S = 1.0  # every client runs this long before latencies count: connections open, caches warm

@@ -67,7 +67,6 @@ class Worker:
         self._admitted = 0  # requests holding a slot (queued or running)
         self._coming = 0  # requests announced (being validated, tokenized) but not queued yet
         self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
-        self.busy = False
 
     def start(self) -> None:
         self._thread.start()
@@ -112,10 +111,6 @@ class Worker:
         finally:
             with self._cond:
                 self._admitted -= count
-
-    @property
-    def admitted_requests(self) -> int:
-        return self._admitted
 
     async def submit(self, job: Job, arrival: "_Arrival | None" = None) -> Any:
         """Queue a job and wait for its result (the request it belongs to was admitted with `admitted`)."""
@@ -179,15 +174,12 @@ class Worker:
                 live.append(job)
             if not live:
                 continue
-            self.busy = True
             try:
                 results = live[0].run(live)
             except ServiceError as exc:
                 results = [exc] * len(live)
             except Exception as exc:  # never let one bad batch kill the worker; the adapters answer INTERNAL
                 results = [exc] * len(live)
-            finally:
-                self.busy = False
             if self.on_batch is not None:
                 self.on_batch(len(live), sum(j.tokens for j in live))
             for job, result in zip(live, results):

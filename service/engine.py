@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 import secrets
-import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import torch
 
 from monosemantic.artifact import list_dictionaries, parse_reference, resolve_version
-from monosemantic.errors import ArtifactMismatch, ArtifactNotFound, ConfigError, MonosemanticError
+from monosemantic.errors import ArtifactNotFound, ConfigError, MonosemanticError
 from monosemantic.lm import LoadedLM, hook_dim
 from monosemantic import api as schemas
 from service.access import AccessControl
 from service.attribution import attribute
-from service.batcher import Job, Overloaded, Worker
+from service.batcher import Job, Worker
 from service.errors import ErrorKind, ServiceError, invalid, not_found, over_limit
 from service.generation import Generation, SamplingConfig
 from service.loaded import Loaded, load_model, load_pair
@@ -236,25 +235,26 @@ class Engine:
             ids = loaded.tokenize(text, prepend_bos=False).ids
             bos = [loaded.bos_id] if loaded.bos_id is not None else []
             chunks.extend(bos + ids[c : c + step] for c in range(0, len(ids), step))
-        if self._worker.admitted_requests + len(chunks) > s.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise Overloaded(s.max_queue)
-        for chunk in chunks:
-            job = Job(run=self._run_activations, payload=(loaded, chunk, 0, None), batch_key=("activations", id(loaded)), tokens=len(chunk))
-            task = asyncio.create_task(self._observe_one(loaded, job, skip_first=loaded.bos_id is not None))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        # Take one slot per window now (429 at once when they are not free); the background task gives them back.
+        slots = ExitStack()
+        slots.enter_context(self._admitted(len(chunks)))
+        task = asyncio.create_task(self._observe_all(loaded, chunks, slots))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return schemas.ObserveResponse(accepted=len(req.texts), tokens=sum(len(c) for c in chunks) - (len(chunks) if loaded.bos_id is not None else 0))
 
-    async def _observe_one(self, loaded: Loaded, job: Job, skip_first: bool) -> None:
-        try:
-            with self._worker.admitted():
-                sequence, _ = await self._submit(job)
-        except Exception:  # noqa: BLE001 - fire-and-forget: counted, never raised into the loop
-            self.metrics.observe_dropped.inc()
-            return
-        self.metrics.tokens_processed.inc(len(job.payload[1]))
-        self._monitor(loaded, sequence, skip_first)
+    async def _observe_all(self, loaded: Loaded, chunks: list[list[int]], slots: ExitStack) -> None:
+        with slots:
+            jobs = [Job(run=self._run_activations, payload=(loaded, chunk, 0, None), batch_key=("activations", id(loaded)), tokens=len(chunk))
+                    for chunk in chunks]
+            # fire-and-forget: failures are counted, never raised into the loop
+            results = await asyncio.gather(*(self._submit(job) for job in jobs), return_exceptions=True)
+        for chunk, result in zip(chunks, results):
+            if isinstance(result, BaseException):
+                self.metrics.observe_dropped.inc()
+                continue
+            self.metrics.tokens_processed.inc(len(chunk))
+            self._monitor(loaded, result[0], skip_first=loaded.bos_id is not None)
 
     # ---- attributions ------------------------------------------------------------------------------------------
     async def attributions(self, req: schemas.AttributionsRequest, deadline: float | None = None) -> schemas.AttributionsResponse:
@@ -293,7 +293,6 @@ class Engine:
 
     # ---- generate ----------------------------------------------------------------------------------------------
     def _generation(self, loaded: Loaded, req: schemas.GenerateRequest, steering: list[SteeringSpec], seed: int) -> Generation:
-        s = self.settings
         ids, _ = self._token_ids(loaded, "prompt", req.prompt, None, req.prepend_bos)
         if len(ids) >= loaded.max_positions:
             raise invalid("prompt", f"{len(ids)} tokens leave no room to generate in the model's context of {loaded.max_positions}")

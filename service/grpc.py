@@ -21,7 +21,7 @@ from monosemantic.wire import to_message, to_model
 from monosemantic.v1 import feature_service_pb2_grpc as pb_grpc
 from monosemantic import api as schemas
 from service.engine import Engine
-from service.errors import ErrorKind, ServiceError, from_validation_errors
+from service.errors import ServiceError, from_validation_errors
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 

@@ -179,12 +179,17 @@ def create_app(engine: Engine) -> FastAPI:
     async def generate(req: schemas.GenerateRequest, authorization: str | None = Header(None, include_in_schema=False)) -> Any:
         """Feature-steered generation; with `stream: true`, server-sent events token by token. Steering needs a key
         with the `steer` scope when keys are configured."""
-        await observed("generate", _as_async(lambda: engine.authorize_generate(authorization, req)))
+        events = engine.generate_events(req) if req.stream else None
+
+        async def start() -> Any:
+            # One request, counted once: the steer check, then the whole answer or (streaming) its first event,
+            # pulled before answering 200 so that a bad request still gets its 4xx status.
+            engine.authorize_generate(authorization, req)
+            return await (anext(events) if events is not None else engine.generate(req))
+
+        first = await observed("generate", start)
         if not req.stream:
-            return _json(await observed("generate", lambda: engine.generate(req)))
-        events = engine.generate_events(req)
-        # Pull the first event before answering 200, so a bad request still gets its 4xx status.
-        first = await observed("generate", lambda: anext(events))
+            return _json(first)
         return StreamingResponse(_sse(first, events, metrics), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/features/search", response_model=schemas.SearchFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})

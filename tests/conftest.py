@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from monosemantic.artifact import HookRef, ModelRef, load_dictionary, publish
+from monosemantic.artifact import ModelRef, load_dictionary, publish
 from monosemantic.client import GrpcClient, RestClient
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
 
@@ -67,6 +67,23 @@ class RunningServer:
 
 
 ADMIN_KEY = "test-admin-key"
+
+
+def wait_until_ok(url: str, timeout: float = 120.0) -> None:
+    """Poll GET url until it answers 200 (a process starting up), sleeping between tries."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer 200 within {timeout:.0f} s")
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import RunningServer, free_port
+from conftest import RunningServer, free_port, wait_until_ok
 from monosemantic.client import RestClient
 from monosemantic.shipped import reference_registry_path
 
@@ -88,13 +88,7 @@ def prometheus(tmp_path_factory):
                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/-/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_ok(f"{url}/-/ready", timeout=60)
         _wait_for(url, 'count_over_time(up{job="monosemantic"}[1m])', 1)  # the first scrape comes a few seconds in
         with RestClient(service.http_url) as client:
             for _ in range(3):

@@ -1,7 +1,6 @@
 """/v1/activations and FeatureService.Activations: per-token features, the same on both transports."""
 
 import pytest
-import torch
 
 from monosemantic.client import GrpcClient, RestClient
 from service.readout import hook_activations

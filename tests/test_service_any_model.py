@@ -80,7 +80,8 @@ def test_attribution_before_the_last_block_is_first_order_and_reports_its_remain
         running.stop()
     assert not result.exact
     assert result.value == pytest.approx(_plain_logit(lm, TEXT, 7), rel=1e-5, abs=1e-6)
-    assert result.remainder == pytest.approx(result.value - result.features_total - result.error - result.rest, abs=1e-6)
+    # Two blocks lie after the hook: the linear decomposition misses something, and the response says how much.
+    assert abs(result.remainder) > 1e-3 * abs(result.value)
 
 
 def test_steered_generation_pins_the_feature_on_the_users_model(llama_server):

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from monosemantic.client import GrpcClient, RestClient, ServiceCallError
-from conftest import ADMIN_KEY, RunningServer, free_port
+from conftest import ADMIN_KEY, RunningServer, free_port, wait_until_ok
 
 
 def _metric(server, metric_name, **labels):
@@ -67,6 +67,14 @@ def test_metrics_count_requests_by_protocol_method_and_code(server):
     assert _metric(server, "monosemantic_requests_total", protocol="rest", method="activations", code="200") == before + 2
     assert _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="INVALID_ARGUMENT") == before_grpc + 1
     assert _metric(server, "monosemantic_dictionary_info", name="reference") == 1
+
+
+def test_a_generation_is_counted_once_streamed_or_not(server):
+    before = _metric(server, "monosemantic_requests_total", protocol="rest", method="generate", code="200") or 0
+    with RestClient(server.http_url) as rest:
+        rest.generate(prompt="def ", max_new_tokens=2, seed=1)
+        list(rest.generate_stream(prompt="def ", max_new_tokens=2, seed=1))
+    assert _metric(server, "monosemantic_requests_total", protocol="rest", method="generate", code="200") == before + 2
     assert _metric(server, "monosemantic_tokens_processed_total") > 0
 
 
@@ -257,13 +265,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero():
     process = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{http_port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_ok(f"{url}/readyz")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.post, f"{url}/v1/generate", json={"prompt": "def ", "max_new_tokens": 200, "seed": 1}, timeout=60)
             time.sleep(0.3)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from monosemantic.artifact import load_dictionary, verify
 from monosemantic.lm import hook_dim, load_lm
