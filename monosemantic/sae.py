@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import Tensor, nn
 
 from monosemantic.errors import ConfigError, describe_validation_error
+from monosemantic.support import Support, decode_support, support_pre_activations
 
 Architecture = Literal["relu", "topk", "jumprelu"]
 
@@ -61,11 +62,12 @@ class SAEOutput:
     """One forward pass: the reconstruction, the codes and the loss terms (in normalised units)."""
 
     x_hat: Tensor  # raw units, like the input
-    features: Tensor  # [batch, d_sae] feature activations
+    features: Tensor  # [batch, d_sae] feature activations (a sparse COO tensor from forward_sparse)
     mse: Tensor  # mean over the batch of ‖x − x̂‖² summed over dimensions (normalised space)
     sparsity: Tensor  # the architecture's sparsity penalty before its coefficient (L1 or L0)
     aux: Tensor  # auxiliary loss already weighted (AuxK for TopK); 0 for others
     l0: Tensor  # mean active features per token (no gradient)
+    fired: Tensor  # bool [d_sae]: features active on at least one token of the batch
 
 
 SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
@@ -135,6 +137,49 @@ class SparseAutoencoder(nn.Module):
             sparsity=self.sparsity_penalty(pre, features),
             aux=torch.zeros((), device=x.device),
             l0=(torch.count_nonzero(features.detach()) / max(1, features.numel() // features.shape[-1])).float(),
+            fired=(features.detach() > 0).reshape(-1, self.cfg.d_sae).any(0),
+        )
+
+    # ---- the same step over only the active latents (monosemantic/support.py) ---------------------
+    def support(self, pre: Tensor) -> Support:
+        """The (token, latent) pairs through which any gradient of the loss flows."""
+        raise NotImplementedError
+
+    def activate_support(self, pre_values: Tensor, support: Support) -> Tensor:
+        raise NotImplementedError
+
+    def support_sparsity(self, pre_values: Tensor, values: Tensor, support: Support) -> Tensor:
+        raise NotImplementedError
+
+    def aux_loss_sparse(self, pre: Tensor, centred: Tensor, error: Tensor, dead_mask: Tensor | None) -> Tensor:
+        return torch.zeros((), device=pre.device)
+
+    def encode_support(self, x_n: Tensor) -> tuple[Tensor, Tensor, Support, Tensor]:
+        """Dense pre-activations without autograd, the support, and its differentiable pre-activations."""
+        with torch.no_grad():
+            centred = x_n - self.b_dec
+            pre = torch.addmm(self.b_enc, centred, self.W_enc)
+            support = self.support(pre)
+        return pre, centred, support, support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.b_dec)
+
+    def forward_sparse(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        """``forward`` for a training batch [batch, d_in], with the decoder and every backward matmul restricted to
+        the support: the same loss and gradients (to rounding), far cheaper once L0 ≪ d_sae."""
+        x_n = x.float() * self.cfg.input_scale
+        pre, centred, support, pre_values = self.encode_support(x_n)
+        values = self.activate_support(pre_values, support)
+        x_hat_n = decode_support(values, support, self.W_dec) + self.b_dec
+        error = x_n - x_hat_n.float()
+        batch = x.shape[0]
+        return SAEOutput(
+            x_hat=x_hat_n / self.cfg.input_scale,
+            features=torch.sparse_coo_tensor(torch.stack([support.rows, support.cols]), values.detach(), (batch, self.cfg.d_sae),
+                                            is_coalesced=True, check_invariants=False),
+            mse=error.pow(2).sum(-1).mean(),
+            sparsity=self.support_sparsity(pre_values, values, support),
+            aux=self.aux_loss_sparse(pre, centred, error.detach(), dead_mask),
+            l0=(torch.count_nonzero(values.detach()) / max(1, batch)).float(),
+            fired=support.fired(values.detach()),
         )
 
     # ---- decoder geometry (Bricken et al. 2023, "Interaction between Adam and decoder normalisation") ----
@@ -185,6 +230,15 @@ class ReluSAE(SparseAutoencoder):
         # With unit-norm decoder rows the plain L1 of f is the paper's penalty.
         return features.sum(-1, dtype=torch.float32).mean()
 
+    def support(self, pre: Tensor) -> Support:
+        return Support.from_mask(pre > 0)
+
+    def activate_support(self, pre_values: Tensor, support: Support) -> Tensor:
+        return F.relu(pre_values)
+
+    def support_sparsity(self, pre_values: Tensor, values: Tensor, support: Support) -> Tensor:
+        return values.sum() / support.batch
+
 
 @register("topk")
 class TopKSAE(SparseAutoencoder):
@@ -224,7 +278,29 @@ class TopKSAE(SparseAutoencoder):
             sparsity=torch.zeros((), device=x.device),
             aux=aux,
             l0=(values > 0).float().sum(-1).mean().detach(),
+            fired=(features.detach() > 0).reshape(-1, self.cfg.d_sae).any(0),
         )
+
+    def support(self, pre: Tensor) -> Support:
+        # The k chosen latents per token: the encoder's backward costs O(batch·k·d_in), not two dense matmuls.
+        return Support.from_indices(pre.topk(self.cfg.k, dim=-1, sorted=False).indices, self.cfg.d_sae)
+
+    def activate_support(self, pre_values: Tensor, support: Support) -> Tensor:
+        return F.relu(pre_values)
+
+    def support_sparsity(self, pre_values: Tensor, values: Tensor, support: Support) -> Tensor:
+        return torch.zeros((), device=pre_values.device)
+
+    def aux_loss_sparse(self, pre: Tensor, centred: Tensor, error: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """``_aux_loss`` with the dead latents' encoder gradient taken on their top-k_aux support only."""
+        if dead_mask is None or not bool(dead_mask.any()):
+            return torch.zeros((), device=pre.device)
+        k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
+        with torch.no_grad():
+            indices = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
+        support = Support.from_indices(indices, self.cfg.d_sae)
+        values = F.relu(support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.b_dec))
+        return self.AUX_COEFFICIENT * self._normalised_residual(decode_support(values, support, self.W_dec), error)
 
     def _aux_loss(self, pre: Tensor, error: Tensor, dead_mask: Tensor) -> Tensor:
         # AuxK (Gao et al. 2024 §2.4, App. A.2): the top-k_aux *dead* latents model the main residual error,
@@ -233,10 +309,13 @@ class TopKSAE(SparseAutoencoder):
         dead_pre = pre.masked_fill(~dead_mask, -math.inf)
         values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
         error_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values).to(self.W_dec.dtype), mode="sum")
+        return self._normalised_residual(error_hat, error)
+
+    @staticmethod
+    def _normalised_residual(error_hat: Tensor, error: Tensor) -> Tensor:
         residual = (error_hat.float() - error).pow(2).sum(-1).mean()
         scale = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-        loss = residual / scale
-        return torch.nan_to_num(loss, nan=0.0)
+        return torch.nan_to_num(residual / scale, nan=0.0)
 
 
 class _JumpReLUFunction(torch.autograd.Function):
@@ -255,7 +334,7 @@ class _JumpReLUFunction(torch.autograd.Function):
         eps = ctx.bandwidth
         in_window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
         grad_pre = (pre > threshold).to(grad.dtype) * grad
-        grad_threshold = (-(threshold / eps) * in_window * grad).sum(0)
+        grad_threshold = (-(threshold / eps) * in_window * grad).sum_to_size(threshold.shape)
         return grad_pre, grad_threshold, None
 
 
@@ -273,7 +352,7 @@ class _StepFunction(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         in_window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        return None, (-(1.0 / eps) * in_window * grad).sum(0), None
+        return None, (-(1.0 / eps) * in_window * grad).sum_to_size(threshold.shape), None
 
 
 @register("jumprelu")
@@ -301,6 +380,16 @@ class JumpReLUSAE(SparseAutoencoder):
     def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
         active = _StepFunction.apply(self._flat(pre), self.threshold.to(pre.dtype), self.cfg.bandwidth)
         return active.float().sum(-1).mean()
+
+    def support(self, pre: Tensor) -> Support:
+        # The active latents and those inside the pseudo-gradient window |z − θ| < ε/2, whose θ still learns.
+        return Support.from_mask(pre > (self.threshold.detach() - self.cfg.bandwidth / 2).to(pre.dtype))
+
+    def activate_support(self, pre_values: Tensor, support: Support) -> Tensor:
+        return _JumpReLUFunction.apply(pre_values, self.threshold[support.cols], self.cfg.bandwidth)
+
+    def support_sparsity(self, pre_values: Tensor, values: Tensor, support: Support) -> Tensor:
+        return _StepFunction.apply(pre_values, self.threshold[support.cols], self.cfg.bandwidth).sum() / support.batch
 
     def tensors(self) -> dict[str, Tensor]:
         out = super().tensors()

@@ -60,6 +60,29 @@ def test_topk_sparse_decoder_equals_the_dense_product():
     assert torch.allclose(out.x_hat, sae.decode(out.features), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
+def test_the_support_step_has_the_same_loss_and_gradients_as_the_dense_step(arch):
+    cfg = SAEConfig.build(architecture=arch, d_in=32, d_sae=128, k=8 if arch == "topk" else None, k_aux=16, bandwidth=0.5)
+    sae = build_sae(cfg, seed=1)
+    with torch.no_grad():
+        sae.b_enc.normal_(-0.3, 0.3)
+        sae.b_dec.normal_()
+    x, dead = torch.randn(64, 32), torch.arange(128) % 3 == 0
+    results = []
+    for forward in (sae.forward, sae.forward_sparse):
+        sae.zero_grad()
+        out = forward(x, dead_mask=dead)
+        (out.mse + 0.7 * out.sparsity + out.aux).backward()
+        results.append((out, {name: p.grad.clone() for name, p in sae.named_parameters()}))
+    (dense, dense_grads), (support, support_grads) = results
+    for term in ("mse", "sparsity", "aux", "l0"):
+        assert torch.allclose(getattr(dense, term), getattr(support, term), rtol=1e-5), term
+    assert torch.equal(dense.fired, support.fired)
+    assert torch.allclose(dense.features, support.features.to_dense(), atol=1e-6)
+    for name, grad in dense_grads.items():
+        assert torch.allclose(grad, support_grads[name], rtol=1e-4, atol=1e-5), name
+
+
 def test_jumprelu_thresholds_receive_gradient_from_the_l0_penalty():
     sae = build_sae(SAEConfig.build(architecture="jumprelu", d_in=8, d_sae=16, bandwidth=10.0), seed=0)
     sae(torch.randn(64, 8)).sparsity.backward()

@@ -18,8 +18,9 @@ def source():
 
 
 def _config(**overrides):
+    # sparse_step_density 0.2 (L0 < 9.6): these runs switch from the dense to the support step part-way.
     fields = dict(architecture="relu", d_sae=48, tokens=80_000, batch_size=256, lr=3e-3, seed=3, target_l0=4.0,
-                  checkpoint_every=50, log_every=10)
+                  checkpoint_every=50, log_every=10, sparse_step_density=0.2)
     return TrainConfig.build(**{**fields, **overrides})
 
 
@@ -95,3 +96,15 @@ def test_a_batch_larger_than_the_data_is_refused(source):
 def test_an_invalid_training_option_names_its_field(field, value):
     with pytest.raises(ConfigError, match=field):
         _config(**{field: value})
+
+
+def test_training_switches_to_the_support_step_once_the_running_l0_is_sparse(source):
+    history = Trainer(_config(log_every=1), source).run(progress=False).history
+    assert not history[0]["sparse_step"]  # the first step has no L0 yet; a fresh SAE fires about half its latents
+    assert history[-1]["sparse_step"] and history[-1]["l0"] < 0.2 * 48
+
+
+def test_a_zero_sparse_step_density_always_takes_the_dense_step(source):
+    history = Trainer(_config(log_every=1, sparse_step_density=0.0), source).run(progress=False).history
+    assert not any(h["sparse_step"] for h in history)
+

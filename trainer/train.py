@@ -49,6 +49,10 @@ class TrainConfig(BaseModel):
     dead_window_tokens: int | None = Field(default=None, gt=0, description="a feature unfired this long is dead")
     bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU STE bandwidth (normalised units)")
     bf16: bool = Field(default=True, description="bf16 autocast for the matmuls (fp32 master weights)")
+    sparse_step_density: float = Field(
+        default=0.04, ge=0, le=1,
+        description="take the support-restricted step (monosemantic/support.py) while L0 is below this share of "
+                    "d_sae; 0 always takes the dense step")
     seed: int = 0
     log_every: int = Field(default=50, gt=0)
     checkpoint_every: int = Field(default=500, gt=0, description="steps between checkpoints")
@@ -118,7 +122,9 @@ class Trainer:
             # Bricken et al.: b_dec starts at the geometric median of the data (in normalised units here).
             self.sae.b_dec.copy_(geometric_median(sample[:8192] * self.input_scale))
         self.variance = float((sample * self.input_scale).var(0, unbiased=False).sum())  # for the live FVU
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        # The fused kernel does Adam's whole update in one pass per tensor: 11× faster than the foreach one on this
+        # CPU (1.2 ms against 13.6 ms for 4M parameters), the same maths.
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         self.step = 0
         self.coefficient = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else DEFAULT_SPARSITY[cfg.architecture]
         self.l0_ema: float | None = None
@@ -156,8 +162,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         dead_mask = (self.tokens_since_fired >= self.dead_window) if cfg.architecture == "topk" else None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = sae(batch, dead_mask=dead_mask)
+        sparse = self.sparse_step()
+        forward = sae.forward_sparse if sparse else sae.forward
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = forward(batch, dead_mask=dead_mask)
         coefficient = self.coefficient * self.sparsity_warmup(self.step)
         loss = out.mse + coefficient * out.sparsity + out.aux
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,9 +175,8 @@ class Trainer:
         self.optimizer.step()
         sae.normalize_decoder()
 
-        fired = (out.features > 0).any(0)
         self.tokens_since_fired += batch.shape[0]
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired[out.fired] = 0
         l0 = float(out.l0)
         previous = self.l0_ema if self.l0_ema is not None else l0
         self.l0_ema = l0 if self.l0_ema is None else 0.9 * self.l0_ema + 0.1 * l0
@@ -180,7 +187,17 @@ class Trainer:
         mse = float(out.mse.detach())
         return {"step": self.step, "mse": mse, "fvu": mse / self.variance, "l0": l0,
                 "aux": float(out.aux.detach()), "coefficient": self.coefficient, "lr": self.lr_at(self.step - 1),
+                "sparse_step": sparse,
                 "dead_fraction": float((self.tokens_since_fired >= self.dead_window).float().mean())}
+
+    def sparse_step(self) -> bool:
+        """Whether this step runs on the support only: gradients equal to rounding, and 3.4× faster at L0 11 of
+        4,096 but slower past ~7% density (bench/train_sae.py), so it waits until the running L0 is low."""
+        if self.cfg.sparse_step_density <= 0:
+            return False
+        if self.cfg.architecture == "topk":
+            return self.sae.cfg.k <= self.cfg.sparse_step_density * self.cfg.d_sae
+        return self.l0_ema is not None and self.l0_ema < self.cfg.sparse_step_density * self.cfg.d_sae
 
     def _steer_coefficient(self, l0: float, previous_l0: float) -> None:
         # Users think in L0, not λ: after the sparsity warm-up, move log λ by a small step proportional to
