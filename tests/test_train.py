@@ -48,11 +48,7 @@ def test_resume_refuses_a_checkpoint_written_with_another_config(source, tmp_pat
         Trainer(_config(lr=1e-3), source, tmp_path / "ckpt").run(resume=True, progress=False)
 
 
-JUMPRELU_OVERSHOOT = pytest.mark.xfail(strict=True, reason="known gap: JumpReLU thresholds move at Adam's pace, so the "
-                                       "controller overshoots and L0 settles near half the target within this budget")
-
-
-@pytest.mark.parametrize("arch, target", [("relu", 2.0), ("relu", 8.0), pytest.param("jumprelu", 8.0, marks=JUMPRELU_OVERSHOOT)])
+@pytest.mark.parametrize("arch, target", [("relu", 2.0), ("relu", 8.0), ("jumprelu", 8.0)])
 def test_target_l0_steers_the_sparsity_coefficient_towards_the_requested_l0(source, arch, target):
     cfg = _config(architecture=arch, target_l0=target, tokens=400_000, controller_gain=0.05)
     result = Trainer(cfg, source).run(progress=False)

@@ -127,7 +127,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         self.step = 0
         self.coefficient = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else DEFAULT_SPARSITY[cfg.architecture]
-        self.l0_ema: float | None = None
+        self.l0_ema: float | None = None  # L0 over the last ~10 steps
+        self.l0_slow: float | None = None  # over the last ~100: the trend is fast against slow, not step against step
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
         self.history: list[dict] = []
         self.dead_window = cfg.dead_window_tokens or self._default_dead_window()
@@ -178,9 +179,9 @@ class Trainer:
         self.tokens_since_fired += batch.shape[0]
         self.tokens_since_fired[out.fired] = 0
         l0 = float(out.l0)
-        previous = self.l0_ema if self.l0_ema is not None else l0
         self.l0_ema = l0 if self.l0_ema is None else 0.9 * self.l0_ema + 0.1 * l0
-        self._steer_coefficient(self.l0_ema, previous)
+        self.l0_slow = l0 if self.l0_slow is None else 0.99 * self.l0_slow + 0.01 * l0
+        self._steer_coefficient(self.l0_ema, self.l0_slow)
         self.step += 1
         if self.step in self.resample_steps:
             self.resample_dead_features()
@@ -199,18 +200,20 @@ class Trainer:
             return self.sae.cfg.k <= self.cfg.sparse_step_density * self.cfg.d_sae
         return self.l0_ema is not None and self.l0_ema < self.cfg.sparse_step_density * self.cfg.d_sae
 
-    def _steer_coefficient(self, l0: float, previous_l0: float) -> None:
+    def _steer_coefficient(self, l0: float, slow_l0: float) -> None:
         # Users think in L0, not λ: after the sparsity warm-up, move log λ by a small step proportional to
         # log(L0 / target). Multiplicative, so it works whatever scale λ lives on. Conditional integration
         # (no step while L0 is already moving towards the target) prevents wind-up: JumpReLU thresholds move
         # at Adam's pace whatever λ is, and an integrator that kept pushing would overshoot by orders of magnitude.
+        # The trend compares the ~10-step mean with the ~100-step mean: step against step, L0's noise made the
+        # trend's sign a coin toss, so λ kept integrating on half the steps (JumpReLU: λ ×60, then L0 at 40% of target).
         cfg = self.cfg
         if cfg.target_l0 is None or cfg.architecture == "topk" or self.sparsity_warmup(self.step) < 1.0:
             return
         if self.step >= int((1 - cfg.lr_decay_fraction) * cfg.steps):
             return  # hold λ fixed while the learning rate anneals, so the end point is a fixed objective
         error = math.log(max(l0, 1e-3) / cfg.target_l0)
-        trend = math.log(max(l0, 1e-3) / max(previous_l0, 1e-3))
+        trend = math.log(max(l0, 1e-3) / max(slow_l0, 1e-3))
         if error * trend < 0:
             return
         self.coefficient *= math.exp(cfg.controller_gain * max(-0.5, min(0.5, error)))
@@ -266,7 +269,7 @@ class Trainer:
         tmp.replace(self.checkpoint_dir / "state.safetensors")
         adam_steps = {n: float(self.optimizer.state[p]["step"]) for n, p in self.sae.named_parameters() if p in self.optimizer.state}
         write_json_atomic(self.checkpoint_dir / "state.json", {
-            "step": self.step, "coefficient": self.coefficient, "l0_ema": self.l0_ema, "input_scale": self.input_scale,
+            "step": self.step, "coefficient": self.coefficient, "l0_ema": self.l0_ema, "l0_slow": self.l0_slow, "input_scale": self.input_scale,
             "variance": self.variance, "adam_steps": adam_steps, "config": self.cfg.model_dump(mode="json"),
             "source": self.source.description,
             "history": self.history,
@@ -294,6 +297,7 @@ class Trainer:
                 }
         self.tokens_since_fired = tensors["tokens_since_fired"].clone()
         self.step, self.coefficient, self.l0_ema = state["step"], state["coefficient"], state["l0_ema"]
+        self.l0_slow = state.get("l0_slow", self.l0_ema)
         self.input_scale, self.variance, self.history = state["input_scale"], state["variance"], state["history"]
         self.sae.cfg = self.sae.cfg.model_copy(update={"input_scale": self.input_scale})
         return True
