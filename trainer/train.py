@@ -45,7 +45,11 @@ class TrainConfig(BaseModel):
     sparsity_warmup_fraction: float = Field(default=0.05, ge=0, le=1)
     controller_gain: float = Field(default=0.005, ge=0, description="per-step log-λ change per unit log L0 error")
     grad_clip: float = Field(default=1.0, gt=0)
-    resample_fractions: tuple[float, ...] = Field(default=(0.1, 0.2, 0.3, 0.4, 0.5), description="ReLU: when to resample dead features")
+    # Every 5% of the run until 75%: on the reference harvest (4M tokens) this left 23% of features dead at the end
+    # against 64% with resampling at 10-50% only, and a lower FVU (0.24 against 0.25); features that die after the
+    # last resample have no second chance, so resampling goes on until the learning rate starts to anneal.
+    resample_fractions: tuple[float, ...] = Field(default=tuple(round(0.05 * i, 2) for i in range(1, 16)),
+                                                  description="ReLU: when to resample dead features")
     dead_window_tokens: int | None = Field(default=None, gt=0, description="a feature unfired this long is dead")
     bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU STE bandwidth (normalised units)")
     bf16: bool = Field(default=True, description="bf16 autocast for the matmuls (fp32 master weights)")
