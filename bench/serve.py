@@ -2,10 +2,15 @@
 per-request FastAPI baseline — all measured in the same run.
 
 For each configuration the server runs in its own process; a separate load process drives N closed-loop
-clients (asyncio) sending activations requests for 64-token texts, and reports requests/s and p50/p99 latency.
-Then tokens/s of generate (REST, 4 concurrent streams).
+clients sending activations requests for 64-token texts, and reports requests/s and p50/p99 latency. Then
+tokens/s of generate (REST, 4 concurrent streams).
 
-    python bench/serve.py [--seconds 6] [--clients 1,8,32,128]
+The REST load comes from `wrk` (C; `apt-get install wrk`) when it is installed, else from Python (httpx). The
+machine has 2 cores that the load generator shares with the server, so a client that spends a millisecond of
+CPU per request measures itself as much as the server: httpx took about half the CPU at 240 req/s. gRPC load
+is always Python (grpc.aio), as there is no packaged gRPC load tool here.
+
+    python bench/serve.py [--seconds 6] [--clients 1,8,32,128] [--load-generator wrk|python]
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import asyncio
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,7 +159,47 @@ def load_main(args: argparse.Namespace) -> None:
     print(json.dumps({"rps": len(latencies) / elapsed, "p50": p(0.5), "p99": p(0.99), "n": len(latencies)}))
 
 
-def measure(url: str, protocol: str, texts_file: Path, clients: int, seconds: float) -> dict:
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = { %s }
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, "/v1/activations", nil, bodies[(i %% #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d, "failed": %%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def measure_wrk(url: str, texts: list[str], clients: int, seconds: float) -> dict:
+    """wrk, one thread, `clients` keep-alive connections, after a warm-up run of WARMUP_S that is thrown away."""
+    bodies = ", ".join(f"[==[{json.dumps({'text': t, 'top_k': 10})}]==]" for t in texts)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % bodies)
+    try:
+        def run(duration: float) -> dict:
+            out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(duration))}s", "--timeout", "60s",
+                                  "-s", script.name, url], capture_output=True, text=True, check=True).stdout
+            return json.loads(next(line for line in out.splitlines() if line.startswith('{"requests"')))
+
+        run(WARMUP_S)
+        r = run(seconds)
+    finally:
+        os.unlink(script.name)
+    if r["failed"]:
+        raise RuntimeError(f"wrk: {r['failed']} of {r['requests']} requests failed against {url}")
+    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50": r["p50_us"] / 1e6, "p99": r["p99_us"] / 1e6, "n": r["requests"]}
+
+
+def measure(url: str, protocol: str, texts_file: Path, clients: int, seconds: float, generator: str = "python") -> dict:
+    if protocol == "rest" and generator == "wrk":
+        return measure_wrk(url, json.loads(texts_file.read_text()), clients, seconds)
     out = subprocess.run(
         [sys.executable, __file__, "--load", "--url", url, "--protocol", protocol, "--texts", str(texts_file), "--load-clients", str(clients), "--seconds", str(seconds)],
         capture_output=True, text=True, check=True,
@@ -179,6 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--clients", default="1,8,32,128")
+    parser.add_argument("--load-generator", choices=("wrk", "python"), default="wrk" if shutil.which("wrk") else "python",
+                        help="REST load: wrk (the default when installed) or httpx")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--protocol", help=argparse.SUPPRESS)
@@ -189,6 +238,7 @@ def main() -> None:
         return load_main(args)
 
     levels = [int(c) for c in args.clients.split(",")]
+    print(f"REST load generator: {args.load_generator}; gRPC load generator: python (grpc.aio)", flush=True)
     texts_file = Path(os.environ.get("TMPDIR", "/tmp")) / "monosemantic-bench-texts.json"
     texts_file.write_text(json.dumps(texts_of_64_tokens(64)))
     configs = [
@@ -204,7 +254,7 @@ def main() -> None:
             for protocol in protocols:
                 url = f"http://127.0.0.1:{server.http_port}" if protocol == "rest" else f"127.0.0.1:{server.grpc_port}"
                 for clients in levels:
-                    r = results[(name, protocol, clients)] = measure(url, protocol, texts_file, clients, args.seconds)
+                    r = results[(name, protocol, clients)] = measure(url, protocol, texts_file, clients, args.seconds, args.load_generator)
                     print(f"{name:9s} {protocol:4s} clients={clients:4d}  {r['rps']:8.1f} req/s  p50 {r['p50']*1000:7.1f} ms  p99 {r['p99']*1000:7.1f} ms  (p99/p50 {r['p99']/r['p50']:.2f})", flush=True)
             if kind == "ours":
                 gen[name] = generate_rate(f"http://127.0.0.1:{server.http_port}", 4, 64)

@@ -9,12 +9,17 @@ Prints ratios, never absolute bounds: these machines are noisy.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from trainer.activations import ActivationSource
-from trainer.train import TrainConfig, Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (bench/peers.py: the SAELens and sparsify steps; imports neither until asked)
+
+from trainer.activations import ActivationSource  # noqa: E402
+from trainer.train import TrainConfig, Trainer  # noqa: E402
 
 D_IN, D_SAE, BATCH = 512, 4096, 4096
 FLOP_PER_TOKEN_DENSE = 6 * 2 * D_IN * D_SAE  # 3 matmuls forward+backward for each of encoder and decoder
@@ -37,17 +42,28 @@ def mlp_like_data(rows: int, seed: int = 0) -> ActivationSource:
     return ActivationSource(parts=[x.numpy()], dtype="float32")
 
 
-def ours(arch: str, source: ActivationSource, steps: int, bf16: bool) -> float:
+SETTLE_CAP = 400  # steps allowed for L0 to fall below the support step's density before timing
+
+
+def ours(arch: str, source: ActivationSource, steps: int, bf16: bool, settle: bool = True) -> tuple[float, int]:
+    """Our training step's tokens/s, and the steps it took to settle. With ``settle``, timing starts once the run has
+    reached the regime most of a run is spent in (L0 near its target, so the support step is taken), with the
+    sparsity coefficient at full strength from the first step so that this takes tens of steps, not hundreds."""
     options = {"topk": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}[arch]
-    trainer = Trainer(TrainConfig.build(architecture=arch, d_sae=D_SAE, tokens=(steps + 3) * BATCH, batch_size=BATCH,
-                                        bf16=bf16, **options), source)
+    trainer = Trainer(TrainConfig.build(architecture=arch, d_sae=D_SAE, tokens=(SETTLE_CAP + steps + 3) * BATCH,
+                                        batch_size=BATCH, bf16=bf16, sparsity_warmup_fraction=0.0,
+                                        sparse_step_density=0.04 if settle else 0.0, **options), source)
     batches = source.batches(BATCH, seed=0)
+    settled = 0
+    while settle and not trainer.sparse_step() and settled < SETTLE_CAP:
+        trainer.train_step(next(batches))
+        settled += 1
     for _ in range(3):
         trainer.train_step(next(batches))
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(next(batches))
-    return steps * BATCH / (time.perf_counter() - start)
+    return steps * BATCH / (time.perf_counter() - start), settled
 
 
 def quality(arch: str, source: ActivationSource, tokens: int) -> dict[str, float]:
@@ -61,15 +77,29 @@ def quality(arch: str, source: ActivationSource, tokens: int) -> dict[str, float
     return out
 
 
-def report_missing_peers() -> None:
-    """The peer rows (SAELens, sparsify) need the `bench` extra; say so instead of printing a number."""
-    for module, name in (("sae_lens", "SAELens"), ("sparsify", "sparsify")):
-        try:
-            __import__(module)
-        except ImportError:
-            print(f"  {name} not installed (pip install -e '.[bench]'): its step is not measured")
-        else:
-            print(f"  {name} is installed, but its step is not yet wired into this script")
+def report_peers(source: ActivationSource, steps: int, ours_rates: dict[str, dict[bool, float]]) -> None:
+    """The peer rows (SAELens standard and JumpReLU, sparsify TopK) on the same data, then ours/peer per architecture.
+
+    A ratio compares the best of fp32 / bf16 autocast on each side (and, for sparsify, the best of its optimizers):
+    each tool at its fastest setting here. A package that is not installed is named instead of measured.
+    """
+    rows, notes = peers.measure(source, D_SAE, BATCH, steps, k=32)
+    print(f"peers, same data and shapes ({peers.WARMUP_STEPS} warm-up steps, then {steps} timed):")
+    for row in rows:
+        print(f"  {row.package} {row.label}, {'bf16-autocast' if row.autocast else 'fp32'}: {row.tokens_per_s:,.0f} tok/s")
+    for note in notes:
+        print(f"  {note}")
+    for arch, package in (("relu", "SAELens"), ("jumprelu", "SAELens"), ("topk", "sparsify")):
+        candidates = [row for row in rows if row.ours == arch]
+        if not candidates:
+            print(f"  ours/peer {arch:>8}: not measured ({package} row missing)")
+            continue
+        best = max(candidates, key=lambda row: row.tokens_per_s)
+        ours_bf16 = ours_rates[arch][True] >= ours_rates[arch][False]
+        ours_best = ours_rates[arch][ours_bf16]
+        print(f"  ours/peer {arch:>8}: {ours_best / best.tokens_per_s:.2f}x (ours {'bf16-autocast' if ours_bf16 else 'fp32'} "
+              f"{ours_best:,.0f} tok/s vs {best.package} {best.label}, {'bf16-autocast' if best.autocast else 'fp32'} "
+              f"{best.tokens_per_s:,.0f} tok/s)")
 
 
 def main() -> None:
@@ -81,15 +111,21 @@ def main() -> None:
     print(f"matmul {BATCH}x{D_IN}x{D_SAE}: fp32 {fp32 / 1e9:.0f} GFLOP/s, bf16 {bf16 / 1e9:.0f} GFLOP/s (bf16/fp32 = {bf16 / fp32:.2f}x)")
     print(f"dense-step ceiling: fp32 {fp32 / FLOP_PER_TOKEN_DENSE:,.0f} tok/s, bf16 {bf16 / FLOP_PER_TOKEN_DENSE:,.0f} tok/s")
     source = mlp_like_data(16 * BATCH)
+    ours_rates: dict[str, dict[bool, float]] = {}  # architecture → {bf16: tok/s}, for the peer ratios
     for arch in ("relu", "topk", "jumprelu"):
-        rate32, rate16 = ours(arch, source, args.steps, bf16=False), ours(arch, source, args.steps, bf16=True)
-        print(f"{arch:>8}: fp32 {rate32:,.0f} tok/s, bf16-autocast {rate16:,.0f} tok/s "
-              f"(= {rate16 * FLOP_PER_TOKEN_DENSE / bf16:.0%} of the bf16 dense ceiling; bf16/fp32 = {rate16 / rate32:.2f}x)")
+        dense32, _ = ours(arch, source, args.steps, bf16=False, settle=False)
+        dense16, _ = ours(arch, source, args.steps, bf16=True, settle=False)
+        print(f"{arch:>8} dense step: fp32 {dense32:,.0f} tok/s, bf16-autocast {dense16:,.0f} tok/s "
+              f"(= {dense16 * FLOP_PER_TOKEN_DENSE / bf16:.0%} of the bf16 dense ceiling; bf16/fp32 = {dense16 / dense32:.2f}x)")
+        (rate32, settled32), (rate16, settled16) = ours(arch, source, args.steps, bf16=False), ours(arch, source, args.steps, bf16=True)
+        ours_rates[arch] = {False: rate32, True: rate16}
+        print(f"{arch:>8} settled (support step after {settled32} / {settled16} steps): fp32 {rate32:,.0f} tok/s, "
+              f"bf16-autocast {rate16:,.0f} tok/s (= {rate16 / dense16:.2f}x the dense bf16 step)")
         if args.quality_tokens:
             q = quality(arch, source, args.quality_tokens)
             print(f"          FVU after {args.quality_tokens:,} tokens: fp32 {q['fp32']:.4f}, bf16 {q['bf16']:.4f} "
                   f"(relative difference {abs(q['bf16'] - q['fp32']) / q['fp32']:.1%})")
-    report_missing_peers()
+    report_peers(source, args.steps, ours_rates)
 
 
 if __name__ == "__main__":
