@@ -75,7 +75,7 @@ def _expressions() -> list[str]:
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):
     """A real service with watched features, scraped every second by a real Prometheus loading the rules."""
-    service = RunningServer(registry=reference_registry_path(), watch_features="267:def,2322:import")
+    service = RunningServer(registry=reference_registry_path(), watch_features="3329:def,2508:import")
     work = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     config = {
@@ -134,13 +134,13 @@ def _scraped(url: str, expr: str) -> float:
 def test_prometheus_holds_the_watched_feature_counts_the_service_exports(prometheus):
     service, url = prometheus
     metrics = httpx.get(f"{service.http_url}/metrics").text
-    pattern = r'monosemantic_watched_feature_fires_total\{dictionary_version="1",feature="267",name="def"\} (\S+)'
+    pattern = r'monosemantic_watched_feature_fires_total\{dictionary_version="1",feature="3329",name="def"\} (\S+)'
     expected = float(re.search(pattern, metrics).group(1))
     assert expected >= 6  # three activations and three observes, each with a `def`
     deadline = time.time() + 20
-    while time.time() < deadline and _scraped(url, 'monosemantic_watched_feature_fires_total{feature="267"}') != expected:
+    while time.time() < deadline and _scraped(url, 'monosemantic_watched_feature_fires_total{feature="3329"}') != expected:
         time.sleep(0.5)
-    assert _scraped(url, 'monosemantic_watched_feature_fires_total{feature="267"}') == expected
+    assert _scraped(url, 'monosemantic_watched_feature_fires_total{feature="3329"}') == expected
     assert _scraped(url, 'sum(rate(monosemantic_observed_tokens_total[1m]))') > 0
 
 

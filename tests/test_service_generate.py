@@ -59,10 +59,12 @@ def test_both_transports_generate_the_same_tokens_for_a_seed(server):
 
 
 def test_steered_tokens_report_the_clamped_value_after_steering(client):
-    result = client.generate(prompt=PROMPT, max_new_tokens=6, seed=1, steering=[{"feature": 5, "mode": "clamp", "value": 10.0}])
+    # 30 is above every feature's largest activation on the dashboards' million tokens (25.9), so a pinned
+    # feature that still lost the top spot would mean the clamp did not hold.
+    result = client.generate(prompt=PROMPT, max_new_tokens=6, seed=1, steering=[{"feature": 5, "mode": "clamp", "value": 30.0}])
     for token in result.tokens:
         (steered,) = token.steered
-        assert steered.feature == 5 and steered.after == pytest.approx(10.0, abs=1e-3)
+        assert steered.feature == 5 and steered.after == pytest.approx(30.0, abs=1e-3)
         assert token.top[0].feature == 5  # the pinned feature is now the strongest at that position
 
 

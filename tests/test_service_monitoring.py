@@ -17,7 +17,7 @@ TEXT = "import os\nimport sys\n\ndef main():\n    return 0\n\ndef other():\n    
 
 @pytest.fixture(scope="module")
 def watching():
-    running = RunningServer(registry=reference_registry_path(), watch_features="267:def,2322:imports,7")
+    running = RunningServer(registry=reference_registry_path(), watch_features="3329:def,2508:imports,7")
     yield running
     running.stop()
 
@@ -48,19 +48,19 @@ def expected_firings(client, feature):
 
 def test_observe_answers_202_at_once_and_counts_watched_firings_in_the_background(watching):
     with RestClient(watching.http_url) as client:
-        fires, tokens = expected_firings(client, 267)  # this activations call is counted too
+        fires, tokens = expected_firings(client, 3329)  # this activations call is counted too
         assert fires >= 2  # two `def`s
-        before_fires = value(watching, "monosemantic_watched_feature_fires_total", feature="267", name="def", dictionary_version="1")
+        before_fires = value(watching, "monosemantic_watched_feature_fires_total", feature="3329", name="def", dictionary_version="1")
         before_tokens = value(watching, "monosemantic_observed_tokens_total", dictionary_version="1")
         response = httpx.post(f"{watching.http_url}/v1/observe", json={"texts": [TEXT, TEXT]})
         assert response.status_code == 202 and response.json() == {"accepted": 2, "tokens": 2 * tokens}
     assert wait_until(lambda: value(watching, "monosemantic_observed_tokens_total", dictionary_version="1") == before_tokens + 2 * tokens)
-    assert value(watching, "monosemantic_watched_feature_fires_total", feature="267", name="def", dictionary_version="1") == before_fires + 2 * fires
+    assert value(watching, "monosemantic_watched_feature_fires_total", feature="3329", name="def", dictionary_version="1") == before_fires + 2 * fires
 
 
 def test_activation_histograms_hold_one_observation_per_firing(watching):
-    count = value(watching, "monosemantic_watched_feature_activation_count", feature="2322", name="imports", dictionary_version="1")
-    fires = value(watching, "monosemantic_watched_feature_fires_total", feature="2322", name="imports", dictionary_version="1")
+    count = value(watching, "monosemantic_watched_feature_activation_count", feature="2508", name="imports", dictionary_version="1")
+    fires = value(watching, "monosemantic_watched_feature_fires_total", feature="2508", name="imports", dictionary_version="1")
     assert count == fires > 0
 
 
@@ -68,7 +68,7 @@ def test_each_watched_feature_carries_its_training_density_beside_its_live_count
     from monosemantic.artifact import load_dictionary
 
     density = load_dictionary(reference_registry_path(), "reference").features["density"]
-    for feature in (267, 2322, 7):
+    for feature in (3329, 2508, 7):
         assert value(watching, "monosemantic_watched_feature_training_density", feature=str(feature)) == pytest.approx(float(density[feature]))
 
 
@@ -84,7 +84,7 @@ def test_the_manifests_evaluation_is_exported_as_the_drift_baseline(watching):
 def test_watched_series_never_take_labels_from_user_input(watching):
     httpx.post(f"{watching.http_url}/v1/observe", json={"texts": ["feature 999 name=evil"]})
     features = {s.labels["feature"] for s in samples(watching, "monosemantic_watched_feature_fires_total")}
-    assert features == {"267", "2322", "7"}
+    assert features == {"3329", "2508", "7"}
 
 
 def test_observe_over_grpc_is_accepted_too(watching):

@@ -145,9 +145,9 @@ class ReferencePlan:
     out: Path = Path("artifacts")
     work_dir: Path = Path("runs/reference")
     retrain_lm: bool = False
-    harvest_contexts: int = 24_000
-    tokens: int = 60_000_000
-    target_l0: float = 16.0
+    harvest_contexts: int = 40_000
+    tokens: int = 40_000_000
+    target_l0: float = 27.0
     d_sae: int = 4096
     eval_tokens: int = 300_000
     max_chars: int | None = None
