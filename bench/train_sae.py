@@ -27,6 +27,7 @@ from trainer.train import TrainConfig, Trainer  # noqa: E402
 
 D_IN, D_SAE, BATCH = 512, 4096, 4096
 FLOP_PER_TOKEN_DENSE = 6 * 2 * D_IN * D_SAE  # 3 matmuls forward+backward for each of encoder and decoder
+ARCH_OPTIONS = {"topk": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}
 
 
 def matmul_rate(dtype: torch.dtype, repeats: int = 10) -> float:
@@ -55,10 +56,9 @@ def ours(arch: str, source: ActivationSource, steps: int, bf16: bool, settle: bo
     """Our training step's tokens/s, and the steps it took to settle. With ``settle``, timing starts once the run has
     reached the regime most of a run is spent in (L0 near its target, so the support step is taken), with the
     sparsity coefficient at full strength from the first step so that this takes tens of steps, not hundreds."""
-    options = {"topk": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}[arch]
     trainer = Trainer(TrainConfig.build(architecture=arch, d_sae=D_SAE, tokens=(SETTLE_CAP[arch] + steps + 3) * BATCH,
                                         batch_size=BATCH, bf16=bf16, sparsity_warmup_fraction=0.0,
-                                        sparse_step_density=0.04 if settle else 0.0, **options), source)
+                                        sparse_step_density=0.04 if settle else 0.0, **ARCH_OPTIONS[arch]), source)
     batches = source.batches(BATCH, seed=0)
     settled = 0
     while settle and not trainer.sparse_step() and settled < SETTLE_CAP[arch]:
@@ -76,14 +76,13 @@ def quality(arch: str, source: ActivationSource, tokens: int) -> dict[str, float
     """FVU after the same tokens with and without bf16 autocast (the mixed-precision quality check)."""
     out = {}
     for bf16 in (False, True):
-        options = {"topk": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}[arch]
         result = Trainer(TrainConfig.build(architecture=arch, d_sae=D_SAE, tokens=tokens, batch_size=BATCH, bf16=bf16,
-                                           **options), source).run(progress=False)
+                                           **ARCH_OPTIONS[arch]), source).run(progress=False)
         out["bf16" if bf16 else "fp32"] = sum(h["fvu"] for h in result.history[-5:]) / 5
     return out
 
 
-def report_peers(source: ActivationSource, steps: int, ours_rates: dict[str, dict[bool, float]]) -> None:
+def report_peers(source: ActivationSource, steps: int, ours_best: dict[str, tuple[str, float]]) -> None:
     """The peer rows (SAELens standard and JumpReLU, sparsify TopK) on the same data, then ours/peer per architecture.
 
     A ratio compares the best of fp32 / bf16 autocast on each side (and, for sparsify, the best of its optimizers):
@@ -97,14 +96,14 @@ def report_peers(source: ActivationSource, steps: int, ours_rates: dict[str, dic
         print(f"  {note}")
     for arch, package in (("relu", "SAELens"), ("jumprelu", "SAELens"), ("topk", "sparsify")):
         candidates = [row for row in rows if row.ours == arch]
+        if arch not in ours_best:
+            continue
         if not candidates:
             print(f"  ours/peer {arch:>8}: not measured ({package} row missing)")
             continue
         best = max(candidates, key=lambda row: row.tokens_per_s)
-        ours_bf16 = ours_rates[arch][True] >= ours_rates[arch][False]
-        ours_best = ours_rates[arch][ours_bf16]
-        print(f"  ours/peer {arch:>8}: {ours_best / best.tokens_per_s:.2f}x (ours {'bf16-autocast' if ours_bf16 else 'fp32'} "
-              f"{ours_best:,.0f} tok/s vs {best.package} {best.label}, {'bf16-autocast' if best.autocast else 'fp32'} "
+        label, rate = ours_best[arch]
+        print(f"  ours/peer {arch:>8}: {rate / best.tokens_per_s:.2f}x (ours {label} {rate:,.0f} tok/s vs {best.package} {best.label}, {'bf16-autocast' if best.autocast else 'fp32'} "
               f"{best.tokens_per_s:,.0f} tok/s)")
 
 
@@ -113,6 +112,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quality-tokens", type=int, default=0, help="also compare FVU fp32 vs bf16 after this many tokens")
     parser.add_argument("--harvest", type=Path, help="real activations: a harvest directory")
+    parser.add_argument("--archs", default="relu,topk,jumprelu", help="which of our architectures to time")
+    parser.add_argument("--no-peers", action="store_true", help="skip the SAELens / sparsify rows")
     args = parser.parse_args()
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     print(f"matmul {BATCH}x{D_IN}x{D_SAE}: fp32 {fp32 / 1e9:.0f} GFLOP/s, bf16 {bf16 / 1e9:.0f} GFLOP/s (bf16/fp32 = {bf16 / fp32:.2f}x)")
@@ -126,15 +127,16 @@ def main() -> None:
     else:
         source = mlp_like_data(16 * BATCH)
         print(f"data: {source.rows:,} synthetic MLP-like rows")
-    ours_rates: dict[str, dict[bool, float]] = {}  # architecture → {bf16: tok/s}, for the peer ratios
-    for arch in ("relu", "topk", "jumprelu"):
+    ours_best: dict[str, tuple[str, float]] = {}  # architecture → (setting, tok/s) of our fastest row
+    for arch in args.archs.split(","):
         dense32, _ = ours(arch, source, args.steps, bf16=False, settle=False)
         dense16, _ = ours(arch, source, args.steps, bf16=True, settle=False)
         print(f"{arch:>8} dense step: fp32 {dense32:,.0f} tok/s, bf16-autocast {dense16:,.0f} tok/s "
               f"(= {dense16 * FLOP_PER_TOKEN_DENSE / bf16:.0%} of the bf16 dense ceiling; bf16/fp32 = {dense16 / dense32:.2f}x)")
         # Settled, only in bf16 (the trainer's default): settling costs up to SETTLE_CAP dense steps per row.
         rate16, settled16 = ours(arch, source, args.steps, bf16=True)
-        ours_rates[arch] = {False: dense32, True: rate16}
+        ours_best[arch] = max([("fp32 dense", dense32), ("bf16-autocast dense", dense16), ("bf16-autocast settled", rate16)],
+                              key=lambda row: row[1])
         cap = SETTLE_CAP[arch]
         when = f"support step from step {settled16}" if settled16 < cap or arch == "topk" else f"still dense after {cap} steps"
         print(f"{arch:>8} settled ({when}): bf16-autocast {rate16:,.0f} tok/s (= {rate16 / dense16:.2f}x the dense bf16 step)")
@@ -142,7 +144,8 @@ def main() -> None:
             q = quality(arch, source, args.quality_tokens)
             print(f"          FVU after {args.quality_tokens:,} tokens: fp32 {q['fp32']:.4f}, bf16 {q['bf16']:.4f} "
                   f"(relative difference {abs(q['bf16'] - q['fp32']) / q['fp32']:.1%})")
-    report_peers(source, args.steps, ours_rates)
+    if not args.no_peers:
+        report_peers(source, args.steps, ours_best)
 
 
 if __name__ == "__main__":

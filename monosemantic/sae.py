@@ -103,12 +103,16 @@ class SparseAutoencoder(nn.Module):
 
     # ---- the maths -------------------------------------------------------------------------------
     def pre_activations(self, x_normalised: Tensor) -> Tensor:
+        _, pre = self._centred_pre_activations(x_normalised.reshape(-1, self.cfg.d_in))
+        return pre.reshape(*x_normalised.shape[:-1], self.cfg.d_sae)
+
+    def _centred_pre_activations(self, x_normalised: Tensor) -> tuple[Tensor, Tensor]:
+        """(x − b_dec, W_enc(x − b_dec) + b_enc) for rows [n, d_in]."""
         # Bricken et al. 2023: the pre-encoder bias is minus the decoder bias (tied), f = σ(W_enc(x − b_dec) + b_enc).
         # addmm keeps the bias add inside the (autocast bf16) matmul: a separate "+ b_enc" would promote the
         # [batch, d_sae] result to fp32 and cost two extra full passes over it (measured: ~30% of a step).
-        centred = (x_normalised - self.b_dec).reshape(-1, self.cfg.d_in)
-        pre = torch.addmm(self.b_enc, centred, self.W_enc)
-        return pre.reshape(*x_normalised.shape[:-1], self.cfg.d_sae)
+        centred = x_normalised - self.b_dec
+        return centred, torch.addmm(self.b_enc, centred, self.W_enc)
 
     def activate(self, pre: Tensor) -> Tensor:
         raise NotImplementedError
@@ -157,8 +161,7 @@ class SparseAutoencoder(nn.Module):
     def encode_support(self, x_n: Tensor) -> tuple[Tensor, Tensor, Support, Tensor]:
         """Dense pre-activations without autograd, the support, and its differentiable pre-activations."""
         with torch.no_grad():
-            centred = x_n - self.b_dec
-            pre = torch.addmm(self.b_enc, centred, self.W_enc)
+            centred, pre = self._centred_pre_activations(x_n)
             support = self.support(pre)
         return pre, centred, support, support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.b_dec)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 @dataclass
 class Support:
-    """The (row, latent) pairs a sparse step works on, in row-major order, with bag offsets for both orders."""
+    """The (row, latent) pairs a sparse step works on, in row-major order (the decoder's bags are rows)."""
 
     rows: Tensor  # [nnz] token index, non-decreasing
     cols: Tensor  # [nnz] latent index
@@ -41,10 +41,6 @@ class Support:
         batch, width = indices.shape
         rows = torch.arange(batch, device=indices.device).repeat_interleave(width)
         return cls(rows=rows, cols=indices.reshape(-1), batch=batch, d_sae=d_sae)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.rows.numel())
 
     def row_offsets(self) -> Tensor:
         return _exclusive_cumsum(torch.bincount(self.rows, minlength=self.batch))
