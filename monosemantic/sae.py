@@ -120,6 +120,11 @@ class SparseAutoencoder(nn.Module):
     def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
         return torch.zeros((), device=pre.device)
 
+    def activate_with_sparsity(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(features, sparsity penalty) for a batch of pre-activations; one pass where an architecture can fuse them."""
+        features = self.activate(pre)
+        return features, self.sparsity_penalty(pre, features)
+
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations [..., d_in] → feature activations [..., d_sae]."""
         return self.activate(self.pre_activations(x * self.cfg.input_scale))
@@ -131,14 +136,14 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
         x_n = x * self.cfg.input_scale
         pre = self.pre_activations(x_n)
-        features = self.activate(pre)
+        features, sparsity = self.activate_with_sparsity(pre)
         x_hat_n = features @ self.W_dec + self.b_dec
         mse = (x_hat_n.float() - x_n.float()).pow(2).sum(-1).mean()
         return SAEOutput(
             x_hat=x_hat_n / self.cfg.input_scale,
             features=features,
             mse=mse,
-            sparsity=self.sparsity_penalty(pre, features),
+            sparsity=sparsity,
             aux=torch.zeros((), device=x.device),
             l0=(torch.count_nonzero(features.detach()) / max(1, features.numel() // features.shape[-1])).float(),
             fired=(features.detach() > 0).reshape(-1, self.cfg.d_sae).any(0),
@@ -155,6 +160,10 @@ class SparseAutoencoder(nn.Module):
     def support_sparsity(self, pre_values: Tensor, values: Tensor, support: Support) -> Tensor:
         raise NotImplementedError
 
+    def activate_support_with_sparsity(self, pre_values: Tensor, support: Support) -> tuple[Tensor, Tensor]:
+        values = self.activate_support(pre_values, support)
+        return values, self.support_sparsity(pre_values, values, support)
+
     def aux_loss_sparse(self, pre: Tensor, centred: Tensor, error: Tensor, dead_mask: Tensor | None) -> Tensor:
         return torch.zeros((), device=pre.device)
 
@@ -170,7 +179,7 @@ class SparseAutoencoder(nn.Module):
         the support: the same loss and gradients (to rounding), far cheaper once L0 ≪ d_sae."""
         x_n = x.float() * self.cfg.input_scale
         pre, centred, support, pre_values = self.encode_support(x_n)
-        values = self.activate_support(pre_values, support)
+        values, sparsity = self.activate_support_with_sparsity(pre_values, support)
         x_hat_n = decode_support(values, support, self.W_dec) + self.b_dec
         error = x_n - x_hat_n.float()
         batch = x.shape[0]
@@ -179,7 +188,7 @@ class SparseAutoencoder(nn.Module):
             features=torch.sparse_coo_tensor(torch.stack([support.rows, support.cols]), values.detach(), (batch, self.cfg.d_sae),
                                             is_coalesced=True, check_invariants=False),
             mse=error.pow(2).sum(-1).mean(),
-            sparsity=self.support_sparsity(pre_values, values, support),
+            sparsity=sparsity,
             aux=self.aux_loss_sparse(pre, centred, error.detach(), dead_mask),
             l0=(torch.count_nonzero(values.detach()) / max(1, batch)).float(),
             fired=support.fired(values.detach()),
@@ -321,41 +330,37 @@ class TopKSAE(SparseAutoencoder):
         return torch.nan_to_num(residual / scale, nan=0.0)
 
 
-class _JumpReLUFunction(torch.autograd.Function):
-    """JumpReLU_θ(z) = z·H(z − θ); θ gets the rectangle-kernel pseudo-gradient −(θ/ε)·K((z−θ)/ε)
-    (Rajamanoharan et al. 2024; the same form as SAELens and dictionary_learning). z gets the ordinary 1{z>θ}."""
+class _JumpReLUWithL0(torch.autograd.Function):
+    """JumpReLU_θ(z) = z·H(z − θ) and the L0 per row, Σ H(z − θ) / rows, in one pass over z each way.
+
+    Pseudo-gradients (Rajamanoharan et al. 2024, rectangle kernel K of width ε; the same as SAELens and
+    dictionary_learning): ∂JumpReLU/∂θ = −(θ/ε)·K((z−θ)/ε), ∂H/∂θ = −(1/ε)·K((z−θ)/ε); z gets the ordinary 1{z>θ}
+    and nothing from the step. Fused because on a dense [batch, d_sae] step the separate element-wise passes of the
+    two estimators cost more than a third of the step. ``threshold`` is [d_sae] (broadcast over rows) or one per
+    entry of ``pre`` (the support step's values)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float, rows: int):  # type: ignore[override]
+        active = pre > threshold
         ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
+        ctx.bandwidth, ctx.rows = bandwidth, rows
+        return pre * active, active.sum(dtype=torch.float32) / rows
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_features: Tensor, grad_l0: Tensor):  # type: ignore[override]
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        in_window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        grad_pre = (pre > threshold).to(grad.dtype) * grad
-        grad_threshold = (-(threshold / eps) * in_window * grad).sum_to_size(threshold.shape)
-        return grad_pre, grad_threshold, None
-
-
-class _StepFunction(torch.autograd.Function):
-    """H(z − θ) with pseudo-gradient −(1/ε)·K((z−θ)/ε) for θ and none for z (the L0 penalty's estimator)."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        in_window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        return None, (-(1.0 / eps) * in_window * grad).sum_to_size(threshold.shape), None
+        grad_pre = grad_features * (pre > threshold) if ctx.needs_input_grad[0] else None
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            in_window = (pre - threshold).abs_() < eps / 2
+            per_row = threshold.shape != pre.shape
+            # Σ over rows of K·(−θ/ε · g_f − 1/ε · g_L0/rows): the two estimators' sum, accumulated in fp32.
+            windowed_grad = torch.where(in_window, grad_features, 0)
+            windowed_grad = windowed_grad.sum(0, dtype=torch.float32) if per_row else windowed_grad.float()
+            in_window_count = in_window.sum(0, dtype=torch.float32) if per_row else in_window.float()
+            grad_threshold = (-(threshold.float() / eps) * windowed_grad - in_window_count * (grad_l0 / (eps * ctx.rows))).to(threshold.dtype)
+        return grad_pre, grad_threshold, None, None
 
 
 @register("jumprelu")
@@ -377,22 +382,19 @@ class JumpReLUSAE(SparseAutoencoder):
         return pre.reshape(-1, pre.shape[-1])
 
     def activate(self, pre: Tensor) -> Tensor:
-        flat = _JumpReLUFunction.apply(self._flat(pre), self.threshold.to(pre.dtype), self.cfg.bandwidth)
-        return flat.reshape(pre.shape)
+        return self.activate_with_sparsity(pre)[0]
 
-    def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
-        active = _StepFunction.apply(self._flat(pre), self.threshold.to(pre.dtype), self.cfg.bandwidth)
-        return active.float().sum(-1).mean()
+    def activate_with_sparsity(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        flat = self._flat(pre)
+        features, l0 = _JumpReLUWithL0.apply(flat, self.threshold.to(pre.dtype), self.cfg.bandwidth, flat.shape[0])
+        return features.reshape(pre.shape), l0
 
     def support(self, pre: Tensor) -> Support:
         # The active latents and those inside the pseudo-gradient window |z − θ| < ε/2, whose θ still learns.
         return Support.from_mask(pre > (self.threshold.detach() - self.cfg.bandwidth / 2).to(pre.dtype))
 
-    def activate_support(self, pre_values: Tensor, support: Support) -> Tensor:
-        return _JumpReLUFunction.apply(pre_values, self.threshold[support.cols], self.cfg.bandwidth)
-
-    def support_sparsity(self, pre_values: Tensor, values: Tensor, support: Support) -> Tensor:
-        return _StepFunction.apply(pre_values, self.threshold[support.cols], self.cfg.bandwidth).sum() / support.batch
+    def activate_support_with_sparsity(self, pre_values: Tensor, support: Support) -> tuple[Tensor, Tensor]:
+        return _JumpReLUWithL0.apply(pre_values, self.threshold[support.cols], self.cfg.bandwidth, support.batch)
 
     def tensors(self) -> dict[str, Tensor]:
         out = super().tensors()

@@ -7,6 +7,7 @@ a dictionary's metrics travel as one JSON string (metrics_json).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, TypeVar
 
@@ -46,27 +47,38 @@ def to_message(model: BaseModel | dict[str, Any], message_type: type[Message]) -
 def _build(message_type: type[Message], data: dict[str, Any]) -> Message:
     """A message from a dict by keyword construction (in C, several times faster than json_format.ParseDict on
     responses with hundreds of nested entries); unknown fields raise ValueError naming them."""
-    fields = message_type.DESCRIPTOR.fields_by_name
+    plan, special, scalars_only = _plan(message_type)
+    if scalars_only:
+        return message_type(**data)  # protobuf itself skips None and names an unknown field
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if value is None:
             continue
-        if name in _TOKEN_FIELDS and name in fields:
-            value = {"id": value} if isinstance(value, int) else {"text": value}
-        if name == "metrics" and "metrics_json" in fields:
-            name, value = "metrics_json", json.dumps(value)
-        field = fields.get(name)
-        if field is None:
+        if special:
+            if name in _TOKEN_FIELDS and name in plan:
+                value = {"id": value} if isinstance(value, int) else {"text": value}
+            if name == "metrics" and "metrics_json" in plan:
+                name, value = "metrics_json", json.dumps(value)
+        entry = plan.get(name)
+        if entry is None:
             raise ValueError(f"{message_type.DESCRIPTOR.name} has no field {name!r}")
-        if field.message_type is not None:
-            sub_type = _message_class(field)
-            value = [_build(sub_type, v) for v in value] if field.is_repeated else _build(sub_type, value)
+        sub_type, repeated = entry
+        if sub_type is not None:
+            value = [_build(sub_type, v) for v in value] if repeated else _build(sub_type, value)
         kwargs[name] = value
     return message_type(**kwargs)
 
 
-def _message_class(field: Any) -> type[Message]:
-    return message_factory.GetMessageClass(field.message_type)
+@functools.cache
+def _plan(message_type: type[Message]) -> tuple[dict[str, tuple[type[Message] | None, bool]], bool, bool]:
+    """Per message type, once: each field's message class (None for scalars) and whether it repeats, and whether
+    the type has a field that is renamed on the wire (a TokenSpec, metrics_json), and whether all its fields are
+    scalars. An activations response builds ~700 messages, most of them scalar-only FeatureValues."""
+    fields = message_type.DESCRIPTOR.fields_by_name
+    plan = {name: (message_factory.GetMessageClass(f.message_type) if f.message_type is not None else None, f.is_repeated)
+            for name, f in fields.items()}
+    special = any(name in fields for name in (*_TOKEN_FIELDS, "metrics_json"))
+    return plan, special, not special and all(sub_type is None for sub_type, _ in plan.values())
 
 
 def to_model(message: Message, model: type[M]) -> M:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.bulk_histogram import BulkHistogram
 from service.monitoring import FeatureMonitor
 
 PROTOCOLS = ("rest", "grpc")
@@ -30,7 +31,7 @@ class Metrics:
         self.batch_tokens = Histogram("monosemantic_batch_tokens", "Tokens per forward.", buckets=(16, 64, 256, 1024, 4096, 16384), registry=r)
         self.tokens_processed = Counter("monosemantic_tokens_processed", "Tokens read by the SAE in activations and attributions.", registry=r)
         self.tokens_generated = Counter("monosemantic_tokens_generated", "Tokens generated.", registry=r)
-        self.l0 = Histogram("monosemantic_active_features_per_token", "Features active per served token (L0).", buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
+        self.l0 = BulkHistogram("monosemantic_active_features_per_token", "Features active per served token (L0).", buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
         self.dictionary_info = Gauge("monosemantic_dictionary_info", "The serving dictionary (value 1).", ("name", "version", "architecture", "model_checksum"), registry=r)
         self.dictionary_loaded = Gauge("monosemantic_dictionary_loaded_timestamp_seconds", "When the serving dictionary was loaded.", registry=r)
         self.reloads = Counter("monosemantic_dictionary_reloads", "Dictionary reloads, by result.", ("result",), registry=r)

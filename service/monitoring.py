@@ -14,7 +14,9 @@ Series (labels come from settings and the manifest, never from user input):
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from service.bulk_histogram import BulkHistogram
 
 from service.readout import SequenceReadout
 from service.settings import WatchedFeature
@@ -30,10 +32,10 @@ class FeatureMonitor:
         self.ids = [w.id for w in watch]
         labels = ("feature", "name", "dictionary_version")
         self.fires = Counter("monosemantic_watched_feature_fires", "Tokens on which a watched feature fired.", labels, registry=registry)
-        self.activation = Histogram("monosemantic_watched_feature_activation", "A watched feature's activation where it fired.", labels, buckets=ACTIVATION_BUCKETS, registry=registry)
+        self.activation = BulkHistogram("monosemantic_watched_feature_activation", "A watched feature's activation where it fired.", labels, buckets=ACTIVATION_BUCKETS, registry=registry)
         self.training_density = Gauge("monosemantic_watched_feature_training_density", "A watched feature's firing density in the dictionary's feature statistics.", labels, registry=registry)
         self.tokens = Counter("monosemantic_observed_tokens", "Tokens read from served text (BOS excluded).", ("dictionary_version",), registry=registry)
-        self.relative_error = Histogram("monosemantic_reconstruction_relative_error", "Per-token ||x - x_hat|| / ||x|| of served text.", buckets=ERROR_BUCKETS, registry=registry)
+        self.relative_error = BulkHistogram("monosemantic_reconstruction_relative_error", "Per-token ||x - x_hat|| / ||x|| of served text.", buckets=ERROR_BUCKETS, registry=registry)
         self.squared_error = Counter("monosemantic_reconstruction_squared_error", "Sum over served tokens of ||x - x_hat||^2.", registry=registry)
         self.squared_norm = Counter("monosemantic_activation_squared_norm", "Sum over served tokens of ||x||^2.", registry=registry)
         self.evaluation = Gauge("monosemantic_dictionary_evaluation", "The serving dictionary's held-out evaluation metrics from its manifest.", ("metric", "dictionary_version"), registry=registry)
@@ -56,26 +58,22 @@ class FeatureMonitor:
             if density is not None:
                 self.training_density.labels(*labels).set(float(density[watched.id]))
 
-    def record(self, version: int, readout: SequenceReadout, skip_first: bool, l0_histogram: Histogram) -> None:
+    def record(self, version: int, readout: SequenceReadout, skip_first: bool, l0_histogram: BulkHistogram) -> None:
         start = 1 if skip_first else 0
         tokens = readout.l0.shape[0] - start
         if tokens <= 0:
             return
         self.tokens.labels(str(version)).inc(tokens)
-        for value in readout.l0[start:].tolist():
-            l0_histogram.observe(value)
-        for value in readout.recon_error[start:].tolist():
-            self.relative_error.observe(value)
+        l0_histogram.observe_many(readout.l0[start:])
+        self.relative_error.observe_many(readout.recon_error[start:])
         self.squared_error.inc(float(readout.squared_error[start:].sum()))
         self.squared_norm.inc(float(readout.squared_norm[start:].sum()))
         if readout.watched is None:
             return
         values = readout.watched[start:]
         for column, watched in enumerate(self.watch):
-            fired = values[:, column][values[:, column] > 0].tolist()
-            if fired:
+            fired = values[:, column][values[:, column] > 0]
+            if fired.numel():
                 labels = self._labels(watched, version)
-                self.fires.labels(*labels).inc(len(fired))
-                histogram = self.activation.labels(*labels)
-                for value in fired:
-                    histogram.observe(value)
+                self.fires.labels(*labels).inc(fired.numel())
+                self.activation.labels(*labels).observe_many(fired)

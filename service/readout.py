@@ -53,13 +53,14 @@ def read_features(
     squared_error = (flat - recon).pow(2).sum(-1)
     squared_norm = flat.pow(2).sum(-1)
     rel_error = (squared_error / squared_norm.clamp_min(1e-24)).sqrt()
-    watched = features[:, watch] if watch else None
+    watched = features[:, watch].float() if watch else None
     k_max = min(max(top_k, default=0), features.shape[-1])
     top_values, top_ids = features.topk(k_max, dim=-1) if k_max else (features[:, :0], features[:, :0].long())
+    top_values = top_values.float()
     out, start = [], 0
     for seq, k, wanted in zip(sequences, top_k, feature_ids):
         end = start + len(seq)
-        values = features[start:end, wanted] if wanted else None
+        values = features[start:end, wanted].float() if wanted else None
         out.append(SequenceReadout(
             l0[start:end], rel_error[start:end], top_values[start:end, :k], top_ids[start:end, :k], values,
             None if watched is None else watched[start:end], squared_error[start:end], squared_norm[start:end],

@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
+import orjson
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 from monosemantic import api as schemas
 from service.engine import Engine
@@ -231,9 +233,12 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
-def _json(model: Any) -> Response:
-    """The response model serialised by pydantic-core directly: FastAPI would validate it once more first."""
-    return Response(model.model_dump_json(), media_type="application/json")
+def _json(response: BaseModel | dict[str, Any]) -> Response:
+    """A response model serialised by pydantic-core directly (FastAPI would validate it once more first), or the
+    engine's plain-dict form of one (activations) by orjson."""
+    if isinstance(response, BaseModel):
+        return Response(response.model_dump_json(), media_type="application/json")
+    return Response(orjson.dumps(response), media_type="application/json")
 
 
 def _as_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:

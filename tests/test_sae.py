@@ -89,6 +89,23 @@ def test_jumprelu_thresholds_receive_gradient_from_the_l0_penalty():
     assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
 
 
+def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_estimator_of_both_loss_terms():
+    # Rajamanoharan et al. 2024: ∂f/∂θ = −(θ/ε)·K((z−θ)/ε), ∂H/∂θ = −(1/ε)·K((z−θ)/ε), K = 1{|u| < ½}; z gets 1{z > θ}.
+    sae = build_sae(SAEConfig.build(architecture="jumprelu", d_in=8, d_sae=16, bandwidth=0.5), seed=0)
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.linspace(-2.0, 0.0, 16))
+    pre = torch.randn(64, 16, requires_grad=True)
+    features, l0 = sae.activate_with_sparsity(pre)
+    upstream, lam = torch.randn(64, 16), 0.7
+    ((features * upstream).sum() + lam * l0).backward()
+    theta, eps = sae.threshold.detach(), 0.5
+    kernel = ((pre.detach() - theta).abs() < eps / 2).float()
+    expected_dtheta = (-(theta / eps) * kernel * upstream - (1 / eps) * kernel * lam / 64).sum(0)
+    assert torch.allclose(sae.log_threshold.grad, expected_dtheta * theta, atol=1e-5)  # chain rule through θ = exp(t)
+    assert torch.equal(pre.grad, upstream * (pre.detach() > theta))
+    assert l0.item() == (pre.detach() > theta).sum().item() / 64
+
+
 def test_input_scale_is_applied_inside_so_callers_pass_raw_activations():
     base = build_sae(SAEConfig.build(architecture="relu", d_in=8, d_sae=16), seed=0)
     scaled = sae_from_tensors(SAEConfig.build(architecture="relu", d_in=8, d_sae=16, input_scale=4.0), base.tensors())
