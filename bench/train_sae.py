@@ -48,7 +48,7 @@ def mlp_like_data(rows: int, seed: int = 0) -> ActivationSource:
 
 
 # Steps allowed for L0 to fall below the support step's density before timing (else it is timed as it is). ReLU
-# needs ~200 on the reference harvest (b_enc moves at Adam's pace); JumpReLU's thresholds move slower still.
+# needs ~200 on the reference harvest (b_enc moves at Adam's pace); JumpReLU starts calibrated near its target.
 SETTLE_CAP = {"relu": 400, "topk": 0, "jumprelu": 150}
 
 

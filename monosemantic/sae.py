@@ -368,7 +368,11 @@ class JumpReLUSAE(SparseAutoencoder):
     """Rajamanoharan et al. 2024: per-feature learned thresholds θ = exp(t), loss = MSE + λ·‖f‖₀."""
 
     tensor_names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
-    INITIAL_THRESHOLD: ClassVar[float] = 0.05  # in normalised units (E‖x‖ = √d_in); see SAELens' default
+    # In normalised units (E‖x‖ = √d_in). The trainer then sets b_enc so that each feature fires on a chosen share
+    # of the data (trainer/train.py). Measured on the reference harvest, 2M tokens, target L0 20: θ₀ 0.5 left L0 at
+    # 62 (still falling), 1.0 reached 30 at FVU 0.160, and 2.0 undershot to 13.5 with 1% dead. A threshold well
+    # above the bandwidth also lets log θ move at a pace comparable to b_enc's (Adam steps are relative in log space).
+    INITIAL_THRESHOLD: ClassVar[float] = 1.0
 
     def __init__(self, cfg: SAEConfig, seed: int | None = None) -> None:
         super().__init__(cfg, seed)

@@ -56,6 +56,24 @@ def test_target_l0_steers_the_sparsity_coefficient_towards_the_requested_l0(sour
     assert target * 0.6 <= final_l0 <= target * 1.4
 
 
+@pytest.mark.parametrize("rate", [0.05, 0.25])
+def test_a_jumprelu_run_starts_with_each_feature_firing_on_the_initial_firing_rate(source, rate):
+    trainer = Trainer(_config(architecture="jumprelu", initial_firing_rate=rate), source)
+    firing = (trainer.sae.encode(source.sample(source.rows)) > 0).float().mean(0)  # calibrated on 8,192 of these rows
+    assert torch.allclose(firing, torch.full_like(firing, rate), atol=0.015)
+
+
+def test_the_initial_firing_rate_defaults_to_twice_the_target_density(source):
+    trainer = Trainer(_config(architecture="jumprelu", target_l0=6.0), source)
+    l0 = (trainer.sae.encode(source.sample(source.rows)) > 0).sum(1).float().mean()
+    assert l0.item() == pytest.approx(12.0, rel=0.05)
+
+
+def test_an_initial_firing_rate_outside_zero_to_one_is_refused_by_name():
+    with pytest.raises(ConfigError, match="initial_firing_rate"):
+        _config(architecture="jumprelu", initial_firing_rate=1.5)
+
+
 def test_training_reads_a_users_npy_and_safetensors_matrix(tmp_path):
     matrix = make_sparse_data(5_000, d=8, n_features=16, seed=2).activations
     np.save(tmp_path / "acts.npy", matrix.numpy())

@@ -101,6 +101,8 @@ def train(
     bf16: Annotated[bool, typer.Option(help="bf16 mixed precision")] = True,
     sparse_step_density: Annotated[Optional[float], typer.Option(
         help="take the support-only step while L0 < this share of d_sae (default 0.04; 0: always dense)")] = None,
+    initial_firing_rate: Annotated[Optional[float], typer.Option(
+        help="jumprelu: each feature starts firing on this share of the data (default 2·target-l0/d-sae)")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoints (enables --resume)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from --checkpoint-dir")] = False,
     model: Annotated[Optional[Path], typer.Option(help="the model the activations came from (recorded in the manifest)")] = None,
@@ -124,7 +126,7 @@ def train(
             config=dict(architecture=arch, d_sae=d_sae, k=k, sparsity_coefficient=l1,
                         target_l0=target_l0 if (target_l0 is not None or l1 is not None or arch == "topk") else 20.0,
                         tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
-                        sparse_step_density=sparse_step_density),
+                        sparse_step_density=sparse_step_density, initial_firing_rate=initial_firing_rate),
         )
     except MonosemanticError as exc:
         _fail(exc)

@@ -52,6 +52,10 @@ class TrainConfig(BaseModel):
                                                   description="ReLU: when to resample dead features")
     dead_window_tokens: int | None = Field(default=None, gt=0, description="a feature unfired this long is dead")
     bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU STE bandwidth (normalised units)")
+    initial_firing_rate: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="JumpReLU: b_enc starts where each feature fires on this share of a data sample "
+                    "(default: 2·target_l0/d_sae, or 1% without a target)")
     bf16: bool = Field(default=True, description="bf16 autocast for the matmuls (fp32 master weights)")
     sparse_step_density: float = Field(
         default=0.04, ge=0, le=1,
@@ -125,6 +129,8 @@ class Trainer:
         with torch.no_grad():
             # Bricken et al.: b_dec starts at the geometric median of the data (in normalised units here).
             self.sae.b_dec.copy_(geometric_median(sample[:8192] * self.input_scale))
+            if cfg.architecture == "jumprelu":
+                self._calibrate_encoder_bias(sample[:8192] * self.input_scale)
         self.variance = float((sample * self.input_scale).var(0, unbiased=False).sum())  # for the live FVU
         # The fused kernel does Adam's whole update in one pass per tensor: 11× faster than the foreach one on this
         # CPU (1.2 ms against 13.6 ms for 4M parameters), the same maths.
@@ -156,6 +162,31 @@ class Trainer:
         if step >= decay_start and cfg.lr_decay_fraction > 0:
             return cfg.lr * max(0.0, (steps - step) / max(1, steps - decay_start))
         return cfg.lr
+
+    def initial_firing_rate(self) -> float:
+        cfg = self.cfg
+        if cfg.initial_firing_rate is not None:
+            return cfg.initial_firing_rate
+        return min(0.5, 2 * cfg.target_l0 / cfg.d_sae) if cfg.target_l0 else 0.01
+
+    @torch.no_grad()
+    def _calibrate_encoder_bias(self, x_normalised: Tensor) -> None:
+        """JumpReLU: set b_enc so that each feature's pre-activation clears its threshold on `initial_firing_rate` of
+        the sample (the data-dependent initialisation of Anthropic's January 2025 update).
+
+        From a fixed b_enc = 0, half the latents fire at first, and L0 can only fall as fast as the log-thresholds
+        move, at Adam's pace: on the reference harvest L0 was still 1,027 of 4,096 after 4M tokens with a target of
+        20. Calibrated, a run starts near its target, sparse, and takes the support step (4× cheaper) from the start.
+        """
+        sae, rows = self.sae, x_normalised.shape[0]
+        keep = max(1, math.ceil(self.initial_firing_rate() * rows))
+        centred = x_normalised - sae.b_dec
+        for start in range(0, sae.cfg.d_sae, 4096):  # [rows, 4096] at a time: bounded memory for any d_sae
+            columns = slice(start, start + 4096)
+            pre_bias = centred @ sae.W_enc[:, columns]
+            # The keep-th largest value per feature: exactly `keep` rows lie at or above it.
+            kth_largest = pre_bias.topk(keep, dim=0).values[-1]
+            sae.b_enc[columns] = sae.threshold[columns] - kth_largest + 1e-6
 
     def sparsity_warmup(self, step: int) -> float:
         warm = int(self.cfg.sparsity_warmup_fraction * self.cfg.steps)
