@@ -10,6 +10,13 @@ from monosemantic.sae import SparseAutoencoder
 
 
 ROW_BUCKET = 256
+SMALL_ROW_BUCKET = 64  # below ROW_BUCKET rows: a lone 64-token request pays for 64 rows, not 256
+
+
+def bucketed_rows(rows: int) -> int:
+    """The padded row count of a readout matmul: a multiple of 64 up to 256 rows, of 256 beyond."""
+    bucket = SMALL_ROW_BUCKET if rows <= ROW_BUCKET else ROW_BUCKET
+    return -(-rows // bucket) * bucket
 
 
 class FastEncoder:
@@ -31,11 +38,11 @@ class FastEncoder:
     def encode(self, x: Tensor) -> Tensor:
         centred = (x.float() * self.scale - self.b_dec).to(self.dtype)
         rows = centred.shape[0]
-        # Pad the rows to a multiple of ROW_BUCKET. oneDNN caches a primitive (and its scratch memory) for
-        # every matmul shape it meets, up to 1,024 of them. With dynamic batching every batch has another row
-        # count, and RSS grew 18% over a 10-minute soak. Buckets bound the shapes (8,192 / 256 = 32), at the cost
-        # of at most 255 padded rows.
-        padded = -(-rows // ROW_BUCKET) * ROW_BUCKET
+        # Pad the rows to a bucket. oneDNN caches a primitive (and its scratch memory) for every matmul shape it
+        # meets, up to 1,024 of them. With dynamic batching every batch has another row count, and RSS grew 18%
+        # over a 10-minute soak. Buckets bound the shapes (4 up to 256 rows, 31 more up to 8,192), at the cost
+        # of at most 63 padded rows for a small batch and 255 for a large one.
+        padded = bucketed_rows(rows)
         if padded != rows:
             centred = torch.nn.functional.pad(centred, (0, 0, 0, padded - rows))
         # Activated in the serving dtype: the values are the bf16 products either way, and every later dense pass

@@ -101,3 +101,11 @@ def test_a_batched_request_gets_the_same_features_as_one_alone(server, reference
         for a, b in zip(result.tokens, alone[i % 4].tokens):
             assert [f.feature for f in a.top] == [f.feature for f in b.top]
             assert [f.value for f in a.top] == pytest.approx([f.value for f in b.top], rel=1e-4, abs=1e-4)
+
+
+def test_readout_rows_are_padded_to_a_bounded_set_of_shapes():
+    from service.encoder import bucketed_rows
+
+    shapes = {bucketed_rows(rows) for rows in range(1, 8193)}
+    assert len(shapes) == 35 and all(bucketed_rows(r) >= r for r in range(1, 8193))
+    assert bucketed_rows(64) == 64 and bucketed_rows(65) == 128 and bucketed_rows(257) == 512
