@@ -1,7 +1,9 @@
-"""The activations readout's encoder: the SAE's encoder weights pre-cast to the serving dtype, and an exact
-sparse reconstruction."""
+"""The activations readout's encoder: the SAE's encoder weights pre-cast to the serving dtype, and everything read
+from the active entries alone (L0, an exact reconstruction, the top-k)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,13 +51,45 @@ class FastEncoder:
         # over [rows, d_sae] (top-k, the sparse index) moves half the bytes.
         return self.sae.activate(torch.addmm(self.b_enc, centred, self.W_enc)[:rows])
 
-    def decode_and_count(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Exact fp32 reconstruction through only the active rows (an L0 of ~20 out of 4,096: a sparse × dense
-        product, 3.5× faster than the dense one here), and the L0 of each row from the same sparse index."""
-        if not features.is_cpu:
-            return features.float() @ self.sae.W_dec / self.scale + self.sae.b_dec / self.scale, torch.count_nonzero(features, dim=-1)
-        rows, cols = features.nonzero(as_tuple=True)
+    def sparse_readout(self, features: Tensor) -> "SparseFeatures":
+        """The active entries of `features` [tokens, d_sae], found in one scan, and what is read from them: each
+        token's L0 and its exact fp32 reconstruction (a sparse × dense product through only the active decoder
+        rows: an L0 of ~30 out of 4,096)."""
+        active = features != 0
+        rows, cols = active.nonzero(as_tuple=True)  # a bool scan: half the time of nonzero() on bf16 values
+        values = features[rows, cols].float()
         l0 = torch.bincount(rows, minlength=features.shape[0])
-        sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), features[rows, cols].float(), features.shape,
+        sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, features.shape,
                                          is_coalesced=True, check_invariants=False)  # nonzero() yields row-major order: coalesced
-        return torch.sparse.mm(sparse, self.sae.W_dec).add_(self.sae.b_dec) / self.scale, l0
+        reconstruction = torch.sparse.mm(sparse, self.sae.W_dec).add_(self.sae.b_dec) / self.scale
+        return SparseFeatures(rows, cols, values, l0, reconstruction)
+
+
+@dataclass
+class SparseFeatures:
+    rows: Tensor  # [nnz] token index of each active entry, ascending
+    cols: Tensor  # [nnz] its feature id
+    values: Tensor  # [nnz] fp32
+    l0: Tensor  # [tokens] active features per token
+    reconstruction: Tensor  # [tokens, d_in] in raw units
+
+    def top_k(self, k: int) -> tuple[Tensor, Tensor]:
+        """(values, feature ids) [tokens, min(k, max L0)] of each token's strongest features, strongest first (ties
+        by ascending id); a token with fewer than k active features is padded with value 0 (feature id 0).
+
+        From the active entries alone: a top-k over a [tokens, max L0] grid instead of the dense [tokens, d_sae]
+        one (5.6 ms for 2,048 tokens × 4,096 features here)."""
+        tokens = self.l0.shape[0]
+        width = int(self.l0.max()) if tokens and self.rows.numel() else 0
+        k = min(k, width)
+        if k == 0:
+            return torch.zeros(tokens, 0), torch.zeros(tokens, 0, dtype=torch.long)
+        first = torch.cumsum(self.l0, 0) - self.l0  # index of each token's first entry
+        slot = torch.arange(self.rows.numel(), device=self.rows.device) - first[self.rows]
+        grid_values = torch.zeros(tokens, width, device=self.values.device)
+        grid_ids = torch.zeros(tokens, width, dtype=torch.long, device=self.values.device)
+        grid_values[self.rows, slot] = self.values
+        grid_ids[self.rows, slot] = self.cols
+        # A stable sort, not topk: equal values (common in bf16) keep ascending feature order, whatever the batch.
+        top_values, where = grid_values.sort(dim=1, descending=True, stable=True)
+        return top_values[:, :k], grid_ids.gather(1, where[:, :k])

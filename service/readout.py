@@ -49,14 +49,13 @@ def read_features(
     acts = hook_activations(loaded, sequences)
     flat = torch.cat(acts)
     features = loaded.encoder.encode(flat)
-    recon, l0 = loaded.encoder.decode_and_count(features)
-    squared_error = (flat - recon).pow(2).sum(-1)
+    active = loaded.encoder.sparse_readout(features)
+    l0 = active.l0
+    squared_error = (flat - active.reconstruction).pow(2).sum(-1)
     squared_norm = flat.pow(2).sum(-1)
     rel_error = (squared_error / squared_norm.clamp_min(1e-24)).sqrt()
     watched = features[:, watch].float() if watch else None
-    k_max = min(max(top_k, default=0), features.shape[-1])
-    top_values, top_ids = features.topk(k_max, dim=-1) if k_max else (features[:, :0], features[:, :0].long())
-    top_values = top_values.float()
+    top_values, top_ids = active.top_k(max(top_k, default=0))
     out, start = [], 0
     for seq, k, wanted in zip(sequences, top_k, feature_ids):
         end = start + len(seq)

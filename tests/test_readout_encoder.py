@@ -1,0 +1,38 @@
+"""The readout's sparse path: L0, reconstruction and top-k from the active entries equal the dense computations."""
+
+import torch
+
+from monosemantic.sae import SAEConfig, build_sae
+from service.encoder import FastEncoder
+
+
+def readout_of_random_features(seed: int = 0):
+    sae = build_sae(SAEConfig.build(architecture="relu", d_in=16, d_sae=64, input_scale=2.0), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.relu(torch.randn(40, 64, generator=gen) - 1.0)  # ~16% active, varying per token
+    features[3] = 0  # a token with nothing active
+    return sae, features, FastEncoder(sae, torch.float32).sparse_readout(features)
+
+
+def test_l0_and_reconstruction_equal_the_dense_ones():
+    sae, features, active = readout_of_random_features()
+    assert torch.equal(active.l0, torch.count_nonzero(features, dim=-1))
+    assert torch.allclose(active.reconstruction, sae.decode(features), atol=1e-5)
+
+
+def test_top_k_from_the_active_entries_equals_the_dense_top_k():
+    _, features, active = readout_of_random_features()
+    values, ids = active.top_k(5)
+    dense_values, dense_ids = features.topk(5, dim=-1)
+    assert torch.equal(values, dense_values)
+    present = dense_values > 0  # where fewer than 5 are active, both pad with zeros (ids then mean nothing)
+    assert torch.equal(ids[present], dense_ids[present])
+
+
+def test_top_k_is_capped_at_the_largest_l0_and_empty_when_nothing_fires():
+    _, features, active = readout_of_random_features()
+    values, _ = active.top_k(1000)
+    assert values.shape == (40, int(active.l0.max()))
+    nothing = FastEncoder(build_sae(SAEConfig.build(architecture="relu", d_in=16, d_sae=64), seed=0), torch.float32)
+    values, ids = nothing.sparse_readout(torch.zeros(4, 64)).top_k(10)
+    assert values.shape == (4, 0) and ids.shape == (4, 0)
