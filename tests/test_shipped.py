@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from monosemantic.artifact import load_dictionary, verify
 from monosemantic.lm import hook_dim, load_lm
@@ -41,18 +42,18 @@ def test_the_reference_dictionary_reconstructs_real_activations(shipped):
     from monosemantic.lm import read_activations
 
     x = read_activations(lm.model, ids, REFERENCE_HOOK)[0, 1:]
-    x_hat = dictionary.sae.decode(dictionary.sae.encode(x))
+    with torch.no_grad():
+        x_hat = dictionary.sae.decode(dictionary.sae.encode(x))
     relative_error = float((x - x_hat).pow(2).sum() / x.pow(2).sum())
-    assert relative_error < 0.5  # an untrained dictionary gives about 1; held-out FVU is 0.2 over 300k tokens
+    assert relative_error < 0.5  # an untrained dictionary gives about 1; held-out FVU is 0.147 over 300k tokens
 
 
 def test_the_recorded_metrics_are_at_least_what_artifacts_readme_states(shipped):
-    # artifacts/README.md: L0 20.5, FVU 0.199, loss recovered 0.98, dead 32% on 300k held-out tokens, dense 0.
-    # L0, loss recovered and dense meet the product targets; FVU meets paper parity (≤ 0.25) but not the 0.15
-    # target, and the dead fraction misses its 5% target (see the README): this guards against regressions.
+    # artifacts/README.md: L0 28.6, FVU 0.147, loss recovered 0.988, dead 1.6% on 300k held-out tokens, dense 0:
+    # every product target of the foundation issue, which these bounds are.
     metrics = shipped[1].manifest.metrics
     assert 5 <= metrics["l0"] <= 30
     assert metrics["loss_recovered"] >= 0.90
-    assert metrics["fvu"] <= 0.25
+    assert metrics["fvu"] <= 0.15
     assert metrics["dense_fraction"] == 0.0
-    assert metrics["dead_fraction"] <= 0.35
+    assert metrics["dead_fraction"] <= 0.05
