@@ -17,7 +17,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from service.bulk_histogram import BulkHistogram
-
 from service.readout import SequenceReadout
 from service.settings import WatchedFeature
 
