@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from monosemantic.sae import SparseAutoencoder
+from monosemantic.support import Support, decode_support
 
 
 ROW_BUCKET = 256
@@ -53,23 +54,19 @@ class FastEncoder:
 
     def sparse_readout(self, features: Tensor) -> "SparseFeatures":
         """The active entries of `features` [tokens, d_sae], found in one scan, and what is read from them: each
-        token's L0 and its exact fp32 reconstruction (a sparse × dense product through only the active decoder
-        rows: an L0 of ~30 out of 4,096)."""
-        active = features != 0
-        rows, cols = active.nonzero(as_tuple=True)  # a bool scan: half the time of nonzero() on bf16 values
-        values = features[rows, cols].float()
-        l0 = torch.bincount(rows, minlength=features.shape[0])
-        sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, features.shape,
-                                         is_coalesced=True, check_invariants=False)  # nonzero() yields row-major order: coalesced
-        reconstruction = torch.sparse.mm(sparse, self.sae.W_dec).add_(self.sae.b_dec) / self.scale
-        return SparseFeatures(rows, cols, values, l0, reconstruction)
+        token's L0 and its exact fp32 reconstruction, a bag-sum of only the active decoder rows (an L0 of ~30 out
+        of 4,096) with the training step's own sparse decoder (monosemantic/support.py): 6× faster here than
+        torch.sparse.mm on the same entries."""
+        support = Support.from_mask(features != 0)
+        values = features[support.rows, support.cols].float()
+        reconstruction = (decode_support(values, support, self.sae.W_dec) + self.sae.b_dec) / self.scale
+        return SparseFeatures(support, values, torch.bincount(support.rows, minlength=support.batch), reconstruction)
 
 
 @dataclass
 class SparseFeatures:
-    rows: Tensor  # [nnz] token index of each active entry, ascending
-    cols: Tensor  # [nnz] its feature id
-    values: Tensor  # [nnz] fp32
+    support: Support  # the active (token, feature) pairs, row-major
+    values: Tensor  # [nnz] their values, fp32
     l0: Tensor  # [tokens] active features per token
     reconstruction: Tensor  # [tokens, d_in] in raw units
 
@@ -79,17 +76,16 @@ class SparseFeatures:
 
         From the active entries alone: a top-k over a [tokens, max L0] grid instead of the dense [tokens, d_sae]
         one (5.6 ms for 2,048 tokens × 4,096 features here)."""
-        tokens = self.l0.shape[0]
-        width = int(self.l0.max()) if tokens and self.rows.numel() else 0
+        tokens, rows = self.l0.shape[0], self.support.rows
+        width = int(self.l0.max()) if tokens and rows.numel() else 0
         k = min(k, width)
         if k == 0:
             return torch.zeros(tokens, 0), torch.zeros(tokens, 0, dtype=torch.long)
-        first = torch.cumsum(self.l0, 0) - self.l0  # index of each token's first entry
-        slot = torch.arange(self.rows.numel(), device=self.rows.device) - first[self.rows]
+        slot = torch.arange(rows.numel(), device=rows.device) - self.support.row_offsets()[rows]  # place within its token
         grid_values = torch.zeros(tokens, width, device=self.values.device)
         grid_ids = torch.zeros(tokens, width, dtype=torch.long, device=self.values.device)
-        grid_values[self.rows, slot] = self.values
-        grid_ids[self.rows, slot] = self.cols
+        grid_values[rows, slot] = self.values
+        grid_ids[rows, slot] = self.support.cols
         # A stable sort, not topk: equal values (common in bf16) keep ascending feature order, whatever the batch.
         top_values, where = grid_values.sort(dim=1, descending=True, stable=True)
         return top_values[:, :k], grid_ids.gather(1, where[:, :k])
