@@ -48,8 +48,8 @@ class FastEncoder:
         padded = bucketed_rows(rows)
         if padded != rows:
             centred = torch.nn.functional.pad(centred, (0, 0, 0, padded - rows))
-        # Activated in the serving dtype: the values are the bf16 products either way, and every later dense pass
-        # over [rows, d_sae] (top-k, the sparse index) moves half the bytes.
+        # Activated in the serving dtype: the values are the bf16 products either way, and the later dense passes
+        # over [rows, d_sae] (the scan for active entries, the watched columns) move half the bytes.
         return self.sae.activate(torch.addmm(self.b_enc, centred, self.W_enc)[:rows])
 
     def sparse_readout(self, features: Tensor) -> "SparseFeatures":

@@ -17,8 +17,8 @@ class SequenceReadout:
 
     l0: Tensor  # [T] int
     recon_error: Tensor  # [T] float
-    top_values: Tensor  # [T, k]
-    top_ids: Tensor  # [T, k]
+    top_values: Tensor  # [T, min(k, the batch's largest L0)], zero-padded where a token has fewer active
+    top_ids: Tensor  # [T, same]
     values: Tensor | None  # [T, len(feature_ids)]
     watched: Tensor | None = None  # [T, len(watch)] the monitored features' values
     squared_error: Tensor | None = None  # [T] ||x - x_hat||²
