@@ -1,10 +1,10 @@
 """A Prometheus histogram that takes a whole tensor of observations in one call.
 
 prometheus_client's Histogram observes one value per call, under a lock: the per-token series of the feature
-monitor (L0, reconstruction error, watched activations) made that 130+ calls and 0.29 ms of event-loop time per
-64-token request. Here a request's values are bucketed by one `torch.bucketize` + `bincount`, and the series are
-exposed through the library's custom-collector interface, in the same exposition format (`_bucket{le}`, `_count`,
-`_sum`) as a Histogram of the same name.
+monitor (L0, reconstruction error, watched activations) made that about 150 calls per 64-token request. Here a
+request's values are bucketed by one `torch.bucketize` + `bincount`; the monitor's whole record of a request went
+from 0.177 ms to 0.107 ms. The series are exposed through the library's custom-collector interface, in the same
+exposition format (`_bucket{le}`, `_count`, `_sum`) as a Histogram of the same name.
 """
 
 from __future__ import annotations

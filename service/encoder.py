@@ -55,8 +55,8 @@ class FastEncoder:
     def sparse_readout(self, features: Tensor) -> "SparseFeatures":
         """The active entries of `features` [tokens, d_sae], found in one scan, and what is read from them: each
         token's L0 and its exact fp32 reconstruction, a bag-sum of only the active decoder rows (an L0 of ~30 out
-        of 4,096) with the training step's own sparse decoder (monosemantic/support.py): 6× faster here than
-        torch.sparse.mm on the same entries."""
+        of 4,096) with the training step's own sparse decoder (monosemantic/support.py): 3.6× faster here than
+        torch.sparse.mm on the same entries (2.3 ms against 8.3 ms for 2,048 tokens at L0 57)."""
         support = Support.from_mask(features != 0)
         values = features[support.rows, support.cols].float()
         reconstruction = (decode_support(values, support, self.sae.W_dec) + self.sae.b_dec) / self.scale
@@ -80,7 +80,7 @@ class SparseFeatures:
         width = int(self.l0.max()) if tokens and rows.numel() else 0
         k = min(k, width)
         if k == 0:
-            return torch.zeros(tokens, 0), torch.zeros(tokens, 0, dtype=torch.long)
+            return torch.zeros(tokens, 0, device=self.values.device), torch.zeros(tokens, 0, dtype=torch.long, device=self.values.device)
         slot = torch.arange(rows.numel(), device=rows.device) - self.support.row_offsets()[rows]  # place within its token
         grid_values = torch.zeros(tokens, width, device=self.values.device)
         grid_ids = torch.zeros(tokens, width, dtype=torch.long, device=self.values.device)

@@ -177,7 +177,7 @@ class Engine:
     async def activations(self, req: schemas.ActivationsRequest, deadline: float | None = None) -> dict[str, Any]:
         """The ActivationsResponse, as the plain dict that the adapters serialise (its shape is the model's; the
         OpenAPI document and every client validate it). On the service's hot path, pydantic validation and
-        serialisation of 64 tokens × top_k cost 1.3 ms against 0.04 ms for orjson on the dict (measured here)."""
+        serialisation of 64 tokens × top_k cost 0.86 ms against 0.04 ms for orjson on the dict (measured here)."""
         with self._worker.arriving() as arrival:
             loaded = self.serving
             ids, offsets = self._token_ids(loaded, "text", req.text, req.token_ids, req.prepend_bos)
