@@ -10,6 +10,10 @@ machine has 2 cores that the load generator shares with the server, so a client 
 CPU per request measures itself as much as the server: httpx took about half the CPU at 240 req/s. gRPC load
 is always Python (grpc.aio), as there is no packaged gRPC load tool here.
 
+With wrk, each REST row also reports the server's CPU time per request (from /proc, all its threads). At the end
+the bench times the engine's batch function in-process (one request alone against a batch of 32) and prints the
+ceiling the CPU sets: with every core busy, the batched server can't pass cores × 1000 / its CPU-ms per request.
+
     python bench/serve.py [--seconds 6] [--clients 1,8,32,128] [--load-generator wrk|python]
 """
 
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -87,6 +92,12 @@ class ServerProcess:
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.process.pid}/status") as fh:
             return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all its threads)."""
+        with open(f"/proc/{self.process.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> int:
         """SIGTERM (the server drains), then its exit code."""
@@ -177,8 +188,9 @@ end
 """
 
 
-def measure_wrk(url: str, texts: list[str], clients: int, seconds: float) -> dict:
-    """wrk, one thread, `clients` keep-alive connections, after a warm-up run of WARMUP_S that is thrown away."""
+def measure_wrk(url: str, texts: list[str], clients: int, seconds: float, cpu_seconds: Callable[[], float] | None = None) -> dict:
+    """wrk, one thread, `clients` keep-alive connections, after a warm-up run of WARMUP_S that is thrown away; with
+    `cpu_seconds` (the server's CPU clock) also the server's CPU time per request over the measured run."""
     bodies = ", ".join(f"[==[{json.dumps({'text': t, 'top_k': 10})}]==]" for t in texts)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % bodies)
@@ -189,17 +201,21 @@ def measure_wrk(url: str, texts: list[str], clients: int, seconds: float) -> dic
             return json.loads(next(line for line in out.splitlines() if line.startswith('{"requests"')))
 
         run(WARMUP_S)
+        cpu_before = cpu_seconds() if cpu_seconds else 0.0
         r = run(seconds)
+        cpu = cpu_seconds() - cpu_before if cpu_seconds else None
     finally:
         os.unlink(script.name)
     if r["failed"]:
         raise RuntimeError(f"wrk: {r['failed']} of {r['requests']} requests failed against {url}")
-    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50": r["p50_us"] / 1e6, "p99": r["p99_us"] / 1e6, "n": r["requests"]}
+    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50": r["p50_us"] / 1e6, "p99": r["p99_us"] / 1e6, "n": r["requests"],
+            "cpu_ms": None if cpu is None else cpu / r["requests"] * 1000}
 
 
-def measure(url: str, protocol: str, texts_file: Path, clients: int, seconds: float, generator: str = "python") -> dict:
+def measure(url: str, protocol: str, texts_file: Path, clients: int, seconds: float, generator: str = "python",
+            cpu_seconds: Callable[[], float] | None = None) -> dict:
     if protocol == "rest" and generator == "wrk":
-        return measure_wrk(url, json.loads(texts_file.read_text()), clients, seconds)
+        return measure_wrk(url, json.loads(texts_file.read_text()), clients, seconds, cpu_seconds)
     out = subprocess.run(
         [sys.executable, __file__, "--load", "--url", url, "--protocol", protocol, "--texts", str(texts_file), "--load-clients", str(clients), "--seconds", str(seconds)],
         capture_output=True, text=True, check=True,
@@ -220,6 +236,35 @@ def generate_rate(url: str, streams: int, tokens: int) -> float:
     started = time.perf_counter()
     count = asyncio.run(run())
     return count / (time.perf_counter() - started)
+
+
+def worker_cost(texts: list[str], batch: int = 32, repeats: int = 15) -> tuple[float, float]:
+    """Milliseconds the engine's worker spends on one 64-token activations request alone, and per request in a
+    batch of `batch` (medians of `repeats`), run in this process with no server on the machine: how much of a
+    request's forward batching shares. Every forward runs on the one worker thread, so 1000 / the second figure
+    caps the batched server's requests/s even with a free HTTP layer; the CPU ceiling printed beside it, which
+    counts the HTTP layer too, is the tighter one."""
+    import statistics
+
+    from service.batcher import Job
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    engine = Engine(ServiceSettings())
+    engine.load()
+    loaded = engine.serving
+    jobs = [Job(run=engine._run_activations, payload=(loaded, loaded.tokenize(t, True).ids, 10, None)) for t in texts[:batch]]
+
+    def median_ms(group: list[Job]) -> float:
+        group[0].run(group)  # warm: oneDNN builds its primitive for this shape once
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            group[0].run(group)
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    return median_ms(jobs[:1]), median_ms(jobs) / len(jobs)
 
 
 def main() -> None:
@@ -254,8 +299,10 @@ def main() -> None:
             for protocol in protocols:
                 url = f"http://127.0.0.1:{server.http_port}" if protocol == "rest" else f"127.0.0.1:{server.grpc_port}"
                 for clients in levels:
-                    r = results[(name, protocol, clients)] = measure(url, protocol, texts_file, clients, args.seconds, args.load_generator)
-                    print(f"{name:9s} {protocol:4s} clients={clients:4d}  {r['rps']:8.1f} req/s  p50 {r['p50']*1000:7.1f} ms  p99 {r['p99']*1000:7.1f} ms  (p99/p50 {r['p99']/r['p50']:.2f})", flush=True)
+                    r = results[(name, protocol, clients)] = measure(url, protocol, texts_file, clients, args.seconds, args.load_generator,
+                                                                    server.cpu_seconds)
+                    cpu = f"  server CPU {r['cpu_ms']:.2f} ms/request" if r.get("cpu_ms") is not None else ""
+                    print(f"{name:9s} {protocol:4s} clients={clients:4d}  {r['rps']:8.1f} req/s  p50 {r['p50']*1000:7.1f} ms  p99 {r['p99']*1000:7.1f} ms  (p99/p50 {r['p99']/r['p50']:.2f}){cpu}", flush=True)
             if kind == "ours":
                 gen[name] = generate_rate(f"http://127.0.0.1:{server.http_port}", 4, 64)
                 print(f"{name:9s} generate: {gen[name]:.1f} tokens/s (4 streams x 64 tokens)", flush=True)
@@ -272,6 +319,21 @@ def main() -> None:
             ratio_naive = f"{b['rps'] / n['rps']:.2f}×" if n and protocol == "rest" else "—"
             print(f"| {clients} | {protocol} | {b['rps']:.1f} | {u['rps']:.1f} | {naive} | {b['rps'] / u['rps']:.2f}× | {ratio_naive} | {b['p50']*1000:.1f} | {b['p99']*1000:.1f} | {b['p99']/b['p50']:.2f} |")
     print(f"\ngenerate tokens/s: batched server {gen.get('batched', 0):.1f}, unbatched server {gen.get('unbatched', 0):.1f}")
+
+    # What batching can share on this machine, measured on the engine's own batch function with no server running,
+    # and the ceiling that the server's CPU time per request sets on requests/s when every core is busy.
+    single, batched = worker_cost(json.loads(texts_file.read_text()))
+    print(f"\nworker, in-process, machine otherwise idle: one 64-token request alone {single:.2f} ms; in a batch of 32, "
+          f"{batched:.2f} ms per request ({single / batched:.2f}× less)")
+    cores = len(os.sched_getaffinity(0))
+    for clients in levels:
+        b, u = results[("batched", "rest", clients)], results[("unbatched", "rest", clients)]
+        if b.get("cpu_ms") is None:
+            continue
+        cap = cores * 1000 / b["cpu_ms"]
+        print(f"  {clients} clients: the batched server used {b['cpu_ms']:.2f} CPU-ms per request (unbatched {u['cpu_ms']:.2f}); "
+              f"on {cores} cores it can't pass {cap:.0f} req/s, {cap / u['rps']:.2f}× the unbatched {u['rps']:.1f} req/s, "
+              f"even if the load generator took no CPU")
 
 
 if __name__ == "__main__":
