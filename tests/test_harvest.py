@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any accidental hub call must fai
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -19,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import trainer.harvest as harvest_module
 from monosemantic.errors import ConfigError, MonosemanticError
 from monosemantic.lm import LoadedLM, read_activations, weights_checksum
-from trainer.activations import HARVEST_MANIFEST, from_storage, open_harvest
+from trainer.activations import HARVEST_MANIFEST, from_storage, open_harvest, to_storage
 from trainer.harvest import harvest
 
 HOOK = "blocks.0.mlp.hook_post"
@@ -143,6 +144,20 @@ def test_bfloat16_shards_round_trip_through_open_harvest(lm, contexts, tmp_path)
     rows = all_rows(tmp_path / "h")
     assert rows.dtype == torch.float32
     torch.testing.assert_close(rows, expected_rows(lm, contexts), rtol=1e-2, atol=1e-2)
+
+
+def test_bfloat16_storage_widens_exactly_from_a_read_only_memory_map(tmp_path):
+    values = torch.tensor([[1.0, -2.5, 3.140625, 1e-40], [float("inf"), float("-inf"), -0.0, float("nan")]])
+    path = tmp_path / "shard.npy"
+    np.save(path, to_storage(values, "bfloat16"))
+    mapped = np.load(path, mmap_mode="r")
+    assert not mapped.flags.writeable
+
+    widened = from_storage(mapped, "bfloat16")
+
+    assert widened.dtype == torch.float32
+    expected = values.to(torch.bfloat16).float()
+    assert torch.equal(widened.view(torch.int32), expected.view(torch.int32))  # bit for bit: −0.0, NaN, subnormal
 
 
 def test_an_unsupported_shard_dtype_is_a_config_error(lm, contexts, tmp_path):
