@@ -32,6 +32,7 @@ class Support:
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> "Support":
+        """The nonzero entries of `mask` [batch, d_sae]: a bool mask, or values whose zeros are the gaps."""
         rows, cols = mask.nonzero(as_tuple=True)
         return cls(rows=rows, cols=cols, batch=mask.shape[0], d_sae=mask.shape[1])
 

@@ -37,8 +37,11 @@ class FastEncoder:
         self.W_enc = sae.W_enc.detach().to(dtype).contiguous()
         self.b_enc = sae.b_enc.detach().to(dtype)
         self.b_dec = sae.b_dec.detach().float()
+        self._scratch: Tensor | None = None  # encode's output, reused batch after batch
 
     def encode(self, x: Tensor) -> Tensor:
+        """Feature activations [rows, d_sae] in the serving dtype, written over the previous call's: valid until
+        the next call, so a caller copies what it keeps. The readout calls it from the one worker thread only."""
         centred = (x.float() * self.scale - self.b_dec).to(self.dtype)
         rows = centred.shape[0]
         # Pad the rows to a bucket. oneDNN caches a primitive (and its scratch memory) for every matmul shape it
@@ -50,14 +53,23 @@ class FastEncoder:
             centred = torch.nn.functional.pad(centred, (0, 0, 0, padded - rows))
         # Activated in the serving dtype: the values are the bf16 products either way, and the later dense passes
         # over [rows, d_sae] (the scan for active entries, the watched columns) move half the bytes.
-        return self.sae.activate(torch.addmm(self.b_enc, centred, self.W_enc)[:rows])
+        return self.sae.activate_(torch.addmm(self.b_enc, centred, self.W_enc, out=self._output(padded))[:rows])
+
+    def _output(self, rows: int) -> Tensor:
+        """A [rows, d_sae] view of one buffer that grows to the largest batch seen (at most max_batch_tokens rows,
+        bucketed). A fresh 16 MB result per 2,048-token batch cost ~4,000 page faults each time: on the worker
+        thread, with a mix of batch sizes, the batch function took 2.05–2.18 ms per request with fresh results
+        and 1.79–1.88 ms with this buffer (three runs each)."""
+        if self._scratch is None or self._scratch.shape[0] < rows:
+            self._scratch = torch.empty(rows, self.W_enc.shape[1], dtype=self.dtype, device=self.W_enc.device)
+        return self._scratch[:rows]
 
     def sparse_readout(self, features: Tensor) -> "SparseFeatures":
         """The active entries of `features` [tokens, d_sae], found in one scan, and what is read from them: each
         token's L0 and its exact fp32 reconstruction, a bag-sum of only the active decoder rows (an L0 of ~30 out
         of 4,096) with the training step's own sparse decoder (monosemantic/support.py): 3.6× faster here than
         torch.sparse.mm on the same entries (2.3 ms against 8.3 ms for 2,048 tokens at L0 57)."""
-        support = Support.from_mask(features != 0)
+        support = Support.from_mask(features)  # nonzero's own test: no [tokens, d_sae] bool mask to allocate
         values = features[support.rows, support.cols].float()
         reconstruction = (decode_support(values, support, self.sae.W_dec) + self.sae.b_dec) / self.scale
         return SparseFeatures(support, values, torch.bincount(support.rows, minlength=support.batch), reconstruction)

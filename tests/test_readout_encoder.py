@@ -36,3 +36,18 @@ def test_top_k_is_capped_at_the_largest_l0_and_empty_when_nothing_fires():
     nothing = FastEncoder(build_sae(SAEConfig.build(architecture="relu", d_in=16, d_sae=64), seed=0), torch.float32)
     values, ids = nothing.sparse_readout(torch.zeros(4, 64)).top_k(10)
     assert values.shape == (4, 0) and ids.shape == (4, 0)
+
+
+def test_a_later_encode_leaves_the_readouts_taken_from_an_earlier_one_intact():
+    sae = build_sae(SAEConfig.build(architecture="relu", d_in=16, d_sae=64), seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.1)
+    encoder = FastEncoder(sae, torch.bfloat16)
+    first, second = torch.randn(70, 16), torch.randn(300, 16)
+    active = encoder.sparse_readout(encoder.encode(first))
+    kept = (active.l0.clone(), active.values.clone(), active.reconstruction.clone(), *(t.clone() for t in active.top_k(5)))
+
+    encoder.encode(second)  # a larger batch: the encoder's output buffer grows and is written over
+
+    assert all(torch.equal(a, b) for a, b in zip(kept, (active.l0, active.values, active.reconstruction, *active.top_k(5))))
+    assert torch.equal(encoder.encode(first), sae.activate(torch.addmm(encoder.b_enc, (first * sae.cfg.input_scale - sae.b_dec).bfloat16(), encoder.W_enc)))

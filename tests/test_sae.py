@@ -83,6 +83,16 @@ def test_the_support_step_has_the_same_loss_and_gradients_as_the_dense_step(arch
         assert torch.allclose(grad, support_grads[name], rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
+def test_the_in_place_activation_equals_the_activation(arch):
+    sae = build_sae(SAEConfig.build(architecture=arch, d_in=8, d_sae=64, k=6 if arch == "topk" else None), seed=0)
+    pre = torch.randn(32, 64)
+    with torch.inference_mode():
+        expected = sae.activate(pre)
+        assert torch.equal(sae.activate_(pre.clone()), expected)
+        assert torch.equal(sae.activate_(pre.bfloat16()), sae.activate(pre.bfloat16()))
+
+
 def test_jumprelu_thresholds_receive_gradient_from_the_l0_penalty():
     sae = build_sae(SAEConfig.build(architecture="jumprelu", d_in=8, d_sae=16, bandwidth=10.0), seed=0)
     sae(torch.randn(64, 8)).sparsity.backward()
