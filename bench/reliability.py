@@ -199,7 +199,8 @@ def overload(registry: Path, queue: int, extra: int) -> dict:
     return {"sent": len(answers), "queue": queue, "served": len(served), "refused_429": len(refused),
             "other": len(answers) - len(served) - len(refused), "rejected_metric": rejected_metric,
             "refused_median_s": sorted(refused)[len(refused) // 2] if refused else None,
-            "served_median_s": sorted(served)[len(served) // 2] if served else None}
+            "served_median_s": sorted(served)[len(served) // 2] if served else None,
+            "refused_slowest_s": max(refused, default=None), "served_fastest_s": min(served, default=None)}
 
 
 def soak(registry: Path, seconds: float, clients: int) -> dict:

@@ -44,7 +44,10 @@ def test_overload_is_refused_at_once_and_exactly(figures):
     assert over["other"] == 0 and over["served"] + over["refused_429"] == over["sent"]
     assert over["refused_429"] == over["sent"] - over["queue"]  # exactly: slots count requests, not steps
     assert over["rejected_metric"] == over["refused_429"]
-    assert over["refused_median_s"] < over["served_median_s"] / 5
+    # At once: every refusal is answered before the first admitted request is served, so none waited behind the
+    # work. (A ratio of medians was flaky: in about one run of three here, the one burst of 19 requests starts with
+    # a stall of ~200 ms, on the client's side or the server's, that delays the refusals and the served alike.)
+    assert over["refused_slowest_s"] < over["served_fastest_s"]
 
 
 def test_sigterm_under_load_finishes_requests_and_streams_then_exits_zero(figures):
