@@ -214,6 +214,8 @@ def measure_wrk(url: str, texts: list[str], clients: int, seconds: float, cpu_se
 
 def measure(url: str, protocol: str, texts_file: Path, clients: int, seconds: float, generator: str = "python",
             cpu_seconds: Callable[[], float] | None = None) -> dict:
+    """One load level: wrk for REST when chosen (then with the server's CPU per request, given `cpu_seconds`), else
+    the Python load process, which reports no CPU figure: its own warm-up would count in the server's clock."""
     if protocol == "rest" and generator == "wrk":
         return measure_wrk(url, json.loads(texts_file.read_text()), clients, seconds, cpu_seconds)
     out = subprocess.run(
