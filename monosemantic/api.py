@@ -5,9 +5,28 @@ transports share one set of field rules."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# A steering value's bound, in the feature's activation units: far above any feature's activation (the shipped
+# dictionary's largest is ~20, Gemma Scope's a few hundred), and far enough below float32's 3.4e38 that neither the
+# steered activation nor the squares a normalisation layer takes of it can overflow to inf / NaN.
+MAX_STEERING_VALUE = 1e6
+
+
+def _unicode_text(value: str) -> str:
+    """Refuse lone surrogates (U+D800-U+DFFF): JSON can escape them ("\\ud800") and Python's decoder lets them
+    through, but they are not text: no tokenizer can encode them, and no UTF-8 response can carry them back."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode: a lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start}") from None
+    return value
+
+
+# Every text a request carries, on both transports (gRPC messages are validated through these models too).
+Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class _Request(BaseModel):
@@ -26,7 +45,7 @@ class FeatureValue(BaseModel):
 
 # ---- activations -----------------------------------------------------------------------------------------------
 class ActivationsRequest(_Request):
-    text: str | None = Field(None, description="the text to read; exactly one of text and token_ids")
+    text: Text | None = Field(None, description="the text to read; exactly one of text and token_ids")
     token_ids: list[int] | None = Field(None, description="token ids to read as they are (no BOS is added); an empty list counts as not given")
     top_k: int = Field(10, ge=0, description="features reported per token, strongest first")
     feature_ids: list[int] | None = Field(None, description="features whose value is reported at every token")
@@ -57,10 +76,10 @@ class ActivationsResponse(BaseModel):
 
 # ---- attributions ----------------------------------------------------------------------------------------------
 class AttributionsRequest(_Request):
-    text: str
-    target: int | str = Field(description="the token whose logit is explained: an id or its text (one token)")
+    text: Text
+    target: int | Text = Field(description="the token whose logit is explained: an id or its text (one token)")
     position: int | None = Field(None, description="the position whose next-token logit is explained (default: last); negative counts from the end")
-    contrast: int | str | None = Field(None, description="explain logit(target) - logit(contrast) instead")
+    contrast: int | Text | None = Field(None, description="explain logit(target) - logit(contrast) instead")
     top_k: int = Field(20, ge=0)
     prepend_bos: bool = True
 
@@ -90,17 +109,17 @@ class AttributionsResponse(BaseModel):
 class Steering(_Request):
     feature: int
     mode: Literal["clamp", "add"] = Field(description="clamp: pin the feature's activation to value; add: add value x its decoder direction")
-    value: float
+    value: float = Field(ge=-MAX_STEERING_VALUE, le=MAX_STEERING_VALUE, allow_inf_nan=False, description=f"in the feature's activation units, |value| <= {MAX_STEERING_VALUE:g}")
 
 
 class GenerateRequest(_Request):
-    prompt: str
+    prompt: Text
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens; 0 is no limit")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="the same seed gives the same text")
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Text] = Field(default_factory=list)
     steering: list[Steering] = Field(default_factory=list)
     steer_prompt: bool = Field(True, description="steer the prompt's positions too; false steers generated positions only")
     features_top_k: int = Field(5, ge=0, description="features reported per generated token")
@@ -179,7 +198,7 @@ class FeatureResponse(BaseModel):
 
 
 class SearchFeaturesRequest(_Request):
-    q: str = Field(description="a token (by=token) or a text snippet (by=snippet)")
+    q: Text = Field(description="a token (by=token) or a text snippet (by=snippet)")
     by: Literal["token", "snippet"] = "snippet"
     page: int = Field(1, ge=1)
     page_size: int = Field(20, ge=1)
@@ -204,7 +223,7 @@ class SearchFeaturesResponse(BaseModel):
 
 # ---- observe (monitoring) ---------------------------------------------------------------------------------------
 class ObserveRequest(_Request):
-    texts: list[str] = Field(min_length=1, description="texts read only for the feature-monitoring metrics")
+    texts: list[Text] = Field(min_length=1, description="texts read only for the feature-monitoring metrics")
 
 
 class ObserveResponse(BaseModel):
@@ -232,7 +251,7 @@ class DictionariesResponse(BaseModel):
 
 
 class ReloadRequest(_Request):
-    name: str
+    name: Text
     version: int | None = Field(None, ge=1, description="default: the latest version")
 
 

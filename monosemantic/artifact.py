@@ -14,9 +14,10 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from monosemantic.errors import ArtifactError, ArtifactMismatch, ArtifactNotFound, ConfigError
+from monosemantic.errors import ArtifactError, ArtifactMismatch, ArtifactNotFound, ArtifactUnreadable, ConfigError
 from monosemantic.sae import SAE_REGISTRY, SAEConfig, SparseAutoencoder, sae_from_tensors
 
 FORMAT_VERSION = 1
@@ -103,24 +104,37 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"dictionary name {name!r} is invalid: use letters, digits, '.', '_' or '-' (max 100)")
 
 
+@contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """An OSError while reading the registry (permissions, an I/O error) as ArtifactUnreadable, whose message
+    names the dictionary and the reason, never a file-system path (it reaches the service's clients)."""
+    try:
+        yield
+    except OSError as exc:
+        raise ArtifactUnreadable(f"{what}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
 def list_versions(registry: Path, name: str) -> list[int]:
     """Published versions of ``name``, ascending (temporary directories are never listed)."""
     _check_name(name)
     directory = Path(registry) / name
-    if not directory.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _VERSION_DIR.match(p.name)) and p.is_dir())
+    with _reading(f"dictionary {name!r}"):
+        if not directory.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _VERSION_DIR.match(p.name)) and p.is_dir())
 
 
 def list_dictionaries(registry: Path) -> dict[str, list[int]]:
     """Every dictionary in a registry with its versions."""
     registry = Path(registry)
-    if not registry.is_dir():
-        return {}
+    with _reading("the registry"):
+        if not registry.is_dir():
+            return {}
+        names = sorted(p.name for p in registry.iterdir() if p.is_dir() and _NAME.match(p.name))
     out = {}
-    for p in sorted(registry.iterdir()):
-        if p.is_dir() and _NAME.match(p.name) and (versions := list_versions(registry, p.name)):
-            out[p.name] = versions
+    for name in names:
+        if versions := list_versions(registry, name):
+            out[name] = versions
     return out
 
 
@@ -234,10 +248,12 @@ def _fsync_dir(directory: Path) -> None:
 
 def read_manifest(version_dir: Path) -> Manifest:
     path = Path(version_dir) / MANIFEST_FILE
-    if not path.exists():
-        raise ArtifactError(f"{_label(version_dir)}: {MANIFEST_FILE} is missing")
+    with _reading(f"{_label(version_dir)}: {MANIFEST_FILE}"):
+        if not path.exists():
+            raise ArtifactError(f"{_label(version_dir)}: {MANIFEST_FILE} is missing")
+        text = path.read_bytes()
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{_label(version_dir)}: {MANIFEST_FILE} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
     if not isinstance(raw, dict):
@@ -266,9 +282,11 @@ def verify(version_dir: Path) -> Manifest:
         raise ArtifactError(f"{_label(version_dir)}: manifest lists no {SAE_FILE}")
     for file, expected in manifest.files.items():
         path = Path(version_dir) / file
-        if not path.exists():
-            raise ArtifactError(f"{_label(version_dir)}: {file} is missing")
-        if sha256_file(path) != expected:
+        with _reading(f"{_label(version_dir)}: {file}"):
+            if not path.exists():
+                raise ArtifactError(f"{_label(version_dir)}: {file} is missing")
+            digest = sha256_file(path)
+        if digest != expected:
             raise ArtifactError(f"{_label(version_dir)}: {file} does not match its sha256 in the manifest (corrupted or tampered)")
     return manifest
 
@@ -299,7 +317,9 @@ def load_dictionary(
         tensors = load_file(str(version_dir / SAE_FILE))
         features = load_file(str(version_dir / FEATURES_FILE)) if FEATURES_FILE in manifest.files else {}
         labels = json.loads((version_dir / LABELS_FILE).read_text())["labels"] if LABELS_FILE in manifest.files else []
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+    except OSError as exc:
+        raise ArtifactUnreadable(f"{_label(version_dir)}: cannot read tensors ({exc.strerror or type(exc).__name__})") from None
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{_label(version_dir)}: cannot read tensors ({exc})") from None
     try:
         sae = sae_from_tensors(manifest.sae, {k: v.float() for k, v in tensors.items()})

@@ -28,6 +28,10 @@ class ArtifactNotFound(ArtifactError):
     """The named dictionary or version does not exist in the registry."""
 
 
+class ArtifactUnreadable(ArtifactError):
+    """The registry, or a file of a version, exists but cannot be read (permissions, I/O error)."""
+
+
 class ArtifactMismatch(ArtifactError):
     """The dictionary was trained for another model, hook or input width."""
 

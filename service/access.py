@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -119,25 +119,53 @@ class AccessControl:
                 found = entry
         return found
 
-    def check(self, authorization: str | None, scope: Scope, count: bool = True) -> str | None:
-        """The name of the key allowed to do `scope`, or None on an open server; raises 401 / 403 / 429.
-        count=False checks an extra scope of a request already counted against the key's rate."""
+    def identify(self, authorizations: Sequence[str]) -> "Identity":
+        """Who a request is, decided once from every Authorization header (gRPC `authorization` entry) it carries;
+        raises 401. More than one is refused: a middleware and a route reading different ones let a limited key
+        be counted while another key's scope was checked."""
+        if len(authorizations) > 1:
+            raise ServiceError(ErrorKind.UNAUTHENTICATED, f"authorization: send one Authorization header, not {len(authorizations)}", "authorization")
         if self.open:
-            if scope == "admin":
-                raise ServiceError(ErrorKind.PERMISSION_DENIED, "admin operations are disabled: set MONOSEMANTIC_ADMIN_KEY or give a key the admin scope in MONOSEMANTIC_API_KEYS_FILE")
-            return None
-        scheme, _, given = (authorization or "").partition(" ")
+            return Identity(self, None)
+        scheme, _, given = (authorizations[0] if authorizations else "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ServiceError(ErrorKind.UNAUTHENTICATED, "authorization: send an API key as 'Authorization: Bearer KEY'", "authorization")
-        given = given.strip()
-        entry = self._match(given)
+        entry = self._match(given.strip())
         if entry is None:
             raise ServiceError(ErrorKind.UNAUTHENTICATED, "authorization: the key is not valid", "authorization")
-        if scope not in entry.scopes:
+        return Identity(self, entry)
+
+    def check(self, authorization: str | None, scope: Scope, count: bool = True) -> str | None:
+        """identify + require in one call: the name of the key allowed to do `scope`, or None on an open server."""
+        identity = self.identify([] if authorization is None else [authorization])
+        identity.require(scope, count)
+        return identity.name
+
+    def _take(self, entry: _Entry) -> bool:
+        with self._lock:
+            return entry.bucket.take()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One request's caller: a configured key, or nobody on an open server. Every scope check of the request goes
+    through this one object."""
+
+    access: AccessControl
+    entry: _Entry | None
+
+    @property
+    def name(self) -> str | None:
+        return None if self.entry is None else self.entry.name
+
+    def require(self, scope: Scope, count: bool = True) -> None:
+        """Raise 403 without `scope`, 429 over the key's rate. count=False checks an extra scope of a request
+        already counted against the key's rate."""
+        if self.entry is None:
+            if scope == "admin":
+                raise ServiceError(ErrorKind.PERMISSION_DENIED, "admin operations are disabled: set MONOSEMANTIC_ADMIN_KEY or give a key the admin scope in MONOSEMANTIC_API_KEYS_FILE")
+            return
+        if scope not in self.entry.scopes:
             raise ServiceError(ErrorKind.PERMISSION_DENIED, f"authorization: the key lacks the {scope!r} scope", "authorization")
-        if count and entry.bucket is not None:
-            with self._lock:
-                allowed = entry.bucket.take()
-            if not allowed:
-                raise ServiceError(ErrorKind.OVERLOADED, "authorization: this key's request rate limit is reached; retry shortly")
-        return entry.name
+        if count and self.entry.bucket is not None and not self.access._take(self.entry):
+            raise ServiceError(ErrorKind.OVERLOADED, "authorization: this key's request rate limit is reached; retry shortly")

@@ -127,7 +127,14 @@ class Worker:
         try:
             return await job.future
         except asyncio.CancelledError:
+            # The caller left (a client gone, a deadline passed): out of the queue now, so the work is never run
+            # and the next jobs move up; one already taken is skipped by the worker.
             job.abandoned = True
+            with self._cond:
+                try:
+                    self._queue.remove(job)
+                except ValueError:
+                    pass
             raise
 
     # ---- the worker thread -------------------------------------------------------------------------------------

@@ -17,12 +17,13 @@ from typing import Any, AsyncIterator, Iterator
 import torch
 
 from monosemantic.artifact import list_dictionaries, parse_reference, resolve_version
-from monosemantic.errors import ArtifactNotFound, ConfigError, MonosemanticError
+from monosemantic.errors import ArtifactNotFound, ArtifactUnreadable, ConfigError, MonosemanticError
 from monosemantic.lm import LoadedLM, hook_dim
 from monosemantic import api as schemas
-from service.access import AccessControl
+from service.access import AccessControl, Identity
 from service.attribution import attribute
 from service.batcher import Job, Worker
+from service.blocking_io import BlockingIO
 from service.errors import ErrorKind, ServiceError, invalid, not_found, over_limit
 from service.generation import Generation, SamplingConfig
 from service.loaded import Loaded, load_model, load_pair
@@ -46,6 +47,7 @@ class Engine:
         self._serving: Loaded | None = None
         self._draining = False
         self._reload_lock = asyncio.Lock()
+        self._registry_io = BlockingIO(settings.registry_timeout_s, "MONOSEMANTIC_REGISTRY_TIMEOUT_S")
         self._worker = Worker(
             max_batch_requests=settings.max_batch_requests,
             max_batch_tokens=settings.max_batch_tokens,
@@ -236,6 +238,9 @@ class Engine:
             ids = loaded.tokenize(text, prepend_bos=False).ids
             bos = [loaded.bos_id] if loaded.bos_id is not None else []
             chunks.extend(bos + ids[c : c + step] for c in range(0, len(ids), step))
+        if len(chunks) > s.max_queue:  # could never be admitted: a 429 would be retried for ever
+            raise invalid("texts", f"the texts make {len(chunks)} windows of up to {step + 1} tokens, more than the {s.max_queue} "
+                                   "requests the server admits at once (setting MONOSEMANTIC_MAX_QUEUE); send fewer or shorter texts")
         # Take one slot per window now (429 at once when they are not free); the background task gives them back.
         slots = ExitStack()
         slots.enter_context(self._admitted(len(chunks)))
@@ -423,41 +428,44 @@ class Engine:
             return [loaded.dictionary.sae.encode(x).max(0).values]
 
     # ---- access --------------------------------------------------------------------------------------------------
-    def authorize(self, authorization: str | None, scope: str, count: bool = True) -> None:
-        """401 / 403 / 429 before any work: the adapters call this with the operation's scope."""
-        self.access.check(authorization, scope, count)
+    def identify(self, authorizations: list[str]) -> Identity:
+        """The caller, decided once per request from its Authorization headers (401 before any work); the
+        adapters then require the operation's scope on it."""
+        return self.access.identify(authorizations)
 
-    def authorize_generate(self, authorization: str | None, req: schemas.GenerateRequest) -> None:
-        """Generation is a query (`read`); steering it needs `steer` as well."""
+    @staticmethod
+    def authorize_generate(identity: Identity, req: schemas.GenerateRequest) -> None:
+        """Generation is a query (`read`, already counted against the key's rate); steering it needs `steer`."""
         if req.steering:
-            self.access.check(authorization, "steer", count=False)
+            identity.require("steer", count=False)
 
     # ---- dictionaries and reload -----------------------------------------------------------------------------
-    def dictionaries(self) -> schemas.DictionariesResponse:
+    async def dictionaries(self) -> schemas.DictionariesResponse:
         loaded = self.serving
         m = loaded.dictionary.manifest
         info = schemas.DictionaryInfo(
             name=m.name, version=m.version, architecture=m.architecture, d_in=m.sae.d_in, d_sae=m.sae.d_sae,
             hook=loaded.hook.name, model_name=m.model.name, model_checksum=loaded.lm.checksum, metrics=m.metrics, serving=True,
         )
-        available = [
-            schemas.DictionaryRef(name=name, version=v)
-            for name, versions in list_dictionaries(self.settings.registry).items()
-            for v in versions
-        ]
+        try:
+            listing = await self._registry_io.run(lambda: list_dictionaries(self.settings.registry), "available")
+        except ArtifactUnreadable as exc:
+            raise ServiceError(ErrorKind.UNAVAILABLE, f"available: {exc}; the serving dictionary is unaffected") from None
+        available = [schemas.DictionaryRef(name=name, version=v) for name, versions in listing.items() for v in versions]
         return schemas.DictionariesResponse(dictionaries=[info], available=available)
 
     async def reload(self, req: schemas.ReloadRequest) -> schemas.ReloadResponse:
         """Load `name:version` beside the serving pair, check it on the worker, then swap; on any failure the
-        serving pair stays and the error says why."""
-        previous = self.serving
+        serving pair stays, the failure is counted, and the error says why."""
+        self.serving  # 503 while draining or not loaded, before waiting for the lock
         async with self._reload_lock:
+            previous = self.serving  # under the lock: a concurrent reload may have just swapped it
             try:
-                loaded = await asyncio.to_thread(self._load_files, req.name, req.version)
+                loaded = await self._registry_io.run(lambda: self._load_files(req.name, req.version), "name")
                 await self._submit(Job(run=self._check_width, payload=loaded))
                 if (problem := self._unwatchable(loaded)) is not None:
                     raise ServiceError(ErrorKind.FAILED_PRECONDITION, problem, "name")
-            except ServiceError:
+            except BaseException:
                 self.metrics.reloads.labels("failure").inc()
                 raise
             self._set_serving(loaded)
@@ -475,8 +483,10 @@ class Engine:
             raise ServiceError(ErrorKind.NOT_FOUND, f"name: {exc}", "name") from None
         except ConfigError as exc:
             raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"name: {exc}", "name") from None
-        except MonosemanticError as exc:  # tampered, truncated, unknown format, another model
+        except MonosemanticError as exc:  # tampered, truncated, unknown format, another model, unreadable
             raise ServiceError(ErrorKind.FAILED_PRECONDITION, f"dictionary {name}: {exc}", "name") from None
+        except OSError as exc:  # the registry's own directory, resolved above; the message names no path
+            raise ServiceError(ErrorKind.FAILED_PRECONDITION, f"dictionary {name}: cannot be read ({exc.strerror or type(exc).__name__})", "name") from None
 
     @staticmethod
     def _check_width(jobs: list[Job]) -> list:

@@ -23,6 +23,11 @@ class ErrorKind(str, Enum):
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    # HTTP-level refusals before any operation runs (a body that is not JSON, two Authorization headers, a route
+    # or method that does not exist): the same error shape as everything else.
+    BAD_REQUEST = "bad_request"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    TIMEOUT = "request_timeout"  # the client took too long to send its request
     INTERNAL = "internal"
 
 
@@ -43,6 +48,9 @@ ERROR_TABLE: dict[ErrorKind, ErrorMapping] = {
     ErrorKind.UNAUTHENTICATED: ErrorMapping(401, grpc.StatusCode.UNAUTHENTICATED),
     ErrorKind.PERMISSION_DENIED: ErrorMapping(403, grpc.StatusCode.PERMISSION_DENIED),
     ErrorKind.DEADLINE_EXCEEDED: ErrorMapping(504, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ErrorKind.BAD_REQUEST: ErrorMapping(400, grpc.StatusCode.INVALID_ARGUMENT),
+    ErrorKind.METHOD_NOT_ALLOWED: ErrorMapping(405, grpc.StatusCode.UNIMPLEMENTED),
+    ErrorKind.TIMEOUT: ErrorMapping(408, grpc.StatusCode.DEADLINE_EXCEEDED),
     ErrorKind.INTERNAL: ErrorMapping(500, grpc.StatusCode.INTERNAL),
 }
 
@@ -87,14 +95,28 @@ def over_limit(field: str, value: int, limit: int, setting: str) -> ServiceError
     )
 
 
+# A message names at most this many problems, then counts the rest: 1,000 bad steering entries once made a gRPC
+# status message past the 16 KB metadata limit (the client saw RESOURCE_EXHAUSTED, a code it retries, without the
+# error-kind trailer), and 150k bad feature ids a 13.5 MB REST error body.
+MAX_PROBLEMS_NAMED = 5
+MAX_PROBLEM_CHARS = 200  # one problem's text; pydantic quotes the input in some messages
+
+
 def from_validation_errors(errors: list[dict]) -> ServiceError:
-    """pydantic's error list → one INVALID_ARGUMENT naming every bad field (``steering.0.value: …``)."""
-    parts, fields = [], []
+    """pydantic's error list → one INVALID_ARGUMENT naming the first bad fields (``steering.0.value: …``) and
+    counting the others, so the message stays small whatever the request holds."""
+    parts: dict[str, None] = {}
+    fields = []
     for err in errors:
         # drop the "body" root of a REST request and the branch names pydantic adds inside a union (int | str)
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         loc = [p for p in loc if not p.startswith(("int", "str", "list[", "function-"))]
         where = ".".join(loc) or "request"
         fields.append(where)
-        parts.append(f"{where}: {err.get('msg', 'invalid').removeprefix('Value error, ')}")
-    return ServiceError(ErrorKind.INVALID_ARGUMENT, "; ".join(dict.fromkeys(parts)), fields[0] if fields else None)
+        part = f"{where}: {err.get('msg', 'invalid').removeprefix('Value error, ')}"
+        parts[part[:MAX_PROBLEM_CHARS] + ("…" if len(part) > MAX_PROBLEM_CHARS else "")] = None
+    named = list(parts)[:MAX_PROBLEMS_NAMED]
+    message = "; ".join(named)
+    if len(parts) > len(named):
+        message += f"; and {len(parts) - len(named)} more problems"
+    return ServiceError(ErrorKind.INVALID_ARGUMENT, message, fields[0] if fields else None)

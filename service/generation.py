@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from monosemantic.lm import hooked_replacement
+from service.errors import invalid
 from service.loaded import Loaded
 from service.steering import SteeringSpec, apply_steering
 
@@ -124,6 +125,10 @@ class Generation:
                 use_cache=True,
                 **{cache_name: self._cache},
             )
+        if steer_here and not torch.isfinite(out.logits[0, -1]).all():
+            # The bound on steering values keeps float32 finite in the steered activation itself; a model can still
+            # overflow downstream of it. Refuse rather than sample from NaN (which answered 200 with an empty text).
+            raise invalid("steering", "the steered model's output is not finite (inf or NaN): use smaller steering values")
         self._cache = out[cache_name]
         token = sample_next(out.logits[0, -1], self.cfg, self._generator)
         self.generated.append(token)

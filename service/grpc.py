@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ValidationError
@@ -20,10 +22,46 @@ from monosemantic.v1 import feature_service_pb2 as pb
 from monosemantic.wire import to_message, to_model
 from monosemantic.v1 import feature_service_pb2_grpc as pb_grpc
 from monosemantic import api as schemas
+from service.access import Identity
+from service.deadlines import deadline_after, within
 from service.engine import Engine
-from service.errors import ServiceError, from_validation_errors
+from service.errors import ServiceError, from_validation_errors, invalid
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request's bytes decoded to when they are not a message of its type (invalid UTF-8 in a string
+    field, garbage, another message): refused with INVALID_ARGUMENT and counted, like every bad request, where
+    grpcio's own deserializer failure would answer UNKNOWN before any of our code ran."""
+
+    type_name: str
+    reason: str
+
+
+def _deserializer(message_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def decode(data: bytes) -> Message | Undecodable:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_class.DESCRIPTOR.full_name, str(exc)[:200])
+
+    return decode
+
+
+def method_handlers(servicer: "FeatureService") -> dict[str, grpc.RpcMethodHandler]:
+    """FeatureService's handlers, built from the proto's descriptor as the generated add_…_to_server does, but
+    with deserializers that never raise."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["FeatureService"].methods:
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_deserializer(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+    return handlers
 
 
 def request_model(message: Message, model: type[BaseModel]) -> Any:
@@ -33,13 +71,8 @@ def request_model(message: Message, model: type[BaseModel]) -> Any:
         raise from_validation_errors(exc.errors()) from None
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    return dict(context.invocation_metadata() or ()).get("authorization")
+def _authorizations(context: grpc.aio.ServicerContext) -> list[str]:
+    return [value for key, value in context.invocation_metadata() or () if key == "authorization"]
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
@@ -53,13 +86,22 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self.engine = engine
         self.metrics = engine.metrics
 
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        """The client's deadline, or the server's request timeout when that is sooner (or the client set none)."""
+        return deadline_after(self.engine.settings.request_timeout_s, context.time_remaining())
+
     @asynccontextmanager
-    async def _accounting(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Metrics for one call, and its failures turned into status codes (unary and streaming alike)."""
+    async def _accounting(self, method: str, context: grpc.aio.ServicerContext, request: Message | Undecodable, scope: str = "read") -> AsyncIterator[Identity]:
+        """One call's identity (its scope required), metrics, and failures turned into status codes (unary and
+        streaming alike)."""
         started, code = time.perf_counter(), grpc.StatusCode.OK
         self.metrics.inflight.inc()
         try:
-            yield
+            identity = self.engine.identify(_authorizations(context))
+            identity.require(scope)
+            if isinstance(request, Undecodable):
+                raise invalid("request", f"cannot be decoded as {request.type_name} ({request.reason})")
+            yield identity
         except ServiceError as exc:
             code = exc.grpc_code
             await _abort(context, exc)
@@ -71,41 +113,46 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             self.metrics.requests.labels("grpc", method, code.name).inc()
             self.metrics.duration.labels("grpc", method).observe(time.perf_counter() - started)
 
-    async def _observed(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Message]], scope: str = "read") -> Message:
-        async with self._accounting(method, context):
-            self.engine.authorize(_authorization(context), scope)
-            return await call()
+    async def _observed(self, method: str, context: grpc.aio.ServicerContext, request: Message | Undecodable,
+                        call: Callable[[Identity], Awaitable[Message]], scope: str = "read", deadline: float | None = None) -> Message:
+        async with self._accounting(method, context, request, scope) as identity:
+            return await (call(identity) if deadline is None else within(deadline, call(identity)))
 
     async def Activations(self, request: pb.ActivationsRequest, context: grpc.aio.ServicerContext) -> pb.ActivationsResponse:
-        async def call() -> Message:
-            req = request_model(request, schemas.ActivationsRequest)
-            return to_message(await self.engine.activations(req, _deadline(context)), pb.ActivationsResponse)
+        deadline = self._deadline(context)
 
-        return await self._observed("activations", context, call)
+        async def call(_identity: Identity) -> Message:
+            req = request_model(request, schemas.ActivationsRequest)
+            return to_message(await self.engine.activations(req, deadline), pb.ActivationsResponse)
+
+        return await self._observed("activations", context, request, call, deadline=deadline)
 
     async def Attributions(self, request: pb.AttributionsRequest, context: grpc.aio.ServicerContext) -> pb.AttributionsResponse:
-        async def call() -> Message:
-            req = request_model(request, schemas.AttributionsRequest)
-            return to_message(await self.engine.attributions(req, _deadline(context)), pb.AttributionsResponse)
+        deadline = self._deadline(context)
 
-        return await self._observed("attributions", context, call)
+        async def call(_identity: Identity) -> Message:
+            req = request_model(request, schemas.AttributionsRequest)
+            return to_message(await self.engine.attributions(req, deadline), pb.AttributionsResponse)
+
+        return await self._observed("attributions", context, request, call, deadline=deadline)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        async def call() -> Message:
-            req = request_model(request, schemas.GenerateRequest)
-            self.engine.authorize_generate(_authorization(context), req)
-            return to_message(await self.engine.generate(req, _deadline(context)), pb.GenerateResponse)
+        deadline = self._deadline(context)
 
-        return await self._observed("generate", context, call)
+        async def call(identity: Identity) -> Message:
+            req = request_model(request, schemas.GenerateRequest)
+            self.engine.authorize_generate(identity, req)
+            return to_message(await self.engine.generate(req, deadline), pb.GenerateResponse)
+
+        return await self._observed("generate", context, request, call, deadline=deadline)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateEvent]:
         events = None
-        async with self._accounting("generate", context):
+        async with self._accounting("generate", context, request) as identity:
             try:
-                self.engine.authorize(_authorization(context), "read")
                 req = request_model(request, schemas.GenerateRequest)
-                self.engine.authorize_generate(_authorization(context), req)
-                events = self.engine.generate_events(req, _deadline(context))
+                self.engine.authorize_generate(identity, req)
+                events = self.engine.generate_events(req, self._deadline(context))
                 async for event in events:
                     if isinstance(event, schemas.GenerateResponse):
                         yield pb.GenerateEvent(done=to_message(event, pb.GenerateResponse))
@@ -116,37 +163,39 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                     await events.aclose()  # a cancelled stream stops asking the worker for steps
 
     async def GetFeature(self, request: pb.GetFeatureRequest, context: grpc.aio.ServicerContext) -> pb.FeatureResponse:
-        async def call() -> Message:
+        async def call(_identity: Identity) -> Message:
             return to_message(self.engine.feature(request.feature), pb.FeatureResponse)
 
-        return await self._observed("feature", context, call)
+        return await self._observed("feature", context, request, call)
 
     async def SearchFeatures(self, request: pb.SearchFeaturesRequest, context: grpc.aio.ServicerContext) -> pb.SearchFeaturesResponse:
-        async def call() -> Message:
-            req = request_model(request, schemas.SearchFeaturesRequest)
-            return to_message(await self.engine.search_features(req, _deadline(context)), pb.SearchFeaturesResponse)
+        deadline = self._deadline(context)
 
-        return await self._observed("search_features", context, call)
+        async def call(_identity: Identity) -> Message:
+            req = request_model(request, schemas.SearchFeaturesRequest)
+            return to_message(await self.engine.search_features(req, deadline), pb.SearchFeaturesResponse)
+
+        return await self._observed("search_features", context, request, call, deadline=deadline)
 
     async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveResponse:
-        async def call() -> Message:
+        async def call(_identity: Identity) -> Message:
             req = request_model(request, schemas.ObserveRequest)
             return to_message(await self.engine.observe(req), pb.ObserveResponse)
 
-        return await self._observed("observe", context, call)
+        return await self._observed("observe", context, request, call)
 
     async def ListDictionaries(self, request: pb.ListDictionariesRequest, context: grpc.aio.ServicerContext) -> pb.ListDictionariesResponse:
-        async def call() -> Message:
-            return to_message(self.engine.dictionaries(), pb.ListDictionariesResponse)
+        async def call(_identity: Identity) -> Message:
+            return to_message(await self.engine.dictionaries(), pb.ListDictionariesResponse)
 
-        return await self._observed("dictionaries", context, call)
+        return await self._observed("dictionaries", context, request, call)
 
     async def Reload(self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext) -> pb.ReloadResponse:
-        async def call() -> Message:
+        async def call(_identity: Identity) -> Message:
             req = request_model(request, schemas.ReloadRequest)
             return to_message(await self.engine.reload(req), pb.ReloadResponse)
 
-        return await self._observed("reload", context, call, scope="admin")
+        return await self._observed("reload", context, request, call, scope="admin")
 
 
 def build_server(
@@ -154,18 +203,25 @@ def build_server(
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """The gRPC server (not started), its health servicer, and the bound port (address may end in :0).
     tls: (certificate chain, private key) in PEM."""
-    options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", 64 << 20)]
+    # No SO_REUSEPORT (grpcio sets it by default): a second server on the same port must fail to start, not
+    # silently take half of the connections while serving another dictionary.
+    options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_FeatureServiceServicer_to_server(FeatureService(engine), server)
+    handlers = method_handlers(FeatureService(engine))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if tls is not None:
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if tls is not None:
+            port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind"
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind the gRPC port at {address}")
+        raise OSError(f"cannot bind the gRPC port {address}: it is in use by another process, or not permitted (setting MONOSEMANTIC_GRPC_PORT)")
     return server, health_servicer, port
 
 

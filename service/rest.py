@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 import orjson
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -17,25 +21,30 @@ from pydantic import BaseModel
 
 from monosemantic import api as schemas
 from service.engine import Engine
+from service.deadlines import TIMEOUT_HEADER, deadline_after, parse_timeout_header, within
 from service.errors import ErrorKind, ServiceError, from_validation_errors
+from service.http_limits import BodySizeLimit, RequestLifecycle, send_error
 from service.metrics import METHODS
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "content": {"application/json": {"example": {"error": {"kind": kind, "message": "…", "field": "…"}}}}}
     for status, description, kind in [
+        (400, "the body cannot be parsed as JSON", "bad_request"),
         (404, "an unknown id", "not_found"),
         (413, "the body is too large", "too_large"),
         (422, "a field is invalid or over a limit (the message names it)", "invalid_argument"),
         (429, "the request queue is full", "overloaded"),
         (503, "not ready or shutting down", "unavailable"),
+        (504, "the request's deadline passed (MONOSEMANTIC_REQUEST_TIMEOUT_S or the client's X-Request-Timeout)", "deadline_exceeded"),
     ]
 }
 
 
 class AccessCheck:
     """ASGI middleware: every /v1 request needs a key with `read` (`admin` under /v1/admin) before its body is
-    even parsed, so an anonymous caller learns nothing from validation errors. Generation with steering checks
-    `steer` in its route, where the body is known."""
+    even parsed, so an anonymous caller learns nothing from validation errors. The caller's identity is decided
+    here, once, from every Authorization header (two are refused), and kept in the request's state: generation
+    with steering checks `steer` in its route, where the body is known, on that same identity."""
 
     def __init__(self, app: Any, engine: Engine) -> None:
         self.app, self.engine = app, engine
@@ -43,9 +52,10 @@ class AccessCheck:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and path.startswith("/v1/"):
-            authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1") or None
+            authorizations = [v.decode("latin-1") for k, v in scope.get("headers") or () if k == b"authorization"]
             try:
-                self.engine.authorize(authorization, "admin" if path.startswith("/v1/admin/") else "read")
+                identity = self.engine.identify(authorizations)
+                identity.require("admin" if path.startswith("/v1/admin/") else "read")
             except ServiceError as exc:
                 method = path.removeprefix("/v1/").split("/")[0].replace("admin", "reload").replace("features", "feature")
                 metrics = self.engine.metrics
@@ -53,47 +63,15 @@ class AccessCheck:
                 headers = {"Retry-After": "1"} if exc.kind is ErrorKind.OVERLOADED else {}
                 if exc.kind is ErrorKind.UNAUTHENTICATED:
                     headers["WWW-Authenticate"] = "Bearer"
-                return await JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)(scope, receive, send)
+                return await send_error(send, exc, headers=headers)
+            scope.setdefault("state", {})["identity"] = identity
         await self.app(scope, receive, send)
 
 
-class BodySizeLimit:
-    """ASGI middleware: refuse a request body over max_bytes with 413 before it is all read (chunked too)."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = ServiceError(ErrorKind.TOO_LARGE, f"body: larger than {self.max_bytes} bytes (setting MONOSEMANTIC_MAX_BODY_BYTES)", "body")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
-        if declared is not None:
-            return await self.app(scope, receive, send)  # within the limit; the server enforces its length
-        # No length declared (chunked): read up to the limit here, then hand the app the buffered body.
-        chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > self.max_bytes:
-                return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+def build_asgi(engine: Engine) -> Any:
+    """The whole REST application as the server runs it: the routes inside access, body-size and disconnect
+    handling."""
+    return RequestLifecycle(AccessCheck(BodySizeLimit(create_app(engine), engine.settings.max_body_bytes), engine))
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -117,18 +95,44 @@ def create_app(engine: Engine) -> FastAPI:
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(from_validation_errors(exc.errors()))
 
+    @app.exception_handler(HTTPException)
+    async def _http_refusal(_request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (an unknown route or method, a body FastAPI cannot parse, such as JSON nested
+        # deeper than the decoder's recursion limit) in the one error shape instead of {"detail": …}.
+        kind = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED}.get(exc.status_code, ErrorKind.BAD_REQUEST)
+        if kind is ErrorKind.BAD_REQUEST:
+            error = ServiceError(kind, "body: cannot be parsed as JSON", "body")
+        else:
+            error = ServiceError(kind, "no such route" if kind is ErrorKind.NOT_FOUND else "method not allowed on this route")
+        response = error_response(error)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client left while sending its body
+
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
         return error_response(ServiceError(ErrorKind.INTERNAL, "internal error; the server log has the details"))
 
-    async def observed(method: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one operation with its metrics: duration, and the outcome by status code."""
+    def deadline(request: Request) -> float:
+        """The request's deadline: the server's request timeout, or the client's X-Request-Timeout if shorter."""
+        return deadline_after(engine.settings.request_timeout_s, parse_timeout_header(request.headers.get(TIMEOUT_HEADER)))
+
+    async def observed(method: str, call: Callable[[], Awaitable[Any]], until: float | None = None) -> Any:
+        """Run one operation with its metrics: duration, and the outcome by status code (499: the client left);
+        bounded by the request's deadline when one is given."""
         started, code = time.perf_counter(), "200"
         metrics.inflight.inc()
         try:
-            return await call()
+            return await (call() if until is None else within(until, call()))
         except ServiceError as exc:
             code = str(exc.http_status)
+            raise
+        except asyncio.CancelledError:
+            code = "499"
             raise
         except Exception:
             code = "500"
@@ -163,14 +167,16 @@ def create_app(engine: Engine) -> FastAPI:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/activations", response_model=schemas.ActivationsResponse, tags=["features"])
-    async def activations(req: schemas.ActivationsRequest) -> Response:
+    async def activations(req: schemas.ActivationsRequest, request: Request) -> Response:
         """Per-token top-k features, L0 and reconstruction error of a text or a list of token ids."""
-        return _json(await observed("activations", lambda: engine.activations(req)))
+        until = deadline(request)
+        return _json(await observed("activations", lambda: engine.activations(req, until), until))
 
     @app.post("/v1/attributions", response_model=schemas.AttributionsResponse, tags=["features"])
-    async def attributions(req: schemas.AttributionsRequest) -> Response:
+    async def attributions(req: schemas.AttributionsRequest, request: Request) -> Response:
         """Which features drive the target logit (or logit difference) at a position."""
-        return _json(await observed("attributions", lambda: engine.attributions(req)))
+        until = deadline(request)
+        return _json(await observed("attributions", lambda: engine.attributions(req, until), until))
 
     @app.post(
         "/v1/generate",
@@ -178,24 +184,27 @@ def create_app(engine: Engine) -> FastAPI:
         tags=["generate"],
         responses={200: {"content": {"text/event-stream": {"description": "with stream: true, events `token` (GeneratedToken) then `done` (GenerateResponse)"}}}},
     )
-    async def generate(req: schemas.GenerateRequest, authorization: str | None = Header(None, include_in_schema=False)) -> Any:
+    async def generate(req: schemas.GenerateRequest, request: Request) -> Any:
         """Feature-steered generation; with `stream: true`, server-sent events token by token. Steering needs a key
         with the `steer` scope when keys are configured."""
-        events = engine.generate_events(req) if req.stream else None
+        until = deadline(request)
+        events = engine.generate_events(req, until) if req.stream else None
 
         async def start() -> Any:
-            # One request, counted once: the steer check, then the whole answer or (streaming) its first event,
-            # pulled before answering 200 so that a bad request still gets its 4xx status.
-            engine.authorize_generate(authorization, req)
-            return await (anext(events) if events is not None else engine.generate(req))
+            # One request, counted once: the steer check on the identity AccessCheck decided, then the whole
+            # answer or (streaming) its first event, pulled before answering 200 so that a bad request still gets
+            # its 4xx status. The rest of a stream is bounded by its jobs' deadline (an `error` event).
+            engine.authorize_generate(request.state.identity, req)
+            return await (anext(events) if events is not None else engine.generate(req, until))
 
-        first = await observed("generate", start)
+        first = await observed("generate", start, until)
         if not req.stream:
             return _json(first)
         return StreamingResponse(_sse(first, events, metrics), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/features/search", response_model=schemas.SearchFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
     async def search_features(
+        request: Request,
         q: str = Query(description="a token (by=token) or a text snippet (by=snippet)"),
         by: Literal["token", "snippet"] = "snippet",
         page: int = Query(1, ge=1),
@@ -203,8 +212,16 @@ def create_app(engine: Engine) -> FastAPI:
     ) -> Response:
         """Features by a token (their top examples peak on it, or they raise its logit) or by a snippet (ranked by
         their activation on it relative to their own max)."""
-        req = schemas.SearchFeaturesRequest(q=q, by=by, page=page, page_size=page_size)
-        return _json(await observed("search_features", lambda: engine.search_features(req)))
+        until = deadline(request)
+
+        async def call() -> Any:
+            try:
+                req = schemas.SearchFeaturesRequest(q=q, by=by, page=page, page_size=page_size)
+            except ValidationError as exc:
+                raise from_validation_errors(exc.errors()) from None
+            return await engine.search_features(req, until)
+
+        return _json(await observed("search_features", call, until))
 
     @app.get("/v1/features/{feature}", response_model=schemas.FeatureResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
     async def feature(feature: int) -> Response:
@@ -222,7 +239,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/v1/dictionaries", response_model=schemas.DictionariesResponse, tags=["dictionaries"])
     async def dictionaries() -> schemas.DictionariesResponse:
         """The serving dictionary (name, version, metrics, hook, model) and the versions available to reload."""
-        return await observed("dictionaries", _as_async(engine.dictionaries))
+        return await observed("dictionaries", engine.dictionaries)
 
     @app.post("/v1/admin/reload", response_model=schemas.ReloadResponse, tags=["dictionaries"], responses={401: {"description": "no admin key given"}, 403: {"description": "wrong key, or admin disabled"}, 409: {"description": "the version cannot serve this model (corrupted, another model, another width)"}})
     async def reload(req: schemas.ReloadRequest) -> schemas.ReloadResponse:

@@ -18,7 +18,8 @@ import uvicorn
 
 from service.engine import Engine
 from service.grpc import build_server, set_serving
-from service.rest import AccessCheck, BodySizeLimit, create_app
+from service.http_limits import guarded_protocol
+from service.rest import build_asgi
 from service.settings import ServiceSettings
 
 log = logging.getLogger("monosemantic.serve")
@@ -56,10 +57,10 @@ class Server:
         gc.collect()
         gc.freeze()
         self.engine.start()
-        app = AccessCheck(BodySizeLimit(create_app(self.engine), s.max_body_bytes), self.engine)
         config = uvicorn.Config(
-            app, host=s.host, port=s.http_port, log_level="warning", lifespan="off",
+            build_asgi(self.engine), host=s.host, port=s.http_port, log_level="warning", lifespan="off",
             timeout_graceful_shutdown=int(s.shutdown_grace_s) or 1, limit_concurrency=None,
+            http=guarded_protocol(s.http_read_timeout_s, s.max_connections), timeout_keep_alive=s.http_keepalive_timeout_s,
             ssl_certfile=s.tls_cert_file, ssl_keyfile=s.tls_key_file,
         )
         http = _Uvicorn(config)
@@ -71,8 +72,9 @@ class Server:
             if http_task.done():  # the HTTP port could not be bound
                 await grpc_server.stop(0)
                 self.engine.stop()
-                await http_task
-                raise OSError(f"cannot bind the HTTP port {s.host}:{s.http_port}")
+                with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
+                    await http_task
+                raise OSError(f"cannot bind the HTTP port {s.host}:{s.http_port}: it is in use by another process, or not permitted (setting MONOSEMANTIC_HTTP_PORT)")
             await asyncio.sleep(0.01)
         self.http_port = http.servers[0].sockets[0].getsockname()[1]
         await set_serving(health_servicer, True)

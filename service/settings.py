@@ -66,6 +66,19 @@ class ServiceSettings(BaseSettings):
     max_observe_texts: int = Field(64, ge=1)
 
     shutdown_grace_s: float = Field(20.0, ge=0)
+    # Every operation's answer is due within this (gRPC: or the client's deadline; REST: or its X-Request-Timeout
+    # header, when shorter); past it, 504 / DEADLINE_EXCEEDED and the work is dropped.
+    request_timeout_s: float = Field(120.0, gt=0)
+    # Reading the registry while serving (listing it; loading a version for reload, hashing its files) must finish
+    # within this, or the call fails and the old version serves on; a hung file system (or a FIFO in place of a
+    # file) cannot block later reloads or shutdown (service/blocking_io.py).
+    registry_timeout_s: float = Field(60.0, gt=0)
+    # HTTP connections: a request must arrive whole within http_read_timeout_s of its first byte (408 otherwise),
+    # an idle keep-alive connection is closed after http_keepalive_timeout_s, and beyond max_connections a new
+    # connection is refused (503) and closed.
+    http_read_timeout_s: float = Field(10.0, gt=0)
+    http_keepalive_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
 
     @field_validator("dictionary")
     @classmethod

@@ -1,0 +1,248 @@
+"""What bounds a REST request before and around the routes: the HTTP protocol's read timeout and connection cap,
+the body size (read to a bound so the client hears the 413), and cancellation of work whose client has gone.
+
+Everything here answers in the service's one error shape (service/errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.errors import ErrorKind, ServiceError
+
+# A body over the limit is still read, and thrown away, up to this many bytes and seconds before the 413 is sent:
+# a client that writes its whole body before it reads (Python's urllib, for one) would otherwise see the server
+# close with unread data, which the kernel turns into a reset, instead of the 413. nginx lingers the same way
+# (lingering_close). Beyond the bound the connection is closed.
+log = logging.getLogger("monosemantic.serve")
+
+DRAIN_MAX_BYTES = 64 << 20
+DRAIN_MAX_S = 5.0
+
+
+def _error_bytes(exc: ServiceError) -> bytes:
+    return orjson.dumps(exc.body())
+
+
+def guarded_protocol(read_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, with the two bounds it lacks: a request (request line, headers and body) must
+    arrive within read_timeout_s of its first byte, or the connection gets 408 and is closed; and beyond
+    max_connections open connections a new one gets 503 and is closed at once. Idle keep-alive connections are
+    closed by uvicorn's own timeout_keep_alive. (uvicorn arms no timer until a first response, and any byte
+    re-arms it, so 200 sockets sending nothing, or a header byte every few seconds, stayed open for ever.)"""
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                self._refuse(ServiceError(ErrorKind.UNAVAILABLE, f"too many open connections (setting MONOSEMANTIC_MAX_CONNECTIONS = {max_connections})"))
+                return
+            self._arm()  # the first request's bytes must follow within the timeout too
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._disarm()  # uvicorn's keep-alive timer takes over until the next request's first byte
+
+        def _arm(self) -> None:
+            if self._read_timer is None:
+                self._read_timer = self.loop.call_later(read_timeout_s, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            # Bytes between requests that start none (bare CRLFs) stop uvicorn's keep-alive timer: arm ours.
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm()
+            super().data_received(data)
+
+        def _read_timed_out(self) -> None:
+            # Armed from a request's first byte (or the connection's start) to its last: the request is incomplete.
+            self._read_timer = None
+            if self.cycle is not None and not self.cycle.response_complete and self.cycle.response_started:
+                self.transport.close()  # the app already answered (without reading the whole body)
+                return
+            self._refuse(ServiceError(ErrorKind.TIMEOUT, f"the request was not received within {read_timeout_s:g} s (setting MONOSEMANTIC_HTTP_READ_TIMEOUT_S)"))
+
+        def _refuse(self, exc: ServiceError) -> None:
+            if self.transport.is_closing():
+                return
+            body = _error_bytes(exc)
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (exc.http_status, b"Request Timeout" if exc.http_status == 408 else b"Service Unavailable", len(body), body)
+            )
+            self.transport.close()
+
+    return GuardedHttpToolsProtocol
+
+
+async def send_error(send: Callable, exc: ServiceError, close: bool = False, headers: dict[str, str] | None = None) -> None:
+    """A whole error response straight on the ASGI channel (for middleware that answers before the app)."""
+    body = _error_bytes(exc)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if close:
+        raw.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.http_status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse a request body over max_bytes with 413 before it reaches the app (chunked too),
+    having read what the client still sends, up to DRAIN_MAX_BYTES, so that it can read the answer."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            # A client that asked "Expect: 100-continue" has sent nothing yet and will send nothing: answer now.
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await self._drain(receive, int(declared))
+            return await self._too_large(send)
+        if declared is not None:
+            return await self.app(scope, receive, send)  # within the limit; the server enforces its length
+        # No length declared (chunked): read up to the limit here, then hand the app the buffered body.
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                if message.get("more_body", False):
+                    await self._drain(receive, None)
+                return await self._too_large(send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Callable) -> None:
+        exc = ServiceError(ErrorKind.TOO_LARGE, f"body: larger than {self.max_bytes} bytes (setting MONOSEMANTIC_MAX_BODY_BYTES)", "body")
+        await send_error(send, exc, close=True)
+
+    @staticmethod
+    async def _drain(receive: Callable, declared: int | None) -> None:
+        """Read and drop the rest of the body, within DRAIN_MAX_BYTES and DRAIN_MAX_S."""
+        if declared is not None and declared > DRAIN_MAX_BYTES:
+            return
+        stop_at, seen = time.monotonic() + DRAIN_MAX_S, 0
+        while seen <= DRAIN_MAX_BYTES:
+            remaining = stop_at - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), remaining)
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+
+class RequestLifecycle:
+    """ASGI middleware, outermost. A /v1 request whose client has gone is cancelled — taken out of the worker's
+    queue if it waits there, stopped at its next step if it generates (service/batcher.py) — instead of running to
+    the end for nobody: Starlette notices a gone client only while streaming. And an unexpected error, once the
+    app has answered it with 500, is logged here and stops here: uvicorn would close the connection without
+    `Connection: close`, and a pooled client's next request on it would fail."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not scope.get("path", "").startswith("/v1/"):
+            responded = False
+
+            async def send_tracked(message: dict) -> None:
+                nonlocal responded
+                responded = responded or (message["type"] == "http.response.body" and not message.get("more_body", False))
+                await send(message)
+
+            try:
+                return await self.app(scope, receive, send_tracked)
+            except Exception:
+                if not responded:
+                    raise
+                log.exception("internal error, answered 500")
+                return
+        request_task = asyncio.current_task()
+        state = {"body_read": False, "responded": False, "gone": False}
+        watcher: asyncio.Task | None = None
+
+        async def watch() -> None:
+            # Once the body is read, the next message on the channel can only be http.disconnect: the client
+            # closed, or the response completed (then nothing is cancelled).
+            message = await receive()
+            if message["type"] == "http.disconnect" and not state["responded"]:
+                state["gone"] = True
+                request_task.cancel()
+
+        async def tracked_receive() -> dict:
+            nonlocal watcher
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False) and watcher is None:
+                state["body_read"] = True
+                watcher = asyncio.ensure_future(watch())
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["responded"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, tracked_receive, tracked_send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            if hasattr(request_task, "uncancel"):
+                request_task.uncancel()
+        except Exception:
+            if not state["responded"]:
+                raise
+            log.exception("internal error, answered 500")
+        finally:
+            if watcher is not None:
+                watcher.cancel()
