@@ -221,7 +221,7 @@ def build_server(
     except RuntimeError:  # grpcio's "Failed to bind"
         port = 0
     if port == 0:
-        raise OSError(f"cannot bind the gRPC port {address}: it is in use by another process, or not permitted (setting MONOSEMANTIC_GRPC_PORT)")
+        raise OSError(f"cannot bind the gRPC port {address}: address already in use, or not permitted; another process may be serving there (setting MONOSEMANTIC_GRPC_PORT)")
     return server, health_servicer, port
 
 

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -65,16 +66,22 @@ class Server:
         )
         http = _Uvicorn(config)
         tls = (s.tls_cert_file.read_bytes(), s.tls_key_file.read_bytes()) if s.tls_cert_file and s.tls_key_file else None
-        grpc_server, health_servicer, self.grpc_port = build_server(self.engine, f"{s.host}:{s.grpc_port}", s.max_body_bytes, tls)
+        try:
+            # Ours to bind: uvicorn logs a failed bind and raises SystemExit inside its task, which asyncio lets
+            # out of the loop before the gRPC server could be stopped or a clear message given.
+            http_socket = _bind_http(s.host, s.http_port)
+            grpc_server, health_servicer, self.grpc_port = build_server(self.engine, f"{s.host}:{s.grpc_port}", s.max_body_bytes, tls)
+        except OSError:
+            self.engine.stop()
+            raise
         await grpc_server.start()
-        http_task = asyncio.create_task(http.serve())
+        http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
         while not http.started:
-            if http_task.done():  # the HTTP port could not be bound
+            if http_task.done():
                 await grpc_server.stop(0)
                 self.engine.stop()
-                with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
-                    await http_task
-                raise OSError(f"cannot bind the HTTP port {s.host}:{s.http_port}: it is in use by another process, or not permitted (setting MONOSEMANTIC_HTTP_PORT)")
+                await http_task
+                raise OSError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
         self.http_port = http.servers[0].sockets[0].getsockname()[1]
         await set_serving(health_servicer, True)
@@ -91,3 +98,21 @@ class Server:
         http.should_exit = True
         await asyncio.gather(grpc_server.stop(s.shutdown_grace_s), http_task)
         self.engine.stop()
+
+
+def _bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound as uvicorn binds it (SO_REUSEADDR: a port in TIME_WAIT, never one another
+    process listens on); a port in use stops startup with a message naming it and its setting."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise OSError(f"cannot bind the HTTP port {host}:{port}: {exc.strerror or exc} (setting MONOSEMANTIC_HOST)") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind the HTTP port {host}:{port}: {exc.strerror or exc}; another process may be serving there (setting MONOSEMANTIC_HTTP_PORT)") from None
+    sock.set_inheritable(True)
+    return sock
