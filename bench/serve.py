@@ -65,14 +65,15 @@ class ServerProcess:
     """The real service (`kind="ours"`, `monosemantic-serve`) or the naive baseline, as its own process on free
     ports, returned once it answers. The benches share it (serve, features, reliability)."""
 
-    def __init__(self, kind: str, env: dict[str, str], warm_up: bool = True) -> None:
+    def __init__(self, kind: str, env: dict[str, str], warm_up: bool = True, tree: Path = ROOT) -> None:
+        """tree: the checkout whose service runs (bench/red_team.py's --tree runs an older one for a before/after)."""
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url, self.target = f"http://127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
         if kind == "naive":
             cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(self.http_port)]
         else:
             cmd = [sys.executable, "-m", "service.cli", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
-        self.process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tree)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.process.poll() is not None:

@@ -111,8 +111,8 @@ async def send_error(send: Callable, exc: ServiceError, close: bool = False, hea
 
 
 class BodySizeLimit:
-    """ASGI middleware: refuse a request body over max_bytes with 413 before it reaches the app (chunked too),
-    having read what the client still sends, up to DRAIN_MAX_BYTES, so that it can read the answer."""
+    """ASGI middleware: refuse a request body over max_bytes with 413 before it reaches the app (chunked too).
+    What the client still sends is read by RequestLifecycle, as for every answer given before the body is read."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -123,9 +123,6 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            # A client that asked "Expect: 100-continue" has sent nothing yet and will send nothing: answer now.
-            if headers.get(b"expect", b"").lower() != b"100-continue":
-                await self._drain(receive, int(declared))
             return await self._too_large(send)
         if declared is not None:
             return await self.app(scope, receive, send)  # within the limit; the server enforces its length
@@ -138,8 +135,6 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
             if seen > self.max_bytes:
-                if message.get("more_body", False):
-                    await self._drain(receive, None)
                 return await self._too_large(send)
             if not message.get("more_body", False):
                 break
@@ -158,33 +153,40 @@ class BodySizeLimit:
         exc = ServiceError(ErrorKind.TOO_LARGE, f"body: larger than {self.max_bytes} bytes (setting MONOSEMANTIC_MAX_BODY_BYTES)", "body")
         await send_error(send, exc, close=True)
 
-    @staticmethod
-    async def _drain(receive: Callable, declared: int | None) -> None:
-        """Read and drop the rest of the body, within DRAIN_MAX_BYTES and DRAIN_MAX_S."""
-        if declared is not None and declared > DRAIN_MAX_BYTES:
+
+
+async def drain(receive: Callable, declared: int | None) -> None:
+    """Read and drop the rest of a request body, within DRAIN_MAX_BYTES and DRAIN_MAX_S."""
+    if declared is not None and declared > DRAIN_MAX_BYTES:
+        return
+    stop_at, seen = time.monotonic() + DRAIN_MAX_S, 0
+    while seen <= DRAIN_MAX_BYTES:
+        remaining = stop_at - time.monotonic()
+        if remaining <= 0:
             return
-        stop_at, seen = time.monotonic() + DRAIN_MAX_S, 0
-        while seen <= DRAIN_MAX_BYTES:
-            remaining = stop_at - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                message = await asyncio.wait_for(receive(), remaining)
-            except asyncio.TimeoutError:
-                return
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+        try:
+            message = await asyncio.wait_for(receive(), remaining)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 class RequestLifecycle:
-    """ASGI middleware, outermost. A /v1 request whose client has gone is cancelled — taken out of the worker's
-    queue if it waits there, stopped at its next step if it generates (service/batcher.py) — instead of running to
-    the end for nobody: Starlette notices a gone client only while streaming. And an unexpected error, once the
-    app has answered it with 500, is logged here and stops here: uvicorn would close the connection without
-    `Connection: close`, and a pooled client's next request on it would fail."""
+    """ASGI middleware, outermost; three things about how a request ends.
+
+    - A /v1 request whose client has gone is cancelled — taken out of the worker's queue if it waits there,
+      stopped at its next step if it generates (service/batcher.py) — instead of running to the end for nobody:
+      Starlette notices a gone client only while streaming.
+    - An answer given before the body was read (401, 413, 429 …) first reads what the client still sends, up to
+      DRAIN_MAX_BYTES: closing a connection with unread data makes the kernel send a reset, and a client that
+      writes its whole body before reading (Python's urllib, which also asks `Connection: close`) saw the reset
+      instead of the answer. nginx lingers the same way (lingering_close).
+    - An unexpected error, once the app has answered it with 500, is logged here and stops here: uvicorn would
+      close the connection without `Connection: close`, and a pooled client's next request on it would fail."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -192,23 +194,13 @@ class RequestLifecycle:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if not scope.get("path", "").startswith("/v1/"):
-            responded = False
-
-            async def send_tracked(message: dict) -> None:
-                nonlocal responded
-                responded = responded or (message["type"] == "http.response.body" and not message.get("more_body", False))
-                await send(message)
-
-            try:
-                return await self.app(scope, receive, send_tracked)
-            except Exception:
-                if not responded:
-                    raise
-                log.exception("internal error, answered 500")
-                return
+        cancellable = scope.get("path", "").startswith("/v1/")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        # Nothing to read: no body declared, or a client waiting for "100 Continue" that it will not get.
+        body_read = declared in (b"", b"0") and b"transfer-encoding" not in headers or headers.get(b"expect", b"").lower() == b"100-continue"
+        state = {"body_read": body_read, "responded": False, "gone": False}
         request_task = asyncio.current_task()
-        state = {"body_read": False, "responded": False, "gone": False}
         watcher: asyncio.Task | None = None
 
         async def watch() -> None:
@@ -222,13 +214,16 @@ class RequestLifecycle:
         async def tracked_receive() -> dict:
             nonlocal watcher
             message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False) and watcher is None:
+            if message["type"] == "http.request" and not message.get("more_body", False):
                 state["body_read"] = True
-                watcher = asyncio.ensure_future(watch())
+                if cancellable and watcher is None:
+                    watcher = asyncio.ensure_future(watch())
             return message
 
         async def tracked_send(message: dict) -> None:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
+                if not state["body_read"]:
+                    await drain(tracked_receive, int(declared) if declared.isdigit() else None)
                 state["responded"] = True
             await send(message)
 

@@ -298,6 +298,13 @@ def test_a_client_that_writes_a_10_mb_body_before_reading_gets_the_413(server):
     assert json.loads(caught.value.read())["error"]["kind"] == "too_large"
 
 
+def test_a_refusal_before_the_body_is_read_reaches_a_client_that_writes_it_all_first(keyed):
+    request = urllib.request.Request(f"{keyed.http_url}/v1/activations", data=b"x" * (10 << 20), headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:  # no key: 401 before any of the body is read
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 401
+
+
 # ---- 14. every error in the one shape -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(("body", "status"), [
     (b'{"text": ', 422),  # truncated JSON
