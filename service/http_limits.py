@@ -1,5 +1,5 @@
 """What bounds a REST request before and around the routes: the HTTP protocol's read timeout and connection cap,
-the body size (read to a bound so the client hears the 413), and cancellation of work whose client has gone.
+the body size, draining a body the answer did not need, and cancellation of work whose client has gone.
 
 Everything here answers in the service's one error shape (service/errors.py).
 """
@@ -16,14 +16,17 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import ErrorKind, ServiceError
 
-# A body over the limit is still read, and thrown away, up to this many bytes and seconds before the 413 is sent:
-# a client that writes its whole body before it reads (Python's urllib, for one) would otherwise see the server
-# close with unread data, which the kernel turns into a reset, instead of the 413. nginx lingers the same way
-# (lingering_close). Beyond the bound the connection is closed.
 log = logging.getLogger("monosemantic.serve")
 
+# A body the answer did not need (a 401, a 413) is still read, and thrown away, up to this many bytes and seconds
+# before the answer's last byte is sent (RequestLifecycle); beyond the bound the connection is closed.
 DRAIN_MAX_BYTES = 64 << 20
 DRAIN_MAX_S = 5.0
+
+
+# Keys in an ASGI scope, between RequestLifecycle and the protocol that made the scope.
+REQUEST_TASK = "monosemantic.request_task"
+CLIENT_GONE = "monosemantic.client_gone"
 
 
 def _error_bytes(exc: ServiceError) -> bytes:
@@ -57,6 +60,15 @@ def guarded_protocol(read_timeout_s: float, max_connections: int) -> type[HttpTo
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # The client is gone before its answer: cancel the request's task (RequestLifecycle put it in the
+                # scope), so its queued work is dropped and a generation stops at its next step. Starlette
+                # notices a gone client only while streaming; a plain response was computed in full.
+                task = cycle.scope.get(REQUEST_TASK)
+                if task is not None and not task.done():
+                    cycle.scope[CLIENT_GONE] = True
+                    task.cancel()
             super().connection_lost(exc)
 
         def on_response_complete(self) -> None:
@@ -179,8 +191,9 @@ class RequestLifecycle:
     """ASGI middleware, outermost; three things about how a request ends.
 
     - A /v1 request whose client has gone is cancelled — taken out of the worker's queue if it waits there,
-      stopped at its next step if it generates (service/batcher.py) — instead of running to the end for nobody:
-      Starlette notices a gone client only while streaming.
+      stopped at its next step if it generates (service/batcher.py) — instead of running to the end for nobody.
+      The protocol sees the connection go and cancels the task registered here; the cancellation ends here.
+      (A task per request watching the ASGI channel for the disconnect did the same for ~3% of throughput.)
     - An answer given before the body was read (401, 413, 429 …) first reads what the client still sends, up to
       DRAIN_MAX_BYTES: closing a connection with unread data makes the kernel send a reset, and a client that
       writes its whole body before reading (Python's urllib, which also asks `Connection: close`) saw the reset
@@ -194,30 +207,19 @@ class RequestLifecycle:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        cancellable = scope.get("path", "").startswith("/v1/")
+        request_task = asyncio.current_task()
+        if scope.get("path", "").startswith("/v1/"):
+            scope[REQUEST_TASK] = request_task  # GuardedHttpToolsProtocol cancels it if the connection is lost
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
         # Nothing to read: no body declared, or a client waiting for "100 Continue" that it will not get.
         body_read = declared in (b"", b"0") and b"transfer-encoding" not in headers or headers.get(b"expect", b"").lower() == b"100-continue"
-        state = {"body_read": body_read, "responded": False, "gone": False}
-        request_task = asyncio.current_task()
-        watcher: asyncio.Task | None = None
-
-        async def watch() -> None:
-            # Once the body is read, the next message on the channel can only be http.disconnect: the client
-            # closed, or the response completed (then nothing is cancelled).
-            message = await receive()
-            if message["type"] == "http.disconnect" and not state["responded"]:
-                state["gone"] = True
-                request_task.cancel()
+        state = {"body_read": body_read, "responded": False}
 
         async def tracked_receive() -> dict:
-            nonlocal watcher
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
                 state["body_read"] = True
-                if cancellable and watcher is None:
-                    watcher = asyncio.ensure_future(watch())
             return message
 
         async def tracked_send(message: dict) -> None:
@@ -230,7 +232,7 @@ class RequestLifecycle:
         try:
             await self.app(scope, tracked_receive, tracked_send)
         except asyncio.CancelledError:
-            if not state["gone"]:
+            if not scope.get(CLIENT_GONE):
                 raise
             if hasattr(request_task, "uncancel"):
                 request_task.uncancel()
@@ -239,5 +241,6 @@ class RequestLifecycle:
                 raise
             log.exception("internal error, answered 500")
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            # scope → task → its frame → scope is a reference cycle: left for the cyclic collector, it made full
+            # collections frequent enough to triple the p99 under load (0.09 → 0.3 s at 32 clients here).
+            scope.pop(REQUEST_TASK, None)
