@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from monosemantic.errors import ConfigError
 from service.errors import ErrorKind, ServiceError
@@ -29,15 +30,28 @@ from service.errors import ErrorKind, ServiceError
 Scope = Literal["read", "steer", "admin"]
 
 
+# What a client can send after "Bearer ": RFC 6750's b64token is narrower; any visible ASCII character is allowed
+# here. A key with a space, a control character or a non-ASCII one could never match what a client sends (HTTP
+# header values are Latin-1 at best, and a surrounding space is stripped), so it is refused at startup.
+_SENDABLE = re.compile(r"[\x21-\x7e]+")
+
+
+def sendable_key(value: str) -> str:
+    if not _SENDABLE.fullmatch(value):
+        raise ValueError("a key can hold only visible ASCII characters (no spaces, no accents): no client could send it")
+    return value
+
+
 class ApiKey(BaseModel):
     name: str = Field(min_length=1, max_length=64)
-    key: str = Field(min_length=16, description="at least 16 characters")
+    key: Annotated[str, AfterValidator(sendable_key)] = Field(min_length=16, description="at least 16 visible ASCII characters")
     scopes: list[Scope] = Field(min_length=1)
     requests_per_second: float | None = Field(None, gt=0, description="sustained rate; bursts up to 2 s worth")
 
 
 class ApiKeyFile(BaseModel):
-    keys: list[ApiKey]
+    # At least one: an empty list once started a fully open server (steering included) with no warning.
+    keys: list[ApiKey] = Field(min_length=1)
 
 
 @dataclass
@@ -75,15 +89,26 @@ class _Entry:
 
 def load_key_file(path: Path) -> list[ApiKey]:
     try:
-        return ApiKeyFile.model_validate(json.loads(Path(path).read_text())).keys
+        raw = json.loads(Path(path).read_text())
+        return ApiKeyFile.model_validate(raw).keys
     except OSError as exc:
         raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: cannot read the key file ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: not JSON ({exc.msg} at line {exc.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: not JSON ({reason})") from None
     except ValidationError as exc:
-        # the field and the reason only: a key file's values are secrets and must not reach a log
-        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: {reasons}") from None
+        # the field, the entry's name and the reason only: a key file's values are secrets and must not reach a log
+        raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: {'; '.join(_problem(raw, e) for e in exc.errors())}") from None
+
+
+def _problem(raw: object, error: dict) -> str:
+    loc = error["loc"]
+    where = ".".join(str(p) for p in loc) or "the file"
+    if len(loc) >= 2 and loc[0] == "keys" and isinstance(loc[1], int) and isinstance(raw, dict):
+        entry = raw["keys"][loc[1]] if isinstance(raw.get("keys"), list) else None
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            where += f" (key {entry['name'][:64]!r})"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def _digest(key: str) -> bytes:
@@ -95,6 +120,19 @@ class AccessControl:
         names = [k.name for k in keys]
         if len(set(names)) != len(names):
             raise ConfigError("MONOSEMANTIC_API_KEYS_FILE: key names must be unique")
+        if admin_key:
+            try:
+                sendable_key(admin_key)
+            except ValueError as exc:
+                raise ConfigError(f"MONOSEMANTIC_ADMIN_KEY: {exc}") from None
+        # The same value twice would make the last entry win (one read-only at 1 request/s, again with admin and no
+        # limit): compared as digests, so no value reaches a message.
+        seen: dict[bytes, str] = {}
+        for name, key in [(k.name, k.key) for k in keys] + ([("MONOSEMANTIC_ADMIN_KEY", admin_key)] if admin_key else []):
+            digest = _digest(key)
+            if digest in seen:
+                raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: keys {seen[digest]!r} and {name!r} have the same value; give each its own")
+            seen[digest] = name
         self._entries = [
             _Entry(k.name, _digest(k.key), frozenset(k.scopes), _Bucket(k.requests_per_second) if k.requests_per_second else None)
             for k in keys

@@ -125,3 +125,33 @@ def test_tls_serves_both_protocols(tmp_path):
             httpx.get(f"http://127.0.0.1:{running.server.http_port}/healthz", timeout=5)
     finally:
         running.stop()
+
+
+def _key_file(tmp_path, keys) -> "Path":
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": keys}))
+    return path
+
+
+def test_a_key_file_that_grants_nothing_is_refused_naming_the_setting(tmp_path):
+    with pytest.raises(ConfigError, match="MONOSEMANTIC_API_KEYS_FILE: keys: List should have at least 1 item"):
+        AccessControl.from_settings(_key_file(tmp_path, []), None)
+
+
+def test_two_keys_with_the_same_value_are_refused_naming_both(tmp_path):
+    path = _key_file(tmp_path, [{"name": "slow", "key": READ, "scopes": ["read"], "requests_per_second": 1},
+                                {"name": "root", "key": READ, "scopes": ["read", "admin"]}])
+    with pytest.raises(ConfigError) as caught:
+        AccessControl.from_settings(path, None)
+    assert "'slow' and 'root' have the same value" in str(caught.value) and READ not in str(caught.value)
+    with pytest.raises(ConfigError, match="same value"):
+        AccessControl.from_settings(_key_file(tmp_path, [{"name": "a", "key": ADMIN, "scopes": ["read"]}]), ADMIN)
+
+
+@pytest.mark.parametrize("value", [" leading-space-key-0123", "trailing-space-key-0123 ", "clé-non-ascii-0123456", "tab\tinside-key-012345"])
+def test_a_key_no_client_could_send_is_refused_naming_its_entry(tmp_path, value):
+    with pytest.raises(ConfigError) as caught:
+        AccessControl.from_settings(_key_file(tmp_path, [{"name": "broken", "key": value, "scopes": ["read"]}]), None)
+    assert "key 'broken'" in str(caught.value) and "visible ASCII" in str(caught.value) and value not in str(caught.value)
+    with pytest.raises(ConfigError, match="MONOSEMANTIC_ADMIN_KEY"):
+        AccessControl.from_settings(None, value)
