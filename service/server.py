@@ -52,6 +52,7 @@ class Server:
 
     async def serve(self, install_signal_handlers: bool = True) -> None:
         s = self.settings
+        tls = s.tls_pair()  # before the model loads: a wrong file stops startup at once
         await asyncio.to_thread(self.engine.load)
         # Everything loaded so far lives as long as the process: move it out of the collector's way, so full
         # collections under load scan only per-request garbage (shorter pauses, a tighter p99).
@@ -65,7 +66,6 @@ class Server:
             ssl_certfile=s.tls_cert_file, ssl_keyfile=s.tls_key_file,
         )
         http = _Uvicorn(config)
-        tls = (s.tls_cert_file.read_bytes(), s.tls_key_file.read_bytes()) if s.tls_cert_file and s.tls_key_file else None
         try:
             # Ours to bind: uvicorn logs a failed bind and raises SystemExit inside its task, which asyncio lets
             # out of the loop before the gRPC server could be stopped or a clear message given.

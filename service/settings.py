@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from monosemantic.errors import ConfigError
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
 
 
@@ -116,3 +118,24 @@ class ServiceSettings(BaseSettings):
         if len(set(ids)) != len(ids):
             raise ValueError("watch_features: a feature is listed twice")
         return self
+
+    def tls_pair(self) -> tuple[bytes, bytes] | None:
+        """The PEM certificate chain and private key, read and checked to be a matching pair; None without TLS.
+        Called before the model loads, so a wrong file stops startup at once with one line naming the setting
+        (it used to surface after the load as ~100 lines of traceback ending "Failed to bind to address")."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        pem = {}
+        for setting, path in (("MONOSEMANTIC_TLS_CERT_FILE", self.tls_cert_file), ("MONOSEMANTIC_TLS_KEY_FILE", self.tls_key_file)):
+            try:
+                pem[setting] = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or type(exc).__name__})") from None
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                "MONOSEMANTIC_TLS_CERT_FILE / MONOSEMANTIC_TLS_KEY_FILE: not a PEM certificate and the private key that "
+                f"matches it ({exc.reason or exc})"
+            ) from None
+        return pem["MONOSEMANTIC_TLS_CERT_FILE"], pem["MONOSEMANTIC_TLS_KEY_FILE"]

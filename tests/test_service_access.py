@@ -155,3 +155,28 @@ def test_a_key_no_client_could_send_is_refused_naming_its_entry(tmp_path, value)
     assert "key 'broken'" in str(caught.value) and "visible ASCII" in str(caught.value) and value not in str(caught.value)
     with pytest.raises(ConfigError, match="MONOSEMANTIC_ADMIN_KEY"):
         AccessControl.from_settings(None, value)
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "mismatched"])
+def test_a_bad_tls_pair_stops_startup_before_the_model_loads_with_one_line(tmp_path, problem):
+    import sys
+    import time
+
+    cert, key, other = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "other.pem"
+    for out, keyout in ((cert, key), (tmp_path / "unused.pem", other)):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                        "-keyout", str(keyout), "-out", str(out)], check=True, capture_output=True)
+    if problem == "missing":
+        cert = tmp_path / "nowhere.pem"
+    elif problem == "garbage":
+        key.write_text("not a key")
+    else:
+        key = other
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "service.cli", "--http-port", "0", "--grpc-port", "0"], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "MONOSEMANTIC_TLS_CERT_FILE": str(cert), "MONOSEMANTIC_TLS_KEY_FILE": str(key)})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: cannot start: MONOSEMANTIC_TLS_") and "Traceback" not in result.stderr
+    assert ("nowhere.pem" in lines[0]) if problem == "missing" else ("matches it" in lines[0])
+    assert "Loading weights" not in result.stderr and time.monotonic() - started < 30
