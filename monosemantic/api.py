@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 # A steering value's bound, in the feature's activation units: far above any feature's activation (the shipped
 # dictionary's largest is ~20, Gemma Scope's a few hundred), and far enough below float32's 3.4e38 that neither the
@@ -26,6 +26,7 @@ def _unicode_text(value: str) -> str:
 
 
 # Every text a request carries, on both transports (gRPC messages are validated through these models too).
+# Ids (tokens, features) are StrictInt: JSON `true` is not token 1, as pydantic's lax mode would take it.
 Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
@@ -46,9 +47,9 @@ class FeatureValue(BaseModel):
 # ---- activations -----------------------------------------------------------------------------------------------
 class ActivationsRequest(_Request):
     text: Text | None = Field(None, description="the text to read; exactly one of text and token_ids")
-    token_ids: list[int] | None = Field(None, description="token ids to read as they are (no BOS is added); an empty list counts as not given")
+    token_ids: list[StrictInt] | None = Field(None, description="token ids to read as they are (no BOS is added); an empty list counts as not given")
     top_k: int = Field(10, ge=0, description="features reported per token, strongest first")
-    feature_ids: list[int] | None = Field(None, description="features whose value is reported at every token")
+    feature_ids: list[StrictInt] | None = Field(None, description="features whose value is reported at every token")
     prepend_bos: bool = Field(True, description="start the text with the tokenizer's BOS token, as in training")
 
     @model_validator(mode="after")
@@ -77,9 +78,9 @@ class ActivationsResponse(BaseModel):
 # ---- attributions ----------------------------------------------------------------------------------------------
 class AttributionsRequest(_Request):
     text: Text
-    target: int | Text = Field(description="the token whose logit is explained: an id or its text (one token)")
+    target: StrictInt | Text = Field(description="the token whose logit is explained: an id or its text (one token)")
     position: int | None = Field(None, description="the position whose next-token logit is explained (default: last); negative counts from the end")
-    contrast: int | Text | None = Field(None, description="explain logit(target) - logit(contrast) instead")
+    contrast: StrictInt | Text | None = Field(None, description="explain logit(target) - logit(contrast) instead")
     top_k: int = Field(20, ge=0)
     prepend_bos: bool = True
 
@@ -107,7 +108,7 @@ class AttributionsResponse(BaseModel):
 
 # ---- generate --------------------------------------------------------------------------------------------------
 class Steering(_Request):
-    feature: int
+    feature: StrictInt
     mode: Literal["clamp", "add"] = Field(description="clamp: pin the feature's activation to value; add: add value x its decoder direction")
     value: float = Field(ge=-MAX_STEERING_VALUE, le=MAX_STEERING_VALUE, allow_inf_nan=False, description=f"in the feature's activation units, |value| <= {MAX_STEERING_VALUE:g}")
 

@@ -24,6 +24,7 @@ from service.engine import Engine
 from service.deadlines import TIMEOUT_HEADER, deadline_after, parse_timeout_header, within
 from service.errors import ErrorKind, ServiceError, from_validation_errors
 from service.http_limits import BodySizeLimit, RequestLifecycle, send_error
+from service.http_methods import ProbeMethods
 from service.metrics import METHODS
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -70,8 +71,9 @@ class AccessCheck:
 
 def build_asgi(engine: Engine) -> Any:
     """The whole REST application as the server runs it: the routes inside access, body-size and disconnect
-    handling."""
-    return RequestLifecycle(AccessCheck(BodySizeLimit(create_app(engine), engine.settings.max_body_bytes), engine))
+    handling, and HEAD / OPTIONS for every route."""
+    app = create_app(engine)
+    return RequestLifecycle(ProbeMethods(AccessCheck(BodySizeLimit(app, engine.settings.max_body_bytes), engine), app.router.routes))
 
 
 def create_app(engine: Engine) -> FastAPI:

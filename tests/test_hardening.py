@@ -322,3 +322,33 @@ def test_an_unknown_route_and_a_wrong_method_answer_in_the_error_shape(server):
     assert missing.status_code == 404 and missing.json()["error"]["kind"] == "not_found"
     wrong = httpx.get(f"{server.http_url}/v1/activations", timeout=10)
     assert wrong.status_code == 405 and wrong.json()["error"]["kind"] == "method_not_allowed"
+
+
+# ---- second review (issue 28) ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/", "/healthz", "/readyz", "/metrics", "/v1/dictionaries", "/v1/features/5"])
+def test_head_answers_like_get_without_a_body(server, path):
+    get, head = httpx.get(server.http_url + path, timeout=30), httpx.head(server.http_url + path, timeout=30)
+    assert head.status_code == get.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_head_on_a_post_route_is_405_and_head_is_behind_the_access_check(server, keyed):
+    assert httpx.head(f"{server.http_url}/v1/activations", timeout=10).status_code == 405
+    assert httpx.head(f"{keyed.http_url}/v1/dictionaries", timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize(("path", "methods"), [("/healthz", "GET, HEAD, OPTIONS"), ("/v1/activations", "OPTIONS, POST"), ("/v1/features/5", "GET, HEAD, OPTIONS")])
+def test_options_answers_204_with_the_routes_methods(server, path, methods):
+    response = httpx.options(server.http_url + path, timeout=10)
+    assert response.status_code == 204 and response.headers["allow"] == methods
+
+
+def test_a_cors_preflight_is_still_refused(server):
+    response = httpx.options(f"{server.http_url}/v1/activations", headers={"origin": "https://elsewhere.example", "access-control-request-method": "POST"}, timeout=10)
+    assert response.status_code == 405 and "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize("body", [{"token_ids": [True, 5]}, {"text": "x", "feature_ids": [True]}])
+def test_json_true_is_not_an_id(server, body):
+    response = httpx.post(f"{server.http_url}/v1/activations", json=body, timeout=10)
+    assert response.status_code == 422 and response.json()["error"]["field"].split(".")[0] in ("token_ids", "feature_ids")
