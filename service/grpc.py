@@ -6,7 +6,7 @@ errors are the engine's on both transports; ServiceError maps to a status code t
 
 from __future__ import annotations
 
-import time
+import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -94,8 +94,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     async def _accounting(self, method: str, context: grpc.aio.ServicerContext, request: Message | Undecodable, scope: str = "read") -> AsyncIterator[Identity]:
         """One call's identity (its scope required), metrics, and failures turned into status codes (unary and
         streaming alike)."""
-        started, code = time.perf_counter(), grpc.StatusCode.OK
-        self.metrics.inflight.inc()
+        accounting, code = self.metrics.call("grpc", method), grpc.StatusCode.OK
         try:
             identity = self.engine.identify(_authorizations(context))
             identity.require(scope)
@@ -105,13 +104,14 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         except ServiceError as exc:
             code = exc.grpc_code
             await _abort(context, exc)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
         finally:
-            self.metrics.inflight.dec()
-            self.metrics.requests.labels("grpc", method, code.name).inc()
-            self.metrics.duration.labels("grpc", method).observe(time.perf_counter() - started)
+            accounting.finish(code.name)
 
     async def _observed(self, method: str, context: grpc.aio.ServicerContext, request: Message | Undecodable,
                         call: Callable[[Identity], Awaitable[Message]], scope: str = "read", deadline: float | None = None) -> Message:

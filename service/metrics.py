@@ -6,6 +6,8 @@ stays bounded however the service is used.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.bulk_histogram import BulkHistogram
@@ -45,6 +47,9 @@ class Metrics:
             for method in METHODS:
                 self.duration.labels(protocol, method)
 
+    def call(self, protocol: str, method: str) -> "Call":
+        return Call(self, protocol, method)
+
     def set_dictionary(self, name: str, version: int, architecture: str, model_checksum: str, loaded_at: float) -> None:
         self.dictionary_info.clear()
         self.dictionary_info.labels(name, str(version), architecture, model_checksum[:12]).set(1)
@@ -52,3 +57,25 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Call:
+    """One call's metrics, from its start to its end, a stream's last event included: in flight while it runs,
+    then its duration and its code. REST and gRPC both account through this; a REST stream once counted only up
+    to its first event (in flight 0-1 with 32 streams running)."""
+
+    __slots__ = ("metrics", "protocol", "method", "started", "finished")
+
+    def __init__(self, metrics: Metrics, protocol: str, method: str) -> None:
+        self.metrics, self.protocol, self.method = metrics, protocol, method
+        self.started, self.finished = time.perf_counter(), False
+        metrics.inflight.inc()
+
+    def finish(self, code: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        m = self.metrics
+        m.inflight.dec()
+        m.requests.labels(self.protocol, self.method, code).inc()
+        m.duration.labels(self.protocol, self.method).observe(time.perf_counter() - self.started)

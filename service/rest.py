@@ -25,7 +25,7 @@ from service.deadlines import TIMEOUT_HEADER, deadline_after, parse_timeout_head
 from service.errors import ErrorKind, ServiceError, from_validation_errors
 from service.http_limits import BodySizeLimit, RequestLifecycle, send_error
 from service.http_methods import ProbeMethods
-from service.metrics import METHODS
+from service.metrics import METHODS, Call
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "content": {"application/json": {"example": {"error": {"kind": kind, "message": "…", "field": "…"}}}}}
@@ -123,26 +123,26 @@ def create_app(engine: Engine) -> FastAPI:
         """The request's deadline: the server's request timeout, or the client's X-Request-Timeout if shorter."""
         return deadline_after(engine.settings.request_timeout_s, parse_timeout_header(request.headers.get(TIMEOUT_HEADER)))
 
-    async def observed(method: str, call: Callable[[], Awaitable[Any]], until: float | None = None) -> Any:
-        """Run one operation with its metrics: duration, and the outcome by status code (499: the client left);
-        bounded by the request's deadline when one is given."""
-        started, code = time.perf_counter(), "200"
-        metrics.inflight.inc()
+    async def observed(method: str, call: Callable[[], Awaitable[Any]], until: float | None = None, stream: bool = False) -> Any:
+        """Run one operation with its metrics (service.metrics.Call): duration, and the outcome by status code
+        (499: the client left); bounded by the request's deadline when one is given. With stream=True the answer
+        is the stream's first event and the open Call, which the stream finishes at its end."""
+        accounting = metrics.call("rest", method)
         try:
-            return await (call() if until is None else within(until, call()))
+            first = await (call() if until is None else within(until, call()))
         except ServiceError as exc:
-            code = str(exc.http_status)
+            accounting.finish(str(exc.http_status))
             raise
         except asyncio.CancelledError:
-            code = "499"
+            accounting.finish("499")
             raise
         except Exception:
-            code = "500"
+            accounting.finish("500")
             raise
-        finally:
-            metrics.inflight.dec()
-            metrics.requests.labels("rest", method, code).inc()
-            metrics.duration.labels("rest", method).observe(time.perf_counter() - started)
+        if stream:
+            return first, accounting
+        accounting.finish("200")
+        return first
 
     static = Path(__file__).resolve().parent / "static"
     app.mount("/static", StaticFiles(directory=static), name="static")
@@ -199,10 +199,10 @@ def create_app(engine: Engine) -> FastAPI:
             engine.authorize_generate(request.state.identity, req)
             return await (anext(events) if events is not None else engine.generate(req, until))
 
-        first = await observed("generate", start, until)
         if not req.stream:
-            return _json(first)
-        return StreamingResponse(_sse(first, events, metrics), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _json(await observed("generate", start, until))
+        first, accounting = await observed("generate", start, until, stream=True)
+        return StreamingResponse(_sse(first, events, accounting), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/features/search", response_model=schemas.SearchFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
     async def search_features(
@@ -271,17 +271,25 @@ def _event(name: str, model: Any) -> str:
     return f"event: {name}\ndata: {model.model_dump_json()}\n\n"
 
 
-async def _sse(first: Any, events: AsyncIterator[Any], metrics: Any) -> AsyncIterator[str]:
+async def _sse(first: Any, events: AsyncIterator[Any], accounting: Call) -> AsyncIterator[str]:
     """token … done; an error after the stream started is sent as an `error` event (the status is already 200).
-    A client that disconnects cancels this generator, which closes `events`: no further steps are run."""
+    A client that disconnects cancels this generator, which closes `events`: no further steps are run. The call
+    is accounted to its end: its code is 200, the error's status, or 499 for a client that left."""
+    code = "499"  # until the stream ends by itself
     try:
         event = first
         while True:
             yield _event("done" if isinstance(event, schemas.GenerateResponse) else "token", event)
             if isinstance(event, schemas.GenerateResponse):
+                code = "200"
                 return
             event = await anext(events)
     except ServiceError as exc:
+        code = str(exc.http_status)
         yield f"event: error\ndata: {json.dumps(exc.body())}\n\n"
+    except Exception:
+        code = "500"
+        raise
     finally:
+        accounting.finish(code)
         await events.aclose()

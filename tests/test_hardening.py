@@ -352,3 +352,26 @@ def test_a_cors_preflight_is_still_refused(server):
 def test_json_true_is_not_an_id(server, body):
     response = httpx.post(f"{server.http_url}/v1/activations", json=body, timeout=10)
     assert response.status_code == 422 and response.json()["error"]["field"].split(".")[0] in ("token_ids", "feature_ids")
+
+
+def test_rest_streams_are_in_flight_and_timed_until_their_last_event(guarded):
+    def total_seconds():
+        return _metric(guarded, "monosemantic_request_duration_seconds_sum", protocol="rest", method="generate") or 0
+
+    before, seen_in_flight = total_seconds(), []
+
+    def stream():
+        started = time.monotonic()
+        with httpx.stream("POST", f"{guarded.http_url}/v1/generate", json={"prompt": "def ", "max_new_tokens": 48, "temperature": 0, "stream": True}, timeout=60) as r:
+            for _ in r.iter_lines():
+                pass
+        return time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(stream) for _ in range(4)]
+        time.sleep(0.4)
+        seen_in_flight.append(_metric(guarded, "monosemantic_inflight_requests"))
+        elapsed = [f.result() for f in futures]
+    assert seen_in_flight[0] == 4
+    assert total_seconds() - before >= 0.8 * sum(elapsed)
+    assert _metric(guarded, "monosemantic_inflight_requests") == 0
