@@ -111,39 +111,73 @@ def _problem(raw: object, error: dict) -> str:
     return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
+def _file_state(path: Path) -> tuple | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
 class AccessControl:
-    def __init__(self, keys: list[ApiKey], admin_key: str | None = None) -> None:
-        names = [k.name for k in keys]
-        if len(set(names)) != len(names):
-            raise ConfigError("MONOSEMANTIC_API_KEYS_FILE: key names must be unique")
+    def __init__(self, keys: list[ApiKey], admin_key: str | None = None, keys_file: Path | None = None) -> None:
         if admin_key:
             try:
                 sendable_key(admin_key)
             except ValueError as exc:
                 raise ConfigError(f"MONOSEMANTIC_ADMIN_KEY: {exc}") from None
+        self._admin_key, self.keys_file = admin_key, keys_file
+        self._lock = threading.Lock()
+        self._entries: tuple[_Entry, ...] = self._build(keys, {})
+        self._file_state = _file_state(keys_file) if keys_file is not None else None
+
+    def _build(self, keys: list[ApiKey], buckets: dict[tuple[bytes, float], _Bucket]) -> tuple[_Entry, ...]:
+        """The entries for `keys` (and the admin key), checked; a key kept at the same rate keeps its bucket."""
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise ConfigError("MONOSEMANTIC_API_KEYS_FILE: key names must be unique")
         # The same value twice would make the last entry win (one read-only at 1 request/s, again with admin and no
         # limit): compared as digests, so no value reaches a message.
         seen: dict[bytes, str] = {}
-        for name, key in [(k.name, k.key) for k in keys] + ([("MONOSEMANTIC_ADMIN_KEY", admin_key)] if admin_key else []):
+        admin = [("MONOSEMANTIC_ADMIN_KEY", self._admin_key)] if self._admin_key else []
+        for name, key in [(k.name, k.key) for k in keys] + admin:
             digest = _digest(key)
             if digest in seen:
                 raise ConfigError(f"MONOSEMANTIC_API_KEYS_FILE: keys {seen[digest]!r} and {name!r} have the same value; give each its own")
             seen[digest] = name
-        self._entries = [
-            _Entry(k.name, _digest(k.key), frozenset(k.scopes), _Bucket(k.requests_per_second) if k.requests_per_second else None)
-            for k in keys
-        ]
-        if admin_key:
-            self._entries.append(_Entry("MONOSEMANTIC_ADMIN_KEY", _digest(admin_key), frozenset(("read", "steer", "admin")), None))
-        self._lock = threading.Lock()
+        entries = []
+        for k in keys:
+            digest, rate = _digest(k.key), k.requests_per_second
+            bucket = (buckets.get((digest, rate)) or _Bucket(rate)) if rate else None
+            entries.append(_Entry(k.name, digest, frozenset(k.scopes), bucket))
+        if self._admin_key:
+            entries.append(_Entry("MONOSEMANTIC_ADMIN_KEY", _digest(self._admin_key), frozenset(("read", "steer", "admin")), None))
+        return tuple(entries)
 
     @classmethod
     def from_settings(cls, api_keys_file: Path | None, admin_key: str | None) -> "AccessControl":
-        return cls(load_key_file(api_keys_file) if api_keys_file is not None else [], admin_key)
+        return cls(load_key_file(api_keys_file) if api_keys_file is not None else [], admin_key, api_keys_file)
+
+    def file_changed(self) -> bool:
+        """Whether the keys file is not the one last read (a Kubernetes Secret rotates by swapping a symlink, so the
+        path is followed: device, inode, size and modification time)."""
+        return self.keys_file is not None and _file_state(self.keys_file) != self._file_state
+
+    def reload(self) -> int:
+        """Read the keys file again and swap the keys in at once; the number of keys now. On any problem the old
+        keys stay and ConfigError says why (naming no value)."""
+        if self.keys_file is None:
+            raise ConfigError("MONOSEMANTIC_API_KEYS_FILE is not set: there is no keys file to read")
+        state = _file_state(self.keys_file)
+        self._file_state = state  # a file that fails is reported once, not at every poll
+        keys = load_key_file(self.keys_file)
+        old = {(e.digest, e.bucket.rate): e.bucket for e in self._entries if e.bucket is not None}
+        self._entries = self._build(keys, old)  # one assignment: a request sees the old keys or the new ones
+        return len(keys)
 
     @property
     def open(self) -> bool:

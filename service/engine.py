@@ -8,6 +8,7 @@ each request takes the pair serving when it arrives and finishes on it, and a re
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from contextlib import ExitStack, contextmanager
 import secrets
@@ -32,6 +33,9 @@ from service import dashboards
 from service.readout import hook_activations, read_features
 from service.settings import ServiceSettings
 from service.steering import SteeringSpec
+
+
+log = logging.getLogger("monosemantic.serve")
 
 
 class Engine:
@@ -438,6 +442,28 @@ class Engine:
         """Generation is a query (`read`, already counted against the key's rate); steering it needs `steer`."""
         if req.steering:
             identity.require("steer", count=False)
+
+    async def watch_keys(self) -> None:
+        """Re-read the keys file whenever it changes, for as long as the server runs (a task of the server's)."""
+        while self.access.keys_file is not None:
+            await asyncio.sleep(self.settings.api_keys_poll_s)
+            if self.access.file_changed():
+                await self.reload_keys()
+
+    async def reload_keys(self) -> None:
+        """The keys file, read again and swapped in (on change, and on SIGHUP); a bad file keeps the old keys."""
+        if self.access.keys_file is None:
+            log.warning("SIGHUP: MONOSEMANTIC_API_KEYS_FILE is not set; nothing to re-read")
+            return
+        try:
+            count = await self._registry_io.run(self.access.reload, "MONOSEMANTIC_API_KEYS_FILE")
+        except (ConfigError, ServiceError) as exc:
+            self.metrics.key_reloads.labels("failure").inc()
+            log.warning("keys file not reloaded, the previous keys stay in use: %s", exc)
+            return
+        self.metrics.key_reloads.labels("success").inc()
+        self.metrics.keys_loaded.set_to_current_time()
+        log.warning("keys file re-read: %d keys in use", count)
 
     # ---- dictionaries and reload -----------------------------------------------------------------------------
     async def dictionaries(self) -> schemas.DictionariesResponse:

@@ -37,12 +37,16 @@ class Metrics:
         self.dictionary_info = Gauge("monosemantic_dictionary_info", "The serving dictionary (value 1).", ("name", "version", "architecture", "model_checksum"), registry=r)
         self.dictionary_loaded = Gauge("monosemantic_dictionary_loaded_timestamp_seconds", "When the serving dictionary was loaded.", registry=r)
         self.reloads = Counter("monosemantic_dictionary_reloads", "Dictionary reloads, by result.", ("result",), registry=r)
+        self.key_reloads = Counter("monosemantic_api_keys_reloads", "Re-reads of MONOSEMANTIC_API_KEYS_FILE after it changed (or SIGHUP), by result; a failure keeps the previous keys.", ("result",), registry=r)
+        self.keys_loaded = Gauge("monosemantic_api_keys_loaded_timestamp_seconds", "When the keys in use were read.", registry=r)
         self.monitor = FeatureMonitor(r, watch or [])
         self.observe_dropped = Counter("monosemantic_observe_dropped", "Observed texts accepted but not read (engine error or shutdown).", registry=r)
         for reason in ("queue_full", "deadline", "shutting_down"):
             self.rejected.labels(reason)
         for result in ("success", "failure"):
             self.reloads.labels(result)
+            self.key_reloads.labels(result)
+        self.keys_loaded.set_to_current_time()
         for protocol in PROTOCOLS:
             for method in METHODS:
                 self.duration.labels(protocol, method)

@@ -52,7 +52,7 @@ class AccessCheck:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith("/v1/"):
+        if scope["type"] == "http" and (path.startswith("/v1/") or (path == "/metrics" and self.engine.settings.metrics_need_key)):
             authorizations = [v.decode("latin-1") for k, v in scope.get("headers") or () if k == b"authorization"]
             try:
                 identity = self.engine.identify(authorizations)

@@ -46,6 +46,9 @@ class Server:
     def __post_init__(self) -> None:
         self.engine = Engine(self.settings)
 
+    def _reload_keys(self) -> None:
+        self._key_reload = asyncio.ensure_future(self.engine.reload_keys())  # kept: a task nobody holds may vanish
+
     def request_stop(self) -> None:
         self.engine.begin_drain()
         self._stop.set()
@@ -85,14 +88,17 @@ class Server:
             await asyncio.sleep(0.01)
         self.http_port = http.servers[0].sockets[0].getsockname()[1]
         await set_serving(health_servicer, True)
+        keys_task = asyncio.create_task(self.engine.watch_keys())
         if install_signal_handlers:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_keys)
         log.warning("monosemantic serving %s: HTTP on %s:%d, gRPC on %s:%d", self.engine.serving.dictionary.ref, s.host, self.http_port, s.host, self.grpc_port)
         self.started.set()
 
         await self._stop.wait()
+        keys_task.cancel()
         self.engine.begin_drain()
         await set_serving(health_servicer, False)
         http.should_exit = True

@@ -57,7 +57,14 @@ class ServiceSettings(BaseSettings):
     # admin key. Clients send "Authorization: Bearer KEY" (gRPC metadata "authorization"). No key at all: the query
     # operations are open and admin is off.
     api_keys_file: Path | None = None
+    # The keys file is re-read when it changes (checked this often) and on SIGHUP: a rotated Kubernetes Secret
+    # takes effect without a restart. A file that fails to parse keeps the previous keys (logged, and counted in
+    # monosemantic_api_keys_reloads_total{result="failure"}).
+    api_keys_poll_s: float = Field(2.0, gt=0)
     admin_key: SecretStr | None = None
+    # /metrics is open like /healthz (vLLM's convention: Prometheus scrapes it inside the cluster); true makes it
+    # need a key with the `read` scope once keys exist (Prometheus: `authorization: {credentials: KEY}`).
+    metrics_need_key: bool = False
     # TLS for both protocols when both files are given (PEM).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -180,3 +181,79 @@ def test_a_bad_tls_pair_stops_startup_before_the_model_loads_with_one_line(tmp_p
     assert lines[0].startswith("error: cannot start: MONOSEMANTIC_TLS_") and "Traceback" not in result.stderr
     assert ("nowhere.pem" in lines[0]) if problem == "missing" else ("matches it" in lines[0])
     assert "Loading weights" not in result.stderr and time.monotonic() - started < 30
+
+
+def _rotate(path, keys) -> None:
+    """Replace the file as a Kubernetes Secret update does: a new file renamed over the old one."""
+    staged = path.with_suffix(".staged")
+    staged.write_text(json.dumps({"keys": keys}))
+    staged.replace(path)
+
+
+def _status(server, key):
+    return httpx.post(f"{server.http_url}/v1/activations", json={"text": "x"}, headers={"authorization": f"Bearer {key}"}, timeout=30).status_code
+
+
+def test_a_rotated_keys_file_takes_effect_without_a_restart_and_a_bad_one_keeps_the_old_keys(tmp_path):
+    from test_service_operations import _metric
+
+    path = _key_file(tmp_path, [{"name": "old", "key": READ, "scopes": ["read"]}])
+    running = RunningServer(registry=reference_registry_path(), api_keys_file=path, api_keys_poll_s=0.2)
+    try:
+        assert _status(running, READ) == 200 and _status(running, STEER) == 401
+        _rotate(path, [{"name": "new", "key": STEER, "scopes": ["read", "steer"]}])
+        deadline = time.monotonic() + 10
+        while _status(running, STEER) != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _status(running, STEER) == 200 and _status(running, READ) == 401  # revoked
+        staged = path.with_suffix(".staged")
+        staged.write_text("{not json")
+        staged.replace(path)
+        time.sleep(1.0)
+        assert _status(running, STEER) == 200  # the previous keys stay
+        assert _metric(running, "monosemantic_api_keys_reloads_total", result="failure") == 1
+        assert _metric(running, "monosemantic_api_keys_reloads_total", result="success") == 1
+    finally:
+        running.stop()
+
+
+def test_sighup_rereads_the_keys_file(tmp_path):
+    import os
+    import signal
+    import sys
+
+    from conftest import free_port, wait_until_ok
+
+    path = _key_file(tmp_path, [{"name": "old", "key": READ, "scopes": ["read"]}])
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "service.cli", "--http-port", str(port), "--grpc-port", str(free_port())],
+                               env={**os.environ, "MONOSEMANTIC_API_KEYS_FILE": str(path), "MONOSEMANTIC_API_KEYS_POLL_S": "3600"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_ok(f"http://127.0.0.1:{port}/readyz")
+
+        class At:
+            http_url = f"http://127.0.0.1:{port}"
+
+        assert _status(At, READ) == 200
+        _rotate(path, [{"name": "new", "key": STEER, "scopes": ["read"]}])
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while _status(At, STEER) != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _status(At, STEER) == 200 and _status(At, READ) == 401
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_metrics_can_be_made_to_need_a_key(tmp_path):
+    path = _key_file(tmp_path, [{"name": "prometheus", "key": READ, "scopes": ["read"]}])
+    running = RunningServer(registry=reference_registry_path(), api_keys_file=path, metrics_need_key=True)
+    try:
+        assert httpx.get(f"{running.http_url}/metrics", timeout=10).status_code == 401
+        scraped = httpx.get(f"{running.http_url}/metrics", headers={"authorization": f"Bearer {READ}"}, timeout=10)
+        assert scraped.status_code == 200 and "monosemantic_requests_total" in scraped.text
+        assert httpx.get(f"{running.http_url}/healthz", timeout=10).status_code == 200
+    finally:
+        running.stop()
