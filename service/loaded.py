@@ -29,6 +29,9 @@ class Loaded:
     hook: HookPoint
     max_positions: int
     encoder: FastEncoder
+    # The longest token, in bytes of UTF-8 as the vocabulary spells it (which over-counts byte-level and
+    # SentencePiece markers, so a bound built on it errs on the safe side): a text of B bytes has >= B / this tokens.
+    max_token_bytes: int = 1
     loaded_at: float = field(default_factory=time.time)
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -105,4 +108,5 @@ def load_pair(
     with torch.no_grad():
         dictionary.sae.float()
     encoder = FastEncoder(dictionary.sae, getattr(torch, sae_dtype))
-    return Loaded(lm=lm, dictionary=dictionary, hook=hook, max_positions=_max_positions(lm), encoder=encoder)
+    longest = max((len(t.encode("utf-8", "surrogatepass")) for t in lm.tokenizer.get_vocab()), default=1)
+    return Loaded(lm=lm, dictionary=dictionary, hook=hook, max_positions=_max_positions(lm), encoder=encoder, max_token_bytes=max(1, longest))
