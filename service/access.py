@@ -78,6 +78,11 @@ class _Bucket:
             return True
         return False
 
+    def charge(self, cost: float) -> None:
+        """Work beyond the one request already taken (an observe's windows): the bucket may go below zero, and the
+        key's next requests wait until it has refilled."""
+        self.tokens -= cost
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -229,6 +234,12 @@ class Identity:
     @property
     def name(self) -> str | None:
         return None if self.entry is None else self.entry.name
+
+    def charge(self, cost: int) -> None:
+        """Count `cost` more requests' worth against the key's rate (a request that is several units of work)."""
+        if cost > 0 and self.entry is not None and self.entry.bucket is not None:
+            with self.access._lock:
+                self.entry.bucket.charge(cost)
 
     def require(self, scope: Scope, count: bool = True) -> None:
         """Raise 403 without `scope`, 429 over the key's rate. count=False checks an extra scope of a request

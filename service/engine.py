@@ -230,11 +230,13 @@ class Engine:
         self.metrics.monitor.record(loaded.version, readout, skip_first, self.metrics.l0)
 
     # ---- observe (monitoring only) ---------------------------------------------------------------------------
-    async def observe(self, req: schemas.ObserveRequest) -> schemas.ObserveResponse:
+    async def observe(self, req: schemas.ObserveRequest, identity: Identity | None = None) -> schemas.ObserveResponse:
         """Read texts for the feature-monitoring metrics alone: validated and queued now, read in the background
-        (batched with other activations work); the caller does not wait for the model."""
+        (batched with other activations work); the caller does not wait for the model. Each window counts against
+        the caller's rate limit, as a request would."""
         loaded = self.serving
         s = self.settings
+        share = max(1, int(s.max_queue * s.max_request_share))
         if len(req.texts) > s.max_observe_texts:
             raise over_limit("texts", len(req.texts), s.max_observe_texts, "max_observe_texts")
         step = self._max_tokens(loaded) - 1  # long texts are read in windows, each starting with BOS as in training
@@ -244,17 +246,17 @@ class Engine:
         # Before any tokenization, a bound that costs nothing: no token is longer than the vocabulary's longest,
         # so a text makes at least ceil(bytes / longest / step) windows. Past the queue, refused now.
         at_least = sum(-(-(-(-len(t.encode("utf-8", "surrogatepass")) // loaded.max_token_bytes)) // step) for t in req.texts)
-        if at_least > s.max_queue:
-            raise invalid("texts", f"the texts make at least {at_least} windows of up to {step + 1} tokens, more than the {s.max_queue} "
-                                   "requests the server admits at once (setting MONOSEMANTIC_MAX_QUEUE); send fewer or shorter texts")
+        if at_least > share:
+            raise self._over_share(at_least, step, share, "at least ")
         chunks = []
         bos = [loaded.bos_id] if loaded.bos_id is not None else []
         for tokenized in await self._tokenizing.tokenize(loaded, list(req.texts), prepend_bos=False):
             ids = tokenized.ids
             chunks.extend(bos + ids[c : c + step] for c in range(0, len(ids), step))
-        if len(chunks) > s.max_queue:  # could never be admitted: a 429 would be retried for ever
-            raise invalid("texts", f"the texts make {len(chunks)} windows of up to {step + 1} tokens, more than the {s.max_queue} "
-                                   "requests the server admits at once (setting MONOSEMANTIC_MAX_QUEUE); send fewer or shorter texts")
+        if len(chunks) > share:  # could never be admitted: a 429 would be retried for ever
+            raise self._over_share(len(chunks), step, share)
+        if identity is not None:
+            identity.charge(len(chunks) - 1)
         # Take one slot per window now (429 at once when they are not free); the background task gives them back.
         slots = ExitStack()
         slots.enter_context(self._admitted(len(chunks)))
@@ -262,6 +264,12 @@ class Engine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return schemas.ObserveResponse(accepted=len(req.texts), tokens=sum(len(c) for c in chunks) - (len(chunks) if loaded.bos_id is not None else 0))
+
+    def _over_share(self, windows: int, step: int, share: int, bound: str = "") -> ServiceError:
+        s = self.settings
+        return invalid("texts", f"the texts make {bound}{windows} windows of up to {step + 1} tokens, more than the {share} one request may "
+                                f"hold of the {s.max_queue} the server admits at once (settings MONOSEMANTIC_MAX_QUEUE, "
+                                "MONOSEMANTIC_MAX_REQUEST_SHARE); send fewer or shorter texts")
 
     async def _observe_all(self, loaded: Loaded, chunks: list[list[int]], slots: ExitStack) -> None:
         with slots:

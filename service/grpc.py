@@ -178,9 +178,9 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         return await self._observed("search_features", context, request, call, deadline=deadline)
 
     async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveResponse:
-        async def call(_identity: Identity) -> Message:
+        async def call(identity: Identity) -> Message:
             req = request_model(request, schemas.ObserveRequest)
-            return to_message(await self.engine.observe(req), pb.ObserveResponse)
+            return to_message(await self.engine.observe(req, identity), pb.ObserveResponse)
 
         return await self._observed("observe", context, request, call)
 

@@ -232,10 +232,10 @@ def create_app(engine: Engine) -> FastAPI:
         return _json(await observed("feature", _as_async(lambda: engine.feature(feature))))
 
     @app.post("/v1/observe", response_model=schemas.ObserveResponse, status_code=202, tags=["monitoring"])
-    async def observe(req: schemas.ObserveRequest) -> Response:
+    async def observe(req: schemas.ObserveRequest, request: Request) -> Response:
         """Texts for feature monitoring alone (watched features' Prometheus series): accepted at once with 202,
         read in the background in batches with other work."""
-        result = await observed("observe", lambda: engine.observe(req))
+        result = await observed("observe", lambda: engine.observe(req, request.state.identity))
         return Response(result.model_dump_json(), status_code=202, media_type="application/json")
 
     @app.get("/v1/dictionaries", response_model=schemas.DictionariesResponse, tags=["dictionaries"])

@@ -51,6 +51,9 @@ class ServiceSettings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=1)
     max_batch_requests: int = Field(64, ge=1)  # 1 turns batching off
     max_wait_ms: float = Field(2.0, ge=0)
+    # The share of those slots one request may hold (an observe takes one per window): 4 texts of 20k characters
+    # once held 221 of 256.
+    max_request_share: float = Field(0.25, gt=0, le=1)
     max_queue: int = Field(256, ge=1)  # requests admitted at once (waiting or running); more are refused at once (429 / RESOURCE_EXHAUSTED)
 
     # Access (service/access.py): API keys with scopes from a JSON file (or a mounted Kubernetes Secret), and an

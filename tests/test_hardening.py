@@ -405,3 +405,24 @@ def test_a_storm_of_refused_observes_does_not_starve_other_requests(guarded):
     assert statuses and set(statuses) <= {422, 429}
     # On the event loop, the same storm took /healthz to 0.65 s and activations to 1.65 s at the median.
     assert statistics.median(probes["healthz"]) < 0.2 and statistics.median(probes["activations"]) < 0.2, probes
+
+
+def test_one_observe_may_hold_only_its_share_of_the_queue(guarded):
+    # max_queue 32 × the default share 0.25: 8 windows of 255 tokens at most; "def " is one token
+    fits = httpx.post(f"{guarded.http_url}/v1/observe", json={"texts": [("def " * 255 * 8).rstrip()]}, timeout=30)
+    assert fits.status_code == 202, fits.text
+    over = httpx.post(f"{guarded.http_url}/v1/observe", json={"texts": [("def " * 255 * 9).rstrip()]}, timeout=30)
+    assert over.status_code == 422 and "MONOSEMANTIC_MAX_REQUEST_SHARE" in over.json()["error"]["message"]
+
+
+def test_an_observes_windows_count_against_the_keys_rate(tmp_path, registry):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"name": "monitor", "key": READ, "scopes": ["read"], "requests_per_second": 5}]}))
+    running = RunningServer(registry=registry, dictionary="reference:1", api_keys_file=path)
+    try:
+        with httpx.Client(base_url=running.http_url, headers={"authorization": f"Bearer {READ}"}, timeout=30) as http:
+            # bursts of 10 requests; one observe of 30 windows spends them and 20 more (4 s at 5/s)
+            assert http.post("/v1/observe", json={"texts": [("def " * 2550).rstrip()] * 3}).status_code == 202
+            assert http.post("/v1/activations", json={"text": "x"}).status_code == 429
+    finally:
+        running.stop()
