@@ -97,3 +97,40 @@ def test_an_unknown_feature_shows_the_services_message(page):
     # the browser logs the 404 itself as a network error; that one is expected, nothing else may appear
     logged = page.get_log("browser")
     assert all(entry["source"] == "network" and "/v1/features/999999" in entry["message"] for entry in logged if entry["level"] == "SEVERE")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, registry):
+    import json
+
+    from conftest import RunningServer
+
+    path = tmp_path_factory.mktemp("browser-keys") / "keys.json"
+    path.write_text(json.dumps({"keys": [{"name": "researcher", "key": "browser-key-0123456789", "scopes": ["read", "steer"]}]}))
+    running = RunningServer(registry=registry, dictionary="reference:1", api_keys_file=path, max_new_tokens=64)
+    yield running
+    running.stop()
+
+
+def test_the_browser_takes_a_key_when_the_server_has_keys(browser, keyed_server, tmp_path):
+    browser.get(keyed_server.http_url + "/")
+    message = wait_for(browser, ready.visibility_of_element_located((By.ID, "error")))
+    assert "needs an API key" in message.text
+    browser.find_element(By.ID, "api-key").send_keys("browser-key-0123456789")
+    browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "dictionary").text)
+    assert "key set" in browser.find_element(By.ID, "key-state").text
+    assert "browser-key" not in browser.current_url  # in the tab's session storage, never in a URL
+    assert browser.execute_script("return sessionStorage.getItem('monosemantic-api-key')") == "browser-key-0123456789"
+    assert browser.execute_script("return localStorage.length") == 0
+    browser.get(keyed_server.http_url + "/#/steer")  # a steered stream, with the key, on the steer scope
+    feature = wait_for(browser, ready.visibility_of_element_located((By.CSS_SELECTOR, "#steer-rows .steer-feature")))
+    feature.send_keys("5")
+    tokens = browser.find_element(By.ID, "steer-tokens")
+    tokens.clear()
+    tokens.send_keys("8")
+    browser.find_element(By.CSS_SELECTOR, "#steer-form button[type=submit]").click()
+    wait_for(browser, ready.text_to_be_present_in_element((By.ID, "steer-status"), "steered:"))
+    assert browser.find_element(By.ID, "steer-steered").text
+    browser.save_screenshot(str(tmp_path / "keyed.png"))
+    browser.execute_script("sessionStorage.clear()")

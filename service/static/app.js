@@ -21,10 +21,27 @@ function showError(message) {
   box.hidden = !message;
 }
 
+// An API key, when the server has keys: typed into the header's field and kept in this tab's session storage
+// (never in a URL, never in local storage), sent as "Authorization: Bearer KEY" on every call.
+const KEY_STORAGE = "monosemantic-api-key";
+
+function headers() {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  return { "content-type": "application/json", ...(key ? { authorization: `Bearer ${key}` } : {}) };
+}
+
+function refusal(response, body) {
+  if (response.status === 401) {
+    $("#key-form").classList.add("needed");
+    return new Error("This server needs an API key: enter one above. " + ((body.error && body.error.message) || ""));
+  }
+  return new Error((body.error && body.error.message) || `HTTP ${response.status}`);
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { headers: { "content-type": "application/json" }, ...options });
+  const response = await fetch(path, { headers: headers(), ...options });
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error((body.error && body.error.message) || `HTTP ${response.status}`);
+  if (!response.ok) throw refusal(response, body);
   return body;
 }
 
@@ -164,11 +181,8 @@ function addSteerRow(feature = "", mode = "clamp", value = "10") {
 // POST /v1/generate with stream: true, reading server-sent events (`token` … `done`) as they arrive.
 async function stream(body, output) {
   output.textContent = "";
-  const response = await fetch("/v1/generate", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ ...body, stream: true }) });
-  if (!response.ok) {
-    const error = await response.json().catch(() => ({}));
-    throw new Error((error.error && error.error.message) || `HTTP ${response.status}`);
-  }
+  const response = await fetch("/v1/generate", { method: "POST", headers: headers(), body: JSON.stringify({ ...body, stream: true }) });
+  if (!response.ok) throw refusal(response, await response.json().catch(() => ({})));
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "", done = null;
@@ -229,6 +243,14 @@ $("#goto-feature").addEventListener("change", (e) => { if (e.target.value !== ""
 $("#inspect-form").addEventListener("submit", guard(() => inspect($("#inspect-text").value)));
 $("#steer-form").addEventListener("submit", guard(steer));
 $("#steer-add").addEventListener("click", () => addSteerRow());
+$("#key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = $("#api-key").value.trim();
+  if (key) sessionStorage.setItem(KEY_STORAGE, key); else sessionStorage.removeItem(KEY_STORAGE);
+  $("#api-key").value = "";
+  location.reload();  // every view again, with the key
+});
+$("#key-state").textContent = sessionStorage.getItem(KEY_STORAGE) ? "key set" : "";
 window.addEventListener("hashchange", route);
 addSteerRow();
 api("/v1/dictionaries").then((d) => {
