@@ -55,6 +55,10 @@ class FastEncoder:
         # over [rows, d_sae] (the scan for active entries, the watched columns) move half the bytes.
         return self.sae.activate_(torch.addmm(self.b_enc, centred, self.W_enc, out=self._output(padded))[:rows])
 
+    def release(self) -> None:
+        """Drop the reused buffer (the worker, when idle); the next encode makes it again."""
+        self._scratch = None
+
     def _output(self, rows: int) -> Tensor:
         """A [rows, d_sae] view of one buffer that grows to the largest batch seen (at most max_batch_tokens rows,
         bucketed). glibc maps a fresh 16 MB result (2,048 tokens) anew each batch and unmaps it after: on the worker

@@ -60,6 +60,7 @@ class Engine:
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
             on_batch=self._record_batch,
+            on_idle=self._release_buffers,
         )
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -109,6 +110,10 @@ class Engine:
         m = loaded.dictionary.manifest
         self.metrics.set_dictionary(m.name, m.version, m.architecture, loaded.lm.checksum, loaded.loaded_at)
         self.metrics.monitor.set_dictionary(m.version, m.metrics, loaded.dictionary.features.get("density"))
+
+    def _release_buffers(self) -> None:
+        if self._serving is not None:
+            self._serving.encoder.release()
 
     def _record_batch(self, requests: int, tokens: int) -> None:
         self.metrics.batch_requests.observe(requests)

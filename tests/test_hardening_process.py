@@ -149,3 +149,24 @@ def test_a_second_server_on_a_port_in_use_stops_with_a_clear_error(first_server,
     assert result.returncode == 1
     assert f"cannot bind the {'gRPC' if protocol == 'grpc' else 'HTTP'} port" in result.stderr and str(taken) in result.stderr
     assert httpx.get(f"{first_server.http_url}/readyz", timeout=10).status_code == 200
+
+
+# ---- second review (issue 28): memory after a burst ----------------------------------------------------------------
+def test_memory_returns_after_a_burst_of_large_observes(tmp_path):
+    server = ServerProcess(_registry_with_two_versions(tmp_path / "registry"))
+    try:
+        def rss() -> int:
+            with open(f"/proc/{server.process.pid}/status") as fh:
+                return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+        text = ("def " * 255 * 16).rstrip()[:20000]
+        httpx.post(f"{server.url}/v1/activations", json={"text": "warm up"}, headers=server.auth, timeout=60)
+        time.sleep(2)
+        before = rss()
+        for _ in range(12):
+            assert httpx.post(f"{server.url}/v1/observe", json={"texts": [text] * 4}, headers=server.auth, timeout=60).status_code == 202
+            time.sleep(0.5)
+        time.sleep(4)  # idle: the worker gives back what the batches freed
+        assert rss() < before * 1.15, (before, rss())  # 07a263b: +87% (428 → 799 MiB), and it stayed
+    finally:
+        server.stop()
