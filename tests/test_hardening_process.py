@@ -69,6 +69,7 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        self.process.stderr.close()
 
 
 # ---- 2. a reload stuck on I/O --------------------------------------------------------------------------------------
