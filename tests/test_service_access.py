@@ -128,7 +128,7 @@ def test_tls_serves_both_protocols(tmp_path):
         running.stop()
 
 
-def _key_file(tmp_path, keys) -> "Path":
+def _key_file(tmp_path, keys):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"keys": keys}))
     return path
