@@ -250,7 +250,7 @@ class Engine:
                 raise over_limit(f"texts[{i}]", len(text), s.max_text_chars, "max_text_chars")
         # Before any tokenization, a bound that costs nothing: no token is longer than the vocabulary's longest,
         # so a text makes at least ceil(bytes / longest / step) windows. Past the queue, refused now.
-        at_least = sum(-(-(-(-len(t.encode("utf-8", "surrogatepass")) // loaded.max_token_bytes)) // step) for t in req.texts)
+        at_least = sum(math.ceil(math.ceil(len(t.encode("utf-8", "surrogatepass")) / loaded.max_token_bytes) / step) for t in req.texts)
         if at_least > share:
             raise self._over_share(at_least, step, share, "at least ")
         chunks = []
