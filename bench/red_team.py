@@ -251,7 +251,7 @@ def keyed_cases(tree: Path, registry: Path, log: Path, knows: set[str]) -> dict[
 def stuck_reload(tree: Path, registry: Path, log: Path, knows: set[str]) -> dict[str, str]:
     stuck = registry / "reference" / "v9"
     shutil.copytree(registry / "reference" / "v2", stuck)
-    for name in ("sae.safetensors", "features.safetensors"):
+    for name in ("manifest.json", "sae.safetensors", "features.safetensors"):
         (stuck / name).unlink(missing_ok=True)
         os.mkfifo(stuck / name)
     env = {"MONOSEMANTIC_SHUTDOWN_GRACE_S": "5"}
@@ -286,7 +286,7 @@ def main() -> None:
     knows = set((tree / "service" / "settings.py").read_text().replace("(", " ").replace(":", " ").split())
     with tempfile.TemporaryDirectory() as tmp:
         registry = Path(tmp) / "registry"
-        shutil.copytree(reference_registry_path() / "reference" / "v1", registry / "reference" / "v1")
+        shutil.copytree(reference_registry_path() / "reference", registry / "reference")  # with its ledger
         shipped = load_dictionary(registry, "reference", 1)
         m = shipped.manifest
         publish(registry, "reference", shipped.sae, model=m.model, hook=m.hook, features=shipped.features, labels=shipped.labels, extra={"metrics": m.metrics})

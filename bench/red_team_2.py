@@ -148,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         registry = Path(tmp) / "registry"
-        shutil.copytree(reference_registry_path() / "reference" / "v1", registry / "reference" / "v1")
+        shutil.copytree(reference_registry_path() / "reference", registry / "reference")  # with its ledger
         results = cases(args.tree.resolve(), registry, Path(tmp))
     print(f"tree: {args.tree.resolve()}\n\n| case | result |\n| --- | --- |")
     for case, result in sorted(results.items(), key=lambda kv: int(kv[0].split()[0])):

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from serve import ServerProcess  # noqa: E402
 
-from monosemantic.artifact import load_dictionary, publish  # noqa: E402
+from monosemantic.artifact import ModelRef, load_dictionary, publish  # noqa: E402
 from monosemantic.shipped import reference_registry_path  # noqa: E402
 from monosemantic.v1 import feature_service_pb2 as pb  # noqa: E402
 from monosemantic.v1 import feature_service_pb2_grpc as rpc  # noqa: E402
@@ -50,17 +50,15 @@ def Server(registry: Path, **env: str) -> ServerProcess:
 def make_registry(root: Path) -> Path:
     """reference v1 (shipped), v2 (good copy), v3 tampered, v4 another model's, v5 truncated tensors."""
     registry = root / "registry"
-    shutil.copytree(reference_registry_path() / "reference" / "v1", registry / "reference" / "v1")
+    shutil.copytree(reference_registry_path() / "reference", registry / "reference")  # with its ledger
     shipped = load_dictionary(registry, "reference", 1)
     m = shipped.manifest
     publish(registry, "reference", shipped.sae, model=m.model, hook=m.hook, dtype="bfloat16", features=shipped.features,
             labels=shipped.labels, extra={"metrics": m.metrics})
-    for _ in range(3):
-        publish(registry, "reference", shipped.sae, model=m.model, hook=m.hook, dtype="bfloat16")
+    publish(registry, "reference", shipped.sae, model=m.model, hook=m.hook, dtype="bfloat16")
+    publish(registry, "reference", shipped.sae, model=ModelRef(name="another-model", checksum="0" * 64), hook=m.hook, dtype="bfloat16")
+    publish(registry, "reference", shipped.sae, model=m.model, hook=m.hook, dtype="bfloat16")
     (registry / "reference" / "v3" / "sae.safetensors").open("r+b").write(b"\x00" * 64)  # tampered header
-    manifest = json.loads((registry / "reference" / "v4" / "manifest.json").read_text())
-    manifest["model"] = {"name": "another-model", "checksum": "0" * 64}
-    (registry / "reference" / "v4" / "manifest.json").write_text(json.dumps(manifest))
     path = registry / "reference" / "v5" / "sae.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return registry

@@ -36,6 +36,20 @@ class ArtifactMismatch(ArtifactError):
     """The dictionary was trained for another model, hook or input width."""
 
 
+class WriteFailed(MonosemanticError):
+    """A registry, checkpoint or harvest could not be written (disk full, read-only, permissions); nothing partial
+    was left behind, and the message says what was kept."""
+
+
+class TrainingDiverged(MonosemanticError):
+    """Training met a non-finite loss, gradient or weight, or a diverging reconstruction, and stopped there."""
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError's reason without its path (messages reach users and the service's clients)."""
+    return exc.strerror or type(exc).__name__
+
+
 def describe_validation_error(exc: "pydantic.ValidationError", what: str) -> str:  # noqa: F821
     """One line naming every bad field of a pydantic model, e.g. ``invalid SAE config: k: …``."""
     parts = []

@@ -511,6 +511,8 @@ class Engine:
             previous = self.serving  # under the lock: a concurrent reload may have just swapped it
             try:
                 loaded = await self._registry_io.run(lambda: self._load_files(req.name, req.version), "name")
+                if (problem := self._changed_on_disk(previous, loaded)) is not None:
+                    raise ServiceError(ErrorKind.FAILED_PRECONDITION, problem, "version")
                 await self._submit(Job(run=self._check_width, payload=loaded))
                 if (problem := self._unwatchable(loaded)) is not None:
                     raise ServiceError(ErrorKind.FAILED_PRECONDITION, problem, "name")
@@ -536,6 +538,19 @@ class Engine:
             raise ServiceError(ErrorKind.FAILED_PRECONDITION, f"dictionary {name}: {exc}", "name") from None
         except OSError as exc:  # the registry's own directory, resolved above; the message names no path
             raise ServiceError(ErrorKind.FAILED_PRECONDITION, f"dictionary {name}: cannot be read ({exc.strerror or type(exc).__name__})", "name") from None
+
+    @staticmethod
+    def _changed_on_disk(serving: Loaded, candidate: Loaded) -> str | None:
+        """A version is immutable: the same name:version with another manifest digest than the one serving is a
+        registry rewritten underneath the service (restored from elsewhere, re-created by hand), not a reload."""
+        old, new = serving.dictionary, candidate.dictionary
+        if (old.manifest.name, old.manifest.version) != (new.manifest.name, new.manifest.version):
+            return None
+        if old.manifest_sha256 == new.manifest_sha256:
+            return None
+        return (f"dictionary {new.ref} on disk is not the one serving (manifest digest {new.manifest_sha256[:12]}… "
+                f"against {old.manifest_sha256[:12]}…): a version never changes, so the registry was rewritten; "
+                "publish the new dictionary as a new version")
 
     @staticmethod
     def _check_width(jobs: list[Job]) -> list:

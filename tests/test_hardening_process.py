@@ -77,7 +77,7 @@ def test_a_reload_stuck_on_a_fifo_times_out_later_reloads_work_and_sigterm_still
     registry = _registry_with_two_versions(tmp_path / "registry")
     stuck = registry / "reference" / "v3"
     shutil.copytree(registry / "reference" / "v2", stuck)
-    for name in ("sae.safetensors", "features.safetensors"):
+    for name in ("manifest.json", "sae.safetensors", "features.safetensors"):
         (stuck / name).unlink(missing_ok=True)
         os.mkfifo(stuck / name)  # opening it for reading blocks until a writer comes: none will
     server = ServerProcess(registry, MONOSEMANTIC_REGISTRY_TIMEOUT_S="1.5", MONOSEMANTIC_SHUTDOWN_GRACE_S="2")

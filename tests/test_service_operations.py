@@ -11,6 +11,7 @@ import time
 import grpc
 import httpx
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -178,6 +179,32 @@ def test_a_tampered_version_is_refused_on_reload(tmp_path, registry):
             with pytest.raises(ServiceCallError) as caught:
                 client.reload("reference", 2)
             assert caught.value.status == 409 and "sha256" in caught.value.message
+            assert client.activations(text="ok").dictionary.version == 1
+    finally:
+        running.stop()
+
+
+def test_a_pinned_version_rewritten_underneath_the_server_is_refused_on_reload(tmp_path, registry):
+    """The registry replaced by another one whose reference:1 is another dictionary (its own ledger, every file
+    consistent): reloading the pinned reference:1 must not silently swap dictionaries."""
+    import shutil
+
+    from monosemantic.artifact import load_dictionary, publish
+
+    shutil.copytree(registry / "reference", tmp_path / "serving" / "reference")
+    shipped = load_dictionary(registry, "reference", 1)
+    with torch.no_grad():
+        shipped.sae.b_dec.add_(1.0)
+    m = shipped.manifest
+    publish(tmp_path / "other", "reference", shipped.sae, model=m.model, hook=m.hook, dtype="bfloat16")
+    running = RunningServer(registry=tmp_path / "serving", dictionary="reference:1", admin_key=ADMIN_KEY)
+    try:
+        shutil.rmtree(tmp_path / "serving" / "reference")
+        shutil.copytree(tmp_path / "other" / "reference", tmp_path / "serving" / "reference")
+        with RestClient(running.http_url, api_key=ADMIN_KEY) as client:
+            with pytest.raises(ServiceCallError) as caught:
+                client.reload("reference", 1)
+            assert caught.value.status == 409 and "is not the one serving" in caught.value.message
             assert client.activations(text="ok").dictionary.version == 1
     finally:
         running.stop()
