@@ -178,7 +178,13 @@ def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str,
     """safetensors with byte-identical output for identical input: the library writes its metadata map in an order
     that varies from call to call (a Rust HashMap), so the metadata travels as one key holding sorted JSON."""
     header = {"monosemantic": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else None
-    save_file(tensors, str(path), metadata=header)
+    try:
+        save_file(tensors, str(path), metadata=header)
+    except SafetensorError as exc:  # the library reports a failed write (a full disk) as its own error type
+        if (match := re.search(r"os error (\d+)", str(exc))) is None:
+            raise
+        number = int(match.group(1))
+        raise OSError(number, os.strerror(number)) from None
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, Any]:

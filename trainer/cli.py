@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +12,10 @@ import typer
 
 from monosemantic.errors import MonosemanticError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate and publish sparse autoencoders.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+    "Train, evaluate and publish sparse autoencoders.\n\n"
+    "Exit codes: 0 success; 2 bad input or refused (the message says why; nothing partial was left behind); "
+    "1 a bug (a traceback: please report it)."))
 
 Registry = Annotated[Path, typer.Option("--registry", help="registry directory holding <name>/v<N>/")]
 
@@ -66,11 +70,11 @@ def harvest_cmd(
     out: Annotated[Path, typer.Option(help="directory for the shards (resumable)")],
     model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
     hook: Annotated[str, typer.Option(help="hook point: HF module path or TransformerLens alias")] = "blocks.0.mlp.hook_post",
-    contexts: Annotated[int, typer.Option(help="number of corpus contexts to harvest")] = 4096,
-    context_length: int = 256,
+    contexts: Annotated[int, typer.Option(min=1, help="number of corpus contexts to harvest")] = 4096,
+    context_length: Annotated[int, typer.Option(min=2)] = 256,
     dtype: Annotated[str, typer.Option(help="float16 | bfloat16 | float32")] = "float16",
-    max_chars: Annotated[Optional[int], typer.Option(help="use a corpus slice")] = None,
-    seed: int = 0,
+    max_chars: Annotated[Optional[int], typer.Option(min=1, help="use a corpus slice")] = None,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Run the model over training contexts and store the activations at a hook (forward stops there)."""
     from trainer.pipeline import harvest_corpus
@@ -80,7 +84,7 @@ def harvest_cmd(
                                   max_chars=max_chars, seed=seed)
     except MonosemanticError as exc:
         _fail(exc)
-    _print_json({k: manifest[k] for k in ("tokens", "contexts_done", "hook", "dtype", "complete")})
+    _print_json({k: manifest[k] for k in ("tokens", "contexts_done", "contexts_requested", "hook", "dtype", "complete")})
 
 
 @app.command()
@@ -90,14 +94,14 @@ def train(
     activations: Annotated[Optional[Path], typer.Option(help="a [rows, d_in] matrix: .npy or .safetensors")] = None,
     harvest: Annotated[Optional[Path], typer.Option(help="a harvest directory (from `harvest`)")] = None,
     arch: Annotated[str, typer.Option(help="relu | topk | jumprelu")] = "relu",
-    d_sae: Annotated[int, typer.Option(help="number of features")] = 4096,
-    k: Annotated[Optional[int], typer.Option(help="TopK: active features per token")] = None,
+    d_sae: Annotated[int, typer.Option(min=1, help="number of features")] = 4096,
+    k: Annotated[Optional[int], typer.Option(min=1, help="TopK: active features per token")] = None,
     l1: Annotated[Optional[float], typer.Option(help="sparsity coefficient λ (L1 for relu, L0 for jumprelu)")] = None,
     target_l0: Annotated[Optional[float], typer.Option(help="steer λ towards this L0 (default 20 unless --l1 is given)")] = None,
-    tokens: Annotated[int, typer.Option(help="training tokens")] = 20_000_000,
-    batch_size: int = 4096,
+    tokens: Annotated[int, typer.Option(min=1, help="training tokens")] = 20_000_000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4096,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate")] = None,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
     bf16: Annotated[bool, typer.Option(help="bf16 mixed precision")] = True,
     sparse_step_density: Annotated[Optional[float], typer.Option(
         help="take the support-only step while L0 < this share of d_sae (default 0.04; 0: always dense)")] = None,
@@ -108,6 +112,7 @@ def train(
     model: Annotated[Optional[Path], typer.Option(help="the model the activations came from (recorded in the manifest)")] = None,
     hook: Annotated[Optional[str], typer.Option(help="the hook the activations came from (recorded in the manifest)")] = None,
     dtype: Annotated[str, typer.Option(help="stored weights: float32 | bfloat16 | float16")] = "float32",
+    allow_partial: Annotated[bool, typer.Option(help="train on a harvest that is not complete")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Train a dictionary on activations and publish it as the next version of NAME."""
@@ -122,9 +127,9 @@ def train(
     try:
         out = train_and_publish(
             activations=activations, harvest_dir=harvest, registry=registry, name=name, checkpoint_dir=checkpoint_dir,
-            resume=resume, model=model, hook=hook, dtype=dtype,
+            resume=resume, model=model, hook=hook, dtype=dtype, allow_partial=allow_partial,
             config=dict(architecture=arch, d_sae=d_sae, k=k, sparsity_coefficient=l1,
-                        target_l0=target_l0 if (target_l0 is not None or l1 is not None or arch == "topk") else 20.0,
+                        target_l0=target_l0 if (target_l0 is not None or l1 is not None or arch == "topk") else min(20.0, d_sae / 2),
                         tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
                         sparse_step_density=sparse_step_density, initial_firing_rate=initial_firing_rate),
         )
@@ -139,7 +144,7 @@ def evaluate(
     dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")],
     model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
     activations: Annotated[Optional[Path], typer.Option(help="evaluate reconstruction on this matrix instead (no model)")] = None,
-    tokens: Annotated[int, typer.Option(help="held-out tokens to evaluate on")] = 200_000,
+    tokens: Annotated[int, typer.Option(min=1, help="held-out tokens to evaluate on")] = 200_000,
     json_output: Annotated[bool, typer.Option("--json", help="print the metrics as one JSON object")] = False,
 ) -> None:
     """Metrics on held-out tokens: MSE, FVU, L0, loss recovered, dead and dense fractions, density histogram."""
@@ -155,6 +160,9 @@ def evaluate(
         for key in ("l0", "fvu", "mse", "loss_recovered", "dead_fraction", "dense_fraction", "tokens"):
             if key in metrics:
                 typer.echo(f"{key:>16}: {metrics[key]:.6g}")
+    bad = sorted(k for k in ("l0", "fvu", "mse", "loss_recovered") if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k]))
+    if bad:
+        _fail(MonosemanticError(f"metrics are not finite: {', '.join(bad)} (a NaN dictionary, or data it cannot reconstruct)"))
 
 
 @app.command()
@@ -162,8 +170,8 @@ def features(
     registry: Registry,
     dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")],
     model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
-    tokens: Annotated[int, typer.Option(help="tokens to compute the statistics over (held-out first)")] = 1_000_000,
-    top_k: Annotated[int, typer.Option(help="top activating examples per feature")] = 10,
+    tokens: Annotated[int, typer.Option(min=1, help="tokens to compute the statistics over (held-out first)")] = 1_000_000,
+    top_k: Annotated[int, typer.Option(min=1, help="top activating examples per feature")] = 10,
     out_registry: Annotated[Optional[Path], typer.Option(help="publish here instead of --registry")] = None,
     max_chars: Annotated[Optional[int], typer.Option(help="use a corpus slice")] = None,
 ) -> None:
@@ -186,12 +194,13 @@ def publish_cmd(
     registry: Registry,
     name: Annotated[str, typer.Option(help="dictionary name")],
     dtype: str = "float32",
+    allow_partial: Annotated[bool, typer.Option(help="publish a run stopped before its planned steps")] = False,
 ) -> None:
     """Publish the dictionary held in a training checkpoint as the next version of NAME."""
     from trainer.pipeline import publish_checkpoint
 
     try:
-        path = publish_checkpoint(checkpoint_dir, registry, name, dtype=dtype)
+        path = publish_checkpoint(checkpoint_dir, registry, name, dtype=dtype, allow_partial=allow_partial)
     except MonosemanticError as exc:
         _fail(exc)
     typer.echo(str(path))
@@ -202,15 +211,15 @@ def reference(
     out: Annotated[Path, typer.Option(help="where reference-lm/ and registry/ go")] = Path("artifacts"),
     work_dir: Annotated[Path, typer.Option(help="harvest shards and checkpoints (resumable)")] = Path("runs/reference"),
     retrain_lm: Annotated[bool, typer.Option(help="train the language model too, even if OUT/reference-lm exists")] = False,
-    harvest_contexts: Annotated[int, typer.Option(help="training contexts to harvest (255 tokens each)")] = 40_000,
-    tokens: Annotated[int, typer.Option(help="SAE training tokens")] = 40_000_000,
+    harvest_contexts: Annotated[int, typer.Option(min=1, help="training contexts to harvest (255 tokens each)")] = 40_000,
+    tokens: Annotated[int, typer.Option(min=1, help="SAE training tokens")] = 40_000_000,
     target_l0: float = 27.0,
-    d_sae: int = 4096,
-    eval_tokens: int = 300_000,
-    feature_tokens: Annotated[int, typer.Option(help="tokens for the feature dashboards (held-out first)")] = 1_000_000,
-    max_chars: Annotated[Optional[int], typer.Option(help="a corpus slice (for quick end-to-end runs)")] = None,
-    lm_tokens: Annotated[Optional[int], typer.Option(help="LM training tokens when the LM is (re)trained")] = None,
-    seed: int = 0,
+    d_sae: Annotated[int, typer.Option(min=1)] = 4096,
+    eval_tokens: Annotated[int, typer.Option(min=1)] = 300_000,
+    feature_tokens: Annotated[int, typer.Option(min=1, help="tokens for the feature dashboards (held-out first)")] = 1_000_000,
+    max_chars: Annotated[Optional[int], typer.Option(min=1, help="a corpus slice (for quick end-to-end runs)")] = None,
+    lm_tokens: Annotated[Optional[int], typer.Option(min=1, help="LM training tokens when the LM is (re)trained")] = None,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """The whole chain with one command: corpus → LM → harvest → train → evaluate → publish."""
     from trainer.pipeline import ReferencePlan, run_reference
@@ -238,6 +247,22 @@ def verify(
     except MonosemanticError as exc:
         _fail(exc)
     _print_json(report)
+
+
+@app.command("seal")
+def seal_cmd(
+    registry: Registry,
+    name: Annotated[str, typer.Option(help="dictionary name")],
+) -> None:
+    """Record in the version ledger the versions of NAME published by a release before the ledger, after checking
+    each of their files against its manifest (recorded versions are never changed)."""
+    from monosemantic.artifact import seal
+
+    try:
+        recorded = seal(registry, name)
+    except MonosemanticError as exc:
+        _fail(exc)
+    _print_json({"dictionary": name, "recorded": recorded})
 
 
 def main() -> None:  # pragma: no cover - console entry

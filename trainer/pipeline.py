@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,11 +12,12 @@ from typing import Any
 
 import torch
 
-from monosemantic.artifact import HookRef, ModelRef, load_dictionary, parse_reference, publish
-from monosemantic.errors import ConfigError
-from monosemantic.lm import LoadedLM, hook_dim, load_lm, resolve_hook, weights_checksum
+from monosemantic.artifact import STORAGE_DTYPES, HookRef, ModelRef, check_name, load_dictionary, parse_reference, publish
+from monosemantic.errors import ConfigError, WriteFailed, os_reason
+from monosemantic.lm import LoadedLM, hook_dim, load_lm, resolve_hook
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
-from trainer.activations import open_activation_file, open_harvest, split_tail
+from trainer.activations import SHARD_DTYPES, open_activation_file, open_harvest, split_tail
+from trainer.checkpoint import Checkpoint, write_checkpoint
 from trainer.corpus import build_corpus, token_contexts
 from trainer.evaluate import model_metrics, reconstruction_metrics
 from trainer.harvest import harvest
@@ -37,50 +41,155 @@ def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: 
 
 def harvest_corpus(model: Path | None, out: Path, *, hook: str, contexts: int, context_length: int, dtype: str,
                    max_chars: int | None, seed: int, lm: LoadedLM | None = None) -> dict:
+    """``harvest`` on the built-in corpus. Asking for more contexts than the corpus holds harvests them all and
+    says so in the manifest (``contexts_requested``) and on stderr."""
+    if contexts < 1 or context_length < 2:
+        raise ConfigError(f"contexts ({contexts}) must be at least 1 and context_length ({context_length}) at least 2")
+    if dtype not in SHARD_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported for shards; use one of {sorted(SHARD_DTYPES)}")
     lm = lm or load_lm(_model_source(model))
     ctx, fingerprint = corpus_contexts(lm.tokenizer, "train", context_length, max_chars, contexts, seed)
-    return harvest(lm, ctx, hook, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048)
+    manifest = harvest(lm, ctx, hook, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048)
+    if ctx.shape[0] < contexts:
+        print(f"warning: the corpus holds {ctx.shape[0]:,} training contexts of {context_length} tokens, fewer than the "
+              f"{contexts:,} asked; all of them were harvested", file=sys.stderr)
+    return {**manifest, "contexts_requested": contexts}
+
+
+def _require_writable(directory: Path, needed_bytes: int, what: str) -> None:
+    """Before any work: ``directory`` (created if missing) accepts a file and has room for ``needed_bytes``."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise WriteFailed(f"{what} {directory} is not writable: {os_reason(exc)}") from None
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise WriteFailed(f"{what} {directory} has {free / 2**20:,.1f} MiB free; this run writes about {needed_bytes / 2**20:,.1f} MiB there")
+
+
+def _dictionary_bytes(d_in: int, d_sae: int, dtype: str) -> int:
+    itemsize = STORAGE_DTYPES[dtype].itemsize if dtype in STORAGE_DTYPES else 4
+    return (2 * d_in * d_sae + 2 * d_sae + d_in) * itemsize + 64 * d_sae * 4 + (1 << 20)  # weights, statistics, manifest
+
+
+def _bound_to_model(model: Path | None, hook: str | None, d_in: int, harvest_info: dict | None) -> tuple[ModelRef, HookRef]:
+    """The model and hook a dictionary is recorded against, checked before training: a hook resolved on the model
+    with the data's width; for a harvest, claims that agree with what the harvest recorded."""
+    if harvest_info is not None:
+        checksum = harvest_info["model_checksum"]
+        lm = load_lm(_model_source(model)) if model is not None else None
+        if lm is not None and lm.checksum != checksum:
+            raise ConfigError(f"--model {model} is not the model this harvest was taken from (weights checksum "
+                              f"{lm.checksum[:12]}… against the harvest's {str(checksum)[:12]}…)")
+        if hook is not None:
+            if lm is None:
+                raise ConfigError("--hook with --harvest needs --model to resolve it on (the harvest records its own hook)")
+            point = resolve_hook(lm.model, hook)
+            if point.module_path != harvest_info["module_path"]:
+                raise ConfigError(f"--hook {hook} is {point.module_path}, but the harvest was taken at {harvest_info['module_path']}")
+        return (ModelRef(name=str(model) if model else "harvest", checksum=checksum),
+                HookRef(name=harvest_info["hook"], module_path=harvest_info["module_path"]))
+    if model is None:
+        if hook is not None:
+            raise ConfigError("--hook needs --model: a hook is resolved on the model the activations came from")
+        return ModelRef(name=UNSPECIFIED, checksum=UNSPECIFIED), HookRef(name=UNSPECIFIED, module_path=UNSPECIFIED)
+    lm = load_lm(_model_source(model))
+    if hook is None:
+        raise ConfigError("--model needs --hook: say where on the model these activations were read")
+    point = resolve_hook(lm.model, hook)
+    width = hook_dim(lm.model, point)
+    if width != d_in:
+        raise ConfigError(f"--hook {hook}: the model's activation there has width {width}, but the activations have {d_in}")
+    return (ModelRef(name=str(model), checksum=lm.checksum),
+            HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
 
 
 def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, registry: Path | None, name: str | None,
                       checkpoint_dir: Path | None, resume: bool, model: Path | None, hook: str | None, dtype: str,
-                      config: dict[str, Any]) -> dict:
-    """``train``: on a user's matrix (the tail is held out for metrics) or on a harvest; publish if asked."""
+                      config: dict[str, Any], allow_partial: bool = False) -> dict:
+    """``train``: on a user's matrix (the tail is held out for metrics) or on a harvest; publish if asked.
+
+    Everything that can be refused is refused before training: the options, the data (read once: digests, finite
+    rows), the model and hook it is recorded against, and whether the registry and checkpoint directory can take
+    what will be written there."""
+    cfg = TrainConfig.build(**config)  # options left as None take TrainConfig's defaults
+    if dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
+    if registry is not None and name is not None:
+        check_name(name)
     if activations is not None:
         source, heldout = split_tail(open_activation_file(activations))
-        model_ref = ModelRef(name=str(model) if model else UNSPECIFIED, checksum=weights_checksum(model) if model else UNSPECIFIED)
-        hook_name = hook or UNSPECIFIED
-        hook_ref = HookRef(name=hook_name, module_path=hook_name)
+        model_ref, hook_ref = _bound_to_model(model, hook, source.d_in, None)
         data = {"kind": "file", "file": Path(activations).name, "rows": source.rows + heldout.rows}
     else:
-        source, heldout = split_tail(open_harvest(harvest_dir))
-        info = source.description
-        model_ref = ModelRef(name=str(model) if model else "harvest", checksum=info["model_checksum"])
-        hook_ref = HookRef(name=info["hook"], module_path=info["module_path"])
-        data = {"kind": "harvest", "tokens": info["tokens"]}
-    cfg = TrainConfig.build(**config)  # options left as None take TrainConfig's defaults
+        whole = open_harvest(harvest_dir)
+        info = whole.description
+        if not info["complete"] and not allow_partial:
+            raise ConfigError(f"the harvest in {harvest_dir} is incomplete ({info['contexts_done']} of {info['contexts']} "
+                              "contexts): finish it with the same harvest command, or pass --allow-partial")
+        source, heldout = split_tail(whole)
+        model_ref, hook_ref = _bound_to_model(model, hook, source.d_in, info)
+        data = {"kind": "harvest", "tokens": info["tokens"], "complete": info["complete"],
+                "harvested_fraction": (info["contexts_done"] or 0) / max(1, info["contexts"] or 1)}
+    parameters = 2 * source.d_in * cfg.d_sae + 2 * cfg.d_sae + source.d_in
+    if registry is not None:
+        _require_writable(registry, _dictionary_bytes(source.d_in, cfg.d_sae, dtype), "the registry")
+    if checkpoint_dir is not None:
+        _require_writable(checkpoint_dir, 2 * 3 * 4 * parameters + (1 << 20), "the checkpoint directory")  # weights + Adam, twice while renaming
     result = Trainer(cfg, source, checkpoint_dir).run(resume=resume)
     metrics, statistics = reconstruction_metrics(result.sae, heldout.in_order())
     metrics["heldout"] = "tail of the activation rows"
     out: dict[str, Any] = {"metrics": metrics, "tokens": result.tokens, "seconds": result.seconds,
                            "sparsity_coefficient": result.sparsity_coefficient}
     if registry is not None and name is not None:
-        path = publish_trained(registry, name, result.sae, config=cfg, sparsity_coefficient=result.sparsity_coefficient,
-                               tokens=result.tokens, model=model_ref, hook=hook_ref, metrics=metrics, features=statistics,
-                               data=data, dtype=dtype)
+        try:
+            path = publish_trained(registry, name, result.sae, config=cfg, sparsity_coefficient=result.sparsity_coefficient,
+                                   tokens=result.tokens, model=model_ref, hook=hook_ref, metrics=metrics, features=statistics,
+                                   data=data, dtype=dtype, extra={"progress": {"steps": cfg.steps, "planned_steps": cfg.steps, "fraction": 1.0}})
+        except WriteFailed as exc:
+            kept = checkpoint_dir if checkpoint_dir is not None else _keep_unpublished(result, source, cfg, name)
+            raise WriteFailed(f"{exc}; the trained weights are kept in {kept}: publish them with "
+                              f"monosemantic-train publish --checkpoint-dir {kept} --registry REGISTRY --name {name}") from None
         out["published"] = str(path)
     return out
 
 
-def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: str = "float32") -> Path:
-    result, source = result_from_checkpoint(checkpoint_dir)
-    hook = source.get("hook", UNSPECIFIED)
-    module_path = source.get("module_path", hook)
+def _keep_unpublished(result: Any, source: Any, cfg: TrainConfig, name: str) -> Path:
+    """A publish that failed after training (a full registry) must not lose the run: write the weights as a
+    checkpoint into the working directory, so that ``publish`` can be retried."""
+    kept = Path.cwd() / f"unpublished-{name}-{int(time.time())}"
     last = result.history[-1] if result.history else {}
+    write_checkpoint(kept, Checkpoint(
+        step=cfg.steps, planned_steps=cfg.steps, coefficient=result.sparsity_coefficient, l0_ema=None, l0_slow=None,
+        input_scale=result.input_scale, variance=0.0, adam_steps={}, config=cfg.model_dump(mode="json"),
+        source=source.description, data=source.identity(), history=result.history, last=last,
+    ), {f"param.{n}": p.detach().contiguous() for n, p in result.sae.named_parameters()})
+    return kept
+
+
+def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: str = "float32", allow_partial: bool = False) -> Path:
+    """``publish``: the dictionary a checkpoint holds. A run stopped before its planned steps is refused unless
+    ``allow_partial``; the manifest records the fraction of the run it holds either way."""
+    if dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
+    check_name(name)
+    result, state = result_from_checkpoint(checkpoint_dir)
+    if state.step < state.planned_steps and not allow_partial:
+        raise ConfigError(f"the checkpoint in {checkpoint_dir} holds step {state.step} of {state.planned_steps} "
+                          f"({state.fraction:.0%} of the run): resume it with --resume, or pass --allow-partial")
+    source = state.source
+    hook = source.get("hook") or UNSPECIFIED
+    module_path = source.get("module_path") or hook
+    last = state.last or (result.history[-1] if result.history else {})
     return publish_trained(registry, name, result.sae, config=result.config, sparsity_coefficient=result.sparsity_coefficient,
-                           tokens=result.tokens, model=ModelRef(name="checkpoint", checksum=source.get("model_checksum", UNSPECIFIED)),
+                           tokens=result.tokens, model=ModelRef(name="checkpoint", checksum=source.get("model_checksum") or UNSPECIFIED),
                            hook=HookRef(name=hook, module_path=module_path),
-                           metrics={"training_l0": last.get("l0"), "training_fvu": last.get("fvu")}, data=source, dtype=dtype)
+                           metrics={"training_l0": last.get("l0"), "training_fvu": last.get("fvu"), "training_step": state.step},
+                           data={**source, "identity": state.data}, dtype=dtype,
+                           extra={"progress": {"steps": state.step, "planned_steps": state.planned_steps, "fraction": state.fraction}})
 
 
 def evaluate_dictionary(registry: Path, reference: str, *, model: Path | None = None, activations: Path | None = None,
@@ -130,6 +239,7 @@ def features_and_publish(registry: Path, reference: str, *, model: Path | None, 
     lm = lm or load_lm(_model_source(model))
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
     m = dictionary.manifest
+    _require_writable(out_registry or registry, _dictionary_bytes(m.sae.d_in, m.sae.d_sae, m.dtype) + 4 * m.sae.d_sae * 1024, "the registry")
     contexts, fingerprint = dashboard_contexts(lm.tokenizer, tokens, context_length, max_chars)
     tensors, labels = feature_statistics(lm, dictionary.sae, m.hook.module_path + ":" + m.hook.kind, contexts, cfg)
     keep = {k: getattr(m, k) for k in ("training", "data", "seed", "tokens", "metrics", "sparsity_coefficient")}

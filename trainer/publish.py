@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from monosemantic.artifact import HookRef, ModelRef, publish
 from monosemantic.errors import MonosemanticError
 from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae
-from trainer.train import TrainConfig, TrainResult
+from trainer.checkpoint import Checkpoint, read_checkpoint
+from trainer.train import DIVERGED_FVU, TrainConfig, TrainResult
 
 UNSPECIFIED = "unspecified"
 
@@ -34,7 +33,11 @@ def publish_trained(
     dtype: str = "float32",
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Publish with the manifest fields DESIGN.md lists (training config, data, seed, tokens, metrics)."""
+    """Publish with the manifest fields DESIGN.md lists (training config, data, seed, tokens, metrics). A dictionary
+    whose held-out FVU says its training diverged is refused (artifact.publish refuses non-finite values)."""
+    fvu = metrics.get("fvu")
+    if isinstance(fvu, float) and fvu > DIVERGED_FVU:
+        raise MonosemanticError(f"refusing to publish {name}: held-out FVU {fvu:.3g} means training diverged; lower --lr")
     return publish(
         registry, name, sae, model=model, hook=hook, dtype=dtype, features=features, labels=labels,
         extra={**(extra or {}),
@@ -45,20 +48,19 @@ def publish_trained(
     )
 
 
-def result_from_checkpoint(checkpoint_dir: Path) -> tuple[TrainResult, dict]:
+def result_from_checkpoint(checkpoint_dir: Path) -> tuple[TrainResult, Checkpoint]:
     """Rebuild the trained dictionary from a checkpoint written by ``Trainer`` (for ``publish``)."""
-    state_path = Path(checkpoint_dir) / "state.json"
-    if not state_path.exists():
-        raise MonosemanticError(f"no training checkpoint in {checkpoint_dir} (state.json missing)")
-    state = json.loads(state_path.read_text())
-    cfg = TrainConfig.model_validate(state["config"])
-    tensors = load_file(str(Path(checkpoint_dir) / "state.safetensors"))
+    found = read_checkpoint(checkpoint_dir)
+    if found is None:
+        raise MonosemanticError(f"no training checkpoint in {checkpoint_dir} (state.safetensors missing)")
+    state, tensors = found
+    cfg = TrainConfig.model_validate(state.config)
     d_in = tensors["param.W_enc"].shape[0]
-    sae = build_sae(SAEConfig.build(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, input_scale=state["input_scale"],
+    sae = build_sae(SAEConfig.build(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, input_scale=state.input_scale,
                                     k=cfg.resolved_k(), bandwidth=cfg.bandwidth))
     with torch.no_grad():
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"param.{n}"])
-    result = TrainResult(sae=sae.eval(), config=cfg, sparsity_coefficient=state["coefficient"], tokens=state["step"] * cfg.batch_size,
-                         seconds=0.0, history=state["history"], input_scale=state["input_scale"])
-    return result, state.get("source", {})
+    result = TrainResult(sae=sae.eval(), config=cfg, sparsity_coefficient=state.coefficient, tokens=state.step * cfg.batch_size,
+                         seconds=0.0, history=state.history, input_scale=state.input_scale)
+    return result, state

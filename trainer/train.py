@@ -3,7 +3,6 @@ resampling (ReLU) or AuxK (TopK), bf16 mixed precision on CPU, checkpoints and e
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,18 +11,21 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from monosemantic.errors import ConfigError, MonosemanticError, describe_validation_error
+from monosemantic.errors import ConfigError, MonosemanticError, TrainingDiverged, describe_validation_error
 from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae, geometric_median
-from trainer.activations import ActivationSource, write_json_atomic
+from trainer.activations import ActivationSource, DataError
+from trainer.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 
 # Starting sparsity coefficients, in the normalised units of monosemantic.sae (E‖x‖ = √d_in, summed MSE):
 # λ_L1 = 5 is the Apr-2024 Anthropic 1L-MLP setting that lands near L0 40 at 131k features; the L0
 # coefficient is of the same order once the controller has settled. With --target-l0 both are only starts.
 DEFAULT_SPARSITY = {"relu": 5.0, "jumprelu": 1.0, "topk": 0.0}
+# A reconstruction error this many times the data's variance is a run that has diverged (a learning rate far too
+# high: --lr 1e6 reached FVU 2e30), not one still learning: an untrained dictionary starts near FVU 1.
+DIVERGED_FVU = 1e3
 
 
 class TrainConfig(BaseModel):
@@ -61,14 +63,25 @@ class TrainConfig(BaseModel):
         default=0.04, ge=0, le=1,
         description="take the support-restricted step (monosemantic/support.py) while L0 is below this share of "
                     "d_sae; 0 always takes the dense step")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     log_every: int = Field(default=50, gt=0)
     checkpoint_every: int = Field(default=500, gt=0, description="steps between checkpoints")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        # A setting the chosen architecture ignores is refused: a user who gave it expected it to act.
+        if self.k is not None and self.architecture != "topk":
+            raise ValueError(f"k applies to topk only, not {self.architecture} (use target_l0 to set its sparsity)")
+        if self.architecture == "topk" and self.k is not None and self.target_l0 is not None:
+            raise ValueError("topk takes k or target_l0 (used as k), not both")
+        if self.architecture == "topk" and self.sparsity_coefficient is not None:
+            raise ValueError("topk has no sparsity coefficient (its sparsity is k)")
+        if self.initial_firing_rate is not None and self.architecture != "jumprelu":
+            raise ValueError(f"initial_firing_rate applies to jumprelu only, not {self.architecture}")
         if self.architecture == "topk" and self.k is not None and self.k > self.d_sae:
             raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
+        if self.target_l0 is not None and self.target_l0 >= self.d_sae:
+            raise ValueError(f"target_l0 ({self.target_l0:g}) must be below d_sae ({self.d_sae})")
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
             raise ValueError("lr_warmup_fraction + lr_decay_fraction must not exceed 1")
         return self
@@ -116,6 +129,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, source: ActivationSource, checkpoint_dir: Path | None = None) -> None:
         if cfg.batch_size > source.rows:
             raise ConfigError(f"batch_size ({cfg.batch_size}) exceeds the {source.rows} rows of activation data")
+        if cfg.target_l0 is not None and cfg.target_l0 >= cfg.d_sae:
+            raise ConfigError(f"target_l0 ({cfg.target_l0:g}) must be below d_sae ({cfg.d_sae})")
+        source.require_finite()
         self.cfg, self.source = cfg, source
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         torch.manual_seed(cfg.seed)
@@ -133,6 +149,9 @@ class Trainer:
             if cfg.architecture == "jumprelu":
                 self._calibrate_encoder_bias(head)
         self.variance = float((sample * self.input_scale).var(0, unbiased=False).sum())  # for the live FVU
+        if not self.variance > 1e-12 * sample.shape[1]:
+            raise DataError(f"the activation data has no variance ({source.rows} rows, all alike): there is nothing "
+                            "for a dictionary to learn")
         # The fused kernel does Adam's whole update in one pass per tensor: 11× faster than the foreach one on this
         # CPU (1.2 ms against 13.6 ms for 4M parameters), the same maths.
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
@@ -208,7 +227,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        gradient_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        # Stop before a non-finite step reaches the weights: the last checkpoint stays good, nothing is published.
+        if not (math.isfinite(float(loss.detach())) and math.isfinite(float(gradient_norm))):
+            raise TrainingDiverged(f"training diverged at step {self.step + 1}: the loss or its gradient is not finite "
+                                   f"(loss {float(loss.detach()):.3g}); lower --lr, or check the data")
         self.optimizer.step()
         sae.normalize_decoder()
 
@@ -222,6 +245,9 @@ class Trainer:
         if self.step in self.resample_steps:
             self.resample_dead_features()
         mse = float(out.mse.detach())
+        if mse / self.variance > DIVERGED_FVU:
+            raise TrainingDiverged(f"training diverged at step {self.step}: FVU {mse / self.variance:.3g} "
+                                   f"(over {DIVERGED_FVU:g}); lower --lr (now {cfg.lr:g})")
         return {"step": self.step, "mse": mse, "fvu": mse / self.variance, "l0": l0,
                 "aux": float(out.aux.detach()), "coefficient": self.coefficient, "lr": self.lr_at(self.step - 1),
                 "sparse_step": sparse,
@@ -269,6 +295,8 @@ class Trainer:
             x_hat_n = sae.decode(sae.encode(chunk)) * self.input_scale
             losses.append((x_n - x_hat_n).pow(2).sum(-1))
         weights = torch.cat(losses).pow(2)  # sampling probability ∝ squared loss
+        if not bool(torch.isfinite(weights).all()):
+            raise TrainingDiverged(f"training stopped at step {self.step}: reconstruction losses are not finite at the resample")
         if float(weights.sum()) <= 0:
             return 0
         picked = torch.multinomial(weights, dead.numel(), replacement=True, generator=generator)
@@ -289,52 +317,58 @@ class Trainer:
         self.tokens_since_fired[dead] = 0
         return int(dead.numel())
 
-    # ---- checkpoints (safetensors + JSON; no pickle) ----------------------------------------------
-    def save_checkpoint(self) -> None:
+    # ---- checkpoints (one safetensors file; no pickle; trainer/checkpoint.py) ------------------------
+    def save_checkpoint(self, last: dict | None = None) -> None:
         if self.checkpoint_dir is None:
             return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.sae.named_parameters()}
-        for n, p in self.sae.named_parameters():
+        params = dict(self.sae.named_parameters())
+        for n, p in params.items():
+            if not bool(torch.isfinite(p).all()):
+                raise TrainingDiverged(f"training stopped at step {self.step}: weight {n} is not finite (not checkpointed)")
+        tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
+        for n, p in params.items():
             for moment, value in self.optimizer.state.get(p, {}).items():
                 if moment != "step":
                     tensors[f"adam.{n}.{moment}"] = value.contiguous()
         tensors["tokens_since_fired"] = self.tokens_since_fired
-        tmp = self.checkpoint_dir / "state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.checkpoint_dir / "state.safetensors")
-        adam_steps = {n: float(self.optimizer.state[p]["step"]) for n, p in self.sae.named_parameters() if p in self.optimizer.state}
-        write_json_atomic(self.checkpoint_dir / "state.json", {
-            "step": self.step, "coefficient": self.coefficient, "l0_ema": self.l0_ema, "l0_slow": self.l0_slow, "input_scale": self.input_scale,
-            "variance": self.variance, "adam_steps": adam_steps, "config": self.cfg.model_dump(mode="json"),
-            "source": self.source.description,
-            "history": self.history,
-        })
+        adam_steps = {n: float(self.optimizer.state[p]["step"]) for n, p in params.items() if p in self.optimizer.state}
+        write_checkpoint(self.checkpoint_dir, Checkpoint(
+            step=self.step, planned_steps=self.cfg.steps, coefficient=self.coefficient, l0_ema=self.l0_ema,
+            l0_slow=self.l0_slow, input_scale=self.input_scale, variance=self.variance, adam_steps=adam_steps,
+            config=self.cfg.model_dump(mode="json"), source=self.source.description, data=self.source.identity(),
+            history=self.history, last=last or (self.history[-1] if self.history else {}),
+        ), tensors)
 
     def load_checkpoint(self) -> bool:
-        """Restore a previous run's exact state; False when there is none."""
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "state.json").exists():
+        """Restore a previous run's exact state; False when there is none. Refused when the checkpoint was written
+        with another config or on other data (its digest and shape), or is torn or truncated."""
+        if self.checkpoint_dir is None or (found := read_checkpoint(self.checkpoint_dir)) is None:
             return False
-        state = json.loads((self.checkpoint_dir / "state.json").read_text())
-        if state["config"] != self.cfg.model_dump(mode="json"):
+        state, tensors = found
+        if state.config != self.cfg.model_dump(mode="json"):
             raise ConfigError("--resume: the checkpoint was written with a different training config; "
                               "use the same options or a new --checkpoint-dir")
-        tensors = load_file(str(self.checkpoint_dir / "state.safetensors"))
+        if state.data != self.source.identity():
+            raise ConfigError(f"--resume: the checkpoint was trained on other data ({state.data.get('rows')} rows of width "
+                              f"{state.data.get('d_in')}, sha256 {str(state.data.get('sha256'))[:12]}…) than these "
+                              f"({self.source.rows} rows of width {self.source.d_in}); resume on the same data or use a new --checkpoint-dir")
         params = dict(self.sae.named_parameters())
+        for n, p in params.items():
+            if tensors[f"param.{n}"].shape != p.shape:
+                raise ConfigError(f"--resume: the checkpoint's {n} has shape {tuple(tensors[f'param.{n}'].shape)}, not {tuple(p.shape)}")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[f"param.{n}"])
         for n, p in params.items():
-            if n in state["adam_steps"]:
+            if n in state.adam_steps:
                 self.optimizer.state[p] = {
-                    "step": torch.tensor(state["adam_steps"][n]),
+                    "step": torch.tensor(state.adam_steps[n]),
                     "exp_avg": tensors[f"adam.{n}.exp_avg"].clone(),
                     "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"].clone(),
                 }
         self.tokens_since_fired = tensors["tokens_since_fired"].clone()
-        self.step, self.coefficient, self.l0_ema = state["step"], state["coefficient"], state["l0_ema"]
-        self.l0_slow = state.get("l0_slow", self.l0_ema)
-        self.input_scale, self.variance, self.history = state["input_scale"], state["variance"], state["history"]
+        self.step, self.coefficient, self.l0_ema, self.l0_slow = state.step, state.coefficient, state.l0_ema, state.l0_slow
+        self.input_scale, self.variance, self.history = state.input_scale, state.variance, state.history
         self.sae.cfg = self.sae.cfg.model_copy(update={"input_scale": self.input_scale})
         return True
 
@@ -356,12 +390,12 @@ class Trainer:
                                     dead=f"{last['dead_fraction']:.3f}", lam=f"{self.coefficient:.3g}")
                 bar.update(1)
                 if self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    self.save_checkpoint(last)
                 if stop_after_steps is not None and self.step >= stop_after_steps:
                     break
         finally:
             bar.close()
-        self.save_checkpoint()
+        self.save_checkpoint(last)
         self.sae.eval()
         return TrainResult(
             sae=self.sae, config=cfg, sparsity_coefficient=self.coefficient, tokens=self.step * cfg.batch_size,
