@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,11 @@ class Tree:
 
     def run(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": str(self.tree), "HF_HUB_OFFLINE": "1"}
-        return subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True, env=env,
-                              cwd=cwd or self.tree, timeout=600)
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True, env=env,
+                                cwd=cwd or self.tree, timeout=600)
+        result.seconds = time.perf_counter() - started
+        return result
 
     def train(self, data: Path, registry: Path | None, *extra: str) -> subprocess.CompletedProcess:
         args = ["train", "--activations", str(data), "--d-sae", "64", "--tokens", "40960", "--batch-size", "512", *extra]
@@ -46,12 +51,28 @@ class Tree:
 
 
 def said(result: subprocess.CompletedProcess, registry: Path | None = None) -> str:
-    lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip() and not line.startswith(("│", "╭", "╰"))]
-    last = lines[-1] if lines else ""
+    """Exit code, published versions, and the line that says why (an error line or typer's usage error if any)."""
+    lines = [line.strip(" │╭╮╰╯─") for line in (result.stderr + result.stdout).splitlines()]
+    lines = [line for line in lines if line]
+    reasons = [line for line in lines if line.startswith(("error:", "Invalid value", "Error", "ZeroDivisionError", "ValueError",
+                                                          "RuntimeError", "JSONDecodeError", "FileNotFoundError", "KeyError"))]
+    last = (reasons or lines or [""])[-1]
     published = ""
     if registry is not None and (registry / "toy").exists():
-        published = f", versions {sorted(p.name for p in (registry / 'toy').iterdir() if p.name.startswith('v'))}"
-    return f"exit {result.returncode}{published}: {last[:150]}"
+        published = f", versions {sorted(p.name for p in (registry / 'toy').iterdir() if re.fullmatch(r'v[0-9]+', p.name))}"
+    return f"exit {result.returncode} after {result.seconds:.1f} s{published}: {last[:150]}"
+
+
+def rows_the_scale_sample_misses(t: Tree, count: int) -> Path:
+    """200,000 rows with NaN in ``count`` rows that the input-scale sample (32,768 rows drawn with the seed-0
+    generator from the 190,000 training rows, as trainer/train.py draws them) does not contain."""
+    rows = np.maximum(np.random.default_rng(2).standard_normal((200_000, 16)).astype(np.float32), 0)
+    sampled = set(np.random.default_rng(0).choice(190_000, size=32_768, replace=False).tolist())
+    bad = [r for r in range(150_000, 190_000) if r not in sampled][:count]
+    rows[bad, 3] = np.nan
+    path = t.work / "nan-unsampled.npy"
+    np.save(path, rows)
+    return path
 
 
 def with_bad_rows(t: Tree, rows: list[int], value: float) -> Path:
@@ -64,8 +85,10 @@ def with_bad_rows(t: Tree, rows: list[int], value: float) -> Path:
 
 def cases(t: Tree) -> dict[str, str]:
     w, out = t.work, {}
-    out["1 five NaN rows, topk"] = said(r := t.train(with_bad_rows(t, [17001, 17002, 17003, 17004, 17005], np.nan), w / "r1", "--arch", "topk", "--k", "4"), w / "r1")
-    out["1 five NaN rows, relu"] = said(t.train(with_bad_rows(t, [17001, 17002, 17003, 17004, 17005], np.nan), w / "r1b"), w / "r1b")
+    unsampled = rows_the_scale_sample_misses(t, 5)
+    out["1 five NaN rows of 200,000 (none in the input-scale sample), topk"] = said(t.train(unsampled, w / "r1", "--arch", "topk", "--k", "4"), w / "r1")
+    out["1 the same, jumprelu"] = said(t.train(unsampled, w / "r1a", "--arch", "jumprelu"), w / "r1a")
+    out["1 the same, relu"] = said(t.train(unsampled, w / "r1b"), w / "r1b")
     out["1 one NaN in the held-out tail"] = said(t.train(with_bad_rows(t, [19999], np.nan), w / "r1c"), w / "r1c")
     out["1 --lr 1e6"] = said(t.train(t.data, w / "r1d", "--arch", "topk", "--k", "4", "--lr", "1e6"), w / "r1d")
 
@@ -147,9 +170,10 @@ def more_cases(t: Tree) -> dict[str, str]:
     out["10 train --model M --hook bogus.hook"] = said(t.train(t.data, w / "r10", "--model", lm, "--hook", "bogus.hook"), w / "r10")
     out["11 --k 8 with relu"] = said(t.train(t.data, w / "r11", "--arch", "relu", "--k", "8"), w / "r11")
     out["11 --target-l0 500 with --d-sae 64"] = said(t.train(t.data, w / "r11b", "--target-l0", "500"), w / "r11b")
-    t.train(t.data, w / "r11c")
+    t.harvest(w / "h11")
+    t.run("train", "--harvest", str(w / "h11"), "--d-sae", "64", "--tokens", "4096", "--batch-size", "512", "--registry", str(w / "r11c"), "--name", "toy")
     out["11 evaluate --tokens -100"] = said(t.run("evaluate", "--registry", str(w / "r11c"), "--dictionary", "toy", "--tokens", "-100"))
-    out["11 --dtype int8"] = said(t.train(t.data, w / "r11d", "--dtype", "int8", "--tokens", "400000"), w / "r11d")
+    out["11 --dtype int8 (4M training tokens)"] = said(t.train(t.data, w / "r11d", "--dtype", "int8", "--tokens", "4000000"), w / "r11d")
     out["14 --seed -1"] = said(t.train(t.data, None, "--seed", "-1"))
     flat = w / "flat.npy"
     np.save(flat, np.ones((4000, 16), dtype=np.float32))
