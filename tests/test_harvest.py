@@ -81,16 +81,16 @@ def test_harvest_keeps_the_bos_position_when_asked(lm, contexts, tmp_path):
 
 def test_an_interrupted_harvest_continues_after_its_last_complete_shard(lm, contexts, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
-    real_save, saves = harvest_module.np.save, []
+    real_write, writes = harvest_module._write_shard, []
 
-    def save_crashing_on_the_second_shard(*args, **kwargs):
-        saves.append(1)
-        if len(saves) == 2:
+    def write_crashing_on_the_second_shard(*args, **kwargs):
+        writes.append(1)
+        if len(writes) == 2:
             raise KeyboardInterrupt  # as if the job were stopped while writing shard 1
-        return real_save(*args, **kwargs)
+        return real_write(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(harvest_module.np, "save", save_crashing_on_the_second_shard)
+        patch.setattr(harvest_module, "_write_shard", write_crashing_on_the_second_shard)
         with pytest.raises(KeyboardInterrupt):
             run(lm, contexts, out)
     interrupted = json.loads((out / HARVEST_MANIFEST).read_text())

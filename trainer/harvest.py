@@ -154,7 +154,10 @@ def _write_shard(path: Path, shard: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as fh:
-            np.save(fh, shard)
+            # np.save's own tofile() reports a full disk as an OSError without errno ("N requested and M written");
+            # writing the same bytes through the file object keeps ENOSPC / EROFS as the kernel said them.
+            np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(shard))
+            fh.write(memoryview(np.ascontiguousarray(shard)).cast("B"))
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)
