@@ -182,7 +182,9 @@ def overload(registry: Path, queue: int, extra: int) -> dict:
                                          headers={"Authorization": f"Bearer {ADMIN}"}) as http:
                 async def one(i: int) -> tuple[int, float]:
                     started = time.perf_counter()
-                    r = await http.post("/v1/generate", json={"prompt": "def ", "max_new_tokens": 16, "seed": i})
+                    # 64 tokens: a served request takes ~4x the ~0.2 s stall a burst of new connections can meet
+                    # on a loaded machine, so "every refusal before the first served" measures the queue, not the stall.
+                    r = await http.post("/v1/generate", json={"prompt": "def ", "max_new_tokens": 64, "seed": i})
                     return r.status_code, time.perf_counter() - started
                 return await asyncio.gather(*(one(i) for i in range(queue + extra + 1)))
 
