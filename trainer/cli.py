@@ -18,6 +18,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
     "1 a bug (a traceback: please report it)."))
 
 Registry = Annotated[Path, typer.Option("--registry", help="registry directory holding <name>/v<N>/")]
+Dataset = Annotated[Optional[str], typer.Option(
+    help="your text instead of the built-in corpus: a .txt/.jsonl/.json/.csv/.parquet file, a folder or glob of them, "
+         "a datasets save_to_disk folder, or a hub dataset id")]
+TextField = Annotated[str, typer.Option(help="the column holding the text (an input_ids column is used as it is)")]
+Split = Annotated[str, typer.Option(help="the dataset's split (a save_to_disk DatasetDict or a hub dataset)")]
+Revision = Annotated[Optional[str], typer.Option(help="the hub dataset's revision")]
+
+
+def _text(dataset: str | None, text_field: str, split: str, revision: str | None):
+    from trainer.text import TextSpec
+
+    return TextSpec(dataset=dataset, text_field=text_field, split=split, revision=revision) if dataset else None
 
 
 def _fail(exc: Exception) -> None:
@@ -75,13 +87,17 @@ def harvest_cmd(
     dtype: Annotated[str, typer.Option(help="float16 | bfloat16 | float32")] = "float16",
     max_chars: Annotated[Optional[int], typer.Option(min=1, help="use a corpus slice")] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    dataset: Dataset = None,
+    text_field: TextField = "text",
+    split: Split = "train",
+    revision: Revision = None,
 ) -> None:
     """Run the model over training contexts and store the activations at a hook (forward stops there)."""
     from trainer.pipeline import harvest_corpus
 
     try:
         manifest = harvest_corpus(model, out, hook=hook, contexts=contexts, context_length=context_length, dtype=dtype,
-                                  max_chars=max_chars, seed=seed)
+                                  max_chars=max_chars, seed=seed, text=_text(dataset, text_field, split, revision))
     except MonosemanticError as exc:
         _fail(exc)
     _print_json({k: manifest[k] for k in ("tokens", "contexts_done", "contexts_requested", "hook", "dtype", "complete")})
@@ -146,12 +162,17 @@ def evaluate(
     activations: Annotated[Optional[Path], typer.Option(help="evaluate reconstruction on this matrix instead (no model)")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="held-out tokens to evaluate on")] = 200_000,
     json_output: Annotated[bool, typer.Option("--json", help="print the metrics as one JSON object")] = False,
+    dataset: Dataset = None,
+    text_field: TextField = "text",
+    split: Split = "train",
+    revision: Revision = None,
 ) -> None:
     """Metrics on held-out tokens: MSE, FVU, L0, loss recovered, dead and dense fractions, density histogram."""
     from trainer.pipeline import evaluate_dictionary
 
     try:
-        metrics = evaluate_dictionary(registry, dictionary, model=model, activations=activations, tokens=tokens)
+        metrics = evaluate_dictionary(registry, dictionary, model=model, activations=activations, tokens=tokens,
+                                      text=_text(dataset, text_field, split, revision))
     except MonosemanticError as exc:
         _fail(exc)
     if json_output:
@@ -174,6 +195,10 @@ def features(
     top_k: Annotated[int, typer.Option(min=1, help="top activating examples per feature")] = 10,
     out_registry: Annotated[Optional[Path], typer.Option(help="publish here instead of --registry")] = None,
     max_chars: Annotated[Optional[int], typer.Option(help="use a corpus slice")] = None,
+    dataset: Dataset = None,
+    text_field: TextField = "text",
+    split: Split = "train",
+    revision: Revision = None,
 ) -> None:
     """Feature dashboards: density, activation histogram, top and quantile examples, logit effects, neighbours
     and labels, published with the same weights as the next version of the dictionary."""
@@ -182,7 +207,7 @@ def features(
 
     try:
         path = features_and_publish(registry, dictionary, model=model, tokens=tokens, cfg=FeatureStatsConfig(top_k=top_k),
-                                    max_chars=max_chars, out_registry=out_registry)
+                                    max_chars=max_chars, out_registry=out_registry, text=_text(dataset, text_field, split, revision))
     except MonosemanticError as exc:
         _fail(exc)
     typer.echo(str(path))

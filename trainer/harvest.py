@@ -63,6 +63,7 @@ def harvest(
     skip_bos: bool = True,
     data_fingerprint: str | None = None,
     progress: bool = True,
+    data: dict | None = None,
 ) -> dict:
     """Write the activations of ``contexts`` [n, ctx] at ``hook`` under ``out_dir``; returns the manifest.
 
@@ -81,11 +82,12 @@ def harvest(
         raise WriteFailed(f"cannot create the harvest directory {out_dir}: {os_reason(exc)}") from None
     with exclusive(out_dir, "harvest"):
         return _harvest(lm, contexts, hook_point, out_dir, dtype=dtype, contexts_per_shard=contexts_per_shard,
-                        batch_size=batch_size, skip_bos=skip_bos, data_fingerprint=data_fingerprint, progress=progress)
+                        batch_size=batch_size, skip_bos=skip_bos, data_fingerprint=data_fingerprint, progress=progress,
+                        data=data or {})
 
 
 def _harvest(lm: LoadedLM, contexts: torch.Tensor, hook_point: HookPoint, out_dir: Path, *, dtype: str, contexts_per_shard: int,
-             batch_size: int, skip_bos: bool, data_fingerprint: str | None, progress: bool) -> dict:
+             batch_size: int, skip_bos: bool, data_fingerprint: str | None, progress: bool, data: dict) -> dict:
     identity = {
         "hook": hook_point.name, "module_path": hook_point.module_path, "model_checksum": lm.checksum,
         "dtype": dtype, "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
@@ -100,7 +102,7 @@ def _harvest(lm: LoadedLM, contexts: torch.Tensor, hook_point: HookPoint, out_di
         if any("sha256" not in shard for shard in manifest.get("shards", [])):
             raise MonosemanticError(f"{out_dir} holds a harvest by an earlier release (shards without checksums); use an empty directory")
     else:
-        manifest = {**identity, "shards": [], "contexts_done": 0, "tokens": 0, "complete": False}
+        manifest = {**identity, "data": data, "shards": [], "contexts_done": 0, "tokens": 0, "complete": False}
         write_json_atomic(manifest_path, manifest)
 
     n = contexts.shape[0]

@@ -22,6 +22,7 @@ from trainer.corpus import build_corpus, token_contexts
 from trainer.evaluate import model_metrics, reconstruction_metrics
 from trainer.harvest import harvest
 from trainer.publish import UNSPECIFIED, publish_trained, result_from_checkpoint
+from trainer.text import TextSpec, packed_contexts
 from trainer.train import TrainConfig, Trainer
 
 def _model_source(model: Path | None) -> Path:
@@ -29,8 +30,11 @@ def _model_source(model: Path | None) -> Path:
 
 
 def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: int | None, limit: int | None,
-                    seed: int = 0) -> tuple[torch.Tensor, str]:
-    """Shuffled (seeded) contexts of one corpus split, and the corpus fingerprint."""
+                    seed: int = 0, text: TextSpec | None = None) -> tuple[torch.Tensor, str]:
+    """Shuffled (seeded) contexts of one split of the user's text (``text``) or of the built-in corpus, and the
+    fingerprint of what made them."""
+    if text is not None:
+        return packed_contexts(tokenizer, text, split, context_length, limit, seed)
     corpus = build_corpus(max_chars=max_chars)
     docs = corpus.train if split == "train" else corpus.heldout
     contexts = token_contexts(tokenizer, docs, context_length)
@@ -40,7 +44,7 @@ def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: 
 
 
 def harvest_corpus(model: Path | None, out: Path, *, hook: str, contexts: int, context_length: int, dtype: str,
-                   max_chars: int | None, seed: int, lm: LoadedLM | None = None) -> dict:
+                   max_chars: int | None, seed: int, lm: LoadedLM | None = None, text: TextSpec | None = None) -> dict:
     """``harvest`` on the built-in corpus. Asking for more contexts than the corpus holds harvests them all and
     says so in the manifest (``contexts_requested``) and on stderr."""
     if contexts < 1 or context_length < 2:
@@ -48,12 +52,18 @@ def harvest_corpus(model: Path | None, out: Path, *, hook: str, contexts: int, c
     if dtype not in SHARD_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported for shards; use one of {sorted(SHARD_DTYPES)}")
     lm = lm or load_lm(_model_source(model))
-    ctx, fingerprint = corpus_contexts(lm.tokenizer, "train", context_length, max_chars, contexts, seed)
-    manifest = harvest(lm, ctx, hook, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048)
+    ctx, fingerprint = corpus_contexts(lm.tokenizer, "train", context_length, max_chars, contexts, seed, text)
+    manifest = harvest(lm, ctx, hook, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048,
+                       data=_data_description(text))
     if ctx.shape[0] < contexts:
-        print(f"warning: the corpus holds {ctx.shape[0]:,} training contexts of {context_length} tokens, fewer than the "
+        what = f"--dataset {text.dataset}" if text is not None else "the corpus"
+        print(f"warning: {what} holds {ctx.shape[0]:,} training contexts of {context_length} tokens, fewer than the "
               f"{contexts:,} asked; all of them were harvested", file=sys.stderr)
     return {**manifest, "contexts_requested": contexts}
+
+
+def _data_description(text: TextSpec | None) -> dict:
+    return {"kind": "dataset", **text.describe()} if text is not None else {"kind": "builtin-corpus"}
 
 
 def _require_writable(directory: Path, needed_bytes: int, what: str) -> None:
@@ -133,7 +143,8 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
         source, heldout = split_tail(whole)
         model_ref, hook_ref = _bound_to_model(model, hook, source.d_in, info)
         data = {"kind": "harvest", "tokens": info["tokens"], "complete": info["complete"],
-                "harvested_fraction": (info["contexts_done"] or 0) / max(1, info["contexts"] or 1)}
+                "harvested_fraction": (info["contexts_done"] or 0) / max(1, info["contexts"] or 1),
+                "text": info.get("data"), "fingerprint": info.get("data_fingerprint")}
     parameters = 2 * source.d_in * cfg.d_sae + 2 * cfg.d_sae + source.d_in
     if registry is not None:
         _require_writable(registry, _dictionary_bytes(source.d_in, cfg.d_sae, dtype), "the registry")
@@ -193,7 +204,8 @@ def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: s
 
 
 def evaluate_dictionary(registry: Path, reference: str, *, model: Path | None = None, activations: Path | None = None,
-                        tokens: int = 200_000, context_length: int = 256, max_chars: int | None = None) -> dict:
+                        tokens: int = 200_000, context_length: int = 256, max_chars: int | None = None,
+                        text: TextSpec | None = None) -> dict:
     """``evaluate``: with a model, everything on held-out corpus text; with ``activations``, reconstruction only."""
     name, version = parse_reference(reference)
     if activations is not None:
@@ -209,27 +221,29 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: Path | None = 
     if hook_dim(lm.model, hook) != dictionary.sae.cfg.d_in:
         raise ConfigError(f"model activation width at {hook} is not the dictionary's d_in {dictionary.sae.cfg.d_in}")
     n_contexts = max(1, tokens // (context_length - 1))
-    contexts, _ = corpus_contexts(lm.tokenizer, "heldout", context_length, max_chars, n_contexts)
+    contexts, fingerprint = corpus_contexts(lm.tokenizer, "heldout", context_length, max_chars, n_contexts, text=text)
     metrics, _ = model_metrics(lm, dictionary.sae, hook, contexts)
+    metrics["data"] = {**_data_description(text), "split": "heldout", "fingerprint": fingerprint}
     return metrics
 
 
-def dashboard_contexts(tokenizer: Any, tokens: int, context_length: int, max_chars: int | None) -> tuple[torch.Tensor, str]:
+def dashboard_contexts(tokenizer: Any, tokens: int, context_length: int, max_chars: int | None,
+                       text: TextSpec | None = None) -> tuple[torch.Tensor, str]:
     """Contexts for feature statistics: the held-out split first; when more tokens are asked than it holds
     (366k for the stdlib corpus), train-split contexts from the end of the seed-0 order, which harvests (that
     take the first N contexts of that order) leave unseen unless they took nearly all of them."""
     wanted = max(1, tokens // (context_length - 1))
-    heldout, fingerprint = corpus_contexts(tokenizer, "heldout", context_length, max_chars, None)
+    heldout, fingerprint = corpus_contexts(tokenizer, "heldout", context_length, max_chars, wanted if text else None, text=text)
     if heldout.shape[0] >= wanted:
         return heldout[:wanted], fingerprint
-    train, _ = corpus_contexts(tokenizer, "train", context_length, max_chars, None)
+    train, _ = corpus_contexts(tokenizer, "train", context_length, max_chars, None, text=text)
     extra = train[-(wanted - heldout.shape[0]):] if wanted - heldout.shape[0] <= train.shape[0] else train
     return torch.cat([heldout, extra]), fingerprint
 
 
 def features_and_publish(registry: Path, reference: str, *, model: Path | None, tokens: int, cfg: Any = None,
                          max_chars: int | None = None, context_length: int = 256, lm: LoadedLM | None = None,
-                         out_registry: Path | None = None) -> Path:
+                         out_registry: Path | None = None, text: TextSpec | None = None) -> Path:
     """``features``: compute the dashboard statistics of a dictionary version and publish them, with the same
     weights and manifest fields, as the next version of that dictionary (versions are immutable) in
     `out_registry` (default: the same registry)."""
@@ -240,13 +254,14 @@ def features_and_publish(registry: Path, reference: str, *, model: Path | None, 
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
     m = dictionary.manifest
     _require_writable(out_registry or registry, _dictionary_bytes(m.sae.d_in, m.sae.d_sae, m.dtype) + 4 * m.sae.d_sae * 1024, "the registry")
-    contexts, fingerprint = dashboard_contexts(lm.tokenizer, tokens, context_length, max_chars)
+    contexts, fingerprint = dashboard_contexts(lm.tokenizer, tokens, context_length, max_chars, text)
     tensors, labels = feature_statistics(lm, dictionary.sae, m.hook.module_path + ":" + m.hook.kind, contexts, cfg)
     keep = {k: getattr(m, k) for k in ("training", "data", "seed", "tokens", "metrics", "sparsity_coefficient")}
     return publish(
         out_registry or registry, name, dictionary.sae, model=m.model, hook=m.hook, dtype=m.dtype, features=tensors, labels=labels,
         extra={**keep, "derived_from": f"{name}:v{m.version}",
-               "feature_statistics": {"tokens": int(tensors["stats_tokens"]), "corpus_fingerprint": fingerprint}},
+               "feature_statistics": {"tokens": int(tensors["stats_tokens"]), "corpus_fingerprint": fingerprint,
+                                      "text": _data_description(text)}},
     )
 
 
