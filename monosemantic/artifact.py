@@ -49,6 +49,7 @@ class ModelRef(BaseModel):
 
     name: str
     checksum: str
+    source: str | None = None  # where to load it: a local path or a hub id (commands use it when --model is not given)
 
 
 class HookRef(BaseModel):
@@ -401,6 +402,15 @@ def verify(version_dir: Path) -> Manifest:
     manifest, _ = read_manifest(version_dir)
     _check_manifest(version_dir, manifest)
     return manifest
+
+
+def recorded_model_source(registry: Path, name: str, version: int | str | None = None) -> str | None:
+    """Where the model a dictionary version was trained on can be loaded from, as its manifest records it: a hub id,
+    or a local path that still exists; None when it records none (the caller's default applies)."""
+    source = read_manifest(resolve_version(registry, name, version))[0].model.source
+    if source and (not Path(source).is_absolute() or Path(source).exists()):
+        return source
+    return None
 
 
 def load_dictionary(

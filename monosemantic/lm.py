@@ -69,6 +69,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def _local_dir(source: str | Path) -> Path | None:
     """The local directory `source` names, None for a hub id; a missing or wrong path raises ModelLoadError."""
     text = str(source)
@@ -106,6 +109,9 @@ def load_lm(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.
     local_dir = _local_dir(source)
     name = str(local_dir) if local_dir is not None else str(source)
     local = local_dir is not None
+    if local and not any((local_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"model directory {local_dir} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer beside the model with tokenizer.save_pretrained")
     model = _from_pretrained_model(name, local, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(

@@ -24,7 +24,7 @@ def serve(
     grpc_port: Optional[int] = typer.Option(None, help="gRPC port [env MONOSEMANTIC_GRPC_PORT, default 50051]"),
     registry: Optional[Path] = typer.Option(None, help="dictionary registry [env MONOSEMANTIC_REGISTRY, default: the shipped one]"),
     dictionary: Optional[str] = typer.Option(None, help="NAME[:VERSION] [env MONOSEMANTIC_DICTIONARY, default reference]"),
-    model: Optional[str] = typer.Option(None, help="HF model directory or hub id [env MONOSEMANTIC_MODEL, default: the shipped reference LM]"),
+    model: Optional[str] = typer.Option(None, help="HF model directory or hub id [env MONOSEMANTIC_MODEL, default: the model the dictionary's manifest records, else the shipped reference LM]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [env MONOSEMANTIC_DEVICE]"),
 ) -> None:
     """Serve activations, attributions and steered generation over REST (/v1, /docs) and gRPC."""

@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator, Iterator
 
 import torch
 
-from monosemantic.artifact import list_dictionaries, parse_reference, resolve_version
+from monosemantic.artifact import list_dictionaries, parse_reference, recorded_model_source, resolve_version
+from monosemantic.shipped import reference_lm_path
 from monosemantic.errors import ArtifactNotFound, ArtifactUnreadable, ConfigError, MonosemanticError
 from monosemantic.lm import LoadedLM, hook_dim
 from monosemantic import api as schemas
@@ -67,7 +68,8 @@ class Engine:
     def load(self) -> None:
         """Load the model and the configured dictionary (blocking; call before start)."""
         name, version = parse_reference(self.settings.dictionary)
-        self._lm = load_model(self.settings.model, self.settings.device)
+        source = self.settings.model or recorded_model_source(self.settings.registry, name, version) or str(reference_lm_path())
+        self._lm = load_model(source, self.settings.device)
         loaded = load_pair(self._lm, self.settings.registry, name, version, self.settings.device, sae_dtype=self.settings.sae_dtype)
         if (problem := self._unwatchable(loaded)) is not None:
             raise ConfigError(problem)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from monosemantic.errors import ConfigError
-from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
+from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 
 
 MAX_WATCHED_FEATURES = 64  # each watched feature adds a few series per dictionary version: keep them few
@@ -31,7 +31,8 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port (tests)
     registry: Path = Field(default_factory=reference_registry_path)
     dictionary: str = REFERENCE_DICTIONARY  # NAME or NAME:VERSION (vN or N); no version means latest
-    model: str = Field(default_factory=lambda: str(reference_lm_path()))  # HF directory (or hub id if online)
+    # HF directory (or hub id if online); None: the model the dictionary's manifest records, else the shipped one.
+    model: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     # The dtype of the activations readout's encoder matmul (service/readout.py FastEncoder has the measurements).
     sae_dtype: Literal["bfloat16", "float32"] = "bfloat16"

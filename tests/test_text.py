@@ -119,3 +119,41 @@ def test_harvest_train_evaluate_and_features_run_on_the_users_text_from_the_cli(
     assert dashboards.manifest.feature_statistics["text"]["dataset"] == str(sources["jsonl"])
     top = dashboards.features["top_tokens"]  # [d_sae, top_k, window] token ids, -1 where a window runs off a context
     assert from_the_users_text(tokenizer, top.reshape(-1, top.shape[-1]).tolist())
+
+
+def test_evaluate_and_features_use_the_model_the_dictionary_records_when_no_model_is_given(tmp_path, sources):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    own = tmp_path / "my-model"  # the user's model: not the shipped one (other weights), at a path of their own
+    shutil.copytree(reference_lm_path(), own)
+    weights = load_file(str(own / "model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] * 1.01
+    save_file(weights, str(own / "model.safetensors"), metadata={"format": "pt"})
+    data = ["--dataset", str(sources["saved"])]
+    assert runner.invoke(app, ["harvest", "--out", str(tmp_path / "h"), "--model", str(own), "--contexts", "24",
+                               "--context-length", "64", *data]).exit_code == 0
+    assert runner.invoke(app, ["train", "--harvest", str(tmp_path / "h"), "--d-sae", "64", "--tokens", "20000", "--batch-size",
+                               "512", "--registry", str(tmp_path / "r"), "--name", "mine"]).exit_code == 0
+    assert load_dictionary(tmp_path / "r", "mine").manifest.model.source == str(own.resolve())
+
+    evaluated = runner.invoke(app, ["evaluate", "--registry", str(tmp_path / "r"), "--dictionary", "mine", "--tokens", "2000", *data])
+    assert evaluated.exit_code == 0, evaluated.output
+    featured = runner.invoke(app, ["features", "--registry", str(tmp_path / "r"), "--dictionary", "mine", "--tokens", "2000", *data])
+    assert featured.exit_code == 0, featured.output
+    verified = runner.invoke(app, ["verify", "--registry", str(tmp_path / "r"), "--dictionary", "mine"])
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["model"]["source"] == str(own.resolve())
+
+    from conftest import RunningServer
+
+    from monosemantic.client import RestClient
+
+    running = RunningServer(registry=tmp_path / "r", dictionary="mine")  # no model setting: the recorded one
+    try:
+        with RestClient(running.http_url) as client:
+            assert client.activations(text="zebra okapi").dictionary.name == "mine"
+        assert running.engine.serving.lm.source == str(own.resolve())
+    finally:
+        running.stop()

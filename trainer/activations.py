@@ -262,7 +262,7 @@ def open_harvest(directory: Path, check: bool = True) -> ActivationSource:
         first_row += array.shape[0]
     digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
     description = {"kind": "harvest", **{k: manifest.get(k) for k in ("hook", "module_path", "model_checksum", "tokens",
-                                                                       "data", "data_fingerprint")},
+                                                                       "data", "data_fingerprint", "model_source")},
                    "complete": bool(manifest.get("complete")), "contexts_done": manifest.get("contexts_done"),
                    "contexts": manifest.get("contexts")}
     return ActivationSource(parts=parts, dtype=manifest["dtype"], description=description, digest=digest, checked=check)

@@ -60,15 +60,22 @@ def corpus(
 
 @app.command()
 def lm(
-    out: Annotated[Path, typer.Option(help="directory for the model + tokenizer")] = Path("artifacts/reference-lm"),
+    out: Annotated[Path, typer.Option(help="directory for the model + tokenizer")] = Path("runs/reference-lm"),
     tokens: Annotated[Optional[int], typer.Option(help="training tokens")] = None,
     max_chars: Annotated[Optional[int], typer.Option(help="train on a corpus slice")] = None,
     seed: int = 0,
+    overwrite_shipped: Annotated[bool, typer.Option(help="allow --out to be the shipped artifacts/reference-lm")] = False,
 ) -> None:
     """Train the BPE tokenizer and the one-layer reference transformer (d_model 128, MLP 512 ReLU)."""
+    from monosemantic.shipped import reference_lm_path
     from trainer.corpus import build_corpus
     from trainer.language_model import LMConfig, train_language_model
 
+    # The shipped dictionary is bound to the shipped model's checksum: retraining it in place breaks the README's
+    # first command ("trained on model 'reference-lm' … not on the loaded model").
+    if out.resolve() == reference_lm_path().resolve() and not overwrite_shipped:
+        _fail(MonosemanticError(f"--out {out} is the shipped reference model, which the shipped dictionary is bound to; "
+                                "choose another directory, or pass --overwrite-shipped"))
     try:
         cfg = LMConfig(**{k: v for k, v in {"tokens": tokens, "seed": seed}.items() if v is not None})
         result = train_language_model(cfg, build_corpus(max_chars=max_chars), out)
@@ -107,7 +114,7 @@ def harvest_cmd(
 def train(
     registry: Annotated[Optional[Path], typer.Option(help="publish the result into this registry")] = None,
     name: Annotated[Optional[str], typer.Option(help="dictionary name (published as its next version)")] = None,
-    activations: Annotated[Optional[Path], typer.Option(help="a [rows, d_in] matrix: .npy or .safetensors")] = None,
+    activations: Annotated[Optional[Path], typer.Option(help="a \\[rows, d_in] matrix: .npy or .safetensors")] = None,
     harvest: Annotated[Optional[Path], typer.Option(help="a harvest directory (from `harvest`)")] = None,
     arch: Annotated[str, typer.Option(help="relu | topk | jumprelu")] = "relu",
     d_sae: Annotated[int, typer.Option(min=1, help="number of features")] = 4096,
@@ -151,7 +158,13 @@ def train(
         )
     except MonosemanticError as exc:
         _fail(exc)
-    _print_json(out) if json_output else typer.echo(f"{out.get('published', 'trained (not published)')}: {json.dumps(out['metrics'], default=float)}")
+    if json_output:
+        _print_json(out)
+    else:
+        typer.echo(out.get("published", "trained (not published)"))
+        for key in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction", "tokens"):
+            if key in out["metrics"]:
+                typer.echo(f"{key:>16}: {out['metrics'][key]:.6g}")
 
 
 @app.command()

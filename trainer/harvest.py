@@ -102,7 +102,9 @@ def _harvest(lm: LoadedLM, contexts: torch.Tensor, hook_point: HookPoint, out_di
         if any("sha256" not in shard for shard in manifest.get("shards", [])):
             raise MonosemanticError(f"{out_dir} holds a harvest by an earlier release (shards without checksums); use an empty directory")
     else:
-        manifest = {**identity, "data": data, "shards": [], "contexts_done": 0, "tokens": 0, "complete": False}
+        source = str(Path(lm.source).resolve()) if Path(lm.source).exists() else lm.source
+        manifest = {**identity, "model_source": source, "data": data, "shards": [], "contexts_done": 0, "tokens": 0,
+                    "complete": False}
         write_json_atomic(manifest_path, manifest)
 
     n = contexts.shape[0]

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from monosemantic.artifact import STORAGE_DTYPES, HookRef, ModelRef, check_name, load_dictionary, parse_reference, publish
+from monosemantic.artifact import (
+    STORAGE_DTYPES, HookRef, ModelRef, check_name, load_dictionary, parse_reference, publish, recorded_model_source,
+)
 from monosemantic.errors import ConfigError, WriteFailed, os_reason
 from monosemantic.lm import LoadedLM, hook_dim, load_lm, resolve_hook
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
@@ -27,6 +29,14 @@ from trainer.train import TrainConfig, Trainer
 
 def _model_source(model: Path | None) -> Path:
     return Path(model) if model is not None else reference_lm_path()
+
+
+def _dictionary_model(registry: Path, name: str, version: int | None, model: Path | None) -> LoadedLM:
+    """The model to run a dictionary on: ``--model`` if given, else the one its manifest records (its local path or
+    hub id; the checksum is checked when the dictionary loads), else the shipped reference."""
+    if model is not None:
+        return load_lm(model)
+    return load_lm(recorded_model_source(registry, name, version) or reference_lm_path())
 
 
 def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: int | None, limit: int | None,
@@ -100,7 +110,8 @@ def _bound_to_model(model: Path | None, hook: str | None, d_in: int, harvest_inf
             point = resolve_hook(lm.model, hook)
             if point.module_path != harvest_info["module_path"]:
                 raise ConfigError(f"--hook {hook} is {point.module_path}, but the harvest was taken at {harvest_info['module_path']}")
-        return (ModelRef(name=str(model) if model else "harvest", checksum=checksum),
+        source = str(Path(model).resolve()) if model is not None else harvest_info.get("model_source")
+        return (ModelRef(name=str(model) if model else "harvest", checksum=checksum, source=source),
                 HookRef(name=harvest_info["hook"], module_path=harvest_info["module_path"]))
     if model is None:
         if hook is not None:
@@ -113,8 +124,13 @@ def _bound_to_model(model: Path | None, hook: str | None, d_in: int, harvest_inf
     width = hook_dim(lm.model, point)
     if width != d_in:
         raise ConfigError(f"--hook {hook}: the model's activation there has width {width}, but the activations have {d_in}")
-    return (ModelRef(name=str(model), checksum=lm.checksum),
+    return (ModelRef(name=str(model), checksum=lm.checksum, source=_source_of(model)),
             HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
+
+
+def _source_of(model: Path | str) -> str:
+    """A local model as its absolute path (found again from any working directory), a hub id as it is."""
+    return str(Path(model).resolve()) if Path(model).exists() else str(model)
 
 
 def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, registry: Path | None, name: str | None,
@@ -126,6 +142,7 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
     rows), the model and hook it is recorded against, and whether the registry and checkpoint directory can take
     what will be written there."""
     cfg = TrainConfig.build(**config)  # options left as None take TrainConfig's defaults
+    print(f"training {cfg.summary()}", file=sys.stderr)
     if dtype not in STORAGE_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
     if registry is not None and name is not None:
@@ -196,7 +213,8 @@ def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: s
     module_path = source.get("module_path") or hook
     last = state.last or (result.history[-1] if result.history else {})
     return publish_trained(registry, name, result.sae, config=result.config, sparsity_coefficient=result.sparsity_coefficient,
-                           tokens=result.tokens, model=ModelRef(name="checkpoint", checksum=source.get("model_checksum") or UNSPECIFIED),
+                           tokens=result.tokens, model=ModelRef(name="checkpoint", checksum=source.get("model_checksum") or UNSPECIFIED,
+                                                                 source=source.get("model_source")),
                            hook=HookRef(name=hook, module_path=module_path),
                            metrics={"training_l0": last.get("l0"), "training_fvu": last.get("fvu"), "training_step": state.step},
                            data={**source, "identity": state.data}, dtype=dtype,
@@ -215,7 +233,7 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: Path | None = 
             raise ConfigError(f"activations: width {source.d_in} does not match the dictionary's d_in {dictionary.sae.cfg.d_in}")
         metrics, _ = reconstruction_metrics(dictionary.sae, source.in_order())
         return metrics
-    lm = load_lm(_model_source(model))
+    lm = _dictionary_model(registry, name, version, model)
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
     hook = dictionary.manifest.hook.name
     if hook_dim(lm.model, hook) != dictionary.sae.cfg.d_in:
@@ -250,7 +268,7 @@ def features_and_publish(registry: Path, reference: str, *, model: Path | None, 
     from trainer.features import feature_statistics
 
     name, version = parse_reference(reference)
-    lm = lm or load_lm(_model_source(model))
+    lm = lm or _dictionary_model(registry, name, version, model)
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
     m = dictionary.manifest
     _require_writable(out_registry or registry, _dictionary_bytes(m.sae.d_in, m.sae.d_sae, m.dtype) + 4 * m.sae.d_sae * 1024, "the registry")
@@ -339,7 +357,7 @@ def verify_pair(registry: Path | None, reference: str, model: Path | None) -> di
     """``verify``: load model + dictionary, check every checksum and that they belong together."""
     registry = Path(registry) if registry else reference_registry_path()
     name, version = parse_reference(reference)
-    lm = load_lm(_model_source(model))
+    lm = _dictionary_model(registry, name, version, model)
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
     d_in = hook_dim(lm.model, dictionary.manifest.hook.name)
     if d_in != dictionary.sae.cfg.d_in:

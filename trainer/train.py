@@ -97,6 +97,21 @@ class TrainConfig(BaseModel):
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
 
+    def summary(self) -> str:
+        """The settings that decide the result, each marked where it is a default the user did not give."""
+        def show(name: str, value: object) -> str:
+            return f"{name} {value}" + ("" if name in self.model_fields_set else " (default)")
+
+        parts = [self.architecture, show("d_sae", self.d_sae)]
+        if self.architecture == "topk":
+            parts.append(f"k {self.resolved_k()}" + ("" if {"k", "target_l0"} & self.model_fields_set else " (default)"))
+        elif self.sparsity_coefficient is not None:
+            parts.append(show("sparsity_coefficient", self.sparsity_coefficient))
+        else:
+            parts.append(show("target_l0", self.target_l0))
+        parts += [show("tokens", f"{self.tokens:,}"), show("batch_size", self.batch_size), show("lr", self.lr), show("seed", self.seed)]
+        return ", ".join(parts)
+
     def resolved_k(self) -> int | None:
         if self.architecture != "topk":
             return None
