@@ -74,3 +74,9 @@ def test_a_hook_given_as_an_alias_is_recorded_in_the_form_serving_resolves(tmp_p
     assert result.exit_code == 0, result.output
     loaded = load_pair(lm, tmp_path / "r", "resid", None, "cpu")  # what the service does at start and reload
     assert loaded.hook.module_path == load_dictionary(tmp_path / "r", "resid").manifest.hook.module_path
+
+
+def test_model_takes_a_hub_id_and_says_so_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach a hub: the id is tried, and the message says so
+    result = runner.invoke(app, ["harvest", "--out", str(tmp_path / "h"), "--model", "openai-community/gpt2", "--contexts", "2"])
+    assert result.exit_code == 2 and "hub id" in result.output and "model directory not found" not in result.output

@@ -87,7 +87,7 @@ def lm(
 @app.command("harvest")
 def harvest_cmd(
     out: Annotated[Path, typer.Option(help="directory for the shards (resumable)")],
-    model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="HF model directory or hub id (default: the model the dictionary records, else the shipped reference)")] = None,
     hook: Annotated[str, typer.Option(help="hook point: HF module path or TransformerLens alias")] = "blocks.0.mlp.hook_post",
     contexts: Annotated[int, typer.Option(min=1, help="number of corpus contexts to harvest")] = 4096,
     context_length: Annotated[int, typer.Option(min=2)] = 256,
@@ -132,7 +132,7 @@ def train(
         help="jumprelu: each feature starts firing on this share of the data (default 2·target-l0/d-sae)")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoints (enables --resume)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from --checkpoint-dir")] = False,
-    model: Annotated[Optional[Path], typer.Option(help="the model the activations came from (recorded in the manifest)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="the model the activations came from: a directory or hub id (recorded in the manifest)")] = None,
     hook: Annotated[Optional[str], typer.Option(help="the hook the activations came from (recorded in the manifest)")] = None,
     dtype: Annotated[str, typer.Option(help="stored weights: float32 | bfloat16 | float16")] = "float32",
     allow_partial: Annotated[bool, typer.Option(help="train on a harvest that is not complete")] = False,
@@ -171,7 +171,7 @@ def train(
 def evaluate(
     registry: Registry,
     dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")],
-    model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="HF model directory or hub id (default: the model the dictionary records, else the shipped reference)")] = None,
     activations: Annotated[Optional[Path], typer.Option(help="evaluate reconstruction on this matrix instead (no model)")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="held-out tokens to evaluate on")] = 200_000,
     json_output: Annotated[bool, typer.Option("--json", help="print the metrics as one JSON object")] = False,
@@ -203,7 +203,7 @@ def evaluate(
 def features(
     registry: Registry,
     dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")],
-    model: Annotated[Optional[Path], typer.Option(help="HF model directory (default: the shipped reference)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="HF model directory or hub id (default: the model the dictionary records, else the shipped reference)")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="tokens to compute the statistics over (held-out first)")] = 1_000_000,
     top_k: Annotated[int, typer.Option(min=1, help="top activating examples per feature")] = 10,
     out_registry: Annotated[Optional[Path], typer.Option(help="publish here instead of --registry")] = None,
@@ -275,7 +275,7 @@ def reference(
 def verify(
     registry: Annotated[Optional[Path], typer.Option(help="registry (default: the shipped one)")] = None,
     dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")] = "reference",
-    model: Annotated[Optional[Path], typer.Option(help="model directory (default: the shipped reference LM)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model directory or hub id (default: the model the dictionary records, else the shipped reference LM)")] = None,
 ) -> None:
     """Load a model and a dictionary, verify checksums and that they match, and print the dictionary's metrics."""
     from trainer.pipeline import verify_pair

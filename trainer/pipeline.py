@@ -27,11 +27,12 @@ from trainer.publish import UNSPECIFIED, publish_trained, result_from_checkpoint
 from trainer.text import TextSpec, packed_contexts
 from trainer.train import TrainConfig, Trainer
 
-def _model_source(model: Path | None) -> Path:
-    return Path(model) if model is not None else reference_lm_path()
+def _model_source(model: str | Path | None) -> str | Path:
+    """A model directory or hub id as given (load_lm tells them apart), or the shipped reference."""
+    return model if model is not None else reference_lm_path()
 
 
-def _dictionary_model(registry: Path, name: str, version: int | None, model: Path | None) -> LoadedLM:
+def _dictionary_model(registry: Path, name: str, version: int | None, model: str | Path | None) -> LoadedLM:
     """The model to run a dictionary on: ``--model`` if given, else the one its manifest records (its local path or
     hub id; the checksum is checked when the dictionary loads), else the shipped reference."""
     if model is not None:
@@ -53,7 +54,7 @@ def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: 
     return (contexts[:limit] if limit else contexts), corpus.fingerprint
 
 
-def harvest_corpus(model: Path | None, out: Path, *, hook: str, contexts: int, context_length: int, dtype: str,
+def harvest_corpus(model: str | Path | None, out: Path, *, hook: str, contexts: int, context_length: int, dtype: str,
                    max_chars: int | None, seed: int, lm: LoadedLM | None = None, text: TextSpec | None = None) -> dict:
     """``harvest`` on the built-in corpus. Asking for more contexts than the corpus holds harvests them all and
     says so in the manifest (``contexts_requested``) and on stderr."""
@@ -95,7 +96,7 @@ def _dictionary_bytes(d_in: int, d_sae: int, dtype: str) -> int:
     return (2 * d_in * d_sae + 2 * d_sae + d_in) * itemsize + 64 * d_sae * 4 + (1 << 20)  # weights, statistics, manifest
 
 
-def _bound_to_model(model: Path | None, hook: str | None, d_in: int, harvest_info: dict | None) -> tuple[ModelRef, HookRef]:
+def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harvest_info: dict | None) -> tuple[ModelRef, HookRef]:
     """The model and hook a dictionary is recorded against, checked before training: a hook resolved on the model
     with the data's width; for a harvest, claims that agree with what the harvest recorded."""
     if harvest_info is not None:
@@ -110,7 +111,7 @@ def _bound_to_model(model: Path | None, hook: str | None, d_in: int, harvest_inf
             point = resolve_hook(lm.model, hook)
             if point.module_path != harvest_info["module_path"]:
                 raise ConfigError(f"--hook {hook} is {point.module_path}, but the harvest was taken at {harvest_info['module_path']}")
-        source = str(Path(model).resolve()) if model is not None else harvest_info.get("model_source")
+        source = _source_of(model) if model is not None else harvest_info.get("model_source")
         return (ModelRef(name=str(model) if model else "harvest", checksum=checksum, source=source),
                 HookRef(name=harvest_info["hook"], module_path=harvest_info["module_path"]))
     if model is None:
@@ -134,7 +135,7 @@ def _source_of(model: Path | str) -> str:
 
 
 def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, registry: Path | None, name: str | None,
-                      checkpoint_dir: Path | None, resume: bool, model: Path | None, hook: str | None, dtype: str,
+                      checkpoint_dir: Path | None, resume: bool, model: str | Path | None, hook: str | None, dtype: str,
                       config: dict[str, Any], allow_partial: bool = False) -> dict:
     """``train``: on a user's matrix (the tail is held out for metrics) or on a harvest; publish if asked.
 
@@ -221,7 +222,7 @@ def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: s
                            extra={"progress": {"steps": state.step, "planned_steps": state.planned_steps, "fraction": state.fraction}})
 
 
-def evaluate_dictionary(registry: Path, reference: str, *, model: Path | None = None, activations: Path | None = None,
+def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | None = None, activations: Path | None = None,
                         tokens: int = 200_000, context_length: int = 256, max_chars: int | None = None,
                         text: TextSpec | None = None) -> dict:
     """``evaluate``: with a model, everything on held-out corpus text; with ``activations``, reconstruction only."""
@@ -259,7 +260,7 @@ def dashboard_contexts(tokenizer: Any, tokens: int, context_length: int, max_cha
     return torch.cat([heldout, extra]), fingerprint
 
 
-def features_and_publish(registry: Path, reference: str, *, model: Path | None, tokens: int, cfg: Any = None,
+def features_and_publish(registry: Path, reference: str, *, model: str | Path | None, tokens: int, cfg: Any = None,
                          max_chars: int | None = None, context_length: int = 256, lm: LoadedLM | None = None,
                          out_registry: Path | None = None, text: TextSpec | None = None) -> Path:
     """``features``: compute the dashboard statistics of a dictionary version and publish them, with the same
@@ -353,7 +354,7 @@ def run_reference(plan: ReferencePlan) -> dict:
     return {"published": str(path), "metrics": {k: v for k, v in metrics.items() if k != "density_histogram"}, "timings": timings}
 
 
-def verify_pair(registry: Path | None, reference: str, model: Path | None) -> dict:
+def verify_pair(registry: Path | None, reference: str, model: str | Path | None) -> dict:
     """``verify``: load model + dictionary, check every checksum and that they belong together."""
     registry = Path(registry) if registry else reference_registry_path()
     name, version = parse_reference(reference)
