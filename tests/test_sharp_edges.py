@@ -80,3 +80,17 @@ def test_model_takes_a_hub_id_and_says_so_when_the_hub_cannot_be_reached(tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach a hub: the id is tried, and the message says so
     result = runner.invoke(app, ["harvest", "--out", str(tmp_path / "h"), "--model", "openai-community/gpt2", "--contexts", "2"])
     assert result.exit_code == 2 and "hub id" in result.output and "model directory not found" not in result.output
+
+
+def test_progress_shows_as_lines_in_a_log_when_output_is_not_a_terminal(tmp_path, activations):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "MONOSEMANTIC_PROGRESS_S": "0"}  # a line at every update, instead of every 5 s
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "--activations", str(activations), "--d-sae", "64",
+                             "--tokens", "20480", "--batch-size", "512", "--arch", "topk", "--k", "4"],
+                            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], check=True)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train topk:")]
+    assert len(lines) >= 10 and "/40 step" in lines[0] and "ETA" in lines[0] and "\r" not in result.stderr

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
+from trainer.progress import progress as progress_bar
 
 from monosemantic.lm import LoadedLM, hooked_replacement, resolve_hook
 from monosemantic.sae import SparseAutoencoder
@@ -122,7 +122,7 @@ def model_metrics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Ten
         out[:, 1:] = 0
         return out
 
-    for b in tqdm(range(0, contexts.shape[0], batch_size), desc="evaluate", disable=None if progress else True):
+    for b in progress_bar(range(0, contexts.shape[0], batch_size), desc="evaluate", unit="batch", enabled=progress):
         ids = contexts[b : b + batch_size].to(lm.model.device)
         loss, n = _cross_entropy(lm.model(input_ids=ids, use_cache=False).logits, ids)
         ce["clean"] += loss

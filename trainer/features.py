@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
-from tqdm.auto import tqdm
+from trainer.progress import progress as progress_bar
 
 from monosemantic.lm import LoadedLM, direct_logit_effects, read_activations, resolve_hook
 from monosemantic.sae import SparseAutoencoder
@@ -48,7 +48,8 @@ class _Batches:
     def __iter__(self):
         """(first context index, features [b, T-1, d_sae]) per batch; position 0 (BOS) dropped."""
         point = resolve_hook(self.lm.model, self.hook)
-        for start in tqdm(range(0, self.contexts.shape[0], self.batch), desc="features", disable=None if self.progress else True, leave=False):
+        for start in progress_bar(range(0, self.contexts.shape[0], self.batch), desc="features", unit="batch",
+                                  enabled=self.progress, leave=False):
             ids = self.contexts[start : start + self.batch]
             x = read_activations(self.lm.model, ids, point, attention_mask=torch.ones_like(ids))[:, 1:].float()
             yield start, self.sae.encode(x)

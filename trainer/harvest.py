@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from trainer.progress import progress as progress_bar
 
 from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_reason
 from monosemantic.lm import HookPoint, LoadedLM, hook_dim, read_activations, resolve_hook
@@ -113,7 +113,7 @@ def _harvest(lm: LoadedLM, contexts: torch.Tensor, hook_point: HookPoint, out_di
     require_free_space(out_dir, int(remaining * 1.01) + (1 << 20), "the harvest")
     started = time.perf_counter()
     tokens_before = manifest["tokens"]
-    bar = tqdm(total=n, initial=manifest["contexts_done"], unit="ctx", desc="harvest", disable=None if progress else True)
+    bar = progress_bar(total=n, initial=manifest["contexts_done"], unit="ctx", desc="harvest", enabled=progress)
     try:
         while manifest["contexts_done"] < n:
             lo = manifest["contexts_done"]

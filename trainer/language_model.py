@@ -17,7 +17,7 @@ import torch
 import transformers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from tqdm.auto import tqdm
+from trainer.progress import progress as progress_bar
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from monosemantic.errors import ConfigError, describe_validation_error
@@ -179,7 +179,7 @@ def fit(model: GPT2LMHeadModel, cfg: LMConfig, contexts: torch.Tensor,
     order, cursor = torch.randperm(len(contexts), generator=generator), 0
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=cfg.steps, desc="reference LM", unit="step", disable=None if progress else True)
+    bar = progress_bar(total=cfg.steps, desc="reference LM", unit="step", enabled=progress)
     started = time.perf_counter()
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > len(order):  # next epoch, a new seeded order

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
-from tqdm.auto import tqdm
+from trainer.progress import progress as progress_bar
 
 from monosemantic.errors import ConfigError, MonosemanticError, TrainingDiverged, describe_validation_error
 from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae, geometric_median
@@ -393,7 +393,7 @@ class Trainer:
             self.load_checkpoint()
         cfg, started = self.cfg, time.perf_counter()
         batches = self.source.batches(cfg.batch_size, seed=cfg.seed, start_batch=self.step)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=None if progress else True, unit="step", desc=f"train {cfg.architecture}")
+        bar = progress_bar(total=cfg.steps, initial=self.step, enabled=progress, unit="step", desc=f"train {cfg.architecture}")
         self.sae.train()
         last: dict = {}
         try:
