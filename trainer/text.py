@@ -129,24 +129,25 @@ def packed_contexts(tokenizer, spec: TextSpec, split: str, context_length: int, 
         raise ConfigError(f"context_length must be at least 2, got {context_length}")
     bos, body = _bos(tokenizer), context_length - 1
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    carry, contexts, batch = np.zeros(0, dtype=np.int64), [], []
-    wanted = limit if limit is not None else float("inf")
+    carry, contexts, batch, packed = np.zeros(0, dtype=np.int64), [], [], 0
+    wanted = limit if limit is not None else 1 << 62
 
     def pack(docs: list) -> None:
-        nonlocal carry
+        nonlocal carry, packed
         texts = [d for d in docs if isinstance(d, str)]
-        encoded = iter(backend.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
+        encoded = iter(backend.encode_batch(texts, add_special_tokens=False))
         pieces = [carry]
         for d in docs:
-            ids = d if not isinstance(d, str) else next(encoded).ids
+            ids = next(encoded).ids if isinstance(d, str) else d
             pieces += [np.asarray(ids, dtype=np.int64), np.asarray([bos], dtype=np.int64)]
         stream = np.concatenate(pieces)
-        n = min(len(stream) // body, int(min(wanted - sum(c.shape[0] for c in contexts), 1 << 40)))
+        n = min(len(stream) // body, wanted - packed)
         if n > 0:
             block = np.empty((n, context_length), dtype=np.int64)
             block[:, 0] = bos
             block[:, 1:] = stream[: n * body].reshape(n, body)
             contexts.append(block)
+            packed += n
         carry = stream[n * body :]
 
     for doc in documents(spec, split, seed):
@@ -154,9 +155,9 @@ def packed_contexts(tokenizer, spec: TextSpec, split: str, context_length: int, 
         if len(batch) == DOCUMENTS_PER_BATCH:
             pack(batch)
             batch = []
-            if sum(c.shape[0] for c in contexts) >= wanted:
+            if packed >= wanted:
                 break
-    if batch and sum(c.shape[0] for c in contexts) < wanted:
+    if batch and packed < wanted:
         pack(batch)
     if not contexts:
         raise ConfigError(f"--dataset {spec.dataset}: its {split} split gives no context of {context_length} tokens")
@@ -169,11 +170,10 @@ def fingerprint(spec: TextSpec, tokenizer, context_length: int) -> str:
     """What decides the contexts: the dataset's identity (local files by size and mtime, a hub id by revision),
     the text field, the tokenizer's vocabulary and the packing."""
     identity: dict[str, Any] = {**spec.describe(), "context_length": context_length, "packing": "bos-joined-v1"}
-    files = _files(spec.dataset) if not Path(spec.dataset).is_dir() or not (Path(spec.dataset) / "dataset_info.json").exists() else None
-    if files:
+    path = Path(spec.dataset)
+    if path.exists() or _files(spec.dataset):  # local: every file by name, size and modification time
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else (_files(spec.dataset) or [])
         identity["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files[:10_000]]
-    elif Path(spec.dataset).is_dir():
-        identity["files"] = [[p.name, p.stat().st_size] for p in sorted(Path(spec.dataset).rglob("*")) if p.is_file()]
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     vocabulary = backend.get_vocab() if hasattr(backend, "get_vocab") else {}
     identity["tokenizer"] = hashlib.sha256(json.dumps(sorted(vocabulary.items())).encode()).hexdigest()[:16]
