@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.activations import SCAN_BYTES, file_sha256, scan_npy  # noqa: E402
+from monosemantic.artifact import sha256_file  # noqa: E402
+from trainer.activations import SCAN_BYTES, scan_npy  # noqa: E402
 
 
 def best_of(runs: int, fn) -> float:
@@ -58,7 +59,7 @@ def main() -> None:
         for _ in range(2):
             plain_read(path)
         read = best_of(3, lambda: plain_read(path))
-        sha = best_of(3, lambda: file_sha256(path))
+        sha = best_of(3, lambda: sha256_file(path))
         check = best_of(3, lambda: scan_npy(path, mapped, "float16"))
     print(f"{size:.2f} GB float16 [{rows:,} x {args.width}]")
     print(f"read {size / read:.2f} GB/s | sha256 {size / sha:.2f} GB/s | sha256 + finite rows {size / check:.2f} GB/s")

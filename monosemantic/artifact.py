@@ -188,15 +188,6 @@ def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str,
         raise OSError(number, os.strerror(number)) from None
 
 
-def read_safetensors_metadata(path: Path) -> dict[str, Any]:
-    """What ``save_safetensors`` stored as metadata ({} when none)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("monosemantic")
-    return json.loads(raw) if raw else {}
-
-
 def non_finite(value: Any, where: str = "") -> str | None:
     """The first place in a tensor, number or nested dict/list that is NaN or infinite, as a dotted path; None if
     everything is finite."""

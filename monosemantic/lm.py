@@ -130,6 +130,12 @@ def load_lm(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.
     return LoadedLM(model=model, tokenizer=tokenizer, source=str(source), checksum=weights_checksum(model))
 
 
+def model_source(source: str | Path) -> str:
+    """How a manifest records where a model loads from: a local folder as its absolute path (found again from any
+    working directory), a hub id as it is."""
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
+
+
 def weights_checksum(model_or_dir: nn.Module | LoadedLM | str | Path) -> str:
     """sha256 hex over a model's weights, identical for a model and the same model after save_pretrained + load.
 

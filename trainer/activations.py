@@ -20,11 +20,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from monosemantic.artifact import sha256_file
 from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_reason
 
 HARVEST_MANIFEST = "harvest.json"
 SHARD_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
-SCAN_BYTES = 64 << 20  # read in 64 MiB blocks: sequential, and bounded memory whatever the shard's size
+SCAN_BYTES = 1 << 20  # 1 MiB blocks stay in cache between the hash and the finite test: 1.36 GB/s, against 0.71 with 64 MiB (bench/data_check.py)
 
 
 class DataError(ConfigError):
@@ -77,14 +78,6 @@ def scan_npy(path: Path, array: np.memmap, dtype: str) -> tuple[str, int | None]
                 bad = row + found
             row += rows.shape[0]
     return digest.hexdigest(), bad
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(SCAN_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_storage(x: Tensor, dtype: str) -> np.ndarray:
@@ -306,7 +299,7 @@ def open_activation_file(path: Path) -> ActivationSource:
             _refuse_non_finite(np.asarray(array[bad : bad + 1]), dtype, f"activations {path.name}", bad)
     else:
         check_rows_finite(array, dtype, f"activations {path.name}")
-        digest = file_sha256(path)
+        digest = sha256_file(path)
     return ActivationSource(parts=[array], dtype=dtype, description={"kind": "file", "file": path.name, "rows": int(array.shape[0])},
                             digest=digest, checked=True)
 

@@ -14,10 +14,10 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from trainer.progress import progress as progress_bar
 
 from monosemantic.lm import LoadedLM, hooked_replacement, resolve_hook
 from monosemantic.sae import SparseAutoencoder
+from trainer.progress import progress as progress_bar
 
 DENSE_THRESHOLD = 0.10  # SAEBench freq_over_10_percent; Bricken: many features > 1% means λ too low
 HISTOGRAM_EDGES = torch.arange(-8.0, 0.01, 0.5)  # log10 density bins, 1e-8 … 1

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
-from trainer.progress import progress as progress_bar
 
 from monosemantic.lm import LoadedLM, direct_logit_effects, read_activations, resolve_hook
 from monosemantic.sae import SparseAutoencoder
+from trainer.progress import progress as progress_bar
 
 LOG10_ACTIVATION_EDGES = torch.linspace(-2.0, 2.0, 41)  # activations 0.01 … 100, 40 bins; the ends catch the rest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import shutil
 import time
@@ -13,13 +14,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from trainer.progress import progress as progress_bar
 
 from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_reason
-from monosemantic.lm import HookPoint, LoadedLM, hook_dim, read_activations, resolve_hook
+from monosemantic.lm import HookPoint, LoadedLM, hook_dim, model_source, read_activations, resolve_hook
 from trainer.activations import (
-    HARVEST_MANIFEST, SHARD_DTYPES, file_sha256, first_non_finite_row, read_json, to_storage, write_json_atomic,
+    HARVEST_MANIFEST, SHARD_DTYPES, first_non_finite_row, read_json, to_storage, write_json_atomic,
 )
+from trainer.progress import progress as progress_bar
 
 LOCK_FILE = ".lock"
 
@@ -102,8 +103,7 @@ def _harvest(lm: LoadedLM, contexts: torch.Tensor, hook_point: HookPoint, out_di
         if any("sha256" not in shard for shard in manifest.get("shards", [])):
             raise MonosemanticError(f"{out_dir} holds a harvest by an earlier release (shards without checksums); use an empty directory")
     else:
-        source = str(Path(lm.source).resolve()) if Path(lm.source).exists() else lm.source
-        manifest = {**identity, "model_source": source, "data": data, "shards": [], "contexts_done": 0, "tokens": 0,
+        manifest = {**identity, "model_source": model_source(lm.source), "data": data, "shards": [], "contexts_done": 0, "tokens": 0,
                     "complete": False}
         write_json_atomic(manifest_path, manifest)
 
@@ -134,9 +134,9 @@ def _harvest(lm: LoadedLM, contexts: torch.Tensor, hook_point: HookPoint, out_di
             recorded = len(manifest["shards"])
             name = f"shard_{recorded:05d}.npy"
             try:
-                _write_shard(out_dir / name, shard)
+                sha256 = _write_shard(out_dir / name, shard)
                 manifest["shards"].append({"file": name, "rows": int(shard.shape[0]), "contexts": [lo, hi],
-                                           "shape": list(shard.shape), "sha256": file_sha256(out_dir / name)})
+                                           "shape": list(shard.shape), "sha256": sha256})
                 manifest["contexts_done"] = hi
                 manifest["tokens"] += int(shard.shape[0])
                 manifest["d_in"] = int(shard.shape[1])
@@ -152,22 +152,29 @@ def _harvest(lm: LoadedLM, contexts: torch.Tensor, hook_point: HookPoint, out_di
     return manifest
 
 
-def _write_shard(path: Path, shard: np.ndarray) -> None:
+def _write_shard(path: Path, shard: np.ndarray) -> str:
     """Write beside, fsync, rename: a shard is whole or absent; a failed write (a full disk) leaves no temporary
-    file, and the harvest resumes from the last whole shard once there is room."""
+    file, and the harvest resumes from the last whole shard once there is room. Returns the file's sha256, taken
+    from the bytes as they are written rather than by reading the shard back."""
     tmp = path.with_name(path.name + ".tmp")
     try:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(shard))
+        body = memoryview(np.ascontiguousarray(shard)).cast("B")
+        digest = hashlib.sha256(header.getvalue())
+        digest.update(body)
         with open(tmp, "wb") as fh:
             # np.save's own tofile() reports a full disk as an OSError without errno ("N requested and M written");
             # writing the same bytes through the file object keeps ENOSPC / EROFS as the kernel said them.
-            np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(shard))
-            fh.write(memoryview(np.ascontiguousarray(shard)).cast("B"))
+            fh.write(header.getvalue())
+            fh.write(body)
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise WriteFailed(f"cannot write harvest shard {path.name} in {path.parent}: {os_reason(exc)}") from None
+    return digest.hexdigest()
 
 
 def _checksum(contexts: torch.Tensor) -> str:

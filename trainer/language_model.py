@@ -17,11 +17,11 @@ import torch
 import transformers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from trainer.progress import progress as progress_bar
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from monosemantic.errors import ConfigError, describe_validation_error
 from trainer.corpus import BOS_TOKEN, Corpus, build_corpus, token_contexts
+from trainer.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

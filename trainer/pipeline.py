@@ -16,7 +16,7 @@ from monosemantic.artifact import (
     STORAGE_DTYPES, HookRef, ModelRef, check_name, load_dictionary, parse_reference, publish, recorded_model_source,
 )
 from monosemantic.errors import ConfigError, WriteFailed, os_reason
-from monosemantic.lm import LoadedLM, hook_dim, load_lm, resolve_hook
+from monosemantic.lm import LoadedLM, hook_dim, load_lm, model_source, resolve_hook
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
 from trainer.activations import SHARD_DTYPES, open_activation_file, open_harvest, split_tail
 from trainer.checkpoint import Checkpoint, write_checkpoint
@@ -27,7 +27,7 @@ from trainer.publish import UNSPECIFIED, publish_trained, result_from_checkpoint
 from trainer.text import TextSpec, packed_contexts
 from trainer.train import TrainConfig, Trainer
 
-def _model_source(model: str | Path | None) -> str | Path:
+def _model_or_reference(model: str | Path | None) -> str | Path:
     """A model directory or hub id as given (load_lm tells them apart), or the shipped reference."""
     return model if model is not None else reference_lm_path()
 
@@ -62,7 +62,7 @@ def harvest_corpus(model: str | Path | None, out: Path, *, hook: str, contexts: 
         raise ConfigError(f"contexts ({contexts}) must be at least 1 and context_length ({context_length}) at least 2")
     if dtype not in SHARD_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported for shards; use one of {sorted(SHARD_DTYPES)}")
-    lm = lm or load_lm(_model_source(model))
+    lm = lm or load_lm(_model_or_reference(model))
     ctx, fingerprint = corpus_contexts(lm.tokenizer, "train", context_length, max_chars, contexts, seed, text)
     manifest = harvest(lm, ctx, hook, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048,
                        data=_data_description(text))
@@ -101,7 +101,7 @@ def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harve
     with the data's width; for a harvest, claims that agree with what the harvest recorded."""
     if harvest_info is not None:
         checksum = harvest_info["model_checksum"]
-        lm = load_lm(_model_source(model)) if model is not None else None
+        lm = load_lm(_model_or_reference(model)) if model is not None else None
         if lm is not None and lm.checksum != checksum:
             raise ConfigError(f"--model {model} is not the model this harvest was taken from (weights checksum "
                               f"{lm.checksum[:12]}… against the harvest's {str(checksum)[:12]}…)")
@@ -111,27 +111,22 @@ def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harve
             point = resolve_hook(lm.model, hook)
             if point.module_path != harvest_info["module_path"]:
                 raise ConfigError(f"--hook {hook} is {point.module_path}, but the harvest was taken at {harvest_info['module_path']}")
-        source = _source_of(model) if model is not None else harvest_info.get("model_source")
+        source = model_source(model) if model is not None else harvest_info.get("model_source")
         return (ModelRef(name=str(model) if model else "harvest", checksum=checksum, source=source),
                 HookRef(name=harvest_info["hook"], module_path=harvest_info["module_path"]))
     if model is None:
         if hook is not None:
             raise ConfigError("--hook needs --model: a hook is resolved on the model the activations came from")
         return ModelRef(name=UNSPECIFIED, checksum=UNSPECIFIED), HookRef(name=UNSPECIFIED, module_path=UNSPECIFIED)
-    lm = load_lm(_model_source(model))
+    lm = load_lm(_model_or_reference(model))
     if hook is None:
         raise ConfigError("--model needs --hook: say where on the model these activations were read")
     point = resolve_hook(lm.model, hook)
     width = hook_dim(lm.model, point)
     if width != d_in:
         raise ConfigError(f"--hook {hook}: the model's activation there has width {width}, but the activations have {d_in}")
-    return (ModelRef(name=str(model), checksum=lm.checksum, source=_source_of(model)),
+    return (ModelRef(name=str(model), checksum=lm.checksum, source=model_source(model)),
             HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
-
-
-def _source_of(model: Path | str) -> str:
-    """A local model as its absolute path (found again from any working directory), a hub id as it is."""
-    return str(Path(model).resolve()) if Path(model).exists() else str(model)
 
 
 def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, registry: Path | None, name: str | None,

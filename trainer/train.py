@@ -12,12 +12,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
-from trainer.progress import progress as progress_bar
 
 from monosemantic.errors import ConfigError, MonosemanticError, TrainingDiverged, describe_validation_error
 from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae, geometric_median
 from trainer.activations import ActivationSource, DataError
 from trainer.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from trainer.progress import progress as progress_bar
 
 # Starting sparsity coefficients, in the normalised units of monosemantic.sae (E‖x‖ = √d_in, summed MSE):
 # λ_L1 = 5 is the Apr-2024 Anthropic 1L-MLP setting that lands near L0 40 at 131k features; the L0
@@ -144,8 +144,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, source: ActivationSource, checkpoint_dir: Path | None = None) -> None:
         if cfg.batch_size > source.rows:
             raise ConfigError(f"batch_size ({cfg.batch_size}) exceeds the {source.rows} rows of activation data")
-        if cfg.target_l0 is not None and cfg.target_l0 >= cfg.d_sae:
-            raise ConfigError(f"target_l0 ({cfg.target_l0:g}) must be below d_sae ({cfg.d_sae})")
         source.require_finite()
         self.cfg, self.source = cfg, source
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
