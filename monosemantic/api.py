@@ -233,6 +233,14 @@ class ObserveResponse(BaseModel):
 
 
 # ---- dictionaries ----------------------------------------------------------------------------------------------
+class EvaluationInfo(BaseModel):
+    recorded: str = Field(description="when it was run (UTC, ISO 8601)")
+    model_checksum: str | None = Field(None, description="the model it ran on; none for an activation file")
+    data: dict = Field(description="what it was measured on: kind (builtin-corpus | dataset | activation-file), dataset, fingerprint…")
+    metrics: dict = Field(description="l0, fvu, mse, loss_recovered, dead_fraction, dense_fraction, tokens…")
+    measured: str | None = Field(None, description="name:vN when it was measured on an earlier version with the same weights")
+
+
 class DictionaryInfo(BaseModel):
     name: str
     version: int
@@ -244,6 +252,7 @@ class DictionaryInfo(BaseModel):
     model_checksum: str
     metrics: dict
     serving: bool
+    evaluations: list[EvaluationInfo] = Field(default_factory=list, description="evaluations run since publishing (monosemantic-train evaluate), oldest first")
 
 
 class DictionariesResponse(BaseModel):

@@ -14,7 +14,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import transformers
@@ -503,19 +503,36 @@ def read_activations(
     stop_at_hook abandons the forward as soon as the hook fires, so later layers and the unembedding are not
     computed. If the module runs more than once per forward, the first call is the one returned.
     """
-    model = _unwrap(model)
-    point, module = _as_hook(model, hook)
-    captured: list[Tensor] = []
+    return _capture(_unwrap(model), input_ids, [hook], attention_mask, stop_at_hook)[0]
 
-    def capture(activation: Tensor) -> None:
-        if not captured:
-            # Without stopping, later in-place ops could still write to this tensor, so keep our own copy.
-            captured.append(activation.detach() if stop_at_hook else activation.detach().clone())
-        if stop_at_hook:
-            raise _StopForward
+
+def read_activations_at(
+    model: nn.Module | LoadedLM, input_ids: Tensor, hooks: Sequence[str | HookPoint], attention_mask: Tensor | None = None
+) -> list[Tensor]:
+    """The activations at several hooks from one forward, in the order given: the forward runs up to the deepest
+    of them (it is abandoned once every hook has fired), so harvesting N layers costs one pass, not N."""
+    return _capture(_unwrap(model), input_ids, hooks, attention_mask, stop=True)
+
+
+def _capture(model: nn.Module, input_ids: Tensor, hooks: Sequence[str | HookPoint], attention_mask: Tensor | None,
+             stop: bool) -> list[Tensor]:
+    placed = [_as_hook(model, hook) for hook in hooks]
+    captured: list[Tensor | None] = [None] * len(placed)
+    waiting = [len(placed)]
+
+    def capture_into(slot: int) -> Callable[[Tensor], None]:
+        def capture(activation: Tensor) -> None:
+            if captured[slot] is None:
+                # Without stopping, later in-place ops could still write to this tensor, so keep our own copy;
+                # with several hooks the forward runs on past the earlier ones, so they are copied too.
+                captured[slot] = activation.detach() if stop and len(placed) == 1 else activation.detach().clone()
+                waiting[0] -= 1
+            if stop and waiting[0] == 0:
+                raise _StopForward
+        return capture
 
     device = _device(model)
-    handle = _register(module, point.kind, capture)
+    handles = [_register(module, point.kind, capture_into(i)) for i, (point, module) in enumerate(placed)]
     try:
         # no_grad, not inference_mode: inference tensors cannot be saved for backward, and callers (the SAE
         # trainer, attribution) feed these activations into modules that need gradients.
@@ -528,10 +545,12 @@ def read_activations(
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise HookError(f"hook point {point.name!r} was not reached during the forward pass")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    for (point, _), activation in zip(placed, captured):
+        if activation is None:
+            raise HookError(f"hook point {point.name!r} was not reached during the forward pass")
+    return captured  # type: ignore[return-value]
 
 
 def hook_dim(lm_or_model: nn.Module | LoadedLM, hook: str | HookPoint) -> int:

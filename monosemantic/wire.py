@@ -2,7 +2,7 @@
 
 One mapping for both ends: the service reads requests and writes responses with it, the client the reverse.
 The only shape differences from JSON: a token given by id or text is a TokenSpec message ({id} | {text}), and
-a dictionary's metrics travel as one JSON string (metrics_json).
+a dictionary's metrics and an evaluation's metrics and data travel as JSON strings (metrics_json, data_json).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 M = TypeVar("M", bound=BaseModel)
 _TOKEN_FIELDS = ("target", "contrast")
+_JSON_FIELDS = {"metrics_json": "metrics", "data_json": "data"}  # free-form objects travel as one JSON string
 
 
 def message_to_dict(message: Message) -> dict[str, Any]:
@@ -28,13 +29,19 @@ def message_to_dict(message: Message) -> dict[str, Any]:
         if isinstance(data.get(name), dict):
             spec = data[name]
             data[name] = spec.get("id", spec.get("text"))
-    if "metrics_json" in data:
-        data["metrics"] = json.loads(data.pop("metrics_json"))
-    for value in data.values():  # nested messages (e.g. dictionaries in a list) get the same treatment
-        if isinstance(value, list):
-            for item in value:
-                if isinstance(item, dict) and "metrics_json" in item:
-                    item["metrics"] = json.loads(item.pop("metrics_json"))
+    return _unpack_json(data)
+
+
+def _unpack_json(data: dict[str, Any]) -> dict[str, Any]:
+    """``metrics_json`` / ``data_json`` strings back into the objects they carry, at any depth (a dictionary's
+    evaluations sit two lists down)."""
+    for wire_name, name in _JSON_FIELDS.items():
+        if wire_name in data:
+            data[name] = json.loads(data.pop(wire_name) or "{}")
+    for value in data.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                _unpack_json(item)
     return data
 
 
@@ -57,8 +64,8 @@ def _build(message_type: type[Message], data: dict[str, Any]) -> Message:
         if special:
             if name in _TOKEN_FIELDS and name in plan:
                 value = {"id": value} if isinstance(value, int) else {"text": value}
-            if name == "metrics" and "metrics_json" in plan:
-                name, value = "metrics_json", json.dumps(value)
+            if f"{name}_json" in plan and f"{name}_json" in _JSON_FIELDS:
+                name, value = f"{name}_json", json.dumps(value)
         entry = plan.get(name)
         if entry is None:
             raise ValueError(f"{message_type.DESCRIPTOR.name} has no field {name!r}")
@@ -77,7 +84,7 @@ def _plan(message_type: type[Message]) -> tuple[dict[str, tuple[type[Message] | 
     fields = message_type.DESCRIPTOR.fields_by_name
     plan = {name: (message_factory.GetMessageClass(f.message_type) if f.message_type is not None else None, f.is_repeated)
             for name, f in fields.items()}
-    special = any(name in fields for name in (*_TOKEN_FIELDS, "metrics_json"))
+    special = any(name in fields for name in (*_TOKEN_FIELDS, *_JSON_FIELDS))
     return plan, special, not special and all(sub_type is None for sub_type, _ in plan.values())
 
 

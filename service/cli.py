@@ -14,10 +14,24 @@ from monosemantic.errors import MonosemanticError, describe_validation_error
 from service.server import Server
 from service.settings import ServiceSettings
 
-app = typer.Typer(add_completion=False, help=__doc__)
+def _settings_table() -> str:
+    """Every setting with its environment variable and default, from ServiceSettings itself (so --help cannot
+    drift from what the service reads)."""
+    rows = []
+    for name, field in ServiceSettings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default
+        if isinstance(default, Path):
+            default = "the shipped one" if name == "registry" else default
+        shown = "(none)" if default is None or (hasattr(default, "get_secret_value")) else default
+        rows.append(f"MONOSEMANTIC_{name.upper()} = {shown}")
+    # "\b" keeps click from re-wrapping the table into one paragraph.
+    return "Settings (a flag above wins over its environment variable):\n\n\b\n" + "\n".join(rows)
 
 
-@app.command()
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+
+
+@app.command(epilog=_settings_table())
 def serve(
     host: Optional[str] = typer.Option(None, help="bind address [env MONOSEMANTIC_HOST, default 127.0.0.1]"),
     http_port: Optional[int] = typer.Option(None, help="HTTP port [env MONOSEMANTIC_HTTP_PORT, default 8000]"),
@@ -25,16 +39,17 @@ def serve(
     registry: Optional[Path] = typer.Option(None, help="dictionary registry [env MONOSEMANTIC_REGISTRY, default: the shipped one]"),
     dictionary: Optional[str] = typer.Option(None, help="NAME[:VERSION] [env MONOSEMANTIC_DICTIONARY, default reference]"),
     model: Optional[str] = typer.Option(None, help="HF model directory or hub id [env MONOSEMANTIC_MODEL, default: the model the dictionary's manifest records, else the shipped reference LM]"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda [env MONOSEMANTIC_DEVICE]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [env MONOSEMANTIC_DEVICE, default cpu]"),
+    log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error [env MONOSEMANTIC_LOG_LEVEL, default info]"),
 ) -> None:
     """Serve activations, attributions and steered generation over REST (/v1, /docs) and gRPC."""
-    flags = {k: v for k, v in dict(host=host, http_port=http_port, grpc_port=grpc_port, registry=registry, dictionary=dictionary, model=model, device=device).items() if v is not None}
+    flags = {k: v for k, v in dict(host=host, http_port=http_port, grpc_port=grpc_port, registry=registry, dictionary=dictionary, model=model, device=device, log_level=log_level).items() if v is not None}
     try:
         settings = ServiceSettings(**flags)
     except ValidationError as exc:
         typer.echo(f"error: {describe_validation_error(exc, 'settings')}", err=True)
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(Server(settings).serve())
     except MonosemanticError as exc:

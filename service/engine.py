@@ -18,8 +18,9 @@ from typing import Any, AsyncIterator, Iterator
 import torch
 
 from monosemantic.artifact import list_dictionaries, parse_reference, recorded_model_source, resolve_version
+from monosemantic.evaluations import read_evaluations
 from monosemantic.shipped import reference_lm_path
-from monosemantic.errors import ArtifactNotFound, ArtifactUnreadable, ConfigError, MonosemanticError
+from monosemantic.errors import ArtifactError, ArtifactNotFound, ArtifactUnreadable, ConfigError, MonosemanticError
 from monosemantic.lm import LoadedLM, hook_dim
 from monosemantic import api as schemas
 from service.access import AccessControl, Identity
@@ -488,20 +489,28 @@ class Engine:
             return
         self.metrics.key_reloads.labels("success").inc()
         self.metrics.keys_loaded.set_to_current_time()
-        log.warning("keys file re-read: %d keys in use", count)
+        log.info("keys file re-read: %d keys in use", count)
 
     # ---- dictionaries and reload -----------------------------------------------------------------------------
     async def dictionaries(self) -> schemas.DictionariesResponse:
         loaded = self.serving
         m = loaded.dictionary.manifest
-        info = schemas.DictionaryInfo(
-            name=m.name, version=m.version, architecture=m.architecture, d_in=m.sae.d_in, d_sae=m.sae.d_sae,
-            hook=loaded.hook.name, model_name=m.model.name, model_checksum=loaded.lm.checksum, metrics=m.metrics, serving=True,
-        )
         try:
             listing = await self._registry_io.run(lambda: list_dictionaries(self.settings.registry), "available")
         except ArtifactUnreadable as exc:
             raise ServiceError(ErrorKind.UNAVAILABLE, f"available: {exc}; the serving dictionary is unaffected") from None
+        try:  # read on each call: a user may evaluate the serving version while it serves
+            evaluations = await self._registry_io.run(
+                lambda: read_evaluations(self.settings.registry, m.name, m.version, loaded.dictionary.manifest_sha256), "evaluations")
+        except ArtifactError as exc:  # a damaged record hides the evaluations, not the dictionary
+            log.warning("%s", exc)
+            evaluations = []
+        info = schemas.DictionaryInfo(
+            name=m.name, version=m.version, architecture=m.architecture, d_in=m.sae.d_in, d_sae=m.sae.d_sae,
+            hook=loaded.hook.name, model_name=m.model.name, model_checksum=loaded.lm.checksum, metrics=m.metrics, serving=True,
+            evaluations=[schemas.EvaluationInfo(recorded=e.recorded, model_checksum=e.model_checksum, data=e.data, metrics=e.metrics,
+                                                measured=e.measured) for e in evaluations],
+        )
         available = [schemas.DictionaryRef(name=name, version=v) for name, versions in listing.items() for v in versions]
         return schemas.DictionariesResponse(dictionaries=[info], available=available)
 

@@ -11,7 +11,7 @@ import torch
 from monosemantic.artifact import Dictionary, load_dictionary
 from monosemantic.errors import ArtifactMismatch
 from monosemantic.lm import HookPoint, LoadedLM, hook_dim, load_lm, resolve_hook
-from service.encoder import FastEncoder
+from service.encoder import FastEncoder, fastest_dtype
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,8 @@ def load_pair(
     dictionary.sae.eval().requires_grad_(False)
     with torch.no_grad():
         dictionary.sae.float()
-    encoder = FastEncoder(dictionary.sae, getattr(torch, sae_dtype))
+    cfg = dictionary.sae.cfg
+    dtype = fastest_dtype(cfg.d_in, cfg.d_sae, device) if sae_dtype == "auto" else getattr(torch, sae_dtype)
+    encoder = FastEncoder(dictionary.sae, dtype)
     longest = max((len(t.encode("utf-8", "surrogatepass")) for t in lm.tokenizer.get_vocab()), default=1)
     return Loaded(lm=lm, dictionary=dictionary, hook=hook, max_positions=_max_positions(lm), encoder=encoder, max_token_bytes=max(1, longest))

@@ -94,7 +94,8 @@ class Server:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload_keys)
-        log.warning("monosemantic serving %s: HTTP on %s:%d, gRPC on %s:%d", self.engine.serving.dictionary.ref, s.host, self.http_port, s.host, self.grpc_port)
+        log.info("monosemantic serving %s: HTTP on %s:%d, gRPC on %s:%d, readout in %s", self.engine.serving.dictionary.ref, s.host,
+                 self.http_port, s.host, self.grpc_port, str(self.engine.serving.encoder.dtype).removeprefix("torch."))
         self.started.set()
 
         await self._stop.wait()

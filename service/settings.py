@@ -34,8 +34,10 @@ class ServiceSettings(BaseSettings):
     # HF directory (or hub id if online); None: the model the dictionary's manifest records, else the shipped one.
     model: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
-    # The dtype of the activations readout's encoder matmul (service/readout.py FastEncoder has the measurements).
-    sae_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # the startup line and reloads are info
+    # The dtype of the activations readout's encoder matmul; auto: bfloat16 where this machine runs it faster than
+    # float32 (service/encoder.py fastest_dtype has the measurements).
+    sae_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
     # Limits: each is named in the error a request gets when it goes past it.
     max_text_chars: int = Field(20_000, ge=1)

@@ -134,3 +134,34 @@ def test_the_browser_takes_a_key_when_the_server_has_keys(browser, keyed_server,
     assert browser.find_element(By.ID, "steer-steered").text
     browser.save_screenshot(str(tmp_path / "keyed.png"))
     browser.execute_script("sessionStorage.clear()")
+
+
+@pytest.fixture(scope="module")
+def evaluated_server(tmp_path_factory):
+    """The shipped dictionary after a user evaluated it on their own text (a real evaluation, recorded by the trainer)."""
+    import json
+
+    from conftest import RunningServer
+    from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
+    from trainer.pipeline import evaluate_dictionary
+    from trainer.text import TextSpec
+
+    root = tmp_path_factory.mktemp("evaluated")
+    shutil.copytree(reference_registry_path() / REFERENCE_DICTIONARY, root / REFERENCE_DICTIONARY)
+    notes = root / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"text": f"for i in range({n}):\n    print(i * {n})\n" * 5}) + "\n" for n in range(200)))
+    evaluate_dictionary(root, "reference", tokens=2000, text=TextSpec(dataset=str(notes)), record=True)
+    running = RunningServer(registry=root, dictionary="reference")
+    yield running, notes
+    running.stop()
+
+
+def test_the_start_page_lists_the_evaluations_with_the_data_they_were_measured_on(browser, evaluated_server):
+    running, notes = evaluated_server
+    browser.get_log("browser")  # drop what earlier tests left in the log
+    browser.get(running.http_url + "/")
+    rows = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#evaluations tbody tr") or None)
+    cells = [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    assert [c[0] for c in cells][0] == "at publishing" and len(cells) == 2
+    assert cells[1][1].startswith(str(notes)) and cells[1][2] != "–" and float(cells[1][3]) > 0
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -1,5 +1,6 @@
 """The readout's sparse path: L0, reconstruction and top-k from the active entries equal the dense computations."""
 
+import pytest
 import torch
 
 from monosemantic.sae import SAEConfig, build_sae
@@ -51,3 +52,35 @@ def test_a_later_encode_leaves_the_readouts_taken_from_an_earlier_one_intact():
 
     assert all(torch.equal(a, b) for a, b in zip(kept, (active.l0, active.values, active.reconstruction, *active.top_k(5))))
     assert torch.equal(encoder.encode(first), sae.activate(torch.addmm(encoder.b_enc, (first * sae.cfg.input_scale - sae.b_dec).bfloat16(), encoder.W_enc)))
+
+
+def test_auto_serves_in_the_dtype_this_machine_multiplies_faster_and_a_forced_one_as_given():
+    from monosemantic.lm import load_lm
+    from monosemantic.shipped import reference_lm_path, reference_registry_path
+    from service.encoder import fastest_dtype
+    from service.loaded import load_pair
+
+    lm = load_lm(reference_lm_path())
+    auto = load_pair(lm, reference_registry_path(), "reference", 1, "cpu", check_width=False, sae_dtype="auto")
+    assert auto.encoder.dtype == fastest_dtype(512, 4096, "cpu") and auto.encoder.W_enc.dtype == auto.encoder.dtype
+    for forced in ("bfloat16", "float32"):
+        assert load_pair(lm, reference_registry_path(), "reference", 1, "cpu", check_width=False, sae_dtype=forced).encoder.dtype == getattr(torch, forced)
+
+
+@pytest.mark.parametrize("slow, expected", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_the_dtype_measurement_picks_the_faster_of_two_matmuls(monkeypatch, slow, expected):
+    import service.encoder as encoder_module
+
+    fastest_dtype = encoder_module.fastest_dtype.__wrapped__  # without the per-shape cache
+    clock = iter(range(100_000))
+    real_matmul = torch.Tensor.__matmul__
+
+    def timed_matmul(a, b):  # a matmul in the slow dtype lasts 30 ticks of the clock, in the other 1
+        for _ in range(29 if a.dtype == slow else 0):
+            next(clock)
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(encoder_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", timed_matmul)
+    assert fastest_dtype(16, 64, "cpu") == expected
+    assert fastest_dtype(16, 64, "cuda") == torch.bfloat16

@@ -1,7 +1,8 @@
 """End to end from the CLI alone, as a user with their own model and their own text: a tiny GPT-NeoX and a tiny Llama
-built from transformers config classes (with the reference tokenizer), text as a JSON-lines file and as a folder of
-text files; harvest → train → evaluate → features → serve, with no --model after the harvest and the dashboards'
-examples drawn from that text."""
+built from transformers config classes (with the reference tokenizer), text as a JSON-lines file, a folder of text
+files and a ``datasets`` save_to_disk folder; harvest at two hooks in one pass → train → evaluate → features → serve,
+with no --model after the harvest, the dashboards' examples drawn from that text and the evaluation listed by the
+service with the data it was measured on."""
 
 from __future__ import annotations
 
@@ -36,13 +37,18 @@ def write_text(root: Path, form: str) -> list[str]:
     if form == "jsonl":
         (root / "birds.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
         return ["--dataset", str(root / "birds.jsonl")]
+    if form == "save_to_disk":
+        import datasets
+
+        datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(root / "birds-arrow"))
+        return ["--dataset", str(root / "birds-arrow")]
     (root / "birds").mkdir()
     for i, d in enumerate(docs):
         (root / "birds" / f"{i}.txt").write_text(d)
     return ["--dataset", str(root / "birds")]
 
 
-@pytest.mark.parametrize("family, form", [("gpt-neox", "jsonl"), ("llama", "folder")])
+@pytest.mark.parametrize("family, form", [("gpt-neox", "jsonl"), ("llama", "folder"), ("llama", "save_to_disk")])
 def test_a_users_model_and_text_go_through_every_stage_from_the_cli(tmp_path, family, form):
     torch.manual_seed(0)
     model_dir = tmp_path / family
@@ -50,10 +56,12 @@ def test_a_users_model_and_text_go_through_every_stage_from_the_cli(tmp_path, fa
     AutoTokenizer.from_pretrained(reference_lm_path()).save_pretrained(model_dir)
     data = write_text(tmp_path, form)
 
-    harvest = runner.invoke(app, ["harvest", "--out", str(tmp_path / "h"), "--model", str(model_dir), "--hook", "blocks.1.hook_resid_post",
-                                  "--contexts", "40", "--context-length", "64", *data])
+    harvest = runner.invoke(app, ["harvest", "--out", str(tmp_path / "h"), "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post",
+                                  "--hook", "blocks.1.hook_resid_post", "--contexts", "40", "--context-length", "64", *data])
     assert harvest.exit_code == 0, harvest.output
-    trained = runner.invoke(app, ["train", "--harvest", str(tmp_path / "h"), "--arch", "topk", "--k", "8", "--d-sae", "128",
+    hooks = json.loads(harvest.stdout)["hooks"]
+    assert sorted(hooks) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"] and all(h["complete"] for h in hooks.values())
+    trained = runner.invoke(app, ["train", "--harvest", hooks["blocks.1.hook_resid_post"]["directory"], "--arch", "topk", "--k", "8", "--d-sae", "128",
                                   "--tokens", "40000", "--batch-size", "512", "--registry", str(tmp_path / "r"), "--name", "birds"])
     assert trained.exit_code == 0, trained.output
 
@@ -75,6 +83,9 @@ def test_a_users_model_and_text_go_through_every_stage_from_the_cli(tmp_path, fa
     try:
         with RestClient(running.http_url) as client:
             result = client.activations(text="heron egret ibis", top_k=3)
+            listed = client.dictionaries().dictionaries[0]
         assert result.dictionary.name == "birds" and all(len(t.top) <= 3 for t in result.tokens)
+        assert listed.hook == "blocks.1.hook_resid_post"
+        assert [(e.data["dataset"], e.measured) for e in listed.evaluations] == [(data[1], "birds:v1")]  # carried to v2 by `features`
     finally:
         running.stop()

@@ -222,6 +222,9 @@ def open_harvest(directory: Path, check: bool = True) -> ActivationSource:
     is read once to compare it with the sha256 and shape its manifest recorded and to refuse non-finite rows."""
     directory = Path(directory)
     if not (directory / HARVEST_MANIFEST).exists():
+        if hooks := sorted(p.parent for p in directory.glob(f"*/{HARVEST_MANIFEST}")):
+            raise MonosemanticError(f"{directory} holds a harvest at {len(hooks)} hooks, one directory each; give one: "
+                                    + ", ".join(f"--harvest {h}" for h in hooks))
         raise MonosemanticError(f"no harvest at {directory}: {HARVEST_MANIFEST} is missing")
     manifest = read_json(directory / HARVEST_MANIFEST, "harvest")
     shards = manifest.get("shards")

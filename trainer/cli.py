@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -88,7 +87,9 @@ def lm(
 def harvest_cmd(
     out: Annotated[Path, typer.Option(help="directory for the shards (resumable)")],
     model: Annotated[Optional[str], typer.Option(help="HF model directory or hub id (default: the model the dictionary records, else the shipped reference)")] = None,
-    hook: Annotated[str, typer.Option(help="hook point: HF module path or TransformerLens alias")] = "blocks.0.mlp.hook_post",
+    hook: Annotated[Optional[list[str]], typer.Option(help="hook point: HF module path or TransformerLens alias; repeat it to "
+                                                       "harvest several in one forward, each into OUT/<hook>/ "
+                                                       "[default: blocks.0.mlp.hook_post]")] = None,
     contexts: Annotated[int, typer.Option(min=1, help="number of corpus contexts to harvest")] = 4096,
     context_length: Annotated[int, typer.Option(min=2)] = 256,
     dtype: Annotated[str, typer.Option(help="float16 | bfloat16 | float32")] = "float16",
@@ -98,16 +99,25 @@ def harvest_cmd(
     text_field: TextField = "text",
     split: Split = "train",
     revision: Revision = None,
+    exclude_special_tokens: Annotated[bool, typer.Option(
+        help="keep every BOS/EOS/PAD position out of the rows, not only each context's first")] = False,
 ) -> None:
-    """Run the model over training contexts and store the activations at a hook (forward stops there)."""
+    """Run the model over training contexts and store the activations at one or several hooks (the forward runs
+    once, up to the deepest hook)."""
     from trainer.pipeline import harvest_corpus
 
     try:
-        manifest = harvest_corpus(model, out, hook=hook, contexts=contexts, context_length=context_length, dtype=dtype,
-                                  max_chars=max_chars, seed=seed, text=_text(dataset, text_field, split, revision))
+        manifest = harvest_corpus(model, out, hook=hook or ["blocks.0.mlp.hook_post"], contexts=contexts,
+                                  context_length=context_length, dtype=dtype, max_chars=max_chars, seed=seed,
+                                  text=_text(dataset, text_field, split, revision), exclude_special_tokens=exclude_special_tokens)
     except MonosemanticError as exc:
         _fail(exc)
-    _print_json({k: manifest[k] for k in ("tokens", "contexts_done", "contexts_requested", "hook", "dtype", "complete")})
+    summary = ("tokens", "contexts_done", "hook", "dtype", "complete")
+    if "hooks" in manifest:
+        _print_json({"contexts_requested": manifest["contexts_requested"],
+                     "hooks": {name: {k: m[k] for k in (*summary, "directory")} for name, m in manifest["hooks"].items()}})
+    else:
+        _print_json({k: manifest[k] for k in (*summary, "contexts_requested")})
 
 
 @app.command()
@@ -179,13 +189,15 @@ def evaluate(
     text_field: TextField = "text",
     split: Split = "train",
     revision: Revision = None,
+    record: Annotated[bool, typer.Option(help="keep the metrics and the data they were measured on beside the version "
+                                              "(shown by /v1/dictionaries and the browser)")] = True,
 ) -> None:
     """Metrics on held-out tokens: MSE, FVU, L0, loss recovered, dead and dense fractions, density histogram."""
     from trainer.pipeline import evaluate_dictionary
 
     try:
         metrics = evaluate_dictionary(registry, dictionary, model=model, activations=activations, tokens=tokens,
-                                      text=_text(dataset, text_field, split, revision))
+                                      text=_text(dataset, text_field, split, revision), record=record)
     except MonosemanticError as exc:
         _fail(exc)
     if json_output:
@@ -194,8 +206,11 @@ def evaluate(
         for key in ("l0", "fvu", "mse", "loss_recovered", "dead_fraction", "dense_fraction", "tokens"):
             if key in metrics:
                 typer.echo(f"{key:>16}: {metrics[key]:.6g}")
-    bad = sorted(k for k in ("l0", "fvu", "mse", "loss_recovered") if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k]))
-    if bad:
+        if "recorded" in metrics:
+            typer.echo(f"{'recorded':>16}: {metrics['recorded']}")
+    from monosemantic.evaluations import non_finite
+
+    if bad := non_finite(metrics):
         _fail(MonosemanticError(f"metrics are not finite: {', '.join(bad)} (a NaN dictionary, or data it cannot reconstruct)"))
 
 
@@ -284,7 +299,27 @@ def verify(
         report = verify_pair(registry, dictionary, model)
     except MonosemanticError as exc:
         _fail(exc)
+    for warning in report["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     _print_json(report)
+
+
+@app.command()
+def bind(
+    registry: Registry,
+    dictionary: Annotated[str, typer.Option(help="NAME[:VERSION] of a dictionary recorded against model 'unspecified'")],
+    model: Annotated[str, typer.Option(help="the model its activations came from: a directory or hub id")],
+    hook: Annotated[str, typer.Option(help="where on the model they were read: HF module path or TransformerLens alias")],
+) -> None:
+    """Bind a dictionary trained on a bare activation matrix to its model and hook, as its next version (the hook
+    is checked on the model and must have the dictionary's width); it can then be served, evaluated and browsed."""
+    from trainer.pipeline import bind_dictionary
+
+    try:
+        path = bind_dictionary(registry, dictionary, model=model, hook=hook)
+    except MonosemanticError as exc:
+        _fail(exc)
+    _print_json({"published": str(path)})
 
 
 @app.command("seal")

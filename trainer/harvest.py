@@ -1,4 +1,5 @@
-"""Harvest activations at a hook into memory-mapped shards: forward stopped at the hook layer, resumable."""
+"""Harvest activations at one or several hooks into memory-mapped shards: one forward per batch, stopped at the
+deepest hook; resumable."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import io
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_reason
-from monosemantic.lm import HookPoint, LoadedLM, hook_dim, model_source, read_activations, resolve_hook
+from monosemantic.lm import HookPoint, LoadedLM, hook_dim, model_source, read_activations_at, resolve_hook
 from trainer.activations import (
     HARVEST_MANIFEST, SHARD_DTYPES, first_non_finite_row, read_json, to_storage, write_json_atomic,
 )
@@ -52,104 +53,162 @@ def require_free_space(directory: Path, needed: int, what: str) -> None:
         raise WriteFailed(f"{what} needs about {needed / 2**30:.2f} GiB in {directory}, which has {free / 2**30:.2f} GiB free")
 
 
-def harvest(
+def hook_directory(out_dir: Path, hook_name: str) -> Path:
+    """Where a several-hook harvest keeps one hook's shard set: ``OUT/<hook>/``, each a harvest of its own (``train
+    --harvest OUT/<hook>``). A one-hook harvest is ``OUT`` itself."""
+    return Path(out_dir) / hook_name.replace(":", "-")
+
+
+def harvest(lm: LoadedLM, contexts: torch.Tensor, hook: str, out_dir: Path, **options) -> dict:
+    """Write the activations of ``contexts`` [n, ctx] at ``hook`` under ``out_dir``; returns its manifest."""
+    return next(iter(harvest_hooks(lm, contexts, [hook], out_dir, **options).values()))
+
+
+def harvest_hooks(
     lm: LoadedLM,
     contexts: torch.Tensor,
-    hook: str,
+    hooks: Sequence[str],
     out_dir: Path,
     *,
     dtype: str = "float16",
     contexts_per_shard: int = 1024,
     batch_size: int = 32,
     skip_bos: bool = True,
+    exclude_special_tokens: bool = False,
     data_fingerprint: str | None = None,
     progress: bool = True,
     data: dict | None = None,
-) -> dict:
-    """Write the activations of ``contexts`` [n, ctx] at ``hook`` under ``out_dir``; returns the manifest.
+) -> dict[str, dict]:
+    """Write the activations of ``contexts`` [n, ctx] at each of ``hooks`` from one forward per batch (run up to the
+    deepest hook); returns each hook's manifest by hook name. One hook writes into ``out_dir``; several write one
+    shard set each into ``hook_directory(out_dir, hook)``.
 
-    A restarted harvest of the same contexts continues after the last completed shard (each shard covers a
-    fixed range of contexts and is renamed into place only when whole). The BOS position is skipped by
-    default: its activations are atypical (an attention sink) and SAEBench masks it too."""
+    A restarted harvest of the same contexts continues after the last completed shard (each shard covers a fixed
+    range of contexts and is renamed into place only when whole). The BOS position is skipped by default: its
+    activations are atypical (an attention sink) and SAEBench masks it too. ``exclude_special_tokens`` drops every
+    position holding one of the tokenizer's special tokens (BOS/EOS/PAD between packed documents as well)."""
     if dtype not in SHARD_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported for shards; use one of {sorted(SHARD_DTYPES)}")
     if contexts.ndim != 2 or contexts.shape[0] == 0:
         raise ConfigError(f"contexts must be a non-empty [n, context_length] tensor, got {tuple(contexts.shape)}")
-    hook_point = resolve_hook(lm.model, hook)
+    if not hooks:
+        raise ConfigError("hook: give at least one hook point")
+    points = [resolve_hook(lm.model, hook) for hook in hooks]
+    if len({p.key for p in points}) < len(points):
+        raise ConfigError(f"hook: {', '.join(hooks)} name the same hook point more than once")
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WriteFailed(f"cannot create the harvest directory {out_dir}: {os_reason(exc)}") from None
-    with exclusive(out_dir, "harvest"):
-        return _harvest(lm, contexts, hook_point, out_dir, dtype=dtype, contexts_per_shard=contexts_per_shard,
-                        batch_size=batch_size, skip_bos=skip_bos, data_fingerprint=data_fingerprint, progress=progress,
-                        data=data or {})
-
-
-def _harvest(lm: LoadedLM, contexts: torch.Tensor, hook_point: HookPoint, out_dir: Path, *, dtype: str, contexts_per_shard: int,
-             batch_size: int, skip_bos: bool, data_fingerprint: str | None, progress: bool, data: dict) -> dict:
-    identity = {
-        "hook": hook_point.name, "module_path": hook_point.module_path, "model_checksum": lm.checksum,
-        "dtype": dtype, "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
-        "contexts_per_shard": contexts_per_shard, "skip_bos": skip_bos, "data_fingerprint": data_fingerprint,
-        "contexts_checksum": _checksum(contexts),
-    }
-    manifest_path = out_dir / HARVEST_MANIFEST
-    if manifest_path.exists():
-        manifest = read_json(manifest_path, "harvest")
-        if {k: manifest.get(k) for k in identity} != identity:
-            raise MonosemanticError(f"{out_dir} holds a harvest of different data, model or hook; use an empty directory")
-        if any("sha256" not in shard for shard in manifest.get("shards", [])):
-            raise MonosemanticError(f"{out_dir} holds a harvest by an earlier release (shards without checksums); use an empty directory")
-    else:
-        manifest = {**identity, "model_source": model_source(lm.source), "data": data, "shards": [], "contexts_done": 0, "tokens": 0,
-                    "complete": False}
-        write_json_atomic(manifest_path, manifest)
-
-    n = contexts.shape[0]
-    positions = contexts.shape[1] - (1 if skip_bos else 0)
-    remaining = (n - manifest["contexts_done"]) * positions * hook_dim(lm.model, hook_point) * np.dtype(SHARD_DTYPES[dtype]).itemsize
-    require_free_space(out_dir, int(remaining * 1.01) + (1 << 20), "the harvest")
-    started = time.perf_counter()
-    tokens_before = manifest["tokens"]
-    bar = progress_bar(total=n, initial=manifest["contexts_done"], unit="ctx", desc="harvest", enabled=progress)
-    try:
-        while manifest["contexts_done"] < n:
-            lo = manifest["contexts_done"]
-            hi = min(n, lo + contexts_per_shard)
-            rows = []
-            for b in range(lo, hi, batch_size):
-                ids = contexts[b : min(hi, b + batch_size)]
-                acts = read_activations(lm.model, ids, hook_point, stop_at_hook=True)
-                if skip_bos:
-                    acts = acts[:, 1:]
-                rows.append(to_storage(acts.reshape(-1, acts.shape[-1]), dtype))
-                bar.update(ids.shape[0])
-            shard = np.concatenate(rows)
-            if (bad := first_non_finite_row(shard, dtype)) is not None:
-                raise MonosemanticError(
-                    f"the activation of context {lo + bad // max(1, positions)} at {hook_point.name} does not fit {dtype} "
-                    f"(it became inf or NaN); harvest with --dtype bfloat16 or float32")
-            recorded = len(manifest["shards"])
-            name = f"shard_{recorded:05d}.npy"
+    directories = [out_dir] if len(points) == 1 else [hook_directory(out_dir, p.name) for p in points]
+    if exclude_special_tokens and lm.tokenizer is None:
+        raise ConfigError("exclude_special_tokens needs the model's tokenizer to know its special tokens")
+    special = sorted(set(lm.tokenizer.all_special_ids)) if exclude_special_tokens else []
+    settings = dict(dtype=dtype, contexts_per_shard=contexts_per_shard, skip_bos=skip_bos, special=special,
+                    data_fingerprint=data_fingerprint, data=data or {})
+    with ExitStack() as held:
+        for directory in directories:
             try:
-                sha256 = _write_shard(out_dir / name, shard)
-                manifest["shards"].append({"file": name, "rows": int(shard.shape[0]), "contexts": [lo, hi],
-                                           "shape": list(shard.shape), "sha256": sha256})
-                manifest["contexts_done"] = hi
-                manifest["tokens"] += int(shard.shape[0])
-                manifest["d_in"] = int(shard.shape[1])
-                manifest["complete"] = hi >= n
-                write_json_atomic(manifest_path, manifest)
-            except WriteFailed as exc:  # a shard not yet in the manifest is rewritten by the resume
-                raise WriteFailed(f"{exc}; the {recorded} shards recorded before it are kept and the same command "
-                                  "resumes after them") from None
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(tok_s=f"{(manifest['tokens'] - tokens_before) / max(elapsed, 1e-9):,.0f}")
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise WriteFailed(f"cannot create the harvest directory {directory}: {os_reason(exc)}") from None
+            held.enter_context(exclusive(directory, "harvest"))
+        shard_sets = [_ShardSet.open(lm, contexts, p, d, settings) for p, d in zip(points, directories)]
+        _run(lm, contexts, shard_sets, batch_size=batch_size, keep=_kept_positions(contexts, skip_bos, special),
+             progress=progress)
+    return {s.point.name: s.manifest for s in shard_sets}
+
+
+class _ShardSet:
+    """One hook's shards and manifest in one directory, written shard by shard."""
+
+    def __init__(self, point: HookPoint, directory: Path, manifest: dict):
+        self.point, self.directory, self.manifest = point, directory, manifest
+
+    @classmethod
+    def open(cls, lm: LoadedLM, contexts: torch.Tensor, point: HookPoint, directory: Path, settings: dict) -> "_ShardSet":
+        identity = {
+            "hook": point.name, "module_path": point.module_path, "model_checksum": lm.checksum,
+            "dtype": settings["dtype"], "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
+            "contexts_per_shard": settings["contexts_per_shard"], "skip_bos": settings["skip_bos"],
+            "excluded_token_ids": settings["special"], "data_fingerprint": settings["data_fingerprint"],
+            "contexts_checksum": _checksum(contexts),
+        }
+        path = directory / HARVEST_MANIFEST
+        if path.exists():
+            manifest = read_json(path, "harvest")
+            # A harvest from before excluded_token_ids existed excluded none.
+            if {k: manifest.get(k, [] if k == "excluded_token_ids" else None) for k in identity} != identity:
+                raise MonosemanticError(f"{directory} holds a harvest of different data, model, hook or settings; use an empty directory")
+            if any("sha256" not in shard for shard in manifest.get("shards", [])):
+                raise MonosemanticError(f"{directory} holds a harvest by an earlier release (shards without checksums); use an empty directory")
+        else:
+            manifest = {**identity, "model_source": model_source(lm.source), "data": settings["data"], "shards": [],
+                        "contexts_done": 0, "tokens": 0, "complete": False}
+            write_json_atomic(path, manifest)
+        return cls(point, directory, manifest)
+
+    def remaining_bytes(self, lm: LoadedLM, positions: int) -> int:
+        rows = (self.manifest["contexts"] - self.manifest["contexts_done"]) * positions
+        return rows * hook_dim(lm.model, self.point) * np.dtype(SHARD_DTYPES[self.manifest["dtype"]]).itemsize
+
+    def write(self, shard: np.ndarray, lo: int, hi: int, owners: np.ndarray) -> None:
+        manifest, dtype = self.manifest, self.manifest["dtype"]
+        if (bad := first_non_finite_row(shard, dtype)) is not None:
+            raise MonosemanticError(
+                f"the activation of context {lo + int(owners[bad])} at {self.point.name} does not fit {dtype} "
+                f"(it became inf or NaN); harvest with --dtype bfloat16 or float32")
+        recorded = len(manifest["shards"])
+        name = f"shard_{recorded:05d}.npy"
+        try:
+            sha256 = _write_shard(self.directory / name, shard)
+            manifest["shards"].append({"file": name, "rows": int(shard.shape[0]), "contexts": [lo, hi],
+                                       "shape": list(shard.shape), "sha256": sha256})
+            manifest["contexts_done"] = hi
+            manifest["tokens"] += int(shard.shape[0])
+            manifest["d_in"] = int(shard.shape[1])
+            manifest["complete"] = hi >= manifest["contexts"]
+            write_json_atomic(self.directory / HARVEST_MANIFEST, manifest)
+        except WriteFailed as exc:  # a shard not yet in the manifest is rewritten by the resume
+            raise WriteFailed(f"{exc}; the {recorded} shards recorded before it are kept and the same command "
+                              "resumes after them") from None
+
+
+def _kept_positions(contexts: torch.Tensor, skip_bos: bool, special: list[int]) -> torch.Tensor:
+    """[n, ctx] booleans: the positions whose activations become rows."""
+    keep = torch.ones(contexts.shape, dtype=torch.bool)
+    if skip_bos:
+        keep[:, 0] = False
+    if special:
+        keep &= ~torch.isin(contexts, torch.tensor(special, dtype=contexts.dtype))
+    return keep
+
+
+def _run(lm: LoadedLM, contexts: torch.Tensor, shard_sets: list[_ShardSet], *, batch_size: int, keep: torch.Tensor,
+         progress: bool) -> None:
+    n = contexts.shape[0]
+    per = shard_sets[0].manifest["contexts_per_shard"]
+    positions = int(keep.sum(1).max())
+    require_free_space(shard_sets[0].directory.parent if len(shard_sets) > 1 else shard_sets[0].directory,
+                       int(sum(s.remaining_bytes(lm, positions) for s in shard_sets) * 1.01) + (1 << 20), "the harvest")
+    done = lambda: min(s.manifest["contexts_done"] for s in shard_sets)  # noqa: E731
+    tokens = lambda: shard_sets[-1].manifest["tokens"]  # noqa: E731
+    started, first, tokens_before = time.perf_counter(), done(), tokens()
+    bar = progress_bar(total=n, initial=first, unit="ctx", desc="harvest", enabled=progress)
+    try:
+        while (lo := done()) < n:
+            hi = min(n, lo + per)
+            # A set ahead of the others (killed between two sets' writes) is not written twice.
+            behind = [s for s in shard_sets if s.manifest["contexts_done"] == lo]
+            rows: list[list[np.ndarray]] = [[] for _ in behind]
+            for b in range(lo, hi, batch_size):
+                ids, kept = contexts[b : min(hi, b + batch_size)], keep[b : min(hi, b + batch_size)]
+                for out, acts in zip(rows, read_activations_at(lm.model, ids, [s.point for s in behind])):
+                    out.append(to_storage(acts[kept.to(acts.device)], behind[0].manifest["dtype"]))
+                bar.update(ids.shape[0])
+            owners = torch.arange(hi - lo).repeat_interleave(keep[lo:hi].sum(1)).numpy()
+            for shard_set, out in zip(behind, rows):
+                shard_set.write(np.concatenate(out), lo, hi, owners)
+            bar.set_postfix(tok_s=f"{(tokens() - tokens_before) / max(time.perf_counter() - started, 1e-9):,.0f}")
     finally:
         bar.close()
-    return manifest
 
 
 def _write_shard(path: Path, shard: np.ndarray) -> str:

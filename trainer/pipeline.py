@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import sys
 import tempfile
@@ -13,16 +14,18 @@ from typing import Any
 import torch
 
 from monosemantic.artifact import (
-    STORAGE_DTYPES, HookRef, ModelRef, check_name, load_dictionary, parse_reference, publish, recorded_model_source,
+    STORAGE_DTYPES, HookRef, ModelRef, check_name, load_dictionary, parse_reference, publish, read_manifest,
+    recorded_model_source,
 )
 from monosemantic.errors import ConfigError, WriteFailed, os_reason
+from monosemantic.evaluations import carry_evaluations, new_evaluation, non_finite, record_evaluation
 from monosemantic.lm import LoadedLM, hook_dim, load_lm, model_source, resolve_hook
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
 from trainer.activations import SHARD_DTYPES, open_activation_file, open_harvest, split_tail
 from trainer.checkpoint import Checkpoint, write_checkpoint
 from trainer.corpus import build_corpus, token_contexts
 from trainer.evaluate import model_metrics, reconstruction_metrics
-from trainer.harvest import harvest
+from trainer.harvest import harvest_hooks, hook_directory
 from trainer.publish import UNSPECIFIED, publish_trained, result_from_checkpoint
 from trainer.text import TextSpec, packed_contexts
 from trainer.train import TrainConfig, Trainer
@@ -54,27 +57,53 @@ def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: 
     return (contexts[:limit] if limit else contexts), corpus.fingerprint
 
 
-def harvest_corpus(model: str | Path | None, out: Path, *, hook: str, contexts: int, context_length: int, dtype: str,
-                   max_chars: int | None, seed: int, lm: LoadedLM | None = None, text: TextSpec | None = None) -> dict:
-    """``harvest`` on the built-in corpus. Asking for more contexts than the corpus holds harvests them all and
-    says so in the manifest (``contexts_requested``) and on stderr."""
+def harvest_corpus(model: str | Path | None, out: Path, *, hook: str | list[str], contexts: int, context_length: int,
+                   dtype: str, max_chars: int | None, seed: int, lm: LoadedLM | None = None, text: TextSpec | None = None,
+                   exclude_special_tokens: bool = False) -> dict:
+    """``harvest`` on the built-in corpus or the user's text, at one hook (the manifest) or several in one pass
+    (``{"hooks": {name: manifest}}``, each in ``hook_directory(out, name)``). Asking for more contexts than the text
+    holds harvests them all and says so in the manifest (``contexts_requested``) and on stderr."""
     if contexts < 1 or context_length < 2:
         raise ConfigError(f"contexts ({contexts}) must be at least 1 and context_length ({context_length}) at least 2")
     if dtype not in SHARD_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported for shards; use one of {sorted(SHARD_DTYPES)}")
+    hooks = [hook] if isinstance(hook, str) else list(hook)
     lm = lm or load_lm(_model_or_reference(model))
     ctx, fingerprint = corpus_contexts(lm.tokenizer, "train", context_length, max_chars, contexts, seed, text)
-    manifest = harvest(lm, ctx, hook, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048,
-                       data=_data_description(text))
+    manifests = harvest_hooks(lm, ctx, hooks, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048,
+                              data=_data_description(text, max_chars), exclude_special_tokens=exclude_special_tokens)
     if ctx.shape[0] < contexts:
         what = f"--dataset {text.dataset}" if text is not None else "the corpus"
         print(f"warning: {what} holds {ctx.shape[0]:,} training contexts of {context_length} tokens, fewer than the "
               f"{contexts:,} asked; all of them were harvested", file=sys.stderr)
-    return {**manifest, "contexts_requested": contexts}
+    if len(hooks) == 1:
+        return {**next(iter(manifests.values())), "contexts_requested": contexts}
+    return {"hooks": {name: {**m, "directory": str(hook_directory(out, name))} for name, m in manifests.items()},
+            "contexts_requested": contexts}
 
 
-def _data_description(text: TextSpec | None) -> dict:
-    return {"kind": "dataset", **text.describe()} if text is not None else {"kind": "builtin-corpus"}
+def _data_description(text: TextSpec | None, max_chars: int | None = None) -> dict:
+    """What text a stage read. The built-in corpus is this Python's standard library, which differs between
+    Python versions (2,214 files on 3.11.7, fewer on 3.12), so the version goes with it."""
+    if text is not None:
+        return {"kind": "dataset", **text.describe()}
+    return {"kind": "builtin-corpus", "python": platform.python_version(), "max_chars": max_chars}
+
+
+def corpus_difference(data: dict) -> str | None:
+    """For a dictionary trained on the built-in corpus, a warning when this Python's corpus is not the one it was
+    trained on (its metrics, and the README's, cannot then be matched here); None when it is, or when unknown."""
+    text = data.get("text") if isinstance(data.get("text"), dict) else {}
+    recorded = data.get("corpus_fingerprint") or (data.get("fingerprint") if text.get("kind") == "builtin-corpus" else None)
+    if not recorded:
+        return None
+    here = build_corpus(max_chars=text.get("max_chars"))
+    if here.fingerprint == recorded:
+        return None
+    trained_on = f"Python {data.get('python') or text.get('python')}'s" if (data.get("python") or text.get("python")) else "another"
+    return (f"the built-in corpus here (Python {here.stats['python_version']}'s standard library, {here.stats['files']:,} files, "
+            f"fingerprint {here.fingerprint[:12]}…) is not the one this dictionary was trained on ({trained_on}, fingerprint "
+            f"{recorded[:12]}…): metrics measured on it here will not match the recorded ones")
 
 
 def _require_writable(directory: Path, needed_bytes: int, what: str) -> None:
@@ -118,15 +147,58 @@ def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harve
         if hook is not None:
             raise ConfigError("--hook needs --model: a hook is resolved on the model the activations came from")
         return ModelRef(name=UNSPECIFIED, checksum=UNSPECIFIED), HookRef(name=UNSPECIFIED, module_path=UNSPECIFIED)
-    lm = load_lm(_model_or_reference(model))
     if hook is None:
         raise ConfigError("--model needs --hook: say where on the model these activations were read")
+    return _model_and_hook(model, hook, d_in, "the activations")
+
+
+def _model_and_hook(model: str | Path, hook: str, d_in: int, what: str) -> tuple[ModelRef, HookRef]:
+    """``model`` and ``hook`` as a manifest records them: the hook resolved on the model (in the form serving
+    resolves), with the width ``d_in`` of ``what``."""
+    lm = load_lm(_model_or_reference(model))
     point = resolve_hook(lm.model, hook)
     width = hook_dim(lm.model, point)
     if width != d_in:
-        raise ConfigError(f"--hook {hook}: the model's activation there has width {width}, but the activations have {d_in}")
+        raise ConfigError(f"--hook {hook}: the model's activation there has width {width}, but {what} have {d_in}")
     return (ModelRef(name=str(model), checksum=lm.checksum, source=model_source(model)),
             HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
+
+
+UNBOUND_WARNING = ("warning: no --model and --hook given, so the dictionary is recorded against model 'unspecified': it "
+                   "cannot be served, evaluated on text or given dashboards until it is bound to one with "
+                   "monosemantic-train bind --registry {registry} --dictionary {name} --model MODEL --hook HOOK")
+
+
+def bind_dictionary(registry: Path, reference: str, *, model: str, hook: str) -> Path:
+    """``bind``: publish a dictionary recorded against no model (trained from a bare activation matrix) as its next
+    version, bound to ``model`` at ``hook`` (checked: the hook exists and has the dictionary's width). Versions are
+    immutable, so the weights are republished; the new manifest says which version it was bound from."""
+    name, version = parse_reference(reference)
+    dictionary = load_dictionary(registry, name, version)
+    m = dictionary.manifest
+    if m.model.checksum != UNSPECIFIED:
+        raise ConfigError(f"dictionary {name}:v{m.version} is already bound to model {m.model.name!r} at {m.hook.name}; "
+                          "a dictionary is bound once, to the model its activations came from")
+    model_ref, hook_ref = _model_and_hook(model, hook, m.sae.d_in, f"dictionary {name}:v{m.version}'s inputs")
+    _require_writable(registry, _dictionary_bytes(m.sae.d_in, m.sae.d_sae, m.dtype), "the registry")
+    return _republish(registry, dictionary, model=model_ref, hook=hook_ref, extra={"bound_from": f"{name}:v{m.version}"})
+
+
+def _republish(registry: Path, dictionary: Any, *, model: ModelRef, hook: HookRef, extra: dict,
+               features: dict | None = None, labels: list[str] | None = None) -> Path:
+    """The same weights and training record as the next version of the dictionary, with what changed."""
+    m = dictionary.manifest
+    keep = {k: getattr(m, k) for k in ("training", "data", "seed", "tokens", "metrics", "sparsity_coefficient")}
+    if features is None and "feature_statistics" in (m.model_extra or {}):  # the statistics travel with the weights
+        keep["feature_statistics"] = m.model_extra["feature_statistics"]
+    path = publish(registry, m.name, dictionary.sae, model=model, hook=hook, dtype=m.dtype,
+                   features=(dictionary.features or None) if features is None else features,
+                   labels=(dictionary.labels or None) if labels is None else labels,
+                   extra={**keep, "derived_from": f"{m.name}:v{m.version}", **extra})
+    published, digest = read_manifest(path)  # the same weights: their evaluations still hold
+    carry_evaluations(dictionary.path.parent.parent, (m.name, m.version, dictionary.manifest_sha256), registry,
+                      published.version, digest)
+    return path
 
 
 def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, registry: Path | None, name: str | None,
@@ -169,6 +241,8 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
     out: dict[str, Any] = {"metrics": metrics, "tokens": result.tokens, "seconds": result.seconds,
                            "sparsity_coefficient": result.sparsity_coefficient}
     if registry is not None and name is not None:
+        if model_ref.checksum == UNSPECIFIED:
+            print(UNBOUND_WARNING.format(registry=registry, name=name), file=sys.stderr)
         try:
             path = publish_trained(registry, name, result.sae, config=cfg, sparsity_coefficient=result.sparsity_coefficient,
                                    tokens=result.tokens, model=model_ref, hook=hook_ref, metrics=metrics, features=statistics,
@@ -219,8 +293,10 @@ def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: s
 
 def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | None = None, activations: Path | None = None,
                         tokens: int = 200_000, context_length: int = 256, max_chars: int | None = None,
-                        text: TextSpec | None = None) -> dict:
-    """``evaluate``: with a model, everything on held-out corpus text; with ``activations``, reconstruction only."""
+                        text: TextSpec | None = None, record: bool = False) -> dict:
+    """``evaluate``: with a model, everything on held-out text; with ``activations``, reconstruction only. With
+    ``record`` the headline metrics and the data they were measured on are kept beside the version
+    (``monosemantic.evaluations``); the result then says where (``recorded``)."""
     name, version = parse_reference(reference)
     if activations is not None:
         dictionary = load_dictionary(registry, name, version)
@@ -228,16 +304,22 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | N
         if source.d_in != dictionary.sae.cfg.d_in:
             raise ConfigError(f"activations: width {source.d_in} does not match the dictionary's d_in {dictionary.sae.cfg.d_in}")
         metrics, _ = reconstruction_metrics(dictionary.sae, source.in_order())
-        return metrics
-    lm = _dictionary_model(registry, name, version, model)
-    dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
-    hook = dictionary.manifest.hook.name
-    if hook_dim(lm.model, hook) != dictionary.sae.cfg.d_in:
-        raise ConfigError(f"model activation width at {hook} is not the dictionary's d_in {dictionary.sae.cfg.d_in}")
-    n_contexts = max(1, tokens // (context_length - 1))
-    contexts, fingerprint = corpus_contexts(lm.tokenizer, "heldout", context_length, max_chars, n_contexts, text=text)
-    metrics, _ = model_metrics(lm, dictionary.sae, hook, contexts)
-    metrics["data"] = {**_data_description(text), "split": "heldout", "fingerprint": fingerprint}
+        metrics["data"] = {"kind": "activation-file", "path": str(Path(activations).resolve()), "sha256": source.identity()["sha256"]}
+        checksum = None
+    else:
+        lm = _dictionary_model(registry, name, version, model)
+        dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
+        hook = dictionary.manifest.hook.name
+        if hook_dim(lm.model, hook) != dictionary.sae.cfg.d_in:
+            raise ConfigError(f"model activation width at {hook} is not the dictionary's d_in {dictionary.sae.cfg.d_in}")
+        n_contexts = max(1, tokens // (context_length - 1))
+        contexts, fingerprint = corpus_contexts(lm.tokenizer, "heldout", context_length, max_chars, n_contexts, text=text)
+        metrics, _ = model_metrics(lm, dictionary.sae, hook, contexts)
+        metrics["data"] = {**_data_description(text, max_chars), "split": "heldout", "fingerprint": fingerprint}
+        checksum = lm.checksum
+    if record and not non_finite(metrics):  # a non-finite result is refused by the command, not kept
+        evaluation = new_evaluation(dictionary.manifest_sha256, checksum, metrics["data"], metrics)
+        metrics["recorded"] = str(record_evaluation(registry, name, dictionary.manifest.version, evaluation))
     return metrics
 
 
@@ -270,13 +352,9 @@ def features_and_publish(registry: Path, reference: str, *, model: str | Path | 
     _require_writable(out_registry or registry, _dictionary_bytes(m.sae.d_in, m.sae.d_sae, m.dtype) + 4 * m.sae.d_sae * 1024, "the registry")
     contexts, fingerprint = dashboard_contexts(lm.tokenizer, tokens, context_length, max_chars, text)
     tensors, labels = feature_statistics(lm, dictionary.sae, m.hook.module_path + ":" + m.hook.kind, contexts, cfg)
-    keep = {k: getattr(m, k) for k in ("training", "data", "seed", "tokens", "metrics", "sparsity_coefficient")}
-    return publish(
-        out_registry or registry, name, dictionary.sae, model=m.model, hook=m.hook, dtype=m.dtype, features=tensors, labels=labels,
-        extra={**keep, "derived_from": f"{name}:v{m.version}",
-               "feature_statistics": {"tokens": int(tensors["stats_tokens"]), "corpus_fingerprint": fingerprint,
-                                      "text": _data_description(text)}},
-    )
+    return _republish(out_registry or registry, dictionary, model=m.model, hook=m.hook, features=tensors, labels=labels,
+                      extra={"feature_statistics": {"tokens": int(tensors["stats_tokens"]), "corpus_fingerprint": fingerprint,
+                                                    "text": _data_description(text, max_chars)}})
 
 
 @dataclass
@@ -342,7 +420,8 @@ def run_reference(plan: ReferencePlan) -> dict:
         tokens=result.tokens, model=ModelRef(name="reference-lm", checksum=lm.checksum),
         hook=HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind),
         metrics=metrics, features=statistics, labels=labels, dtype=plan.dtype,
-        data={"corpus_fingerprint": fingerprint, "harvest_tokens": manifest["tokens"], "heldout": "stdlib files held out by path hash"},
+        data={"corpus_fingerprint": fingerprint, "python": platform.python_version(), "harvest_tokens": manifest["tokens"],
+              "heldout": "stdlib files held out by path hash"},
         extra={"feature_statistics": {"tokens": int(statistics["stats_tokens"]), "corpus_fingerprint": fingerprint}},
     )
     timings["total_seconds"] = time.perf_counter() - started
@@ -363,4 +442,5 @@ def verify_pair(registry: Path | None, reference: str, model: str | Path | None)
         "dictionary": f"{m.name}:v{m.version}", "architecture": m.architecture, "d_in": m.sae.d_in, "d_sae": m.sae.d_sae,
         "hook": m.hook.name, "model": {"source": lm.source, "checksum": lm.checksum}, "checksums": "ok",
         "metrics": {k: v for k, v in m.metrics.items() if k != "density_histogram"},
+        "warnings": [w for w in [corpus_difference(m.data or {})] if w],
     }

@@ -238,6 +238,27 @@ function guard(fn) {
   return (event) => { event.preventDefault(); showError(""); fn().catch((error) => showError(error.message)); };
 }
 
+// What an evaluation was measured on, in words: the user's dataset (and its split), an activation file, or the
+// built-in corpus; the fingerprint in the tooltip.
+function describeData(data) {
+  if (!data || !data.kind) return "held-out training data";
+  if (data.kind === "dataset") return `${data.dataset}${data.split ? ` (${data.split})` : ""}`;
+  if (data.kind === "activation-file") return `activations ${data.path}`;
+  return "built-in corpus";
+}
+
+function showEvaluations(serving) {
+  const cell = (value, digits) => (value === undefined || value === null ? "–" : Number(value).toFixed(digits));
+  const rows = [{ recorded: "at publishing", data: null, metrics: serving.metrics || {} }, ...serving.evaluations];
+  const body = $("#evaluations tbody");
+  body.replaceChildren(...rows.map((e) => {
+    const on = el("td", {}, describeData(e.data));
+    if (e.data && e.data.fingerprint) on.title = `fingerprint ${e.data.fingerprint}`;
+    return el("tr", {}, el("td", {}, e.recorded), on, el("td", {}, cell(e.metrics.tokens, 0)), el("td", {}, cell(e.metrics.l0, 1)),
+      el("td", {}, cell(e.metrics.fvu, 3)), el("td", {}, cell(e.metrics.loss_recovered, 3)), el("td", {}, cell(e.metrics.dead_fraction, 3)));
+  }));
+}
+
 $("#search-form").addEventListener("submit", guard(() => runSearch($("#search-q").value, $("#search-by").value)));
 $("#goto-feature").addEventListener("change", (e) => { if (e.target.value !== "") location.hash = `#/feature/${e.target.value}`; });
 $("#inspect-form").addEventListener("submit", guard(() => inspect($("#inspect-text").value)));
@@ -261,5 +282,6 @@ api("/v1/dictionaries").then((d) => {
     drawHistogram($("#density-histogram"), density, false);
     $("#density-note").textContent = `${density.dead} dead features (never fired) not shown · L0 ${Number(serving.metrics.l0).toFixed(1)} · FVU ${Number(serving.metrics.fvu).toFixed(3)}`;
   } else $("#density-histogram").hidden = true;
+  showEvaluations(serving);
 }).catch((error) => showError(error.message));
 route();
