@@ -11,7 +11,8 @@ import torch
 from monosemantic.artifact import Dictionary, load_dictionary
 from monosemantic.errors import ArtifactMismatch
 from monosemantic.lm import HookPoint, LoadedLM, hook_dim, load_lm, resolve_hook
-from service.encoder import FastEncoder, fastest_dtype
+from monosemantic.precision import fastest_dtype
+from service.encoder import FastEncoder
 
 
 @dataclass(frozen=True)

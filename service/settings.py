@@ -36,7 +36,7 @@ class ServiceSettings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # the startup line and reloads are info
     # The dtype of the activations readout's encoder matmul; auto: bfloat16 where this machine runs it faster than
-    # float32 (service/encoder.py fastest_dtype has the measurements).
+    # float32 (monosemantic/precision.py has the measurements).
     sae_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
     # Limits: each is named in the error a request gets when it goes past it.

@@ -57,7 +57,7 @@ def test_a_later_encode_leaves_the_readouts_taken_from_an_earlier_one_intact():
 def test_auto_serves_in_the_dtype_this_machine_multiplies_faster_and_a_forced_one_as_given():
     from monosemantic.lm import load_lm
     from monosemantic.shipped import reference_lm_path, reference_registry_path
-    from service.encoder import fastest_dtype
+    from monosemantic.precision import fastest_dtype
     from service.loaded import load_pair
 
     lm = load_lm(reference_lm_path())
@@ -69,7 +69,7 @@ def test_auto_serves_in_the_dtype_this_machine_multiplies_faster_and_a_forced_on
 
 @pytest.mark.parametrize("slow, expected", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_the_dtype_measurement_picks_the_faster_of_two_matmuls(monkeypatch, slow, expected):
-    import service.encoder as encoder_module
+    import monosemantic.precision as encoder_module
 
     fastest_dtype = encoder_module.fastest_dtype.__wrapped__  # without the per-shape cache
     clock = iter(range(100_000))

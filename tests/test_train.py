@@ -127,3 +127,10 @@ def test_a_zero_sparse_step_density_always_takes_the_dense_step(source):
     history = Trainer(_config(log_every=1, sparse_step_density=0.0), source).run(progress=False).history
     assert not any(h["sparse_step"] for h in history)
 
+
+
+def test_bf16_left_unset_is_on_only_where_this_machine_multiplies_it_faster_and_a_given_value_is_kept():
+    from monosemantic.precision import fastest_dtype
+
+    assert TrainConfig.build(d_sae=64).bf16 == (fastest_dtype(512, 4096, "cpu") == torch.bfloat16)
+    assert TrainConfig.build(d_sae=64, bf16=False).bf16 is False and TrainConfig.build(d_sae=64, bf16=True).bf16 is True

@@ -135,7 +135,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 4096,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate")] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision")] = True,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 mixed precision [default: on where this machine multiplies bf16 faster than fp32]")] = None,
     sparse_step_density: Annotated[Optional[float], typer.Option(
         help="take the support-only step while L0 < this share of d_sae (default 0.04; 0: always dense)")] = None,
     initial_firing_rate: Annotated[Optional[float], typer.Option(
