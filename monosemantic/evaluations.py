@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
 from monosemantic.errors import ArtifactError, WriteFailed, os_reason
-from monosemantic.ledger import fsync_dir, now, publishing_lock
+from monosemantic.ledger import now, publishing_lock, write_durably
 
 EVALUATIONS_DIR = "evaluations"
 # The numbers worth showing beside a dictionary; the full result (density histogram included) stays in the CLI's --json.
@@ -65,21 +64,15 @@ def read_evaluations(registry: Path, name: str, version: int, manifest_sha256: s
     return [e for e in record.evaluations if e.manifest_sha256 == manifest_sha256]
 
 
-def record_evaluation(registry: Path, name: str, version: int, evaluation: Evaluation) -> Path:
-    """Append ``evaluation`` to the version's record (under the dictionary's lock; written beside and renamed)."""
+def record_evaluations(registry: Path, name: str, version: int, evaluations: list[Evaluation]) -> Path:
+    """Append ``evaluations`` to the version's record, in one write under the dictionary's lock."""
     path = evaluations_path(registry, name, version)
     try:
         path.parent.mkdir(exist_ok=True)
         with publishing_lock(path.parent.parent):
             record = _read(path, name, version)
-            record.evaluations.append(evaluation)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as fh:
-                fh.write(record.model_dump_json(indent=2))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            record.evaluations.extend(evaluations)
+            write_durably(path, record.model_dump_json(indent=2))
     except OSError as exc:
         raise WriteFailed(f"cannot record the evaluation of {name}:v{version} in {path.parent}: {os_reason(exc)}") from None
     return path
@@ -105,11 +98,11 @@ def carry_evaluations(source_registry: Path, source: tuple[str, int, str], regis
     """Record the evaluations of version ``source`` (name, number, manifest sha256) for a later version with the same
     weights (``features`` and ``bind`` republish them); returns how many."""
     name, number, sha = source
-    evaluations = read_evaluations(source_registry, name, number, sha)
-    for evaluation in evaluations:
-        record_evaluation(registry, name, version, evaluation.model_copy(
-            update={"manifest_sha256": manifest_sha256, "measured": evaluation.measured or f"{name}:v{number}"}))
-    return len(evaluations)
+    carried = [e.model_copy(update={"manifest_sha256": manifest_sha256, "measured": e.measured or f"{name}:v{number}"})
+               for e in read_evaluations(source_registry, name, number, sha)]
+    if carried:
+        record_evaluations(registry, name, version, carried)
+    return len(carried)
 
 
 def new_evaluation(manifest_sha256: str, model_checksum: str | None, data: dict, metrics: dict) -> Evaluation:

@@ -66,16 +66,26 @@ def read_ledger(directory: Path, name: str) -> Ledger | None:
 
 
 def write_ledger(directory: Path, ledger: Ledger) -> None:
-    """Replace the ledger atomically and durably (write, fsync, rename, fsync the directory)."""
-    path = Path(directory) / LEDGER_FILE
+    """Replace the ledger atomically and durably."""
+    write_durably(Path(directory) / LEDGER_FILE, ledger.model_dump_json(indent=2))
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader sees the old file or the new one, never half, and the new one
+    survives a power cut: written beside, fsynced, renamed, the directory fsynced. On a failed write (a full disk)
+    the temporary file is removed and the OSError raised; the previous file stays."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(ledger.model_dump_json(indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    fsync_dir(directory)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def now() -> str:

@@ -22,7 +22,7 @@ def _settings_table() -> str:
         default = field.default_factory() if field.default_factory is not None else field.default
         if isinstance(default, Path):
             default = "the shipped one" if name == "registry" else default
-        shown = "(none)" if default is None or (hasattr(default, "get_secret_value")) else default
+        shown = "(none)" if default is None else default
         rows.append(f"MONOSEMANTIC_{name.upper()} = {shown}")
     # "\b" keeps click from re-wrapping the table into one paragraph.
     return "Settings (a flag above wins over its environment variable):\n\n\b\n" + "\n".join(rows)

@@ -508,8 +508,7 @@ class Engine:
         info = schemas.DictionaryInfo(
             name=m.name, version=m.version, architecture=m.architecture, d_in=m.sae.d_in, d_sae=m.sae.d_sae,
             hook=loaded.hook.name, model_name=m.model.name, model_checksum=loaded.lm.checksum, metrics=m.metrics, serving=True,
-            evaluations=[schemas.EvaluationInfo(recorded=e.recorded, model_checksum=e.model_checksum, data=e.data, metrics=e.metrics,
-                                                measured=e.measured) for e in evaluations],
+            evaluations=[schemas.EvaluationInfo(**e.model_dump(exclude={"manifest_sha256"})) for e in evaluations],
         )
         available = [schemas.DictionaryRef(name=name, version=v) for name, versions in listing.items() for v in versions]
         return schemas.DictionariesResponse(dictionaries=[info], available=available)

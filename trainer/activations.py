@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from monosemantic.artifact import sha256_file
 from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_reason
+from monosemantic.ledger import write_durably
 
 HARVEST_MANIFEST = "harvest.json"
 SHARD_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
@@ -100,15 +100,9 @@ def from_storage(a: np.ndarray, dtype: str) -> Tensor:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write, flush and rename, so a reader never sees half a file; on a failed write (a full disk) the
     temporary file is removed and the previous file stays."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_durably(path, json.dumps(data, indent=2, sort_keys=True))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise WriteFailed(f"cannot write {path.name} in {path.parent}: {os_reason(exc)}") from None
 
 

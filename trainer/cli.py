@@ -104,10 +104,11 @@ def harvest_cmd(
 ) -> None:
     """Run the model over training contexts and store the activations at one or several hooks (the forward runs
     once, up to the deepest hook)."""
+    from monosemantic.shipped import REFERENCE_HOOK
     from trainer.pipeline import harvest_corpus
 
     try:
-        manifest = harvest_corpus(model, out, hook=hook or ["blocks.0.mlp.hook_post"], contexts=contexts,
+        manifest = harvest_corpus(model, out, hook=hook or [REFERENCE_HOOK], contexts=contexts,
                                   context_length=context_length, dtype=dtype, max_chars=max_chars, seed=seed,
                                   text=_text(dataset, text_field, split, revision), exclude_special_tokens=exclude_special_tokens)
     except MonosemanticError as exc:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_reason
-from monosemantic.lm import HookPoint, LoadedLM, hook_dim, model_source, read_activations_at, resolve_hook
+from monosemantic.lm import HookPoint, LoadedLM, model_source, read_activations_at, resolve_hook
 from trainer.activations import (
     HARVEST_MANIFEST, SHARD_DTYPES, first_non_finite_row, read_json, to_storage, write_json_atomic,
 )
@@ -145,9 +145,9 @@ class _ShardSet:
             write_json_atomic(path, manifest)
         return cls(point, directory, manifest)
 
-    def remaining_bytes(self, lm: LoadedLM, positions: int) -> int:
+    def remaining_bytes(self, positions: int, width: int) -> int:
         rows = (self.manifest["contexts"] - self.manifest["contexts_done"]) * positions
-        return rows * hook_dim(lm.model, self.point) * np.dtype(SHARD_DTYPES[self.manifest["dtype"]]).itemsize
+        return rows * width * np.dtype(SHARD_DTYPES[self.manifest["dtype"]]).itemsize
 
     def write(self, shard: np.ndarray, lo: int, hi: int, owners: np.ndarray) -> None:
         manifest, dtype = self.manifest, self.manifest["dtype"]
@@ -186,8 +186,11 @@ def _run(lm: LoadedLM, contexts: torch.Tensor, shard_sets: list[_ShardSet], *, b
     n = contexts.shape[0]
     per = shard_sets[0].manifest["contexts_per_shard"]
     positions = int(keep.sum(1).max())
+    token = torch.zeros((1, 1), dtype=torch.long)  # every hook's width from one one-token forward
+    widths = [a.shape[-1] for a in read_activations_at(lm.model, token, [s.point for s in shard_sets], torch.ones_like(token))]
+    needed = sum(s.remaining_bytes(positions, width) for s, width in zip(shard_sets, widths))
     require_free_space(shard_sets[0].directory.parent if len(shard_sets) > 1 else shard_sets[0].directory,
-                       int(sum(s.remaining_bytes(lm, positions) for s in shard_sets) * 1.01) + (1 << 20), "the harvest")
+                       int(needed * 1.01) + (1 << 20), "the harvest")
     done = lambda: min(s.manifest["contexts_done"] for s in shard_sets)  # noqa: E731
     tokens = lambda: shard_sets[-1].manifest["tokens"]  # noqa: E731
     started, first, tokens_before = time.perf_counter(), done(), tokens()

@@ -18,7 +18,7 @@ from monosemantic.artifact import (
     recorded_model_source,
 )
 from monosemantic.errors import ConfigError, WriteFailed, os_reason
-from monosemantic.evaluations import carry_evaluations, new_evaluation, non_finite, record_evaluation
+from monosemantic.evaluations import carry_evaluations, new_evaluation, non_finite, record_evaluations
 from monosemantic.lm import LoadedLM, hook_dim, load_lm, model_source, resolve_hook
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
 from trainer.activations import SHARD_DTYPES, open_activation_file, open_harvest, split_tail
@@ -319,7 +319,7 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | N
         checksum = lm.checksum
     if record and not non_finite(metrics):  # a non-finite result is refused by the command, not kept
         evaluation = new_evaluation(dictionary.manifest_sha256, checksum, metrics["data"], metrics)
-        metrics["recorded"] = str(record_evaluation(registry, name, dictionary.manifest.version, evaluation))
+        metrics["recorded"] = str(record_evaluations(registry, name, dictionary.manifest.version, [evaluation]))
     return metrics
 
 
