@@ -113,11 +113,19 @@ def publishing_lock(directory: Path) -> Iterator[None]:
 
 @contextmanager
 def held_directory(path: Path) -> Iterator[Path]:
-    """Create ``path`` and hold a lock on it while the caller writes into it."""
-    path.mkdir()
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    """Create ``path`` and hold a lock on it while the caller writes into it.
+
+    Between ``mkdir`` and ``flock`` the new directory is unlocked, so another publisher's ``remove_abandoned`` may
+    take it for a dead writer's and remove it (it holds the lock while it removes, so ours waits for that to
+    finish). Once the lock is ours, a directory with no links left was removed underneath: make it again."""
+    while True:
+        path.mkdir()
+        fd = os.open(path, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            break
+        os.close(fd)
+    try:
         yield path
     finally:
         os.close(fd)

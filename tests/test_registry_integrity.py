@@ -205,3 +205,27 @@ def test_the_next_publish_removes_abandoned_temporary_directories_but_not_one_be
         publish_tiny(tmp_path)
         assert not abandoned.exists()
         assert in_progress.exists()
+
+
+def test_a_temporary_directory_removed_before_its_writer_locks_it_is_made_again(tmp_path, monkeypatch):
+    # The interleaving two publishers hit in CI: B makes its temporary directory, and before B's flock A's
+    # publish (holding the publishing lock) finds it unlocked and removes it as abandoned. Forced here by running
+    # A's sweep, the real remove_abandoned, just before B's first flock on its directory.
+    import fcntl
+
+    from monosemantic import ledger
+
+    real_flock = fcntl.flock
+    swept = []
+
+    def flock_after_a_sweep(fd, operation):
+        if not swept and operation == fcntl.LOCK_EX:
+            swept.append(ledger.remove_abandoned(tmp_path / "dict"))
+        return real_flock(fd, operation)
+
+    (tmp_path / "dict").mkdir()
+    monkeypatch.setattr(ledger.fcntl, "flock", flock_after_a_sweep)
+    with held_directory(tmp_path / "dict" / f"{TEMPORARY_PREFIX}b") as written:
+        (written / "part").write_bytes(b"B's file")
+        assert (written / "part").read_bytes() == b"B's file"
+    assert swept == [[f"{TEMPORARY_PREFIX}b"]]
