@@ -11,8 +11,10 @@ import typer
 from pydantic import ValidationError
 
 from monosemantic.errors import MonosemanticError, describe_validation_error
-from service.server import Server
 from service.settings import ServiceSettings
+
+# service.server (torch, transformers: ~9 s of imports on a 2-core machine) is imported only once the settings
+# and the TLS pair are known good, so --help and a bad setting answer at once.
 
 def _settings_table() -> str:
     """Every setting with its environment variable and default, from ServiceSettings itself (so --help cannot
@@ -51,6 +53,9 @@ def serve(
         raise typer.Exit(2)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        settings.tls_pair()
+        from service.server import Server
+
         asyncio.run(Server(settings).serve())
     except MonosemanticError as exc:
         typer.echo(f"error: cannot start: {exc}", err=True)

@@ -15,11 +15,12 @@ import numpy as np
 import tokenizers
 import torch
 import transformers
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from monosemantic.errors import ConfigError, describe_validation_error
+from monosemantic.precision import fastest_dtype
 from trainer.corpus import BOS_TOKEN, Corpus, build_corpus, token_contexts
 from trainer.progress import progress as progress_bar
 
@@ -75,7 +76,10 @@ class LMConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
-    bf16: bool = True  # bf16 autocast: ~1.3x the fp32 step rate measured here (fp16 is slow on CPU)
+    # bf16 autocast: ~1.3x the fp32 step rate on a CPU with native bf16 (fp16 is slow on CPU); on one without it
+    # (an AMD EPYC without avx512_bf16) the step ran ~30x slower, 700 tok/s. Left unset it is measured
+    # (monosemantic/precision.py) and the measured value is what the saved config records.
+    bf16: bool = False  # replaced by the measurement when not given
     tokenizer_max_chars: int | None = Field(None, gt=0)  # train the tokenizer on a prefix of the corpus
     eval_max_tokens: int = Field(1_000_000, gt=0)  # cap on held-out tokens evaluated
     save_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -92,6 +96,16 @@ class LMConfig(BaseModel):
             return super().model_validate(obj, **kwargs)
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _measure_bf16(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("bf16") is None:
+            width = cls.model_fields
+            d_model, d_mlp = data.get("d_model", width["d_model"].default), data.get("d_mlp", width["d_mlp"].default)
+            measurable = isinstance(d_model, int) and isinstance(d_mlp, int) and d_model > 0 and d_mlp > 0
+            data = {**data, "bf16": measurable and fastest_dtype(d_model, d_mlp, "cpu") == torch.bfloat16}
+        return data
 
     @field_validator("n_head")
     @classmethod
