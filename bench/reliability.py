@@ -251,12 +251,12 @@ def sigterm_under_load(registry: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short runs (CI): 8 s of load, a 20 s soak")
+    parser.add_argument("--quick", action="store_true", help="short runs (CI): 8 s of load, a 10 s soak")
     parser.add_argument("--soak-seconds", type=float, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     load_seconds = 8.0 if args.quick else 30.0
-    soak_seconds = args.soak_seconds or (20.0 if args.quick else 600.0)
+    soak_seconds = args.soak_seconds or (10.0 if args.quick else 600.0)
     with tempfile.TemporaryDirectory() as tmp:
         registry = make_registry(Path(tmp))
         figures = {

@@ -253,6 +253,8 @@ class DictionaryInfo(BaseModel):
     metrics: dict
     serving: bool
     evaluations: list[EvaluationInfo] = Field(default_factory=list, description="evaluations run since publishing (monosemantic-train evaluate), oldest first")
+    source: dict = Field(default_factory=dict, description="where an imported dictionary came from (format, location, "
+                         "revision, the source's own config; monosemantic-train import); empty for one trained here")
 
 
 class DictionariesResponse(BaseModel):

@@ -58,3 +58,7 @@ def describe_validation_error(exc: "pydantic.ValidationError", what: str) -> str
         message = err["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message} (got {err.get('input')!r})")
     return f"invalid {what}: " + "; ".join(parts)
+
+
+class InteropError(ArtifactError):
+    """Another tool's dictionary cannot be read or written exactly; the message names the field that decides it."""

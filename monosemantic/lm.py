@@ -199,6 +199,7 @@ class _Layout:
     points: Mapping[str, tuple[str, str]]  # alias suffix -> (module path relative to the block, kind)
     final_norm: tuple[str, ...] = ()  # paths of the norm before the unembedding, with and without the wrapper
     mlp_out: str = ""  # the MLP's output projection, relative to the block (neurons → residual stream)
+    direct_path: bool = True  # a hook's direct path to the logits is the projection, the final norm, the unembedding
 
 
 _GPT2 = _Layout(
@@ -245,6 +246,25 @@ _LLAMA = _Layout(
     ("model.norm", "norm"),
     "mlp.down_proj",
 )
+# Gemma 2 and 3: the llama layout plus a norm after attention and after the MLP, inside the residual branch.
+# TransformerLens's hook_attn_out / hook_mlp_out are after those norms (ln1_post / ln2_post), and Gemma Scope's
+# attention and MLP dictionaries read them there. The direct path to the logits passes the MLP's post-norm and a tanh
+# logit soft-cap (and Gemma's norms scale by 1 + w), so no direct logit effect is claimed.
+_GEMMA2 = _Layout(
+    "gemma2",
+    ("model.layers", "layers"),
+    {
+        "hook_resid_pre": ("", "input"),
+        "hook_resid_post": ("", "output"),
+        "hook_attn_out": ("post_attention_layernorm", "output"),
+        "mlp.hook_pre": ("mlp.gate_proj", "output"),
+        "mlp.hook_post": ("mlp.down_proj", "input"),
+        "hook_mlp_out": ("post_feedforward_layernorm", "output"),
+    },
+    ("model.norm", "norm"),
+    "mlp.down_proj",
+    direct_path=False,
+)
 # Points of the last block after which the path to the logits is linear once the final norm's scale is frozen
 # (the MLP's down projection, the residual add, the norm, the unembedding): attribution there is exact.
 _LINEAR_TO_LOGITS = ("mlp.hook_post", "hook_mlp_out", "hook_resid_post")
@@ -255,6 +275,8 @@ _LAYOUT_BY_MODEL_TYPE = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
 }
 _ALIAS = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _KINDS = ("output", "input")
@@ -306,7 +328,7 @@ def linear_to_logits(model: nn.Module | LoadedLM, hook: str | HookPoint) -> bool
     model = _unwrap(model)
     point, _ = _as_hook(model, hook)
     found = _layout(model)
-    if found is None or point.alias is None:
+    if found is None or point.alias is None or not found[0].direct_path:
         return False
     n_layers = found[2]
     return any(point.alias == f"blocks.{n_layers - 1}.{suffix}" for suffix in _LINEAR_TO_LOGITS)
@@ -322,7 +344,7 @@ def direct_logit_effects(model: nn.Module | LoadedLM, hook: str | HookPoint, dir
     model = _unwrap(model)
     point, _ = _as_hook(model, hook)
     found = _layout(model)
-    if found is None or point.alias is None:
+    if found is None or point.alias is None or not found[0].direct_path:
         return None
     layout, container, _ = found
     layer, suffix = _ALIAS.match(point.alias).groups()

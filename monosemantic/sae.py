@@ -389,10 +389,21 @@ class JumpReLUSAE(SparseAutoencoder):
     def __init__(self, cfg: SAEConfig, seed: int | None = None) -> None:
         super().__init__(cfg, seed)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(self.INITIAL_THRESHOLD)))
+        # The threshold exactly as loaded, used while not training: exp(log θ) is θ only to within a bit or two,
+        # and at the threshold one bit decides whether a feature fires — an imported dictionary must fire where
+        # its source did. Dropped by train(): training moves log_threshold.
+        self.register_buffer("exact_threshold", None, persistent=False)
 
     @property
     def threshold(self) -> Tensor:
+        if self.exact_threshold is not None and not self.training:
+            return self.exact_threshold
         return self.log_threshold.exp()
+
+    def train(self, mode: bool = True) -> "JumpReLUSAE":
+        if mode:
+            self.exact_threshold = None
+        return super().train(mode)
 
     def _flat(self, pre: Tensor) -> Tensor:
         return pre.reshape(-1, pre.shape[-1])
@@ -423,7 +434,11 @@ class JumpReLUSAE(SparseAutoencoder):
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
         super().load_tensors(tensors)
-        self.log_threshold.data.copy_(tensors["threshold"].float().clamp_min(1e-12).log())
+        threshold = tensors["threshold"].to(self.log_threshold.dtype)
+        if bool((threshold < 0).any()):
+            raise ConfigError("tensor threshold holds negative values (a JumpReLU threshold is at least 0)")
+        self.log_threshold.data.copy_(threshold.clamp_min(1e-12).log())
+        self.exact_threshold = threshold.clone()
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super().expected_shapes(), "threshold": (self.cfg.d_sae,)}

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 M = TypeVar("M", bound=BaseModel)
 _TOKEN_FIELDS = ("target", "contrast")
-_JSON_FIELDS = {"metrics_json": "metrics", "data_json": "data"}  # free-form objects travel as one JSON string
+_JSON_FIELDS = {"metrics_json": "metrics", "data_json": "data", "source_json": "source"}  # free-form objects travel as one JSON string
 
 
 def message_to_dict(message: Message) -> dict[str, Any]:

@@ -509,6 +509,7 @@ class Engine:
             name=m.name, version=m.version, architecture=m.architecture, d_in=m.sae.d_in, d_sae=m.sae.d_sae,
             hook=loaded.hook.name, model_name=m.model.name, model_checksum=loaded.lm.checksum, metrics=m.metrics, serving=True,
             evaluations=[schemas.EvaluationInfo(**e.model_dump(exclude={"manifest_sha256"})) for e in evaluations],
+            source=(m.model_extra or {}).get("source") or {},
         )
         available = [schemas.DictionaryRef(name=name, version=v) for name, versions in listing.items() for v in versions]
         return schemas.DictionariesResponse(dictionaries=[info], available=available)

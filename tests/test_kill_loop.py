@@ -21,7 +21,7 @@ from trainer.checkpoint import read_checkpoint
 from trainer.synthetic import make_sparse_data
 
 REPO = Path(__file__).resolve().parents[1]
-KILLS = 5
+KILLS = 3  # kills at random moments, then a run to the end; each restart costs ~5 s of imports on 2 cores
 
 
 def kill_loop(script: str, *args: str, seed: int, check) -> int:

@@ -17,7 +17,7 @@ def synthetic():
     return make_sparse_data(300_000, d=32, n_features=64, mean_active=5.0, seed=0)
 
 
-def _train(data, arch, tokens=1_200_000, d_sae=128, **overrides):
+def _train(data, arch, tokens=500_000, d_sae=128, **overrides):
     source = ActivationSource(parts=[data.activations.numpy()], dtype="float32")
     options = {**ARCH_OPTIONS[arch], **overrides}
     cfg = TrainConfig.build(architecture=arch, d_sae=d_sae, tokens=tokens, batch_size=512, lr=3e-3, seed=0, **options)

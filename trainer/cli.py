@@ -89,7 +89,7 @@ def harvest_cmd(
     model: Annotated[Optional[str], typer.Option(help="HF model directory or hub id (default: the model the dictionary records, else the shipped reference)")] = None,
     hook: Annotated[Optional[list[str]], typer.Option(help="hook point: HF module path or TransformerLens alias; repeat it to "
                                                        "harvest several in one forward, each into OUT/<hook>/ "
-                                                       "[default: blocks.0.mlp.hook_post]")] = None,
+                                                       "(default: blocks.0.mlp.hook_post)")] = None,
     contexts: Annotated[int, typer.Option(min=1, help="number of corpus contexts to harvest")] = 4096,
     context_length: Annotated[int, typer.Option(min=2)] = 256,
     dtype: Annotated[str, typer.Option(help="float16 | bfloat16 | float32")] = "float16",
@@ -136,7 +136,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 4096,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate")] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 mixed precision [default: on where this machine multiplies bf16 faster than fp32]")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 mixed precision (default: on where this machine multiplies bf16 faster than fp32)")] = None,
     sparse_step_density: Annotated[Optional[float], typer.Option(
         help="take the support-only step while L0 < this share of d_sae (default 0.04; 0: always dense)")] = None,
     initial_firing_rate: Annotated[Optional[float], typer.Option(
@@ -321,6 +321,49 @@ def bind(
     except MonosemanticError as exc:
         _fail(exc)
     _print_json({"published": str(path)})
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[str, typer.Argument(metavar="SRC", help="the other tool's dictionary: a local directory (a params.npz "
+                                          "for Gemma Scope), or a hub location OWNER/REPO or OWNER/REPO/SUBFOLDER")],
+    from_: Annotated[str, typer.Option("--from", help="saelens | sparsify | gemma-scope")],
+    registry: Registry,
+    name: Annotated[str, typer.Option(help="publish as the next version of this dictionary")],
+    model: Annotated[Optional[str], typer.Option(help="the model it reads: a directory or hub id (default: the shipped reference LM)")] = None,
+    hook: Annotated[Optional[str], typer.Option(help="where on the model (default: the hook the source records: SAELens "
+                                                "metadata.hook_name, a sparsify folder's hookpoint, a Gemma Scope path)")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="the hub revision of a hub SRC")] = None,
+) -> None:
+    """Publish another tool's dictionary as the next version of NAME, bound to MODEL: encoding and decoding exactly
+    as the source does (its conventions folded into the weights), or refused with the field that cannot be."""
+    from trainer.interchange import import_dictionary
+
+    try:
+        result = import_dictionary(from_, source, model=model, hook=hook, registry=registry, name=name, revision=revision)
+    except MonosemanticError as exc:
+        _fail(exc)
+    _print_json(result)
+
+
+@app.command("export")
+def export_cmd(
+    to: Annotated[str, typer.Option("--to", help="saelens | sparsify")],
+    registry: Registry,
+    dictionary: Annotated[str, typer.Option(help="NAME or NAME:VERSION (default version: the latest)")],
+    out: Annotated[Path, typer.Option(help="a new (or empty) directory to write")],
+) -> None:
+    """Write a dictionary for SAELens (sae_lens.SAE.load_from_disk(OUT)) or sparsify (sparsify.Sae.load_from_disk(OUT)),
+    in float32 with the input scale folded into the weights, so the tool encodes and decodes as monosemantic does."""
+    from trainer.interchange import export_dictionary
+
+    try:
+        result = export_dictionary(to, registry=registry, dictionary=dictionary, out=out)
+    except MonosemanticError as exc:
+        _fail(exc)
+    for note in result["notes"]:
+        typer.echo(f"note: {note}", err=True)
+    _print_json(result)
 
 
 @app.command("seal")

@@ -152,10 +152,10 @@ def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harve
     return _model_and_hook(model, hook, d_in, "the activations")
 
 
-def _model_and_hook(model: str | Path, hook: str, d_in: int, what: str) -> tuple[ModelRef, HookRef]:
+def _model_and_hook(model: str | Path, hook: str, d_in: int, what: str, lm: LoadedLM | None = None) -> tuple[ModelRef, HookRef]:
     """``model`` and ``hook`` as a manifest records them: the hook resolved on the model (in the form serving
-    resolves), with the width ``d_in`` of ``what``."""
-    lm = load_lm(_model_or_reference(model))
+    resolves), with the width ``d_in`` of ``what``. ``lm``: the model already loaded from ``model``."""
+    lm = lm if lm is not None else load_lm(_model_or_reference(model))
     point = resolve_hook(lm.model, hook)
     width = hook_dim(lm.model, point)
     if width != d_in:
@@ -191,6 +191,8 @@ def _republish(registry: Path, dictionary: Any, *, model: ModelRef, hook: HookRe
     keep = {k: getattr(m, k) for k in ("training", "data", "seed", "tokens", "metrics", "sparsity_coefficient")}
     if features is None and "feature_statistics" in (m.model_extra or {}):  # the statistics travel with the weights
         keep["feature_statistics"] = m.model_extra["feature_statistics"]
+    if "source" in (m.model_extra or {}):  # so does an imported dictionary's source
+        keep["source"] = m.model_extra["source"]
     path = publish(registry, m.name, dictionary.sae, model=model, hook=hook, dtype=m.dtype,
                    features=(dictionary.features or None) if features is None else features,
                    labels=(dictionary.labels or None) if labels is None else labels,

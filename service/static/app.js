@@ -283,5 +283,11 @@ api("/v1/dictionaries").then((d) => {
     $("#density-note").textContent = `${density.dead} dead features (never fired) not shown · L0 ${Number(serving.metrics.l0).toFixed(1)} · FVU ${Number(serving.metrics.fvu).toFixed(3)}`;
   } else $("#density-histogram").hidden = true;
   showEvaluations(serving);
+  if (serving.source && serving.source.format) {  // an imported dictionary says where it came from
+    const s = serving.source;
+    $("#source").textContent = `Imported from ${s.format}: ${s.location}${s.revision ? ` @ ${s.revision}` : ""}` +
+      (s.folded && s.folded.length ? ` (folded into the weights: ${s.folded.join(", ")})` : "");
+    $("#source").hidden = false;
+  }
 }).catch((error) => showError(error.message));
 route();

@@ -1,0 +1,87 @@
+"""Exact folds between other tools' encoders and monosemantic's one layout, in float64.
+
+monosemantic encodes ``f = σ((s·x − b_dec) W_enc + b_enc)`` and decodes ``x̂ = (f W_dec + b_dec) / s`` with the input
+scale ``s`` (monosemantic/sae.py). Every affine difference of another tool is a change of variables that leaves
+the pre-activations, and so σ's decisions (which features fire, which k are kept), unchanged:
+
+- no ``b_dec`` subtracted before encoding (SAELens ``apply_b_dec_to_input: false``, Gemma Scope):
+  ``x W_enc + b_enc = (x − b_dec) W_enc + (b_enc + b_dec W_enc)``;
+- TopK selecting on pre-activations times decoder row norms ``n`` (SAELens ``rescale_acts_by_decoder_norm``) and
+  decoding ``(f / n) W_dec``: ``W_enc·n, b_enc·n`` and ``W_dec / n`` give the same f and x̂ with unit decoder rows;
+- the input scale, on export: ``(s·x − b_dec) W_enc = (x − b_dec/s)(s·W_enc)`` and ``(f W_dec + b_dec)/s =
+  f (W_dec/s) + b_dec/s``, so the exported decoder rows have norm 1/s where monosemantic's are unit.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from monosemantic.errors import InteropError
+from monosemantic.sae import SAEConfig, SparseAutoencoder, sae_from_tensors
+
+
+class AffineSAE(NamedTuple):
+    """A dictionary as plain tensors in SAELens orientation (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``),
+    encoding ``σ((x − b_dec) W_enc + b_enc)`` and decoding ``f W_dec + b_dec`` on raw activations."""
+
+    architecture: str  # monosemantic's: relu | topk | jumprelu
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    threshold: Tensor | None = None
+    k: int | None = None
+
+
+def build(source: AffineSAE, *, subtract_b_dec: bool = True, selection_scale: Tensor | None = None) -> tuple[SparseAutoencoder, bool]:
+    """A monosemantic dictionary that encodes and decodes exactly as ``source`` read with these options; returns it
+    and whether any weight was changed by a fold (then only float32 storage keeps it exact)."""
+    t = {name: getattr(source, name).detach().to(torch.float64) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    d_in, d_sae = t["W_enc"].shape
+    for name, shape in (("b_enc", (d_sae,)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,))):
+        if tuple(t[name].shape) != shape:
+            raise InteropError(f"{name} has shape {tuple(t[name].shape)}; with W_enc {tuple(t['W_enc'].shape)} it must be {shape}")
+    for name, value in t.items():
+        if not bool(torch.isfinite(value).all()):
+            raise InteropError(f"{name} holds NaN or inf")
+    folded = False
+    if not subtract_b_dec and bool(t["b_dec"].any()):
+        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+        folded = True
+    if selection_scale is not None:
+        n = selection_scale.detach().to(torch.float64)
+        if bool((n <= 0).any()):
+            raise InteropError(f"W_dec row {int((n <= 0).nonzero()[0])} has zero norm; rescale_acts_by_decoder_norm divides by it")
+        t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n, t["b_enc"] * n, t["W_dec"] / n[:, None]
+        folded = True
+    tensors = {name: value.to(torch.float32) for name, value in t.items()}
+    if source.architecture == "jumprelu":
+        if source.threshold is None:
+            raise InteropError("a JumpReLU dictionary needs a threshold")
+        threshold = source.threshold.detach().to(torch.float32)
+        if tuple(threshold.shape) != (d_sae,):
+            threshold = threshold.expand(d_sae).clone() if threshold.numel() == 1 else threshold
+        # relu(z)·1{z > θ} (SAELens, Gemma Scope) is z·1{z > max(θ, 0)}: a threshold below 0 acts as 0.
+        tensors["threshold"] = threshold.clamp_min(0)
+    cfg = SAEConfig.build(architecture=source.architecture, d_in=d_in, d_sae=d_sae, k=source.k)
+    return sae_from_tensors(cfg, tensors), folded
+
+
+def export_tensors(sae: SparseAutoencoder) -> AffineSAE:
+    """``sae`` with its input scale folded in (float32, computed in float64): what a tool without an input scale
+    encodes and decodes exactly as monosemantic does on raw activations."""
+    s = float(sae.cfg.input_scale)
+    t = {name: value.detach().to(torch.float64) for name, value in sae.tensors().items()}
+    threshold = t.get("threshold")
+    return AffineSAE(
+        architecture=sae.cfg.architecture,
+        W_enc=(t["W_enc"] * s).float(), b_enc=t["b_enc"].float(), W_dec=(t["W_dec"] / s).float(), b_dec=(t["b_dec"] / s).float(),
+        threshold=None if threshold is None else threshold.float(), k=sae.cfg.k,
+    )
+
+
+def rows_are_unit_norm(W_dec: Tensor, tolerance: float = 1e-5) -> bool:
+    return bool(((W_dec.double().norm(dim=1) - 1).abs() <= tolerance).all())
