@@ -165,3 +165,22 @@ def test_the_start_page_lists_the_evaluations_with_the_data_they_were_measured_o
     assert [c[0] for c in cells][0] == "at publishing" and len(cells) == 2
     assert cells[1][1].startswith(str(notes)) and cells[1][2] != "–" and float(cells[1][3]) > 0
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_the_start_page_says_where_an_imported_dictionary_came_from(browser, tmp_path):
+    from conftest import RunningServer
+    from test_interop_cli import saelens_mlp_dictionary
+    from trainer.interchange import import_dictionary
+
+    saelens_mlp_dictionary(tmp_path / "saelens")
+    import_dictionary("saelens", str(tmp_path / "saelens"), model=None, hook=None, registry=tmp_path / "r", name="jb")
+    running = RunningServer(registry=tmp_path / "r", dictionary="jb")
+    try:
+        browser.get_log("browser")
+        browser.get(running.http_url + "/")
+        shown = wait_for(browser, lambda d: d.find_element(By.ID, "source").text or None)
+        assert shown.startswith(f"Imported from saelens: {(tmp_path / 'saelens').resolve()}")
+        assert "apply_b_dec_to_input: false" in shown
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        running.stop()

@@ -321,3 +321,27 @@ def test_a_sparsify_dictionary_round_trips_through_monosemantic_to_sparsify(tmp_
     get_format("sparsify", writing=True).write(get_format("sparsify").read(tmp_path / "in").sae, tmp_path / "out", about())
     again = SparseCoder.load_from_disk(tmp_path / "out")
     assert close(sparsify_dense(again, activations), sparsify_dense(original, activations)) <= TOLERANCE
+
+
+def test_a_gemma_scope_2_safetensors_release_imports_as_saelens_reads_it(tmp_path, activations):
+    # SAELens's gemma_3 loader asks the hub for tensor shapes (no offline path), so the reference is what it builds:
+    # a JumpReLUSAE, apply_b_dec_to_input false, from w_enc / w_dec / b_enc / b_dec / threshold.
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "gemma-scope-2-270m-pt" / "resid_post" / "layer_5_width_16k_l0_small"
+    params = write_gemma_scope(tmp_path / "npz", lower_case=True)
+    folder.mkdir(parents=True)
+    save_file(params, str(folder / "params.safetensors"))
+    theirs = JumpReLUSAE(JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False))
+    theirs.load_state_dict({"W_enc": torch.from_numpy(params["w_enc"]), "W_dec": torch.from_numpy(params["w_dec"]),
+                            **{k: torch.from_numpy(params[k]) for k in ("b_enc", "b_dec", "threshold")}})
+
+    imported = get_format("gemma-scope").read(folder)
+    assert close(imported.sae.encode(activations), theirs.encode(activations)) <= TOLERANCE
+    features = theirs.encode(activations)
+    assert close(imported.sae.decode(features), theirs.decode(features)) <= TOLERANCE
+    assert imported.hook == "blocks.5.hook_resid_post"  # SAELens's get_gemma_3_config_from_hf rule for resid_post/
+    (tmp_path / "gemma-scope-2-270m-pt" / "attn_out" / "layer_5_width_16k_l0_small").mkdir(parents=True)
+    save_file(params, str(tmp_path / "gemma-scope-2-270m-pt" / "attn_out" / "layer_5_width_16k_l0_small" / "params.safetensors"))
+    with pytest.raises(InteropError, match="hook_z"):
+        get_format("gemma-scope").read(tmp_path / "gemma-scope-2-270m-pt" / "attn_out" / "layer_5_width_16k_l0_small")

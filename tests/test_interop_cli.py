@@ -162,3 +162,30 @@ def test_an_unknown_format_is_refused_with_the_known_ones(tmp_path):
     assert result.exit_code == 2 and "gemma-scope, saelens, sparsify" in result.output
     result = runner.invoke(app, ["export", "--to", "gemma-scope", "--registry", str(tmp_path / "r"), "--dictionary", "x", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "saelens, sparsify" in result.output
+
+
+def test_a_saelens_release_and_sae_id_are_found_through_saelenss_directory_and_centred_as_trained(tiny_gpt2, tmp_path, monkeypatch):
+    # gpt2-small-res-jb was trained on TransformerLens's GPT-2 with center_writing_weights: there the residual stream
+    # is x − mean(x). The hub cache holds our own small dictionary under that release's repository and folder.
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=96, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre")))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    sae.save_model(tmp_path / "files")
+    populate_hub_cache(tmp_path / "hub", "jbloom/GPT2-Small-SAEs-Reformatted",
+                       {f"blocks.0.hook_resid_pre/{p.name}": p.read_bytes() for p in (tmp_path / "files").iterdir()})
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    result = runner.invoke(app, ["import", "--from", "saelens", "gpt2-small-res-jb", "--sae-id", "blocks.0.hook_resid_pre",
+                                 "--model", str(tiny_gpt2), "--registry", str(tmp_path / "r"), "--name", "jb"])
+    assert result.exit_code == 0, result.output
+    dictionary = load_dictionary(tmp_path / "r", "jb")
+    source = dictionary.manifest.model_extra["source"]
+    assert (source["release"], source["sae_id"], source["hub_repo"]) == ("gpt2-small-res-jb", "blocks.0.hook_resid_pre", "jbloom/GPT2-Small-SAEs-Reformatted")
+    x = torch.randn(64, 32, generator=g) * 2 + 1
+    theirs = SAE.load_from_disk(tmp_path / "files")
+    assert close(dictionary.sae.encode(x), theirs.encode(x - x.mean(-1, keepdim=True))) <= 1e-4
+    unknown = runner.invoke(app, ["import", "--from", "saelens", "gpt2-small-res-jb", "--sae-id", "blocks.99.hook_z",
+                                  "--model", str(tiny_gpt2), "--registry", str(tmp_path / "r"), "--name", "jb"])
+    assert unknown.exit_code == 2 and "has no SAE id 'blocks.99.hook_z'" in unknown.output

@@ -334,13 +334,17 @@ def import_cmd(
     hook: Annotated[Optional[str], typer.Option(help="where on the model (default: the hook the source records: SAELens "
                                                 "metadata.hook_name, a sparsify folder's hookpoint, a Gemma Scope path)")] = None,
     revision: Annotated[Optional[str], typer.Option(help="the hub revision of a hub SRC")] = None,
+    sae_id: Annotated[Optional[str], typer.Option(help="with --from saelens: SRC is a SAELens release (gpt2-small-res-jb) and "
+                                                  "this the SAE's id in it (blocks.8.hook_resid_pre), found through SAELens's "
+                                                  "directory of releases")] = None,
 ) -> None:
     """Publish another tool's dictionary as the next version of NAME, bound to MODEL: encoding and decoding exactly
     as the source does (its conventions folded into the weights), or refused with the field that cannot be."""
     from trainer.interchange import import_dictionary
 
     try:
-        result = import_dictionary(from_, source, model=model, hook=hook, registry=registry, name=name, revision=revision)
+        result = import_dictionary(from_, source, model=model, hook=hook, registry=registry, name=name, revision=revision,
+                                   sae_id=sae_id)
     except MonosemanticError as exc:
         _fail(exc)
     _print_json(result)

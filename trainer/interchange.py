@@ -8,6 +8,7 @@ version of a name, with the source recorded in the manifest.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 from monosemantic.artifact import load_dictionary, parse_reference, publish
 from monosemantic.errors import ConfigError, InteropError, WriteFailed, os_reason
 from monosemantic.interop import ExportAbout, get_format
+from monosemantic.interop.folding import RESIDUAL_WRITES, centre_inputs
 from monosemantic.lm import load_lm
 from trainer.pipeline import _model_and_hook, _model_or_reference, _require_writable, _dictionary_bytes
 
@@ -50,12 +52,47 @@ def locate(source: str, revision: str | None = None) -> tuple[Path, dict[str, An
     return location, {"location": source, "hub_repo": repo, "subfolder": sub, "revision": root.name}
 
 
+# SAELens's conversion loaders whose files a monosemantic format reads (None: SAELens's own layout).
+RELEASE_FORMATS = {None: "saelens", "gemma_2": "gemma-scope", "gemma_3": "gemma-scope", "sparsify": "sparsify"}
+
+
+def locate_release(release: str, sae_id: str, revision: str | None = None) -> tuple[str, Path, dict[str, Any], bool]:
+    """A SAELens release and SAE id, resolved through SAELens's own directory of releases (pretrained_saes.yaml) to
+    a hub repository and folder: (the format its files are in, their local path, where they came from, whether the
+    release was trained on a TransformerLens model with centred writing weights)."""
+    try:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    except ImportError:
+        raise InteropError("--sae-id resolves a SAELens release through SAELens's directory of releases: "
+                           "pip install 'monosemantic[interop]'") from None
+    lookup = get_pretrained_saes_directory().get(release)
+    if lookup is None:
+        close = difflib.get_close_matches(release, get_pretrained_saes_directory(), n=3)
+        raise InteropError(f"SAELens has no release {release!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if sae_id not in lookup.saes_map:
+        ids = list(lookup.saes_map)
+        raise InteropError(f"release {release} has no SAE id {sae_id!r}; it has {len(ids)}: {', '.join(ids[:8])}{' …' if len(ids) > 8 else ''}")
+    if lookup.conversion_func not in RELEASE_FORMATS:
+        raise InteropError(f"release {release} is read by SAELens's {lookup.conversion_func} loader, a format monosemantic "
+                           f"does not read (it reads {', '.join(sorted(set(RELEASE_FORMATS.values())))})")
+    location, where = locate(f"{lookup.repo_id}/{lookup.saes_map[sae_id]}", revision)
+    overrides = (lookup.config_overrides or {}).get("model_from_pretrained_kwargs") or {}
+    where.update(release=release, sae_id=sae_id, release_model=lookup.model)
+    return RELEASE_FORMATS[lookup.conversion_func], location, where, bool(overrides.get("center_writing_weights"))
+
+
 def import_dictionary(fmt: str, source: str, *, model: str | None, hook: str | None, registry: Path, name: str,
-                      revision: str | None = None) -> dict[str, Any]:
-    """Read ``source`` in format ``fmt`` and publish it as the next version of ``name``, bound to ``model``."""
-    reader = get_format(fmt)
-    location, where = locate(source, revision)
-    imported = reader.read(location)
+                      revision: str | None = None, sae_id: str | None = None) -> dict[str, Any]:
+    """Read ``source`` in format ``fmt`` (with ``sae_id``: ``source`` is a SAELens release) and publish it as the
+    next version of ``name``, bound to ``model``."""
+    centred = False
+    if sae_id is not None:
+        if fmt != "saelens":
+            raise ConfigError("--sae-id names an SAE in a SAELens release: use it with --from saelens")
+        fmt, location, where, centred = locate_release(source, sae_id, revision)
+    else:
+        location, where = locate(source, revision)
+    imported = get_format(fmt).read(location)
     lm = load_lm(_model_or_reference(model))
     hook_name = hook or imported.hook
     if hook_name is None:
@@ -63,15 +100,19 @@ def import_dictionary(fmt: str, source: str, *, model: str | None, hook: str | N
     if hook is None and imported.hook_relative_to_base_model:
         prefix = getattr(lm.model, "base_model_prefix", "")
         hook_name = f"{prefix}.{hook_name}" if prefix and hasattr(lm.model, prefix) else hook_name
-    d_in = imported.sae.cfg.d_in
+    sae, folded = imported.sae, list(imported.source.get("folded", []))
+    if centred and hook_name.endswith(RESIDUAL_WRITES):
+        sae, folded = centre_inputs(sae), [*folded, "center_writing_weights: inputs centred in the encoder"]
+    d_in = sae.cfg.d_in
     model_ref, hook_ref = _model_and_hook(model or str(_model_or_reference(None)), hook_name, d_in,
                                           f"the {fmt} dictionary's inputs (d_in)", lm=lm)
-    _require_writable(registry, _dictionary_bytes(d_in, imported.sae.cfg.d_sae, imported.dtype), "the registry")
-    source_record = {**imported.source, **where, "model_name": imported.model_name, "hook_given": hook is not None}
-    path = publish(registry, name, imported.sae, model=model_ref, hook=hook_ref, dtype=imported.dtype,
+    dtype = "float32" if sae is not imported.sae else imported.dtype
+    _require_writable(registry, _dictionary_bytes(d_in, sae.cfg.d_sae, dtype), "the registry")
+    source_record = {**imported.source, **where, "folded": folded, "model_name": imported.model_name, "hook_given": hook is not None}
+    path = publish(registry, name, sae, model=model_ref, hook=hook_ref, dtype=dtype,
                    extra={"source": source_record, "training": {"imported": fmt}})
-    return {"published": str(path), "architecture": imported.sae.cfg.architecture, "d_in": d_in,
-            "d_sae": imported.sae.cfg.d_sae, "hook": hook_ref.name, "dtype": imported.dtype}
+    return {"published": str(path), "architecture": sae.cfg.architecture, "d_in": d_in, "d_sae": sae.cfg.d_sae,
+            "hook": hook_ref.name, "dtype": dtype, "folded": folded}
 
 
 def export_dictionary(fmt: str, *, registry: Path, dictionary: str, out: Path) -> dict[str, Any]:

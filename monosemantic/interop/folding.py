@@ -85,3 +85,22 @@ def export_tensors(sae: SparseAutoencoder) -> AffineSAE:
 
 def rows_are_unit_norm(W_dec: Tensor, tolerance: float = 1e-5) -> bool:
     return bool(((W_dec.double().norm(dim=1) - 1).abs() <= tolerance).all())
+
+
+# Hooks whose TransformerLens value moves with center_writing_weights: every write into the residual stream is
+# made zero-mean over d_model, so there TL's activation is x − mean(x) where the HF model's is x.
+RESIDUAL_WRITES = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+
+
+def centre_inputs(sae: SparseAutoencoder) -> SparseAutoencoder:
+    """``sae`` reading ``x − mean(x)`` from ``x`` (a dictionary trained on a TransformerLens model loaded with
+    ``center_writing_weights``, served on the HF model): with P = I − 11ᵀ/d, ``(Px − b_dec) W_enc + b_enc =
+    (x − b_dec)(P W_enc) + b_enc − mean(b_dec)·1ᵀW_enc``. The reconstruction is of the centred activation; every
+    read of the residual stream goes through a norm that removes the mean, so the model's outputs are unchanged."""
+    t = {name: value.detach().to(torch.float64) for name, value in sae.tensors().items()}
+    if sae.cfg.input_scale != 1.0:
+        raise InteropError("centring is folded into an imported dictionary, before any input scale")
+    w = t["W_enc"]
+    t["b_enc"] = t["b_enc"] - t["b_dec"].mean() * w.sum(0)
+    t["W_enc"] = w - w.mean(0, keepdim=True)
+    return sae_from_tensors(sae.cfg, {name: value.to(torch.float32) for name, value in t.items()})
