@@ -189,3 +189,31 @@ def test_a_saelens_release_and_sae_id_are_found_through_saelenss_directory_and_c
     unknown = runner.invoke(app, ["import", "--from", "saelens", "gpt2-small-res-jb", "--sae-id", "blocks.99.hook_z",
                                   "--model", str(tiny_gpt2), "--registry", str(tmp_path / "r"), "--name", "jb"])
     assert unknown.exit_code == 2 and "has no SAE id 'blocks.99.hook_z'" in unknown.output
+
+
+def test_a_releases_norm_scaling_factor_becomes_the_input_scale_as_saelens_folds_it(tiny_gpt2, tmp_path, monkeypatch):
+    # gpt2-small-mlp-tm's blocks.0.hook_mlp_out: normalize_activations expected_average_only_in, with a factor in
+    # SAELens's directory that from_pretrained folds into the weights (W_enc·s, W_dec/s, b_dec/s).
+    from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=96, normalize_activations="expected_average_only_in",
+                                        metadata=SAEMetadata(hook_name="blocks.0.hook_mlp_out")))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    sae.save_model(tmp_path / "files")
+    folder = "sae_group_gpt2_blocks.0.hook_mlp_out_24576:v1"
+    populate_hub_cache(tmp_path / "hub", "tommmcgrath/gpt2-small-mlp-out-saes",
+                       {f"{folder}/{p.name}": p.read_bytes() for p in (tmp_path / "files").iterdir()})
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    result = runner.invoke(app, ["import", "--from", "saelens", "gpt2-small-mlp-tm", "--sae-id", "blocks.0.hook_mlp_out",
+                                 "--model", str(tiny_gpt2), "--registry", str(tmp_path / "r"), "--name", "tm"])
+    assert result.exit_code == 0, result.output
+    ours = load_dictionary(tmp_path / "r", "tm").sae
+    theirs = SAE.load_from_disk(tmp_path / "files")
+    theirs.fold_activation_norm_scaling_factor(get_norm_scaling_factor("gpt2-small-mlp-tm", "blocks.0.hook_mlp_out"))
+    x = torch.randn(64, 32, generator=g)
+    assert ours.cfg.input_scale == pytest.approx(1.049317316132615)
+    assert close(ours.encode(x), theirs.encode(x)) <= 1e-4 and close(ours.decode(theirs.encode(x)), theirs.decode(theirs.encode(x))) <= 1e-4

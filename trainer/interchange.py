@@ -14,13 +14,14 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from monosemantic.artifact import load_dictionary, parse_reference, publish
 from monosemantic.errors import ConfigError, InteropError, WriteFailed, os_reason
 from monosemantic.interop import ExportAbout, get_format
 from monosemantic.interop.folding import RESIDUAL_WRITES, centre_inputs
 from monosemantic.lm import load_lm
+from monosemantic.sae import sae_from_tensors
 from trainer.pipeline import _model_and_hook, _model_or_reference, _require_writable, _dictionary_bytes
 
 _HUB_LOCATION = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(/(?P<sub>.+))?$")
@@ -56,10 +57,19 @@ def locate(source: str, revision: str | None = None) -> tuple[Path, dict[str, An
 RELEASE_FORMATS = {None: "saelens", "gemma_2": "gemma-scope", "gemma_3": "gemma-scope", "sparsify": "sparsify"}
 
 
-def locate_release(release: str, sae_id: str, revision: str | None = None) -> tuple[str, Path, dict[str, Any], bool]:
+class Release(NamedTuple):
+    """A SAELens release's SAE, found and fetched."""
+
+    format: str  # the monosemantic format its files are in
+    location: Path
+    where: dict[str, Any]  # recorded in the manifest's source
+    centred: bool  # trained on a TransformerLens model loaded with center_writing_weights
+    norm_scaling_factor: float | None  # SAELens folds it in when the cfg says expected_average_only_in
+
+
+def locate_release(release: str, sae_id: str, revision: str | None = None) -> Release:
     """A SAELens release and SAE id, resolved through SAELens's own directory of releases (pretrained_saes.yaml) to
-    a hub repository and folder: (the format its files are in, their local path, where they came from, whether the
-    release was trained on a TransformerLens model with centred writing weights)."""
+    a hub repository and folder, with what SAELens's from_pretrained applies on top of the files."""
     try:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError:
@@ -78,18 +88,20 @@ def locate_release(release: str, sae_id: str, revision: str | None = None) -> tu
     location, where = locate(f"{lookup.repo_id}/{lookup.saes_map[sae_id]}", revision)
     overrides = (lookup.config_overrides or {}).get("model_from_pretrained_kwargs") or {}
     where.update(release=release, sae_id=sae_id, release_model=lookup.model)
-    return RELEASE_FORMATS[lookup.conversion_func], location, where, bool(overrides.get("center_writing_weights"))
+    return Release(RELEASE_FORMATS[lookup.conversion_func], location, where, bool(overrides.get("center_writing_weights")),
+                   lookup.norm_scaling_factor.get(sae_id))
 
 
 def import_dictionary(fmt: str, source: str, *, model: str | None, hook: str | None, registry: Path, name: str,
                       revision: str | None = None, sae_id: str | None = None) -> dict[str, Any]:
     """Read ``source`` in format ``fmt`` (with ``sae_id``: ``source`` is a SAELens release) and publish it as the
     next version of ``name``, bound to ``model``."""
-    centred = False
+    found = None
     if sae_id is not None:
         if fmt != "saelens":
             raise ConfigError("--sae-id names an SAE in a SAELens release: use it with --from saelens")
-        fmt, location, where, centred = locate_release(source, sae_id, revision)
+        found = locate_release(source, sae_id, revision)
+        fmt, location, where = found.format, found.location, found.where
     else:
         location, where = locate(source, revision)
     imported = get_format(fmt).read(location)
@@ -101,8 +113,13 @@ def import_dictionary(fmt: str, source: str, *, model: str | None, hook: str | N
         prefix = getattr(lm.model, "base_model_prefix", "")
         hook_name = f"{prefix}.{hook_name}" if prefix and hasattr(lm.model, prefix) else hook_name
     sae, folded = imported.sae, list(imported.source.get("folded", []))
-    if centred and hook_name.endswith(RESIDUAL_WRITES):
+    if found is not None and found.centred and hook_name.endswith(RESIDUAL_WRITES):
         sae, folded = centre_inputs(sae), [*folded, "center_writing_weights: inputs centred in the encoder"]
+    normalisation = (imported.source.get("config") or {}).get("normalize_activations")
+    if found is not None and found.norm_scaling_factor is not None and normalisation == "expected_average_only_in":
+        # SAELens's from_pretrained multiplies W_enc by it and divides W_dec and b_dec: monosemantic's input scale.
+        sae = sae_from_tensors(sae.cfg.model_copy(update={"input_scale": float(found.norm_scaling_factor)}), sae.tensors())
+        folded = [*folded, f"norm_scaling_factor {found.norm_scaling_factor} as the input scale"]
     d_in = sae.cfg.d_in
     model_ref, hook_ref = _model_and_hook(model or str(_model_or_reference(None)), hook_name, d_in,
                                           f"the {fmt} dictionary's inputs (d_in)", lm=lm)
