@@ -14,16 +14,18 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-import transformers
 from packaging.version import Version
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from monosemantic.errors import HookError, ModelLoadError, MonosemanticError
+
+if TYPE_CHECKING:  # transformers' model classes are imported where a model is loaded: ~5 s of imports on 2 cores
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "HookPoint",
@@ -56,7 +58,7 @@ class LoadedLM:
 
 
 # transformers renamed `torch_dtype` to `dtype` in 4.56 (PR #39782); the old name still works there but warns.
-_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+_DTYPE_KWARG = "dtype" if Version(version("transformers")) >= Version("4.56") else "torch_dtype"
 
 # What a hub id looks like ("gpt2", "EleutherAI/pythia-70m"); anything else that does not exist is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -90,6 +92,8 @@ def _local_dir(source: str | Path) -> Path | None:
 
 
 def _from_pretrained_model(name: str, local: bool, dtype: torch.dtype) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
     kwargs: dict[str, Any] = {_DTYPE_KWARG: dtype, "trust_remote_code": False}
     if local:
         kwargs["local_files_only"] = True  # a local folder must never trigger a hub call
@@ -113,6 +117,8 @@ def load_lm(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.
         raise ModelLoadError(f"model directory {local_dir} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}); "
                              "save the tokenizer beside the model with tokenizer.save_pretrained")
     model = _from_pretrained_model(name, local, dtype)
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, trust_remote_code=False, **({"local_files_only": True} if local else {})

@@ -67,7 +67,7 @@ SAELENS_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case", sorted(SAELENS_CASES))
 def test_a_saelens_dictionary_imports_encoding_and_decoding_as_saelens_does(tmp_path, activations, case, dtype):
     architecture, cfg = SAELENS_CASES[case]
@@ -155,7 +155,7 @@ def sparsify_dense(sae: SparseCoder, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x.shape[0], sae.num_latents, dtype=out.top_acts.dtype).scatter_(-1, out.top_indices, out.top_acts)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_sparsify_dictionary_imports_encoding_and_decoding_as_sparsify_does(tmp_path, activations, dtype):
     sparsify_sae(dtype).save_to_disk(tmp_path / "h.0.mlp.act")
     theirs = SparseCoder.load_from_disk(tmp_path / "h.0.mlp.act").float()  # the file's values, computed in fp32

@@ -193,7 +193,8 @@ def test_a_saelens_release_and_sae_id_are_found_through_saelenss_directory_and_c
 
 def test_a_releases_norm_scaling_factor_becomes_the_input_scale_as_saelens_folds_it(tiny_gpt2, tmp_path, monkeypatch):
     # gpt2-small-mlp-tm's blocks.0.hook_mlp_out: normalize_activations expected_average_only_in, with a factor in
-    # SAELens's directory that from_pretrained folds into the weights (W_enc·s, W_dec/s, b_dec/s).
+    # SAELens's directory that from_pretrained folds into the weights (W_enc·s, W_dec/s, b_dec/s); the release was
+    # also trained with center_writing_weights, so SAELens saw the centred MLP output.
     from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
 
     sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=96, normalize_activations="expected_average_only_in",
@@ -216,4 +217,5 @@ def test_a_releases_norm_scaling_factor_becomes_the_input_scale_as_saelens_folds
     theirs.fold_activation_norm_scaling_factor(get_norm_scaling_factor("gpt2-small-mlp-tm", "blocks.0.hook_mlp_out"))
     x = torch.randn(64, 32, generator=g)
     assert ours.cfg.input_scale == pytest.approx(1.049317316132615)
-    assert close(ours.encode(x), theirs.encode(x)) <= 1e-4 and close(ours.decode(theirs.encode(x)), theirs.decode(theirs.encode(x))) <= 1e-4
+    features = theirs.encode(x - x.mean(-1, keepdim=True))
+    assert close(ours.encode(x), features) <= 1e-4 and close(ours.decode(features), theirs.decode(features)) <= 1e-4

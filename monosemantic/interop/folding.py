@@ -1,4 +1,4 @@
-"""Exact folds between other tools' encoders and monosemantic's one layout, in float64.
+"""Exact folds between other tools' encoders and monosemantic's one layout.
 
 monosemantic encodes ``f = σ((s·x − b_dec) W_enc + b_enc)`` and decodes ``x̂ = (f W_dec + b_dec) / s`` with the input
 scale ``s`` (monosemantic/sae.py). Every affine difference of another tool is a change of variables that leaves
@@ -38,8 +38,11 @@ class AffineSAE(NamedTuple):
 
 def build(source: AffineSAE, *, subtract_b_dec: bool = True, selection_scale: Tensor | None = None) -> tuple[SparseAutoencoder, bool]:
     """A monosemantic dictionary that encodes and decodes exactly as ``source`` read with these options; returns it
-    and whether any weight was changed by a fold (then only float32 storage keeps it exact)."""
-    t = {name: getattr(source, name).detach().to(torch.float64) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    and whether any weight was changed by a fold (then only float32 storage keeps it exact).
+
+    The matrices stay float32 (a half source widens exactly); the one product a fold needs, ``b_dec W_enc``, is
+    accumulated in float64 a block of columns at a time, so a 2304 × 65536 import holds no float64 copy of W_enc."""
+    t = {name: getattr(source, name).detach().to(torch.float32) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     d_in, d_sae = t["W_enc"].shape
     for name, shape in (("b_enc", (d_sae,)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,))):
         if tuple(t[name].shape) != shape:
@@ -49,42 +52,51 @@ def build(source: AffineSAE, *, subtract_b_dec: bool = True, selection_scale: Te
             raise InteropError(f"{name} holds NaN or inf")
     folded = False
     if not subtract_b_dec and bool(t["b_dec"].any()):
-        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+        t["b_enc"] = (t["b_enc"].double() + _times_columns(t["b_dec"], t["W_enc"])).float()
         folded = True
     if selection_scale is not None:
         n = selection_scale.detach().to(torch.float64)
         if bool((n <= 0).any()):
             raise InteropError(f"W_dec row {int((n <= 0).nonzero()[0])} has zero norm; rescale_acts_by_decoder_norm divides by it")
-        t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n, t["b_enc"] * n, t["W_dec"] / n[:, None]
+        n32 = n.float()
+        t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n32, (t["b_enc"].double() * n).float(), t["W_dec"] / n32[:, None]
         folded = True
-    tensors = {name: value.to(torch.float32) for name, value in t.items()}
+    tensors = dict(t)
     if source.architecture == "jumprelu":
         if source.threshold is None:
             raise InteropError("a JumpReLU dictionary needs a threshold")
-        threshold = source.threshold.detach().to(torch.float32)
+        threshold = source.threshold.detach().to(torch.float32).reshape(-1)
+        if threshold.numel() == 1:
+            threshold = threshold.expand(d_sae).clone()  # one threshold for every feature (Llama Scope's form)
         if tuple(threshold.shape) != (d_sae,):
-            threshold = threshold.expand(d_sae).clone() if threshold.numel() == 1 else threshold
+            raise InteropError(f"threshold has shape {tuple(source.threshold.shape)}, expected ({d_sae},)")
         # relu(z)·1{z > θ} (SAELens, Gemma Scope) is z·1{z > max(θ, 0)}: a threshold below 0 acts as 0.
         tensors["threshold"] = threshold.clamp_min(0)
     cfg = SAEConfig.build(architecture=source.architecture, d_in=d_in, d_sae=d_sae, k=source.k)
     return sae_from_tensors(cfg, tensors), folded
 
 
+def _times_columns(v: Tensor, w: Tensor, block: int = 8192) -> Tensor:
+    """``v @ w`` in float64, a block of w's columns at a time."""
+    return torch.cat([v.double() @ w[:, j:j + block].double() for j in range(0, w.shape[1], block)])
+
+
 def export_tensors(sae: SparseAutoencoder) -> AffineSAE:
-    """``sae`` with its input scale folded in (float32, computed in float64): what a tool without an input scale
-    encodes and decodes exactly as monosemantic does on raw activations."""
+    """``sae`` with its input scale folded in (float32; each element one correctly rounded product): what a tool
+    without an input scale encodes and decodes exactly as monosemantic does on raw activations."""
     s = float(sae.cfg.input_scale)
-    t = {name: value.detach().to(torch.float64) for name, value in sae.tensors().items()}
-    threshold = t.get("threshold")
+    t = {name: value.detach().float() for name, value in sae.tensors().items()}
+    if s == 1.0:
+        return AffineSAE(sae.cfg.architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"), sae.cfg.k)
     return AffineSAE(
         architecture=sae.cfg.architecture,
-        W_enc=(t["W_enc"] * s).float(), b_enc=t["b_enc"].float(), W_dec=(t["W_dec"] / s).float(), b_dec=(t["b_dec"] / s).float(),
-        threshold=None if threshold is None else threshold.float(), k=sae.cfg.k,
+        W_enc=t["W_enc"] * s, b_enc=t["b_enc"], W_dec=t["W_dec"] / s, b_dec=t["b_dec"] / s,
+        threshold=t.get("threshold"), k=sae.cfg.k,
     )
 
 
 def rows_are_unit_norm(W_dec: Tensor, tolerance: float = 1e-5) -> bool:
-    return bool(((W_dec.double().norm(dim=1) - 1).abs() <= tolerance).all())
+    return bool(((W_dec.float().norm(dim=1) - 1).abs() <= tolerance).all())
 
 
 # Hooks whose TransformerLens value moves with center_writing_weights: every write into the residual stream is
@@ -97,10 +109,11 @@ def centre_inputs(sae: SparseAutoencoder) -> SparseAutoencoder:
     ``center_writing_weights``, served on the HF model): with P = I − 11ᵀ/d, ``(Px − b_dec) W_enc + b_enc =
     (x − b_dec)(P W_enc) + b_enc − mean(b_dec)·1ᵀW_enc``. The reconstruction is of the centred activation; every
     read of the residual stream goes through a norm that removes the mean, so the model's outputs are unchanged."""
-    t = {name: value.detach().to(torch.float64) for name, value in sae.tensors().items()}
     if sae.cfg.input_scale != 1.0:
         raise InteropError("centring is folded into an imported dictionary, before any input scale")
+    t = {name: value.detach().float() for name, value in sae.tensors().items()}
     w = t["W_enc"]
-    t["b_enc"] = t["b_enc"] - t["b_dec"].mean() * w.sum(0)
-    t["W_enc"] = w - w.mean(0, keepdim=True)
-    return sae_from_tensors(sae.cfg, {name: value.to(torch.float32) for name, value in t.items()})
+    column_sums = w.sum(0, dtype=torch.float64)
+    t["b_enc"] = (t["b_enc"].double() - t["b_dec"].double().mean() * column_sums).float()
+    t["W_enc"] = w - (column_sums / w.shape[0]).float()
+    return sae_from_tensors(sae.cfg, t)

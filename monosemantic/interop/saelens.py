@@ -91,7 +91,7 @@ class SAELensFormat(Format):
         source = AffineSAE(ours, tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"],
                            tensors.get("threshold"), k)
         sae, folded = build(source, subtract_b_dec=apply_b_dec,
-                            selection_scale=tensors["W_dec"].double().norm(dim=1) if rescale else None)
+                            selection_scale=tensors["W_dec"].float().norm(dim=1) if rescale else None)  # as SAELens computes it
         return Imported(
             sae=sae, dtype="float32" if folded or log_stored else dtype,
             hook=hook, hook_relative_to_base_model=False, model_name=meta.get("model_name"),
