@@ -12,7 +12,8 @@ the shapes users bring.
 from __future__ import annotations
 
 import argparse
-import resource
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +61,28 @@ def agreement(tmp: Path) -> list[tuple[str, float, float]]:
     return rows
 
 
+_COST = """
+import sys, time
+from pathlib import Path
+from monosemantic.interop import get_format
+sys.path.insert(0, sys.argv[2])
+from test_interop import about
+tmp = Path(sys.argv[1])
+def status(key):  # VmHWM, not ru_maxrss: after fork + exec, ru_maxrss starts at the parent's high-water mark
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
+before = status("VmHWM:")
+started = time.perf_counter()
+imported = get_format("saelens").read(tmp / "big")
+read_s = time.perf_counter() - started
+started = time.perf_counter()
+get_format("saelens", writing=True).write(imported.sae, tmp / "big-out", about())
+write_s = time.perf_counter() - started
+print(read_s, write_s, before, status("VmHWM:"))
+"""
+
+
 def cost(tmp: Path, d_in: int, d_sae: int) -> str:
+    """Import and export in a fresh process, whose peak RSS is then the import's and the export's own."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
     sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False))
@@ -70,16 +92,13 @@ def cost(tmp: Path, d_in: int, d_sae: int) -> str:
     sae.save_model(tmp / "big")
     del sae
     size = sum(p.stat().st_size for p in (tmp / "big").iterdir())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    started = time.perf_counter()
-    imported = get_format("saelens").read(tmp / "big")
-    read_s = time.perf_counter() - started
-    started = time.perf_counter()
-    get_format("saelens", writing=True).write(imported.sae, tmp / "big-out", about())
-    write_s = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return (f"{d_in} x {d_sae} JumpReLU ({size / 2**20:,.0f} MiB of safetensors): import {read_s:.1f} s, export {write_s:.1f} s, "
-            f"peak RSS {peak:,.0f} MiB ({peak - before:+,.0f} MiB over the {before:,.0f} MiB before; the file is {size / 2**20:,.0f} MiB)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _COST, str(tmp), str(root / "tests")], capture_output=True, text=True,
+                         check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    read_s, write_s, before, peak = (float(v) for v in out.stdout.split()[-4:])
+    return (f"{d_in} x {d_sae} JumpReLU ({size / 2**20:,.0f} MiB of safetensors): import {read_s:.1f} s, export {write_s:.1f} s; "
+            f"peak RSS {peak:,.0f} MiB, {peak - before:+,.0f} MiB over the process after its imports ({before:,.0f} MiB): "
+            f"{(peak - before) / (size / 2**20):.1f}x the file")
 
 
 def main() -> None:
