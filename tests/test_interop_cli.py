@@ -109,6 +109,21 @@ def test_an_import_whose_width_is_not_the_hooks_is_refused_with_both_widths(impo
     assert not (tmp_path / "r" / "x").exists() or not any((tmp_path / "r" / "x").glob("v*"))
 
 
+def offline_hub(monkeypatch, cache, repo: str, folder: str, files) -> None:
+    """``files`` (a directory's) as ``repo``'s ``folder`` in a hub cache that huggingface_hub reads offline."""
+    populate_hub_cache(cache, repo, {f"{folder}/{p.name}": p.read_bytes() for p in files.iterdir()})
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+
+def randomised(module: torch.nn.Module, seed: int) -> torch.Generator:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return g
+
+
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
@@ -129,9 +144,7 @@ def test_a_sparsify_hookpoint_is_resolved_under_the_models_base_model(tiny_gpt2,
 
 def test_a_hub_location_is_read_from_the_hub_cache_offline(tiny_gpt2, tmp_path, monkeypatch):
     SparseCoder(128, SparseCoderConfig(num_latents=256, k=8)).save_to_disk(tmp_path / "files" / "h.0.mlp.act")
-    populate_hub_cache(tmp_path / "hub", "someone/tiny-saes", {f"h.0.mlp.act/{p.name}": p.read_bytes() for p in (tmp_path / "files" / "h.0.mlp.act").iterdir()})
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch, tmp_path / "hub", "someone/tiny-saes", "h.0.mlp.act", tmp_path / "files" / "h.0.mlp.act")
     ok = runner.invoke(app, ["import", "--from", "sparsify", "someone/tiny-saes/h.0.mlp.act", "--model", str(tiny_gpt2),
                              "--registry", str(tmp_path / "r"), "--name", "hub"])
     assert ok.exit_code == 0, ok.output
@@ -168,15 +181,9 @@ def test_a_saelens_release_and_sae_id_are_found_through_saelenss_directory_and_c
     # gpt2-small-res-jb was trained on TransformerLens's GPT-2 with center_writing_weights: there the residual stream
     # is x − mean(x). The hub cache holds our own small dictionary under that release's repository and folder.
     sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=96, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre")))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    g = randomised(sae, seed=1)
     sae.save_model(tmp_path / "files")
-    populate_hub_cache(tmp_path / "hub", "jbloom/GPT2-Small-SAEs-Reformatted",
-                       {f"blocks.0.hook_resid_pre/{p.name}": p.read_bytes() for p in (tmp_path / "files").iterdir()})
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch, tmp_path / "hub", "jbloom/GPT2-Small-SAEs-Reformatted", "blocks.0.hook_resid_pre", tmp_path / "files")
     result = runner.invoke(app, ["import", "--from", "saelens", "gpt2-small-res-jb", "--sae-id", "blocks.0.hook_resid_pre",
                                  "--model", str(tiny_gpt2), "--registry", str(tmp_path / "r"), "--name", "jb"])
     assert result.exit_code == 0, result.output
@@ -199,16 +206,10 @@ def test_a_releases_norm_scaling_factor_becomes_the_input_scale_as_saelens_folds
 
     sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=96, normalize_activations="expected_average_only_in",
                                         metadata=SAEMetadata(hook_name="blocks.0.hook_mlp_out")))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    g = randomised(sae, seed=2)
     sae.save_model(tmp_path / "files")
-    folder = "sae_group_gpt2_blocks.0.hook_mlp_out_24576:v1"
-    populate_hub_cache(tmp_path / "hub", "tommmcgrath/gpt2-small-mlp-out-saes",
-                       {f"{folder}/{p.name}": p.read_bytes() for p in (tmp_path / "files").iterdir()})
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch, tmp_path / "hub", "tommmcgrath/gpt2-small-mlp-out-saes", "sae_group_gpt2_blocks.0.hook_mlp_out_24576:v1",
+                tmp_path / "files")
     result = runner.invoke(app, ["import", "--from", "saelens", "gpt2-small-mlp-tm", "--sae-id", "blocks.0.hook_mlp_out",
                                  "--model", str(tiny_gpt2), "--registry", str(tmp_path / "r"), "--name", "tm"])
     assert result.exit_code == 0, result.output

@@ -140,12 +140,11 @@ def export_dictionary(fmt: str, *, registry: Path, dictionary: str, out: Path) -
     m = loaded.manifest
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: exists and is not an empty directory (an export never overwrites)")
-    density = loaded.features.get("density")
+    text = m.data.get("text") if isinstance(m.data.get("text"), dict) else {}  # a harvest's record of its text
     about = ExportAbout(
         reference=f"{m.name}:v{m.version}", model_name=m.model.source or m.model.name, hook_alias=m.hook.alias,
-        hook_module_path=m.hook.module_path, hook_kind=m.hook.kind, density=density,
-        context_length=(m.training or {}).get("context_length") or (m.data or {}).get("context_length"),
-        dataset=((m.data or {}).get("text") or {}).get("dataset") if isinstance((m.data or {}).get("text"), dict) else None,
+        hook_module_path=m.hook.module_path, hook_kind=m.hook.kind, density=loaded.features.get("density"),
+        context_length=m.data.get("context_length"), dataset=text.get("dataset"),
     )
     # Written beside and renamed: a failed export leaves no half-written directory that a tool might load.
     out.parent.mkdir(parents=True, exist_ok=True)

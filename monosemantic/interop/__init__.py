@@ -10,7 +10,7 @@ Adding a format is one module with a ``@register``-ed class, imported at the end
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
@@ -130,7 +130,6 @@ def require(condition: bool, message: str) -> None:
         raise InteropError(message)
 
 
-Reader = Callable[[Path], Imported]
 
 # The formats register themselves on import.
 from monosemantic.interop import gemma_scope, saelens, sparsify  # noqa: E402,F401
