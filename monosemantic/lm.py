@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -256,19 +256,11 @@ _LLAMA = _Layout(
 # TransformerLens's hook_attn_out / hook_mlp_out are after those norms (ln1_post / ln2_post), and Gemma Scope's
 # attention and MLP dictionaries read them there. The direct path to the logits passes the MLP's post-norm and a tanh
 # logit soft-cap (and Gemma's norms scale by 1 + w), so no direct logit effect is claimed.
-_GEMMA2 = _Layout(
-    "gemma2",
-    ("model.layers", "layers"),
-    {
-        "hook_resid_pre": ("", "input"),
-        "hook_resid_post": ("", "output"),
-        "hook_attn_out": ("post_attention_layernorm", "output"),
-        "mlp.hook_pre": ("mlp.gate_proj", "output"),
-        "mlp.hook_post": ("mlp.down_proj", "input"),
-        "hook_mlp_out": ("post_feedforward_layernorm", "output"),
-    },
-    ("model.norm", "norm"),
-    "mlp.down_proj",
+_GEMMA2 = replace(
+    _LLAMA,
+    family="gemma2",
+    points={**_LLAMA.points, "hook_attn_out": ("post_attention_layernorm", "output"),
+            "hook_mlp_out": ("post_feedforward_layernorm", "output")},
     direct_path=False,
 )
 # Points of the last block after which the path to the logits is linear once the final norm's scale is frozen

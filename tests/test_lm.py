@@ -42,6 +42,7 @@ from monosemantic.lm import (
     load_lm,
     logits_with_replacement,
     read_activations,
+    linear_to_logits,
     resolve_hook,
     weights_checksum,
 )
@@ -541,3 +542,18 @@ def test_corrupt_weights_raise_model_load_error(saved_gpt2, no_network):
 def test_directory_without_config_raises_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         load_lm(tmp_path)
+
+
+def test_gemma_2s_attention_and_mlp_outputs_are_read_after_their_post_norms_as_transformerlens_names_them():
+    # TL's Gemma 2 hook_mlp_out / hook_attn_out follow ln2_post / ln1_post; Gemma Scope's dictionaries read them there.
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    found = {name: resolve_hook(model, name) for name in ("blocks.1.hook_mlp_out", "blocks.0.hook_attn_out", "blocks.0.mlp.hook_post")}
+    assert {n: (p.module_path, p.kind) for n, p in found.items()} == {
+        "blocks.1.hook_mlp_out": ("model.layers.1.post_feedforward_layernorm", "output"),
+        "blocks.0.hook_attn_out": ("model.layers.0.post_attention_layernorm", "output"),
+        "blocks.0.mlp.hook_post": ("model.layers.0.mlp.down_proj", "input"),
+    }
+    assert not linear_to_logits(model, "blocks.1.hook_mlp_out")  # post-norm and soft-capped logits: no direct path claimed
