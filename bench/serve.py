@@ -249,14 +249,15 @@ def worker_cost(texts: list[str], batch: int = 32, repeats: int = 15) -> tuple[f
     counts the HTTP layer too, is the tighter one."""
     import statistics
 
+    from monosemantic.readout import Read
     from service.batcher import Job
-    from service.engine import Engine
+    from service.engine import Engine, ReadJob
     from service.settings import ServiceSettings
 
     engine = Engine(ServiceSettings())
     engine.load()
-    loaded = engine.serving
-    jobs = [Job(run=engine._run_activations, payload=(loaded, loaded.tokenize(t, True).ids, 10, None)) for t in texts[:batch]]
+    model, reads = engine.repository.model, (Read(engine.repository.default, 10),)
+    jobs = [Job(run=engine._run_reads, payload=ReadJob(model.tokenize(t, True).ids, reads)) for t in texts[:batch]]
 
     def median_ms(group: list[Job]) -> float:
         group[0].run(group)  # warm: oneDNN builds its primitive for this shape once

@@ -34,6 +34,34 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DICTIONARY_FIELD = "the dictionary to use, name or name:version (vN); default: the first the server loaded"
+
+
+class _OnDictionary(_Request):
+    """An operation on one loaded dictionary, addressed by name."""
+
+    dictionary: Text | None = Field(None, description=DICTIONARY_FIELD)
+
+
+class _OnDictionaries(_OnDictionary):
+    """An operation that may read several loaded dictionaries in one forward."""
+
+    dictionaries: list[Text] | None = Field(None, description="several dictionaries read in one forward (the model runs once, as deep as "
+                                                              "the deepest hook); each one's result in `readouts`, in this order")
+
+    @model_validator(mode="after")
+    def _one_way_to_name(self) -> "_OnDictionaries":
+        if self.dictionary is not None and self.dictionaries:
+            raise ValueError("give dictionary or dictionaries, not both")
+        if self.dictionaries is not None and len(set(self.dictionaries)) != len(self.dictionaries):
+            raise ValueError("dictionaries: a dictionary is listed twice")
+        return self
+
+    def named(self) -> list[str | None]:
+        """The dictionaries asked for, in order ([None]: the default)."""
+        return list(self.dictionaries) if self.dictionaries else [self.dictionary]
+
+
 class DictionaryRef(BaseModel):
     name: str
     version: int
@@ -45,11 +73,11 @@ class FeatureValue(BaseModel):
 
 
 # ---- activations -----------------------------------------------------------------------------------------------
-class ActivationsRequest(_Request):
+class ActivationsRequest(_OnDictionaries):
     text: Text | None = Field(None, description="the text to read; exactly one of text and token_ids")
     token_ids: list[StrictInt] | None = Field(None, description="token ids to read as they are (no BOS is added); an empty list counts as not given")
     top_k: int = Field(10, ge=0, description="features reported per token, strongest first")
-    feature_ids: list[StrictInt] | None = Field(None, description="features whose value is reported at every token")
+    feature_ids: list[StrictInt] | None = Field(None, description="features whose value is reported at every token (with one dictionary)")
     prepend_bos: bool = Field(True, description="start the text with the tokenizer's BOS token, as in training")
 
     @model_validator(mode="after")
@@ -70,13 +98,20 @@ class TokenActivations(BaseModel):
     values: list[float] = Field(default_factory=list, description="values of the requested feature_ids, in that order (empty if none were requested)")
 
 
-class ActivationsResponse(BaseModel):
+class DictionaryReadout(BaseModel):
     dictionary: DictionaryRef
     tokens: list[TokenActivations]
 
 
+class ActivationsResponse(BaseModel):
+    dictionary: DictionaryRef = Field(description="the (first) dictionary read")
+    tokens: list[TokenActivations] = Field(description="its readout")
+    readouts: list[DictionaryReadout] = Field(default_factory=list, description="with `dictionaries`: every one's readout, in the order asked "
+                                                                                   "(the first is the same as `tokens`); empty otherwise")
+
+
 # ---- attributions ----------------------------------------------------------------------------------------------
-class AttributionsRequest(_Request):
+class AttributionsRequest(_OnDictionary):
     text: Text
     target: StrictInt | Text = Field(description="the token whose logit is explained: an id or its text (one token)")
     position: int | None = Field(None, description="the position whose next-token logit is explained (default: last); negative counts from the end")
@@ -108,12 +143,13 @@ class AttributionsResponse(BaseModel):
 
 # ---- generate --------------------------------------------------------------------------------------------------
 class Steering(_Request):
+    dictionary: Text | None = Field(None, description="the dictionary the feature belongs to; default: the request's")
     feature: StrictInt
     mode: Literal["clamp", "add"] = Field(description="clamp: pin the feature's activation to value; add: add value x its decoder direction")
     value: float = Field(ge=-MAX_STEERING_VALUE, le=MAX_STEERING_VALUE, allow_inf_nan=False, description=f"in the feature's activation units, |value| <= {MAX_STEERING_VALUE:g}")
 
 
-class GenerateRequest(_Request):
+class GenerateRequest(_OnDictionary):
     prompt: Text
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
@@ -123,13 +159,14 @@ class GenerateRequest(_Request):
     stop: list[Text] = Field(default_factory=list)
     steering: list[Steering] = Field(default_factory=list)
     steer_prompt: bool = Field(True, description="steer the prompt's positions too; false steers generated positions only")
-    features_top_k: int = Field(5, ge=0, description="features reported per generated token")
+    features_top_k: int = Field(5, ge=0, description="features of the request's dictionary reported per generated token")
     compare_unsteered: bool = Field(False, description="also return the unsteered continuation with the same seed")
     prepend_bos: bool = True
     stream: bool = Field(False, description="REST only: answer as server-sent events `token` ... `done`")
 
 
 class SteeredValue(BaseModel):
+    dictionary: str = Field("", description="the name of the feature's dictionary")
     feature: int
     before: float
     after: float
@@ -198,7 +235,7 @@ class FeatureResponse(BaseModel):
     statistics_tokens: int = Field(description="tokens the statistics were computed over")
 
 
-class SearchFeaturesRequest(_Request):
+class SearchFeaturesRequest(_OnDictionary):
     q: Text = Field(description="a token (by=token) or a text snippet (by=snippet)")
     by: Literal["token", "snippet"] = "snippet"
     page: int = Field(1, ge=1)
@@ -222,8 +259,32 @@ class SearchFeaturesResponse(BaseModel):
     results: list[FeatureHit]
 
 
+class ListFeaturesRequest(_OnDictionary):
+    order: Literal["density", "label", "id", "random"] = Field("density", description="density: most often firing first; label: "
+                                                                 "labelled features alphabetically; id; random: a random sample of live features")
+    page: int = Field(1, ge=1)
+    page_size: int = Field(20, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="order=random: the same seed gives the same sample")
+
+
+class FeatureSummary(BaseModel):
+    feature: int
+    label: str
+    density: float
+    max_activation: float
+
+
+class ListFeaturesResponse(BaseModel):
+    dictionary: DictionaryRef
+    order: str
+    total: int = Field(description="features in this order (random: the live ones, density > 0)")
+    page: int
+    page_size: int
+    results: list[FeatureSummary]
+
+
 # ---- observe (monitoring) ---------------------------------------------------------------------------------------
-class ObserveRequest(_Request):
+class ObserveRequest(_OnDictionaries):
     texts: list[Text] = Field(min_length=1, description="texts read only for the feature-monitoring metrics")
 
 
@@ -252,13 +313,14 @@ class DictionaryInfo(BaseModel):
     model_checksum: str
     metrics: dict
     serving: bool
+    default: bool = Field(False, description="the dictionary an operation uses when it names none")
     evaluations: list[EvaluationInfo] = Field(default_factory=list, description="evaluations run since publishing (monosemantic-train evaluate), oldest first")
     source: dict = Field(default_factory=dict, description="where an imported dictionary came from (format, location, "
                          "revision, the source's own config; monosemantic-train import); empty for one trained here")
 
 
 class DictionariesResponse(BaseModel):
-    dictionaries: list[DictionaryInfo]
+    dictionaries: list[DictionaryInfo] = Field(description="every loaded dictionary, the default first")
     available: list[DictionaryRef]
 
 
@@ -269,4 +331,13 @@ class ReloadRequest(_Request):
 
 class ReloadResponse(BaseModel):
     dictionary: DictionaryRef
-    previous: DictionaryRef
+    previous: DictionaryRef | None = Field(None, description="the version of this name it replaced; none when the name was not loaded")
+
+
+class UnloadRequest(_Request):
+    name: Text
+
+
+class UnloadResponse(BaseModel):
+    dictionary: DictionaryRef = Field(description="the dictionary unloaded")
+    default: DictionaryRef = Field(description="the default dictionary now")

@@ -92,21 +92,29 @@ class RestClient:
                         error = data["error"]
                         raise ServiceCallError("stream", error.get("message", ""), error.get("kind"), error.get("field"))
 
-    def feature(self, feature: int) -> api.FeatureResponse:
-        return api.FeatureResponse.model_validate(self._check(self._http.get(f"/v1/features/{feature}")))
+    def feature(self, feature: int, dictionary: str | None = None) -> api.FeatureResponse:
+        params = {"dictionary": dictionary} if dictionary is not None else {}
+        return api.FeatureResponse.model_validate(self._check(self._http.get(f"/v1/features/{feature}", params=params)))
 
-    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20) -> api.SearchFeaturesResponse:
-        params = {"q": q, "by": by, "page": page, "page_size": page_size}
+    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20, dictionary: str | None = None) -> api.SearchFeaturesResponse:
+        params = {"q": q, "by": by, "page": page, "page_size": page_size, **({"dictionary": dictionary} if dictionary is not None else {})}
         return api.SearchFeaturesResponse.model_validate(self._check(self._http.get("/v1/features/search", params=params)))
 
-    def observe(self, texts: list[str]) -> api.ObserveResponse:
-        return self._post("/v1/observe", {"texts": texts}, api.ObserveResponse)
+    def list_features(self, **request: Any) -> api.ListFeaturesResponse:
+        params = {k: v for k, v in request.items() if v is not None}
+        return api.ListFeaturesResponse.model_validate(self._check(self._http.get("/v1/features", params=params)))
+
+    def observe(self, texts: list[str], **request: Any) -> api.ObserveResponse:
+        return self._post("/v1/observe", {"texts": texts, **request}, api.ObserveResponse)
 
     def dictionaries(self) -> api.DictionariesResponse:
         return api.DictionariesResponse.model_validate(self._check(self._http.get("/v1/dictionaries")))
 
     def reload(self, name: str, version: int | None = None) -> api.ReloadResponse:
         return self._post("/v1/admin/reload", {"name": name, "version": version}, api.ReloadResponse)
+
+    def unload(self, name: str) -> api.UnloadResponse:
+        return self._post("/v1/admin/unload", {"name": name}, api.UnloadResponse)
 
     def ready(self) -> bool:
         return self._http.get("/readyz").status_code == 200
@@ -175,18 +183,24 @@ class GrpcClient:
         finally:
             call.cancel()  # leaving the loop early cancels the stream on the server
 
-    def feature(self, feature: int) -> api.FeatureResponse:
-        return self._call("GetFeature", {"feature": feature}, "GetFeatureRequest", api.FeatureResponse)
+    def feature(self, feature: int, dictionary: str | None = None) -> api.FeatureResponse:
+        return self._call("GetFeature", {"feature": feature, "dictionary": dictionary}, "GetFeatureRequest", api.FeatureResponse)
 
-    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20) -> api.SearchFeaturesResponse:
-        request = {"q": q, "by": by, "page": page, "page_size": page_size}
+    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20, dictionary: str | None = None) -> api.SearchFeaturesResponse:
+        request = {"q": q, "by": by, "page": page, "page_size": page_size, "dictionary": dictionary}
         return self._call("SearchFeatures", request, "SearchFeaturesRequest", api.SearchFeaturesResponse)
 
-    def observe(self, texts: list[str]) -> api.ObserveResponse:
-        return self._call("Observe", {"texts": texts}, "ObserveRequest", api.ObserveResponse)
+    def list_features(self, **request: Any) -> api.ListFeaturesResponse:
+        return self._call("ListFeatures", request, "ListFeaturesRequest", api.ListFeaturesResponse)
+
+    def observe(self, texts: list[str], **request: Any) -> api.ObserveResponse:
+        return self._call("Observe", {"texts": texts, **request}, "ObserveRequest", api.ObserveResponse)
 
     def dictionaries(self) -> api.DictionariesResponse:
         return self._call("ListDictionaries", {}, "ListDictionariesRequest", api.DictionariesResponse)
 
     def reload(self, name: str, version: int | None = None) -> api.ReloadResponse:
         return self._call("Reload", {"name": name, "version": version}, "ReloadRequest", api.ReloadResponse)
+
+    def unload(self, name: str) -> api.UnloadResponse:
+        return self._call("Unload", {"name": name}, "UnloadRequest", api.UnloadResponse)

@@ -32,6 +32,8 @@ __all__ = [
     "LoadedLM",
     "direct_logit_effects",
     "final_norm",
+    "norm_at_scale",
+    "norm_inverse_scale",
     "hook_dim",
     "hooked_replacement",
     "linear_to_logits",
@@ -359,12 +361,33 @@ def direct_logit_effects(model: nn.Module | LoadedLM, hook: str | HookPoint, dir
     else:
         return None
     norm = final_norm(model)
-    if isinstance(norm, nn.LayerNorm):
-        residual = residual - residual.mean(-1, keepdim=True)
-    weight = getattr(norm, "weight", None)
-    if isinstance(weight, Tensor):
-        residual = residual * weight.float()
+    if norm is not None:
+        residual = norm_at_scale(norm, residual, 1.0, with_bias=False)
     return residual @ model.get_output_embeddings().weight.float().T
+
+
+def norm_inverse_scale(module: nn.Module, x: Tensor) -> Tensor:
+    """1/σ of a LayerNorm or RMSNorm at each position: the one non-linear part of a final norm, which attribution
+    and the direct logit effects hold fixed."""
+    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 1e-5
+    if isinstance(module, nn.LayerNorm):
+        return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def norm_at_scale(module: nn.Module, x: Tensor, inv_scale: Tensor | float, with_bias: bool = True) -> Tensor:
+    """A LayerNorm (γ ⊙ (x − mean(x))·s + β) or RMSNorm (γ ⊙ x·s) with its 1/σ fixed at `inv_scale`: linear in x.
+    Without the bias, what a difference of two inputs (a direction) becomes."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.LayerNorm):
+        y = (x - x.mean(-1, keepdim=True)) * inv_scale
+        if isinstance(weight, Tensor):
+            y = y * weight.to(y.dtype)
+            if with_bias and module.bias is not None:
+                y = y + module.bias.to(y.dtype)
+        return y
+    y = x * inv_scale
+    return y * weight.to(y.dtype) if isinstance(weight, Tensor) else y
 
 
 def _alias_table(model: nn.Module) -> dict[str, tuple[str, str]]:

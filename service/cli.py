@@ -1,4 +1,4 @@
-"""`monosemantic-serve`: start the service (HTTP and gRPC in one process) on a model and a dictionary."""
+"""`monosemantic-serve`: start the service (HTTP and gRPC in one process) on a model and its dictionaries."""
 
 from __future__ import annotations
 
@@ -39,13 +39,17 @@ def serve(
     http_port: Optional[int] = typer.Option(None, help="HTTP port [env MONOSEMANTIC_HTTP_PORT, default 8000]"),
     grpc_port: Optional[int] = typer.Option(None, help="gRPC port [env MONOSEMANTIC_GRPC_PORT, default 50051]"),
     registry: Optional[Path] = typer.Option(None, help="dictionary registry [env MONOSEMANTIC_REGISTRY, default: the shipped one]"),
-    dictionary: Optional[str] = typer.Option(None, help="NAME[:VERSION] [env MONOSEMANTIC_DICTIONARY, default reference]"),
+    dictionary: Optional[list[str]] = typer.Option(None, help="NAME[:VERSION], repeated for several (the first is the default; "
+                                                   "'all': every dictionary of the registry bound to the model) [env MONOSEMANTIC_DICTIONARIES=A,B:3 or "
+                                                   "MONOSEMANTIC_DICTIONARY, default reference]"),
     model: Optional[str] = typer.Option(None, help="HF model directory or hub id [env MONOSEMANTIC_MODEL, default: the model the dictionary's manifest records, else the shipped reference LM]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [env MONOSEMANTIC_DEVICE, default cpu]"),
     log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error [env MONOSEMANTIC_LOG_LEVEL, default info]"),
 ) -> None:
     """Serve activations, attributions and steered generation over REST (/v1, /docs) and gRPC."""
-    flags = {k: v for k, v in dict(host=host, http_port=http_port, grpc_port=grpc_port, registry=registry, dictionary=dictionary, model=model, device=device, log_level=log_level).items() if v is not None}
+    flags = {k: v for k, v in dict(host=host, http_port=http_port, grpc_port=grpc_port, registry=registry, model=model, device=device, log_level=log_level).items() if v is not None}
+    if dictionary:  # the flags win over both environment variables
+        flags.update(dictionaries=list(dictionary), dictionary=dictionary[0])
     try:
         settings = ServiceSettings(**flags)
     except ValidationError as exc:

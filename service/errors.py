@@ -7,6 +7,7 @@ address.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import Enum
 
@@ -120,3 +121,26 @@ def from_validation_errors(errors: list[dict]) -> ServiceError:
     if len(parts) > len(named):
         message += f"; and {len(parts) - len(named)} more problems"
     return ServiceError(ErrorKind.INVALID_ARGUMENT, message, fields[0] if fields else None)
+
+
+def http_headers(exc: ServiceError) -> dict[str, str]:
+    """The headers an HTTP refusal carries, decided once for every path that writes one: when to retry an overload
+    (RFC 9110 §10.2.3), and the scheme a missing key should use (RFC 6750 §3)."""
+    headers = {}
+    if exc.kind is ErrorKind.OVERLOADED:
+        headers["Retry-After"] = "1"
+    if exc.kind is ErrorKind.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+def outcome_code(exc: BaseException | None) -> str:
+    """A call's `code` label in the request metrics, the same on both transports: the HTTP status of its outcome
+    (a gRPC call's status maps to it through ERROR_TABLE), 499 for a client that left, 500 for a bug."""
+    if exc is None:
+        return "200"
+    if isinstance(exc, ServiceError):
+        return str(exc.http_status)
+    if isinstance(exc, asyncio.CancelledError):
+        return "499"
+    return "500"

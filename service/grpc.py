@@ -1,6 +1,6 @@
 """gRPC adapter: monosemantic.v1.FeatureService over service.engine, plus grpc.health.v1 and reflection.
 
-Messages are converted to the same pydantic requests REST uses (service.schemas), so field rules, limits and
+Messages are converted to the same pydantic requests REST uses (monosemantic/api.py), so field rules, limits and
 errors are the engine's on both transports; ServiceError maps to a status code through service.errors.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple
 
 import grpc
 from google.protobuf import message_factory
@@ -25,7 +25,7 @@ from monosemantic import api as schemas
 from service.access import Identity
 from service.deadlines import deadline_after, within
 from service.engine import Engine
-from service.errors import ServiceError, from_validation_errors, invalid
+from service.errors import ServiceError, from_validation_errors, invalid, outcome_code
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 
@@ -81,10 +81,65 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
     await context.abort(exc.grpc_code, exc.message, trailing_metadata=tuple(trailing))
 
 
+class Rpc(NamedTuple):
+    """One unary method: its name in the metrics, the request model its message is validated as (None: the message's
+    own fields are enough), the engine call, the response message, and the scope it needs."""
+
+    method: str
+    request: type[BaseModel] | None
+    call: Callable[[Engine, Any, Message, Identity, float], Awaitable[Any]]
+    response: type[Message]
+    scope: str = "read"
+
+
+def _optional(message: Message, name: str) -> Any:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+async def _generate(engine: Engine, req: schemas.GenerateRequest, _m: Message, identity: Identity, deadline: float) -> Any:
+    engine.authorize_generate(identity, req)
+    return await engine.generate(req, deadline)
+
+
+async def _feature(engine: Engine, _req: None, message: Message, _i: Identity, _d: float) -> Any:
+    return engine.feature(message.feature, _optional(message, "dictionary"))
+
+
+async def _list_features(engine: Engine, req: schemas.ListFeaturesRequest, _m: Message, _i: Identity, _d: float) -> Any:
+    return engine.list_features(req)
+
+
+async def _observe(engine: Engine, req: schemas.ObserveRequest, _m: Message, identity: Identity, _d: float) -> Any:
+    return await engine.observe(req, identity)
+
+
+async def _dictionaries(engine: Engine, _req: None, _m: Message, _i: Identity, _d: float) -> Any:
+    return await engine.dictionaries()
+
+
+UNARY: dict[str, Rpc] = {
+    "Activations": Rpc("activations", schemas.ActivationsRequest, lambda e, r, m, i, d: e.activations(r, d), pb.ActivationsResponse),
+    "Attributions": Rpc("attributions", schemas.AttributionsRequest, lambda e, r, m, i, d: e.attributions(r, d), pb.AttributionsResponse),
+    "Generate": Rpc("generate", schemas.GenerateRequest, _generate, pb.GenerateResponse),
+    "GetFeature": Rpc("feature", None, _feature, pb.FeatureResponse),
+    "SearchFeatures": Rpc("search_features", schemas.SearchFeaturesRequest, lambda e, r, m, i, d: e.search_features(r, d), pb.SearchFeaturesResponse),
+    "ListFeatures": Rpc("list_features", schemas.ListFeaturesRequest, _list_features, pb.ListFeaturesResponse),
+    "Observe": Rpc("observe", schemas.ObserveRequest, _observe, pb.ObserveResponse),
+    "ListDictionaries": Rpc("dictionaries", None, _dictionaries, pb.ListDictionariesResponse),
+    "Reload": Rpc("reload", schemas.ReloadRequest, lambda e, r, m, i, d: e.reload(r), pb.ReloadResponse, "admin"),
+    "Unload": Rpc("unload", schemas.UnloadRequest, lambda e, r, m, i, d: e.unload(r), pb.UnloadResponse, "admin"),
+}
+
+
 class FeatureService(pb_grpc.FeatureServiceServicer):
+    """Every unary method from UNARY through one path (identity, scope, validation, deadline, accounting, status);
+    the streaming one beside it."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.metrics = engine.metrics
+        for name, rpc in UNARY.items():
+            setattr(self, name, self._unary(rpc))
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         """The client's deadline, or the server's request timeout when that is sooner (or the client set none)."""
@@ -93,8 +148,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     @asynccontextmanager
     async def _accounting(self, method: str, context: grpc.aio.ServicerContext, request: Message | Undecodable, scope: str = "read") -> AsyncIterator[Identity]:
         """One call's identity (its scope required), metrics, and failures turned into status codes (unary and
-        streaming alike)."""
-        accounting, code = self.metrics.call("grpc", method), grpc.StatusCode.OK
+        streaming alike); the metrics' code is service.errors.outcome_code's, as REST's."""
+        accounting, failure = self.metrics.call("grpc", method), None
         try:
             identity = self.engine.identify(_authorizations(context))
             identity.require(scope)
@@ -102,49 +157,28 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 raise invalid("request", f"cannot be decoded as {request.type_name} ({request.reason})")
             yield identity
         except ServiceError as exc:
-            code = exc.grpc_code
+            failure = exc
             await _abort(context, exc)
-        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
-            code = grpc.StatusCode.CANCELLED
+        except asyncio.CancelledError as exc:  # the client cancelled, or its deadline passed
+            failure = exc
             raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
+        except Exception as exc:
+            failure = exc
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
         finally:
-            accounting.finish(code.name)
+            accounting.finish(outcome_code(failure))
 
-    async def _observed(self, method: str, context: grpc.aio.ServicerContext, request: Message | Undecodable,
-                        call: Callable[[Identity], Awaitable[Message]], scope: str = "read", deadline: float | None = None) -> Message:
-        async with self._accounting(method, context, request, scope) as identity:
-            return await (call(identity) if deadline is None else within(deadline, call(identity)))
+    def _unary(self, rpc: Rpc) -> Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]:
+        async def handle(request: Message, context: grpc.aio.ServicerContext) -> Message:
+            deadline = self._deadline(context)
+            async with self._accounting(rpc.method, context, request, rpc.scope) as identity:
+                async def run() -> Message:
+                    req = None if rpc.request is None else request_model(request, rpc.request)
+                    return to_message(await rpc.call(self.engine, req, request, identity, deadline), rpc.response)
 
-    async def Activations(self, request: pb.ActivationsRequest, context: grpc.aio.ServicerContext) -> pb.ActivationsResponse:
-        deadline = self._deadline(context)
+                return await within(deadline, run())
 
-        async def call(_identity: Identity) -> Message:
-            req = request_model(request, schemas.ActivationsRequest)
-            return to_message(await self.engine.activations(req, deadline), pb.ActivationsResponse)
-
-        return await self._observed("activations", context, request, call, deadline=deadline)
-
-    async def Attributions(self, request: pb.AttributionsRequest, context: grpc.aio.ServicerContext) -> pb.AttributionsResponse:
-        deadline = self._deadline(context)
-
-        async def call(_identity: Identity) -> Message:
-            req = request_model(request, schemas.AttributionsRequest)
-            return to_message(await self.engine.attributions(req, deadline), pb.AttributionsResponse)
-
-        return await self._observed("attributions", context, request, call, deadline=deadline)
-
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        deadline = self._deadline(context)
-
-        async def call(identity: Identity) -> Message:
-            req = request_model(request, schemas.GenerateRequest)
-            self.engine.authorize_generate(identity, req)
-            return to_message(await self.engine.generate(req, deadline), pb.GenerateResponse)
-
-        return await self._observed("generate", context, request, call, deadline=deadline)
+        return handle
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateEvent]:
         events = None
@@ -161,41 +195,6 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             finally:
                 if events is not None:
                     await events.aclose()  # a cancelled stream stops asking the worker for steps
-
-    async def GetFeature(self, request: pb.GetFeatureRequest, context: grpc.aio.ServicerContext) -> pb.FeatureResponse:
-        async def call(_identity: Identity) -> Message:
-            return to_message(self.engine.feature(request.feature), pb.FeatureResponse)
-
-        return await self._observed("feature", context, request, call)
-
-    async def SearchFeatures(self, request: pb.SearchFeaturesRequest, context: grpc.aio.ServicerContext) -> pb.SearchFeaturesResponse:
-        deadline = self._deadline(context)
-
-        async def call(_identity: Identity) -> Message:
-            req = request_model(request, schemas.SearchFeaturesRequest)
-            return to_message(await self.engine.search_features(req, deadline), pb.SearchFeaturesResponse)
-
-        return await self._observed("search_features", context, request, call, deadline=deadline)
-
-    async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveResponse:
-        async def call(identity: Identity) -> Message:
-            req = request_model(request, schemas.ObserveRequest)
-            return to_message(await self.engine.observe(req, identity), pb.ObserveResponse)
-
-        return await self._observed("observe", context, request, call)
-
-    async def ListDictionaries(self, request: pb.ListDictionariesRequest, context: grpc.aio.ServicerContext) -> pb.ListDictionariesResponse:
-        async def call(_identity: Identity) -> Message:
-            return to_message(await self.engine.dictionaries(), pb.ListDictionariesResponse)
-
-        return await self._observed("dictionaries", context, request, call)
-
-    async def Reload(self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext) -> pb.ReloadResponse:
-        async def call(_identity: Identity) -> Message:
-            req = request_model(request, schemas.ReloadRequest)
-            return to_message(await self.engine.reload(req), pb.ReloadResponse)
-
-        return await self._observed("reload", context, request, call, scope="admin")
 
 
 def build_server(

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.errors import ErrorKind, ServiceError
+from service.errors import ErrorKind, ServiceError, http_headers
 
 log = logging.getLogger("monosemantic.serve")
 
@@ -115,7 +115,7 @@ async def send_error(send: Callable, exc: ServiceError, close: bool = False, hea
     """A whole error response straight on the ASGI channel (for middleware that answers before the app)."""
     body = _error_bytes(exc)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    raw += [(k.lower().encode(), v.encode()) for k, v in {**http_headers(exc), **(headers or {})}.items()]
     if close:
         raw.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": exc.http_status, "headers": raw})

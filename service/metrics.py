@@ -1,7 +1,7 @@
 """Prometheus metrics of one server (its own registry), named by Prometheus conventions.
 
-Label values come from fixed sets (protocol, method, code, reason), never from user input, so the series count
-stays bounded however the service is used.
+Label values come from fixed sets (protocol, method, code, reason) or from the loaded dictionaries (their names and
+versions), never from user input, so the series count stays bounded however the service is used.
 """
 
 from __future__ import annotations
@@ -10,16 +10,18 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from monosemantic.bound import BoundDictionary
 from service.bulk_histogram import BulkHistogram
 from service.monitoring import FeatureMonitor
 
 PROTOCOLS = ("rest", "grpc")
-METHODS = ("activations", "attributions", "generate", "feature", "search_features", "observe", "dictionaries", "reload")
+METHODS = ("activations", "attributions", "generate", "feature", "search_features", "list_features", "observe", "dictionaries",
+           "reload", "unload")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
-    def __init__(self, watch: "list | None" = None) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("monosemantic_requests", "Requests answered, by protocol, method and status code.", ("protocol", "method", "code"), registry=r)
@@ -31,15 +33,15 @@ class Metrics:
         self.rejected = Counter("monosemantic_rejected_requests", "Requests refused before running, by reason.", ("reason",), registry=r)
         self.batch_requests = Histogram("monosemantic_batch_requests", "Requests per forward (dynamic batching).", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.batch_tokens = Histogram("monosemantic_batch_tokens", "Tokens per forward.", buckets=(16, 64, 256, 1024, 4096, 16384), registry=r)
-        self.tokens_processed = Counter("monosemantic_tokens_processed", "Tokens read by the SAE in activations and attributions.", registry=r)
+        self.tokens_processed = Counter("monosemantic_tokens_processed", "Tokens read by a dictionary in activations and attributions.", ("dictionary",), registry=r)
         self.tokens_generated = Counter("monosemantic_tokens_generated", "Tokens generated.", registry=r)
-        self.l0 = BulkHistogram("monosemantic_active_features_per_token", "Features active per served token (L0).", buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
-        self.dictionary_info = Gauge("monosemantic_dictionary_info", "The serving dictionary (value 1).", ("name", "version", "architecture", "model_checksum"), registry=r)
-        self.dictionary_loaded = Gauge("monosemantic_dictionary_loaded_timestamp_seconds", "When the serving dictionary was loaded.", registry=r)
+        self.l0 = BulkHistogram("monosemantic_active_features_per_token", "Features active per served token (L0).", ("dictionary",), buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
+        self.dictionary_info = Gauge("monosemantic_dictionary_info", "A loaded dictionary (value 1; default=\"true\" for the default one).", ("name", "version", "architecture", "model_checksum", "hook", "default"), registry=r)
+        self.dictionary_loaded = Gauge("monosemantic_dictionary_loaded_timestamp_seconds", "When a loaded dictionary was loaded.", ("name",), registry=r)
         self.reloads = Counter("monosemantic_dictionary_reloads", "Dictionary reloads, by result.", ("result",), registry=r)
         self.key_reloads = Counter("monosemantic_api_keys_reloads", "Re-reads of MONOSEMANTIC_API_KEYS_FILE after it changed (or SIGHUP), by result; a failure keeps the previous keys.", ("result",), registry=r)
         self.keys_loaded = Gauge("monosemantic_api_keys_loaded_timestamp_seconds", "When the keys in use were read.", registry=r)
-        self.monitor = FeatureMonitor(r, watch or [])
+        self.monitor = FeatureMonitor(r)
         self.observe_dropped = Counter("monosemantic_observe_dropped", "Observed texts accepted but not read (engine error or shutdown).", registry=r)
         for reason in ("queue_full", "deadline", "shutting_down"):
             self.rejected.labels(reason)
@@ -54,10 +56,14 @@ class Metrics:
     def call(self, protocol: str, method: str) -> "Call":
         return Call(self, protocol, method)
 
-    def set_dictionary(self, name: str, version: int, architecture: str, model_checksum: str, loaded_at: float) -> None:
+    def set_dictionaries(self, loaded: list[BoundDictionary], model_checksum: str) -> None:
+        """The info series describe exactly what is loaded now (the first is the default)."""
         self.dictionary_info.clear()
-        self.dictionary_info.labels(name, str(version), architecture, model_checksum[:12]).set(1)
-        self.dictionary_loaded.set(loaded_at)
+        self.dictionary_loaded.clear()
+        for i, entry in enumerate(loaded):
+            m = entry.dictionary.manifest
+            self.dictionary_info.labels(m.name, str(m.version), m.architecture, model_checksum[:12], entry.hook.name, "true" if i == 0 else "false").set(1)
+            self.dictionary_loaded.labels(m.name).set(entry.loaded_at)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

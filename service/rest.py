@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
@@ -21,10 +20,11 @@ from pydantic import BaseModel
 from monosemantic import api as schemas
 from service.engine import Engine
 from service.deadlines import TIMEOUT_HEADER, deadline_after, parse_timeout_header, within
-from service.errors import ErrorKind, ServiceError, from_validation_errors
+from service.errors import ErrorKind, ServiceError, from_validation_errors, http_headers, outcome_code
 from service.http_limits import BodySizeLimit, RequestLifecycle, send_error
 from service.http_methods import ProbeMethods
 from service.metrics import METHODS, Call
+from starlette.routing import Match
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "content": {"application/json": {"example": {"error": {"kind": kind, "message": "…", "field": "…"}}}}}
@@ -46,8 +46,16 @@ class AccessCheck:
     here, once, from every Authorization header (two are refused), and kept in the request's state: generation
     with steering checks `steer` in its route, where the body is known, on that same identity."""
 
-    def __init__(self, app: Any, engine: Engine) -> None:
-        self.app, self.engine = app, engine
+    def __init__(self, app: Any, engine: Engine, routes: list) -> None:
+        self.app, self.engine, self.routes = app, engine, routes
+
+    def method(self, scope: dict) -> str:
+        """The operation a request addresses, by the route it matches (each route is named after its method in
+        service.metrics.METHODS), so a refusal is counted where the same request, let in, would have been."""
+        for route in self.routes:
+            if route.matches(scope)[0] is Match.FULL:
+                return route.name if route.name in METHODS else "other"
+        return "other"
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope.get("path", "")
@@ -57,13 +65,8 @@ class AccessCheck:
                 identity = self.engine.identify(authorizations)
                 identity.require("admin" if path.startswith("/v1/admin/") else "read")
             except ServiceError as exc:
-                method = path.removeprefix("/v1/").split("/")[0].replace("admin", "reload").replace("features", "feature")
-                metrics = self.engine.metrics
-                metrics.requests.labels("rest", method if method in METHODS else "other", str(exc.http_status)).inc()
-                headers = {"Retry-After": "1"} if exc.kind is ErrorKind.OVERLOADED else {}
-                if exc.kind is ErrorKind.UNAUTHENTICATED:
-                    headers["WWW-Authenticate"] = "Bearer"
-                return await send_error(send, exc, headers=headers)
+                self.engine.metrics.call("rest", self.method(scope)).finish(outcome_code(exc))
+                return await send_error(send, exc)
             scope.setdefault("state", {})["identity"] = identity
         await self.app(scope, receive, send)
 
@@ -72,7 +75,7 @@ def build_asgi(engine: Engine) -> Any:
     """The whole REST application as the server runs it: the routes inside access, body-size and disconnect
     handling, and HEAD / OPTIONS for every route."""
     app = create_app(engine)
-    return RequestLifecycle(ProbeMethods(AccessCheck(BodySizeLimit(app, engine.settings.max_body_bytes), engine), app.router.routes))
+    return RequestLifecycle(ProbeMethods(AccessCheck(BodySizeLimit(app, engine.settings.max_body_bytes), engine, app.router.routes), app.router.routes))
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -85,8 +88,7 @@ def create_app(engine: Engine) -> FastAPI:
     )
 
     def error_response(exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.kind is ErrorKind.OVERLOADED else None
-        return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.http_status, headers=http_headers(exc))
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
@@ -129,18 +131,12 @@ def create_app(engine: Engine) -> FastAPI:
         accounting = metrics.call("rest", method)
         try:
             first = await (call() if until is None else within(until, call()))
-        except ServiceError as exc:
-            accounting.finish(str(exc.http_status))
-            raise
-        except asyncio.CancelledError:
-            accounting.finish("499")
-            raise
-        except Exception:
-            accounting.finish("500")
+        except BaseException as exc:
+            accounting.finish(outcome_code(exc))
             raise
         if stream:
             return first, accounting
-        accounting.finish("200")
+        accounting.finish(outcome_code(None))
         return first
 
     static = Path(__file__).resolve().parent / "static"
@@ -158,7 +154,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/readyz", tags=["health"], responses={503: ERROR_RESPONSES[503]})
     async def readyz() -> Response:
-        """Model and dictionary are loaded and the server is not draining."""
+        """The model and every configured dictionary are loaded and the server is not draining."""
         if engine.ready:
             return JSONResponse({"status": "ready"})
         return error_response(ServiceError(ErrorKind.UNAVAILABLE, "not ready: loading or shutting down"))
@@ -203,6 +199,21 @@ def create_app(engine: Engine) -> FastAPI:
         first, accounting = await observed("generate", start, until, stream=True)
         return StreamingResponse(_sse(first, events, accounting), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/v1/features", response_model=schemas.ListFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
+    async def list_features(
+        dictionary: str | None = Query(None, description=schemas.DICTIONARY_FIELD),
+        order: Literal["density", "label", "id", "random"] = "density",
+        page: int = Query(1, ge=1),
+        page_size: int = Query(20, ge=1),
+        seed: int | None = Query(None, ge=0, le=2**63 - 1),
+    ) -> Response:
+        """A dictionary's features in a browsing order: by density, by label, by id, or a random sample of live ones."""
+        def call() -> Any:
+            req = _query(schemas.ListFeaturesRequest, dictionary=dictionary, order=order, page=page, page_size=page_size, seed=seed)
+            return engine.list_features(req)
+
+        return _json(await observed("list_features", _as_async(call)))
+
     @app.get("/v1/features/search", response_model=schemas.SearchFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
     async def search_features(
         request: Request,
@@ -210,25 +221,23 @@ def create_app(engine: Engine) -> FastAPI:
         by: Literal["token", "snippet"] = "snippet",
         page: int = Query(1, ge=1),
         page_size: int = Query(20, ge=1),
+        dictionary: str | None = Query(None, description=schemas.DICTIONARY_FIELD),
     ) -> Response:
         """Features by a token (their top examples peak on it, or they raise its logit) or by a snippet (ranked by
         their activation on it relative to their own max)."""
         until = deadline(request)
 
         async def call() -> Any:
-            try:
-                req = schemas.SearchFeaturesRequest(q=q, by=by, page=page, page_size=page_size)
-            except ValidationError as exc:
-                raise from_validation_errors(exc.errors()) from None
+            req = _query(schemas.SearchFeaturesRequest, q=q, by=by, page=page, page_size=page_size, dictionary=dictionary)
             return await engine.search_features(req, until)
 
         return _json(await observed("search_features", call, until))
 
     @app.get("/v1/features/{feature}", response_model=schemas.FeatureResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
-    async def feature(feature: int) -> Response:
+    async def feature(feature: int, dictionary: str | None = Query(None, description=schemas.DICTIONARY_FIELD)) -> Response:
         """One feature's dashboard: density, activation histogram, top and quantile examples, logit effects,
         neighbours and label."""
-        return _json(await observed("feature", _as_async(lambda: engine.feature(feature))))
+        return _json(await observed("feature", _as_async(lambda: engine.feature(feature, dictionary))))
 
     @app.post("/v1/observe", response_model=schemas.ObserveResponse, status_code=202, tags=["monitoring"])
     async def observe(req: schemas.ObserveRequest, request: Request) -> Response:
@@ -239,14 +248,19 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/dictionaries", response_model=schemas.DictionariesResponse, tags=["dictionaries"])
     async def dictionaries() -> schemas.DictionariesResponse:
-        """The serving dictionary (name, version, metrics, hook, model) and the versions available to reload."""
+        """Every loaded dictionary (name, version, metrics, hook, model; the default first) and the versions available to load."""
         return await observed("dictionaries", engine.dictionaries)
 
     @app.post("/v1/admin/reload", response_model=schemas.ReloadResponse, tags=["dictionaries"], responses={401: {"description": "no admin key given"}, 403: {"description": "wrong key, or admin disabled"}, 409: {"description": "the version cannot serve this model (corrupted, another model, another width)"}})
     async def reload(req: schemas.ReloadRequest) -> schemas.ReloadResponse:
-        """Load another dictionary version beside the serving one, then swap; a failure leaves the old one serving.
-        Needs a key with the `admin` scope (AccessCheck)."""
+        """Load a dictionary version beside the serving ones, then swap it in under its name (or add it when the name
+        is not loaded); a failure leaves everything serving as it was. Needs a key with the `admin` scope (AccessCheck)."""
         return await observed("reload", lambda: engine.reload(req))
+
+    @app.post("/v1/admin/unload", response_model=schemas.UnloadResponse, tags=["dictionaries"], responses={401: {"description": "no admin key given"}, 403: {"description": "wrong key, or admin disabled"}, 404: {"description": "the name is not loaded"}, 409: {"description": "it is the only loaded dictionary"}})
+    async def unload(req: schemas.UnloadRequest) -> schemas.UnloadResponse:
+        """Stop serving one dictionary; the others serve on. Needs the `admin` scope."""
+        return await observed("unload", lambda: engine.unload(req))
 
     return app
 
@@ -257,6 +271,14 @@ def _json(response: BaseModel | dict[str, Any]) -> Response:
     if isinstance(response, BaseModel):
         return Response(response.model_dump_json(), media_type="application/json")
     return Response(orjson.dumps(response), media_type="application/json")
+
+
+def _query(model: type[BaseModel], **fields: Any) -> Any:
+    """A request model from query parameters, refused in the one error shape."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise from_validation_errors(exc.errors()) from None
 
 
 def _as_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:

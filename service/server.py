@@ -47,7 +47,7 @@ class Server:
         self.engine = Engine(self.settings)
 
     def _reload_keys(self) -> None:
-        self._key_reload = asyncio.ensure_future(self.engine.reload_keys())  # kept: a task nobody holds may vanish
+        self._key_reload = asyncio.ensure_future(self.engine.keys.reload())  # kept: a task nobody holds may vanish
 
     def request_stop(self) -> None:
         self.engine.begin_drain()
@@ -88,14 +88,15 @@ class Server:
             await asyncio.sleep(0.01)
         self.http_port = http.servers[0].sockets[0].getsockname()[1]
         await set_serving(health_servicer, True)
-        keys_task = asyncio.create_task(self.engine.watch_keys())
+        keys_task = asyncio.create_task(self.engine.keys.watch())
         if install_signal_handlers:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload_keys)
-        log.info("monosemantic serving %s: HTTP on %s:%d, gRPC on %s:%d, readout in %s", self.engine.serving.dictionary.ref, s.host,
-                 self.http_port, s.host, self.grpc_port, str(self.engine.serving.encoder.dtype).removeprefix("torch."))
+        loaded = self.engine.repository
+        log.info("monosemantic serving %s (default %s): HTTP on %s:%d, gRPC on %s:%d, readout in %s", loaded.refs(), loaded.default.ref,
+                 s.host, self.http_port, s.host, self.grpc_port, ", ".join(sorted({str(d.encoder.dtype).removeprefix("torch.") for d in loaded})))
         self.started.set()
 
         await self._stop.wait()

@@ -17,8 +17,12 @@ MAX_WATCHED_FEATURES = 64  # each watched feature adds a few series per dictiona
 
 
 class WatchedFeature(BaseModel):
+    dictionary: str | None = None  # its dictionary's name; None: the default (the first configured)
     id: int = Field(ge=0)
     name: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
+
+    def of(self, default: str) -> str:
+        return self.dictionary or default
 
 
 class ServiceSettings(BaseSettings):
@@ -31,6 +35,9 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port (tests)
     registry: Path = Field(default_factory=reference_registry_path)
     dictionary: str = REFERENCE_DICTIONARY  # NAME or NAME:VERSION (vN or N); no version means latest
+    # Several at once: "A,B:3" (the first is the default of every operation); "all" adds every dictionary of the
+    # registry bound to the loaded model (its latest version). Give this or `dictionary`, not both.
+    dictionaries: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # HF directory (or hub id if online); None: the model the dictionary's manifest records, else the shipped one.
     model: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
@@ -75,8 +82,9 @@ class ServiceSettings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
 
-    # Feature monitoring: "ID[:NAME],ID[:NAME],…" (e.g. 12,873:imports). Every text the service reads (activations,
-    # observe) counts these features' firings into Prometheus series labelled by feature, never by user input.
+    # Feature monitoring: "[DICTIONARY:]ID[:NAME],…" (e.g. 12,873:imports,attn-l3:40:quotes; no dictionary: the
+    # default one). Every text the service reads (activations, observe) counts these features' firings into
+    # Prometheus series labelled by dictionary and feature, never by user input.
     watch_features: Annotated[list[WatchedFeature], NoDecode] = Field(default_factory=list)
     max_observe_texts: int = Field(64, ge=1)
 
@@ -103,6 +111,26 @@ class ServiceSettings(BaseSettings):
         parse_reference(value)  # raises ValueError with the reason
         return value
 
+    @field_validator("dictionaries", mode="before")
+    @classmethod
+    def _split_dictionaries(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("dictionaries")
+    @classmethod
+    def _dictionary_references(cls, value: list[str]) -> list[str]:
+        from monosemantic.artifact import parse_reference
+
+        names = []
+        for reference in value:
+            if reference != "all":
+                names.append(parse_reference(reference)[0])  # raises ValueError with the reason
+        if len(set(names)) != len(names):
+            raise ValueError("a dictionary is named twice; one version of each name serves at a time")
+        return value
+
     @field_validator("watch_features", mode="before")
     @classmethod
     def _parse_watch_list(cls, value: object) -> object:
@@ -110,10 +138,11 @@ class ServiceSettings(BaseSettings):
             entries = [part.strip() for part in value.split(",") if part.strip()]
             parsed = []
             for entry in entries:
-                number, _, name = entry.partition(":")
-                if not number.strip().isdigit():
-                    raise ValueError(f"{entry!r} is not ID or ID:NAME")
-                parsed.append({"id": int(number), "name": name.strip()})
+                parts = [p.strip() for p in entry.split(":")]
+                dictionary = None if parts[0].isdigit() else parts.pop(0)
+                if not parts or not parts[0].isdigit() or len(parts) > 2:
+                    raise ValueError(f"{entry!r} is not ID, ID:NAME, DICTIONARY:ID or DICTIONARY:ID:NAME")
+                parsed.append({"dictionary": dictionary, "id": int(parts[0]), "name": parts[1] if len(parts) > 1 else ""})
             return parsed
         return value
 
@@ -127,10 +156,20 @@ class ServiceSettings(BaseSettings):
     def _watch_list_bounded(self) -> "ServiceSettings":
         if len(self.watch_features) > MAX_WATCHED_FEATURES:
             raise ValueError(f"watch_features: at most {MAX_WATCHED_FEATURES} features can be watched, got {len(self.watch_features)}")
-        ids = [w.id for w in self.watch_features]
+        ids = [(w.dictionary, w.id) for w in self.watch_features]
         if len(set(ids)) != len(ids):
             raise ValueError("watch_features: a feature is listed twice")
         return self
+
+    @model_validator(mode="after")
+    def _one_way_to_name_dictionaries(self) -> "ServiceSettings":
+        if self.dictionaries and "dictionary" in self.model_fields_set and self.dictionaries[0] != self.dictionary:
+            raise ValueError("dictionary and dictionaries: give one (dictionaries=A,B lists several; its first is the default)")
+        return self
+
+    def configured_dictionaries(self) -> list[str]:
+        """What to load, in order: `dictionaries`, else the one `dictionary`."""
+        return list(self.dictionaries) or [self.dictionary]
 
     def tls_pair(self) -> tuple[bytes, bytes] | None:
         """The PEM certificate chain and private key, read and checked to be a matching pair; None without TLS.

@@ -13,7 +13,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from service.errors import ErrorKind, ServiceError
-from service.loaded import Loaded, Tokenized
+from monosemantic.model import Model, Tokenized
 
 ON_LOOP_CHARS = 4096  # at most this many characters in one request are tokenized on the loop
 MAX_WAITING = 4
@@ -24,14 +24,14 @@ class Tokenizing:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="monosemantic-tokenize")
         self._waiting = 0
 
-    async def tokenize(self, loaded: Loaded, texts: list[str], prepend_bos: bool) -> list[Tokenized]:
+    async def tokenize(self, model: Model, texts: list[str], prepend_bos: bool) -> list[Tokenized]:
         if sum(len(t) for t in texts) <= ON_LOOP_CHARS:
-            return [loaded.tokenize(t, prepend_bos) for t in texts]
+            return [model.tokenize(t, prepend_bos) for t in texts]
         if self._waiting >= MAX_WAITING:
             raise ServiceError(ErrorKind.OVERLOADED, f"the tokenizer is busy with {self._waiting} long texts; retry shortly")
         self._waiting += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: [loaded.tokenize(t, prepend_bos) for t in texts])
+            return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: [model.tokenize(t, prepend_bos) for t in texts])
         finally:
             self._waiting -= 1
 

@@ -124,9 +124,16 @@ def client(request, server):
 
 
 @pytest.fixture(scope="session")
-def reference_pair():
-    """The shipped model and dictionary loaded directly, to check the service's numbers against."""
-    from service.loaded import load_model, load_pair
+def reference_model():
+    """The shipped model loaded directly, to check the service's numbers against."""
+    from monosemantic.model import load_model
 
-    lm = load_model(str(reference_lm_path()), "cpu")
-    return load_pair(lm, reference_registry_path(), REFERENCE_DICTIONARY, None, "cpu")
+    return load_model(str(reference_lm_path()), "cpu")
+
+
+@pytest.fixture(scope="session")
+def reference_dictionary(reference_model):
+    """The shipped dictionary bound to it."""
+    from monosemantic.bound import load_bound
+
+    return load_bound(reference_model, reference_registry_path(), REFERENCE_DICTIONARY, None)

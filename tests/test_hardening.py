@@ -195,14 +195,14 @@ def test_150k_invalid_feature_ids_give_a_short_error_body(server):
     pb.GenerateRequest(prompt="a prompt", steering=[pb.Steering(feature=1)]).SerializeToString()[:5],  # a message cut short
 ], ids=["invalid-utf8", "garbage", "truncated"])
 def test_an_undecodable_grpc_message_is_invalid_argument_and_counted(server, payload):
-    before = _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="INVALID_ARGUMENT") or 0
+    before = _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="422") or 0
     with grpc.insecure_channel(server.grpc_target) as channel:
         call = channel.unary_unary("/monosemantic.v1.FeatureService/Activations", request_serializer=lambda b: b,
                                    response_deserializer=pb.ActivationsResponse.FromString)
         with pytest.raises(grpc.RpcError) as caught:
             call(payload, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
-    assert _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="INVALID_ARGUMENT") == before + 1
+    assert _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="422") == before + 1
 
 
 # ---- 9. an observe that can never fit -------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from monosemantic.sae import SAEConfig, build_sae
-from service.encoder import FastEncoder
+from monosemantic.encoder import FastEncoder
 
 
 def readout_of_random_features(seed: int = 0):
@@ -55,16 +55,16 @@ def test_a_later_encode_leaves_the_readouts_taken_from_an_earlier_one_intact():
 
 
 def test_auto_serves_in_the_dtype_this_machine_multiplies_faster_and_a_forced_one_as_given():
-    from monosemantic.lm import load_lm
+    from monosemantic.bound import load_bound
+    from monosemantic.model import load_model
     from monosemantic.shipped import reference_lm_path, reference_registry_path
     from monosemantic.precision import fastest_dtype
-    from service.loaded import load_pair
 
-    lm = load_lm(reference_lm_path())
-    auto = load_pair(lm, reference_registry_path(), "reference", 1, "cpu", check_width=False, sae_dtype="auto")
+    lm = load_model(str(reference_lm_path()))
+    auto = load_bound(lm, reference_registry_path(), "reference", 1, "cpu", check_width=False, sae_dtype="auto")
     assert auto.encoder.dtype == fastest_dtype(512, 4096, "cpu") and auto.encoder.W_enc.dtype == auto.encoder.dtype
     for forced in ("bfloat16", "float32"):
-        assert load_pair(lm, reference_registry_path(), "reference", 1, "cpu", check_width=False, sae_dtype=forced).encoder.dtype == getattr(torch, forced)
+        assert load_bound(lm, reference_registry_path(), "reference", 1, "cpu", check_width=False, sae_dtype=forced).encoder.dtype == getattr(torch, forced)
 
 
 @pytest.mark.parametrize("slow, expected", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])

@@ -3,7 +3,7 @@
 import pytest
 
 from monosemantic.client import GrpcClient, RestClient
-from service.readout import hook_activations
+from monosemantic.readout import hook_activations
 
 TEXT = "def main():\n    return sorted(items, key=len)\n"
 
@@ -25,17 +25,17 @@ def test_top_features_are_the_strongest_nonzero_ones_in_descending_order(client)
         assert len(token.top) == min(5, token.l0)
 
 
-def _expected(reference_pair, ids):
-    x = hook_activations(reference_pair, [ids])[0]
-    sae = reference_pair.dictionary.sae
+def _expected(reference_model, reference_dictionary, ids):
+    x = hook_activations(reference_model, [ids], [reference_dictionary.hook])[0][0]
+    sae = reference_dictionary.sae
     features = sae.encode(x)
     return features, (x - sae.decode(features)).norm(dim=-1) / x.norm(dim=-1)
 
 
-def test_features_match_the_dictionary_applied_to_the_models_activations(client, reference_pair):
+def test_features_match_the_dictionary_applied_to_the_models_activations(client, reference_model, reference_dictionary):
     # The readout may multiply in bf16 (service/encoder.py, where faster): the same features, values within bf16 rounding.
     result = client.activations(text=TEXT, top_k=4)
-    features, errors = _expected(reference_pair, [t.id for t in result.tokens])
+    features, errors = _expected(reference_model, reference_dictionary, [t.id for t in result.tokens])
     for t, token in enumerate(result.tokens):
         expected = features[t].topk(4)
         assert token.top[0].feature == int(expected.indices[0])
@@ -44,7 +44,7 @@ def test_features_match_the_dictionary_applied_to_the_models_activations(client,
         assert token.recon_error == pytest.approx(float(errors[t]), rel=1e-2)
 
 
-def test_a_float32_readout_matches_the_dictionary_exactly(registry, reference_pair):
+def test_a_float32_readout_matches_the_dictionary_exactly(registry, reference_model, reference_dictionary):
     from conftest import RunningServer
 
     running = RunningServer(registry=registry, dictionary="reference:1", sae_dtype="float32")
@@ -53,7 +53,7 @@ def test_a_float32_readout_matches_the_dictionary_exactly(registry, reference_pa
             result = client.activations(text=TEXT, top_k=4)
     finally:
         running.stop()
-    features, errors = _expected(reference_pair, [t.id for t in result.tokens])
+    features, errors = _expected(reference_model, reference_dictionary, [t.id for t in result.tokens])
     for t, token in enumerate(result.tokens):
         expected = features[t].topk(4)
         assert [f.feature for f in token.top] == expected.indices[: len(token.top)].tolist()
@@ -89,7 +89,7 @@ def test_rest_and_grpc_give_bitwise_identical_results(server):
         assert rest.activations(**request) == grpc_client.activations(**request)
 
 
-def test_a_batched_request_gets_the_same_features_as_one_alone(server, reference_pair):
+def test_a_batched_request_gets_the_same_features_as_one_alone(server, reference_model, reference_dictionary):
     # Concurrent requests of different lengths share one padded forward; padding must not leak into them.
     import concurrent.futures
 
@@ -104,7 +104,7 @@ def test_a_batched_request_gets_the_same_features_as_one_alone(server, reference
 
 
 def test_readout_rows_are_padded_to_a_bounded_set_of_shapes():
-    from service.encoder import bucketed_rows
+    from monosemantic.encoder import bucketed_rows
 
     shapes = {bucketed_rows(rows) for rows in range(1, 8193)}
     assert len(shapes) == 35 and all(bucketed_rows(r) >= r for r in range(1, 8193))

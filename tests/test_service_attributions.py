@@ -6,15 +6,15 @@ import torch
 TEXT = "def hello(self):\n    return self"
 
 
-def _plain_logits(reference_pair, ids):
+def _plain_logits(reference_model, reference_dictionary, ids):
     with torch.no_grad():
-        return reference_pair.lm.model(input_ids=torch.tensor([ids])).logits[0]
+        return reference_model.lm.model(input_ids=torch.tensor([ids])).logits[0]
 
 
-def test_the_decomposition_is_exact_at_the_last_layer_and_sums_to_the_plain_models_logit(client, reference_pair):
+def test_the_decomposition_is_exact_at_the_last_layer_and_sums_to_the_plain_models_logit(client, reference_model, reference_dictionary):
     result = client.attributions(text=TEXT, target=" self", top_k=10)
-    ids = reference_pair.tokenize(TEXT, prepend_bos=True).ids
-    plain = float(_plain_logits(reference_pair, ids)[len(ids) - 1, result.target_id])
+    ids = reference_model.tokenize(TEXT, prepend_bos=True).ids
+    plain = float(_plain_logits(reference_model, reference_dictionary, ids)[len(ids) - 1, result.target_id])
     assert result.exact
     assert result.value == pytest.approx(plain, rel=1e-5)
     total = result.features_total + result.error + result.rest
@@ -22,15 +22,15 @@ def test_the_decomposition_is_exact_at_the_last_layer_and_sums_to_the_plain_mode
     assert abs(result.remainder) < 1e-3 * abs(plain)
 
 
-def test_a_contrast_explains_the_logit_difference(client, reference_pair):
+def test_a_contrast_explains_the_logit_difference(client, reference_model, reference_dictionary):
     result = client.attributions(text=TEXT, target=" self", contrast=")", position=3)
-    ids = reference_pair.tokenize(TEXT, prepend_bos=True).ids
-    logits = _plain_logits(reference_pair, ids)[3]
+    ids = reference_model.tokenize(TEXT, prepend_bos=True).ids
+    logits = _plain_logits(reference_model, reference_dictionary, ids)[3]
     assert result.value == pytest.approx(float(logits[result.target_id] - logits[result.contrast_id]), rel=1e-5)
     assert result.features_total + result.error + result.rest == pytest.approx(result.value, rel=1e-3)
 
 
-def test_listed_features_are_the_largest_attributions_with_their_activations(client, reference_pair):
+def test_listed_features_are_the_largest_attributions_with_their_activations(client, reference_model, reference_dictionary):
     result = client.attributions(text=TEXT, target=" self", top_k=50)
     magnitudes = [abs(f.attribution) for f in result.features]
     assert magnitudes == sorted(magnitudes, reverse=True)

@@ -4,20 +4,20 @@ import pytest
 import torch
 
 from monosemantic.client import RestClient
-from service.readout import hook_activations
-from service.steering import SteeringSpec, apply_steering
+from monosemantic.readout import hook_activations
+from monosemantic.steering import SteeringSpec, apply_steering
 
 PROMPT = "def main():\n    "
 
 
 @pytest.fixture(scope="module")
-def real_activations(reference_pair):
-    ids = reference_pair.tokenize("import os\nfor name in os.listdir(path):\n    print(name)\n", True).ids
-    return hook_activations(reference_pair, [ids])[0]
+def real_activations(reference_model, reference_dictionary):
+    ids = reference_model.tokenize("import os\nfor name in os.listdir(path):\n    print(name)\n", True).ids
+    return hook_activations(reference_model, [ids], [reference_dictionary.hook])[0][0]
 
 
-def test_clamp_pins_the_feature_when_the_steered_activation_is_re_encoded(reference_pair, real_activations):
-    sae = reference_pair.dictionary.sae
+def test_clamp_pins_the_feature_when_the_steered_activation_is_re_encoded(reference_model, reference_dictionary, real_activations):
+    sae = reference_dictionary.sae
     specs = [SteeringSpec(7, "clamp", 6.0), SteeringSpec(1200, "clamp", 2.5), SteeringSpec(300, "add", 4.0)]
     steered = apply_steering(sae, real_activations, specs).activation
     re_encoded = sae.encode(steered)
@@ -25,8 +25,8 @@ def test_clamp_pins_the_feature_when_the_steered_activation_is_re_encoded(refere
     assert re_encoded[:, 1200] == pytest.approx(torch.full((len(steered),), 2.5), abs=1e-3)
 
 
-def test_clamp_to_zero_switches_an_active_feature_off_and_leaves_inactive_ones_alone(reference_pair, real_activations):
-    sae = reference_pair.dictionary.sae
+def test_clamp_to_zero_switches_an_active_feature_off_and_leaves_inactive_ones_alone(reference_model, reference_dictionary, real_activations):
+    sae = reference_dictionary.sae
     features = sae.encode(real_activations)
     active_feature = int(features[3].argmax())
     result = apply_steering(sae, real_activations, [SteeringSpec(active_feature, "clamp", 0.0)])
@@ -35,8 +35,8 @@ def test_clamp_to_zero_switches_an_active_feature_off_and_leaves_inactive_ones_a
     assert torch.equal(result.activation[untouched], real_activations[untouched])
 
 
-def test_add_moves_the_activation_along_the_decoder_direction(reference_pair, real_activations):
-    sae = reference_pair.dictionary.sae
+def test_add_moves_the_activation_along_the_decoder_direction(reference_model, reference_dictionary, real_activations):
+    sae = reference_dictionary.sae
     result = apply_steering(sae, real_activations, [SteeringSpec(42, "add", 3.0)])
     expected = real_activations + 3.0 * sae.W_dec[42] / sae.cfg.input_scale
     assert torch.allclose(result.activation, expected, atol=1e-6)
@@ -100,12 +100,12 @@ def test_streamed_tokens_add_up_to_the_final_text(client):
     assert [t.id for t in tokens] == [t.id for t in done.tokens]
 
 
-def test_greedy_generation_follows_the_models_argmax(client, reference_pair):
+def test_greedy_generation_follows_the_models_argmax(client, reference_model, reference_dictionary):
     result = client.generate(prompt=PROMPT, max_new_tokens=4, temperature=0)
-    ids = reference_pair.tokenize(PROMPT, True).ids
+    ids = reference_model.tokenize(PROMPT, True).ids
     for token in result.tokens:
         with torch.no_grad():
-            logits = reference_pair.lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits = reference_model.lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
         assert token.id == int(logits.argmax())
         ids.append(token.id)
 

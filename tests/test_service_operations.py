@@ -59,14 +59,14 @@ def test_openapi_documents_every_operation_with_typed_bodies(server):
 
 def test_metrics_count_requests_by_protocol_method_and_code(server):
     before = _metric(server, "monosemantic_requests_total", protocol="rest", method="activations", code="200") or 0
-    before_grpc = _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="INVALID_ARGUMENT") or 0
+    before_grpc = _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="422") or 0
     with RestClient(server.http_url) as rest, GrpcClient(server.grpc_target) as grpc_client:
         rest.activations(text="one")
         rest.activations(text="two")
         with pytest.raises(ServiceCallError):
             grpc_client.activations(text="x", top_k=1000)
     assert _metric(server, "monosemantic_requests_total", protocol="rest", method="activations", code="200") == before + 2
-    assert _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="INVALID_ARGUMENT") == before_grpc + 1
+    assert _metric(server, "monosemantic_requests_total", protocol="grpc", method="activations", code="422") == before_grpc + 1
     assert _metric(server, "monosemantic_dictionary_info", name="reference") == 1
 
 

@@ -62,7 +62,8 @@ def test_train_help_shows_the_matrix_shape():
 
 
 def test_a_hook_given_as_an_alias_is_recorded_in_the_form_serving_resolves(tmp_path):
-    from service.loaded import load_pair
+    from monosemantic.bound import load_bound
+    from monosemantic.model import Model
 
     lm = load_lm(reference_lm_path())
     ids = lm.tokenizer("def main():\n    return 1\n" * 40, return_tensors="pt").input_ids[:, :256]
@@ -72,7 +73,7 @@ def test_a_hook_given_as_an_alias_is_recorded_in_the_form_serving_resolves(tmp_p
                                  "--hook", "blocks.0.hook_resid_post", "--d-sae", "64", "--tokens", "4096", "--batch-size", "256",
                                  "--registry", str(tmp_path / "r"), "--name", "resid"])
     assert result.exit_code == 0, result.output
-    loaded = load_pair(lm, tmp_path / "r", "resid", None, "cpu")  # what the service does at start and reload
+    loaded = load_bound(Model.of(lm), tmp_path / "r", "resid", None)  # what the service does at start and reload
     assert loaded.hook.module_path == load_dictionary(tmp_path / "r", "resid").manifest.hook.module_path
 
 

@@ -154,6 +154,6 @@ def test_evaluate_and_features_use_the_model_the_dictionary_records_when_no_mode
     try:
         with RestClient(running.http_url) as client:
             assert client.activations(text="zebra okapi").dictionary.name == "mine"
-        assert running.engine.serving.lm.source == str(own.resolve())
+        assert running.engine.repository.model.lm.source == str(own.resolve())
     finally:
         running.stop()

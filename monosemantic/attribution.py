@@ -13,13 +13,21 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from monosemantic.lm import final_norm, hooked_replacement, linear_to_logits
-from service.loaded import Loaded
+from monosemantic.bound import BoundDictionary
+from monosemantic.lm import final_norm, hooked_replacement, linear_to_logits, norm_at_scale, norm_inverse_scale
+from monosemantic.model import Model
+
+
+class FeatureScore(NamedTuple):
+    position: int
+    feature: int
+    activation: float
+    attribution: float
 
 
 @dataclass
@@ -33,20 +41,14 @@ class Attribution:
     scores: Tensor  # [T, d_sae] activation × gradient
     activations: Tensor  # [T, d_sae]
 
-
-def _norm_scale(module: nn.Module, x: Tensor) -> Tensor:
-    """1/σ of a LayerNorm or RMSNorm for each position (the part attribution freezes)."""
-    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 1e-5
-    if isinstance(module, nn.LayerNorm):
-        return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
-    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def _apply_norm(module: nn.Module, x: Tensor, inv_scale: Tensor) -> Tensor:
-    if isinstance(module, nn.LayerNorm):
-        y = (x - x.mean(-1, keepdim=True)) * inv_scale
-        return y * module.weight + module.bias if module.weight is not None else y
-    return module.weight * (x * inv_scale)
+    def strongest(self, k: int) -> list[FeatureScore]:
+        """The k (position, feature) pairs with the largest |attribution|, largest first; only nonzero ones."""
+        k = min(k, int((self.scores != 0).sum()))
+        flat = self.scores.flatten()
+        order = flat.abs().topk(k).indices if k else flat[:0].long()
+        d_sae = self.scores.shape[-1]
+        acts = self.activations.flatten()
+        return [FeatureScore(int(i) // d_sae, int(i) % d_sae, float(acts[i]), float(flat[i])) for i in order]
 
 
 @contextmanager
@@ -59,8 +61,8 @@ def frozen_norm_scale(module: nn.Module | None, store: dict) -> Iterator[None]:
     def hook(mod: nn.Module, args: tuple, _output: Tensor) -> Tensor:
         x = args[0]
         if "inv_scale" not in store:
-            store["inv_scale"] = _norm_scale(mod, x.detach())
-        return _apply_norm(mod, x, store["inv_scale"]).to(x.dtype)
+            store["inv_scale"] = norm_inverse_scale(mod, x.detach())
+        return norm_at_scale(mod, x, store["inv_scale"]).to(x.dtype)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -75,13 +77,13 @@ def _supported_norm(module: nn.Module | None) -> bool:
     return isinstance(module, nn.LayerNorm) or ("RMSNorm" in type(module).__name__ and hasattr(module, "weight"))
 
 
-def attribute(loaded: Loaded, ids: list[int], position: int, target: int, contrast: int | None) -> Attribution:
-    """Decompose logit(target) [− logit(contrast)] at `position` into features, error and rest."""
-    model, sae = loaded.lm.model, loaded.dictionary.sae
-    device = next(model.parameters()).device
+def attribute(model: Model, dictionary: BoundDictionary, ids: list[int], position: int, target: int, contrast: int | None) -> Attribution:
+    """Decompose logit(target) [− logit(contrast)] at `position` into `dictionary`'s features, its error and the rest."""
+    net, sae, hook = model.lm.model, dictionary.sae, dictionary.hook
+    device = next(net.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     mask = torch.ones_like(input_ids)
-    norm = final_norm(model)
+    norm = final_norm(net)
     freeze = _supported_norm(norm)
     store: dict = {}
     leaves: dict[str, Tensor] = {}
@@ -98,21 +100,21 @@ def attribute(loaded: Loaded, ids: list[int], position: int, target: int, contra
         return row[target] - (row[contrast] if contrast is not None else 0.0)
 
     with torch.inference_mode(False), torch.enable_grad():
-        with frozen_norm_scale(norm if freeze else None, store), hooked_replacement(model, loaded.hook, splice):
-            value_spliced = objective(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits)
+        with frozen_norm_scale(norm if freeze else None, store), hooked_replacement(net, hook, splice):
+            value_spliced = objective(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits)
         grad_features, grad_error = torch.autograd.grad(value_spliced, [leaves["features"], leaves["error"]])
     with torch.no_grad():
         bias_only = (sae.b_dec / sae.cfg.input_scale).float()
         with frozen_norm_scale(norm if freeze else None, store), hooked_replacement(
-            model, loaded.hook, lambda x: bias_only.expand_as(x).to(x.dtype)
+            net, hook, lambda x: bias_only.expand_as(x).to(x.dtype)
         ):
-            rest = float(objective(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))
-        value = float(objective(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))  # the plain model, no SAE
+            rest = float(objective(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))
+        value = float(objective(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))  # the plain model, no SAE
         features = leaves["features"][0].detach()
         scores = features * grad_features[0]
         features_total = float(scores.double().sum())
         error = float((leaves["error"][0].detach() * grad_error[0]).double().sum())
-    exact = freeze and linear_to_logits(model, loaded.hook)
+    exact = freeze and linear_to_logits(net, hook)
     return Attribution(
         value=value,
         exact=exact,

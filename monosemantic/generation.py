@@ -1,23 +1,44 @@
 """Token-by-token generation with the SAE reading (and optionally steering) the hook at every position.
 
 A Generation holds one request's state (token ids, KV cache, its own random generator) and advances one
-decode step per call, so the engine's worker can interleave the steps of many streams with other work and a
-client that goes away simply stops asking for steps.
+decode step per call, so a service's worker can interleave the steps of many streams with other work and a
+client that goes away simply stops asking for steps. Several dictionaries may steer at once, each at its own
+hook (or several at one hook, applied in order); one dictionary's features are reported at every step.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from monosemantic.lm import hooked_replacement
-from service.errors import invalid
-from service.loaded import Loaded
-from service.steering import SteeringSpec, apply_steering
+from monosemantic.bound import BoundDictionary
+from monosemantic.errors import MonosemanticError
+from monosemantic.lm import HookPoint, hooked_replacement
+from monosemantic.model import Model
+from monosemantic.steering import Steer, SteeringSpec, steer_at_hook
+
+
+class NonFiniteOutput(MonosemanticError):
+    """The steered model's logits are not finite: sampling from them would be meaningless."""
+
+
+class DictionarySteering(NamedTuple):
+    """One dictionary's steering entries in a generation."""
+
+    dictionary: BoundDictionary
+    specs: list[SteeringSpec]
+
+
+class SteeredFeature(NamedTuple):
+    dictionary: str  # its name
+    feature: int
+    before: float
+    after: float
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -41,8 +62,8 @@ class StepResult:
     index: int
     token_id: int
     text: str  # the new characters this token adds to the generated text
-    top: list[tuple[int, float]]
-    steered: list[tuple[int, float, float]]  # (feature, before, after)
+    top: list[tuple[int, float]]  # the reading dictionary's strongest features at the predicting position
+    steered: list[SteeredFeature]  # every steered feature there, in the order the steering was given
     finish_reason: str | None  # set on the last step
 
 
@@ -75,10 +96,11 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator)
 
 @dataclass
 class Generation:
-    loaded: Loaded
+    model: Model
+    reader: BoundDictionary  # whose features each step reports
     prompt_ids: list[int]
     cfg: SamplingConfig
-    steering: list[SteeringSpec]
+    steering: list[DictionarySteering]
     steer_prompt: bool
     generated: list[int] = field(default_factory=list)
     text: str = ""
@@ -94,32 +116,50 @@ class Generation:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def _hooks(self, steer_here: bool, seen: dict[str, Any]) -> list[tuple[HookPoint, Callable[[Tensor], Tensor]]]:
+        """One replacement per hook that is steered or read: it steers (at the last position's view of the cache,
+        every new position), records each steered feature before and after, and reads the reader's features."""
+        at: dict[str, list[int]] = {}  # hook key -> indices into self.steering
+        points: dict[str, HookPoint] = {self.reader.hook.key: self.reader.hook}
+        for i, entry in enumerate(self.steering):
+            at.setdefault(entry.dictionary.hook.key, []).append(i)
+            points.setdefault(entry.dictionary.hook.key, entry.dictionary.hook)
+
+        def at_hook(key: str) -> Callable[[Tensor], Tensor]:
+            def replace(x: Tensor) -> Tensor:
+                x_float, indices = x.float(), at.get(key, [])
+                if indices and steer_here:
+                    result = steer_at_hook(x_float, [Steer(self.steering[i].dictionary.sae, self.steering[i].specs) for i in indices])
+                    for i, before, after in zip(indices, result.before, result.after):
+                        seen[f"steered:{i}"] = (before[0, -1], after[0, -1])
+                    x_out, x_float = result.activation, result.activation
+                else:
+                    x_out = x
+                    for i in indices:  # generated-only steering, prompt positions: the features as they are
+                        ids = [s.feature for s in self.steering[i].specs]
+                        now = self.steering[i].dictionary.sae.encode(x_float[0, -1])[ids]
+                        seen[f"steered:{i}"] = (now, now)
+                if key == self.reader.hook.key:
+                    seen["features"] = self.reader.sae.encode(x_float[0, -1])
+                return x_out
+            return replace
+
+        return [(points[key], at_hook(key)) for key in points]
+
     def step(self) -> StepResult:
         """Run one forward (the whole prompt on the first call, one token after) and sample the next token."""
-        model, sae = self.loaded.lm.model, self.loaded.dictionary.sae
-        device = next(model.parameters()).device
+        net = self.model.lm.model
+        device = next(net.parameters()).device
         first = self._cache is None
         new_ids = self.prompt_ids if first else [self.generated[-1]]
         steer_here = bool(self.steering) and (self.steer_prompt or not first)
-        seen: dict[str, Tensor] = {}
-
-        def read_and_steer(x: Tensor) -> Tensor:
-            x_float = x.float()
-            if steer_here:
-                result = apply_steering(sae, x_float, self.steering)
-                seen["features"] = result.features_after[0, -1]
-                seen["before"], seen["after"] = result.before[0, -1], result.after[0, -1]
-                return result.activation
-            seen["features"] = sae.encode(x_float[0, -1])
-            if self.steering:  # generated-only steering, prompt position: report the features as they are
-                ids = [s.feature for s in self.steering]
-                seen["before"] = seen["after"] = seen["features"][ids]
-            return x
-
+        seen: dict[str, Any] = {}
         total = len(self.prompt_ids) + len(self.generated)
-        cache_name = _cache_kwarg(model)
-        with torch.inference_mode(), hooked_replacement(model, self.loaded.hook, read_and_steer):
-            out = model(
+        cache_name = _cache_kwarg(net)
+        with torch.inference_mode(), ExitStack() as hooks:
+            for point, replace in self._hooks(steer_here, seen):
+                hooks.enter_context(hooked_replacement(net, point, replace))
+            out = net(
                 input_ids=torch.tensor([new_ids], dtype=torch.long, device=device),
                 attention_mask=torch.ones((1, total), dtype=torch.long, device=device),
                 use_cache=True,
@@ -128,18 +168,18 @@ class Generation:
         if steer_here and not torch.isfinite(out.logits[0, -1]).all():
             # The bound on steering values keeps float32 finite in the steered activation itself; a model can still
             # overflow downstream of it. Refuse rather than sample from NaN (which answered 200 with an empty text).
-            raise invalid("steering", "the steered model's output is not finite (inf or NaN): use smaller steering values")
+            raise NonFiniteOutput("the steered model's output is not finite (inf or NaN): use smaller steering values")
         self._cache = out[cache_name]
         token = sample_next(out.logits[0, -1], self.cfg, self._generator)
         self.generated.append(token)
         return self._finish_step(token, seen)
 
     def _finish_step(self, token: int, seen: dict[str, Tensor]) -> StepResult:
-        tokenizer = self.loaded.lm.tokenizer
+        tokenizer = self.model.lm.tokenizer
         previous = self.text
         full = tokenizer.decode(self.generated)
         reason = None
-        if token == self.loaded.eos_id:
+        if token == self.model.eos_id:
             reason, full = "eos", tokenizer.decode(self.generated[:-1])
         else:
             cut = min((i for s in self.cfg.stop if (i := full.find(s, max(0, len(previous) - len(s)))) >= 0), default=-1)
@@ -147,7 +187,7 @@ class Generation:
                 reason, full = "stop", full[:cut]
             elif len(self.generated) >= self.cfg.max_new_tokens:
                 reason = "length"
-            elif len(self.prompt_ids) + len(self.generated) >= self.loaded.max_positions:
+            elif len(self.prompt_ids) + len(self.generated) >= self.model.max_positions:
                 reason = "length"
         self.text, self.finish_reason = full, reason
         features = seen["features"]
@@ -155,8 +195,10 @@ class Generation:
         values, ids = features.topk(k) if k else (features[:0], features[:0].long())
         top = [(int(i), float(v)) for i, v in zip(ids, values) if v > 0]
         steered = []
-        if self.steering:
-            steered = [(s.feature, float(b), float(a)) for s, b, a in zip(self.steering, seen["before"], seen["after"])]
+        for i, entry in enumerate(self.steering):
+            before, after = seen[f"steered:{i}"]
+            steered.extend(SteeredFeature(entry.dictionary.name, s.feature, float(b), float(a))
+                           for s, b, a in zip(entry.specs, before, after))
         delta = self._advance_emitted(full, reason is not None)
         return StepResult(len(self.generated) - 1, token, delta, top, steered, reason)
 

@@ -5,14 +5,22 @@
 α = v − f (Templeton et al. 2024) pins the feature exactly only when the encoder reads its own decoder row with
 gain 1 (W_enc[:, i]·W_dec[i] = 1) and the feature was already active. We solve for α instead: with several
 clamped features C, the pre-activations move by G α, where G[i, j] = W_enc[:, i]·W_dec[j], so α = G⁻¹ (target −
-pre) — after which re-encoding x' gives exactly v for every clamped feature (up to rounding), as a user expects
-of "clamp". A clamp to v ≤ 0 only switches an active feature off (target pre-activation 0) and leaves an
-inactive one alone.
+pre), after which every clamped feature's *pre-activation* is exactly v (up to rounding). A clamp to v ≤ 0 only
+switches an active feature off (target pre-activation 0) and leaves an inactive one alone.
+
+What re-encoding x' then reports depends on the architecture's activation (tests/test_steering.py checks each):
+- ReLU: v itself, for every v > 0: the activation of a positive pre-activation is the pre-activation.
+- JumpReLU: v when v is at or above the feature's threshold; below it the feature reads 0 (it has no values
+  between 0 and its threshold), though the activation still moved along its direction.
+- TopK: v when v is among the token's k largest pre-activations after the edit; otherwise 0 (the feature is not
+  selected), and a large v can push the token's weakest selected feature out of its top k.
+`after` in the result is always the re-encoded value, so a caller sees which case it met.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -66,3 +74,31 @@ def apply_steering(sae: SparseAutoencoder, x: Tensor, specs: list[SteeringSpec])
         x_new = x_new + (alpha @ directions[clamps]).reshape(x_new.shape)
     features_after = sae.activate(encode_pre(sae, x_new))
     return SteeringResult(x_new, features[..., ids], features_after[..., ids], features_after)
+
+
+class Steer(NamedTuple):
+    """One dictionary's steering entries (its features, at its hook)."""
+
+    sae: SparseAutoencoder
+    specs: list[SteeringSpec]
+
+
+@dataclass
+class HookSteering:
+    activation: Tensor  # x' after every dictionary's edit at this hook
+    before: list[Tensor]  # per Steer: [..., n_specs] its features in x
+    after: list[Tensor]  # per Steer: [..., n_specs] its features in the final x'
+
+
+def steer_at_hook(x: Tensor, steers: Sequence[Steer]) -> HookSteering:
+    """Several dictionaries' steering at one hook, applied in order; `before` is read on the activation as it
+    arrived and `after` on the one the model runs on (after every edit, so a later dictionary's edit that moves an
+    earlier one's feature shows in the earlier one's `after`)."""
+    if len(steers) == 1:
+        only = apply_steering(steers[0].sae, x, steers[0].specs)
+        return HookSteering(only.activation, [only.before], [only.after])
+    before = [steer.sae.encode(x)[..., [s.feature for s in steer.specs]] for steer in steers]
+    for steer in steers:
+        x = apply_steering(steer.sae, x, steer.specs).activation
+    after = [steer.sae.encode(x)[..., [s.feature for s in steer.specs]] for steer in steers]
+    return HookSteering(x, before, after)
