@@ -1,14 +1,23 @@
 """The web feature browser in a real headless browser (Debian's chromium + chromedriver, no download) against the
-real service on loopback: search, open a feature, inspect a text, run a steered generation; no console errors."""
+real service on loopback, serving two dictionaries: pick a dictionary, search, list and open features, inspect a
+text with both dictionaries side by side, steer a feature from its page; no console errors."""
 
+import copy
 import shutil
+from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
+import torch
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ready
 from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from monosemantic.artifact import load_dictionary, publish
+from monosemantic.feature_stats import SPECS
+from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -27,9 +36,39 @@ def browser():
     driver.quit()
 
 
+@pytest.fixture(scope="module")
+def two_dictionaries(tmp_path_factory):
+    """The shipped `reference` and `second`: the same dictionary with its features in reverse order (weights,
+    statistics, labels and neighbours permuted together), so feature N of one is feature d_sae-1-N of the other:
+    a real second dictionary whose pages and values differ from the first one's at every id."""
+    root = tmp_path_factory.mktemp("two-dictionaries")
+    shutil.copytree(reference_registry_path() / REFERENCE_DICTIONARY, root / REFERENCE_DICTIONARY)
+    shipped = load_dictionary(root, REFERENCE_DICTIONARY, 1)
+    m, d_sae = shipped.manifest, shipped.sae.cfg.d_sae
+    sae = copy.deepcopy(shipped.sae)
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_enc.flip(1))
+        sae.b_enc.copy_(sae.b_enc.flip(0))
+        sae.W_dec.copy_(sae.W_dec.flip(0))
+    features = {name: t.flip(0) if SPECS[name].shape[0] == "d_sae" else t for name, t in shipped.features.items()}
+    features["neighbour_ids"] = (d_sae - 1) - features["neighbour_ids"]
+    publish(root, "second", sae, model=m.model, hook=m.hook, features=features, labels=shipped.labels[::-1], extra={"metrics": m.metrics})
+    return root
+
+
+@pytest.fixture(scope="module")
+def browsed_server(two_dictionaries):
+    """The server the page tests browse: `reference` (the default) and `second`."""
+    from conftest import RunningServer
+
+    running = RunningServer(registry=two_dictionaries, dictionaries=["reference:1", "second"], max_text_chars=2000, max_new_tokens=64)
+    yield running
+    running.stop()
+
+
 @pytest.fixture
-def page(browser, server, tmp_path):
-    browser.get(server.http_url + "/")
+def page(browser, browsed_server, tmp_path):
+    browser.get(browsed_server.http_url + "/")
     WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "dictionary").text)
     yield browser
     browser.save_screenshot(str(tmp_path / "page.png"))
@@ -39,6 +78,23 @@ def page(browser, server, tmp_path):
 
 def wait_for(driver, condition, timeout=30):
     return WebDriverWait(driver, timeout).until(condition)
+
+
+def open_view(driver, hash_route):
+    """A route of the page, loaded afresh (as a shared link or a reload would open it)."""
+    base = driver.current_url.split("#")[0]
+    driver.get("about:blank")
+    driver.get(base + hash_route)
+
+
+def hash_params(driver):
+    return {k: v[0] for k, v in parse_qs(urlsplit(driver.current_url).fragment.partition("?")[2]).items()}
+
+
+def get_json(server, path, **params):
+    response = httpx.get(server.http_url + path, params=params)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def test_the_start_page_draws_the_dictionarys_density_histogram(page):
@@ -63,10 +119,10 @@ def test_search_by_token_then_open_a_feature(page, tmp_path):
 
 def test_inspect_a_text_and_highlight_a_feature_over_it(page, tmp_path):
     page.get(page.current_url.split("#")[0] + "#/inspect")
-    wait_for(page, ready.visibility_of_element_located((By.ID, "inspect-form"))).find_element(By.TAG_NAME, "button").click()
+    wait_for(page, ready.visibility_of_element_located((By.ID, "inspect-form"))).find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     token = wait_for(page, ready.element_to_be_clickable((By.CSS_SELECTOR, "#inspect-tokens .tok")))
     token.click()
-    wait_for(page, ready.element_to_be_clickable((By.CSS_SELECTOR, "#inspect-detail button.highlight"))).click()
+    wait_for(page, ready.element_to_be_clickable((By.CSS_SELECTOR, "#inspect-table tr.selected button.highlight"))).click()
     wait_for(page, ready.text_to_be_present_in_element((By.ID, "inspect-detail"), "highlighting"))
     shaded = [t.value_of_css_property("background-color") for t in page.find_elements(By.CSS_SELECTOR, "#inspect-tokens .tok")]
     assert any(color not in ("rgba(0, 0, 0, 0)", "rgba(255, 120, 40, 0)") for color in shaded)
@@ -97,6 +153,129 @@ def test_an_unknown_feature_shows_the_services_message(page):
     # the browser logs the 404 itself as a network error; that one is expected, nothing else may appear
     logged = page.get_log("browser")
     assert all(entry["source"] == "network" and "/v1/features/999999" in entry["message"] for entry in logged if entry["level"] == "SEVERE")
+
+
+def test_the_picker_lists_every_loaded_dictionary_with_the_default_selected(page, browsed_server):
+    picker = Select(page.find_element(By.ID, "dictionary"))
+    loaded = [d["name"] for d in get_json(browsed_server, "/v1/dictionaries")["dictionaries"]]
+    assert [o.get_attribute("value") for o in picker.options] == loaded == ["reference", "second"]
+    assert picker.first_selected_option.get_attribute("value") == "reference"
+    assert hash_params(page)["dictionary"] == "reference"
+
+
+def test_switching_the_dictionary_changes_what_a_feature_page_shows(page, browsed_server):
+    open_view(page, "#/feature/5")
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-summary"), "dictionary reference v1"))
+
+    def title():  # textContent: labels hold spaces that .text would collapse
+        return page.find_element(By.ID, "feature-title").get_attribute("textContent")
+
+    before = title()
+    Select(page.find_element(By.ID, "dictionary")).select_by_value("second")
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-summary"), "dictionary second v1"))
+    expected = get_json(browsed_server, "/v1/features/5", dictionary="second")
+    assert title() == f"Feature #5 {expected['label']}" != before
+    assert hash_params(page)["dictionary"] == "second" and page.current_url.split("?")[0].endswith("#/feature/5")
+    shown = page.find_element(By.CSS_SELECTOR, "#top-examples .example .value").text
+    assert float(shown) == pytest.approx(expected["top_examples"][0]["value"], abs=0.006)
+
+
+def test_the_url_keeps_the_search_and_dictionary_and_reopening_it_restores_the_view(page):
+    Select(page.find_element(By.ID, "dictionary")).select_by_value("second")
+    wait_for(page, lambda d: hash_params(d).get("dictionary") == "second")
+    page.find_element(By.ID, "search-q").send_keys("def")
+    Select(page.find_element(By.ID, "search-by")).select_by_value("token")
+    page.find_element(By.CSS_SELECTOR, "#search-form button").click()
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "search-status"), "features of second"))
+    found = [row.get_attribute("data-feature") for row in page.find_elements(By.CSS_SELECTOR, "#search-results tbody tr")]
+    assert found and hash_params(page) == {"dictionary": "second", "q": "def", "by": "token"}
+    shared = page.current_url
+    page.get("about:blank")
+    page.get(shared)
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "search-status"), "features of second"))
+    assert Select(page.find_element(By.ID, "dictionary")).first_selected_option.get_attribute("value") == "second"
+    assert page.find_element(By.ID, "search-q").get_attribute("value") == "def"
+    assert Select(page.find_element(By.ID, "search-by")).first_selected_option.get_attribute("value") == "token"
+    assert [row.get_attribute("data-feature") for row in page.find_elements(By.CSS_SELECTOR, "#search-results tbody tr")] == found
+
+
+def test_the_start_page_lists_the_features_by_density_densest_first(page, two_dictionaries):
+    rows = wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#feature-list tbody tr") or None)
+    densities = [float(row.get_attribute("data-density")) for row in rows]
+    stored = load_dictionary(two_dictionaries, REFERENCE_DICTIONARY, 1).features["density"]
+    assert len(rows) == 20 and densities == sorted(densities, reverse=True)
+    assert int(rows[0].get_attribute("data-feature")) == int(stored.argmax())
+    assert densities[0] == pytest.approx(float(stored.max()))
+
+
+def test_the_feature_list_orders_by_label_and_pages_on(page, browsed_server):
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#feature-list tbody tr") or None)
+    Select(page.find_element(By.ID, "list-order")).select_by_value("label")
+    expected = get_json(browsed_server, "/v1/features", dictionary="reference", order="label", page=2)["results"]
+    wait_for(page, lambda d: hash_params(d).get("order") == "label")
+    page.find_element(By.XPATH, "//div[@id='list-pages']/button[contains(., 'next')]").click()
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "list-pages"), "page 2 of"))
+    wait_for(page, lambda d: [int(r.get_attribute("data-feature")) for r in d.find_elements(By.CSS_SELECTOR, "#feature-list tbody tr")]
+             == [f["feature"] for f in expected])
+
+
+def test_the_random_feature_link_opens_a_live_features_page(page, browsed_server):
+    Select(page.find_element(By.ID, "dictionary")).select_by_value("second")
+    wait_for(page, lambda d: hash_params(d).get("dictionary") == "second")
+    page.find_element(By.ID, "random-feature").click()
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-summary"), "dictionary second v1"))
+    feature = int(page.current_url.split("#/feature/")[1].split("?")[0])
+    assert get_json(browsed_server, f"/v1/features/{feature}", dictionary="second")["density"] > 0
+    assert page.find_element(By.ID, "feature-title").text.startswith(f"Feature #{feature}")
+
+
+def test_inspect_with_two_dictionaries_shows_both_side_by_side_with_the_services_values(page, browsed_server, tmp_path):
+    open_view(page, "#/inspect")
+    boxes = wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#inspect-dictionaries input[type=checkbox]") or None)
+    assert [b.get_attribute("value") for b in boxes] == ["reference", "second"] and boxes[0].is_selected()
+    boxes[1].click()
+    text = page.find_element(By.ID, "inspect-text").get_attribute("value")
+    page.find_element(By.CSS_SELECTOR, "#inspect-form button[type=submit]").click()
+    wait_for(page, ready.visibility_of_element_located((By.ID, "inspect-table")))
+    heads = [th.text for th in page.find_elements(By.CSS_SELECTOR, "#inspect-table thead th")]
+    assert heads == ["token", "reference v1", "second v1"]
+    answer = httpx.post(browsed_server.http_url + "/v1/activations", json={"text": text, "top_k": 5, "dictionaries": ["reference", "second"]}).json()
+    rows = page.find_elements(By.CSS_SELECTOR, "#inspect-table tbody tr")
+    assert len(rows) == len(answer["tokens"]) - 1  # BOS is not shown
+    for i, row in enumerate(rows):
+        for readout in answer["readouts"]:
+            name = readout["dictionary"]["name"]
+            cell = row.find_element(By.CSS_SELECTOR, f'td[data-dictionary="{name}"]')
+            buttons = cell.find_elements(By.CSS_SELECTOR, "button.highlight")
+            top = readout["tokens"][i + 1]["top"]
+            assert [int(b.get_attribute("data-feature")) for b in buttons] == [f["feature"] for f in top], (i, name)
+            assert [float(b.get_attribute("data-value")) for b in buttons] == pytest.approx([f["value"] for f in top], rel=1e-4)
+            assert all(b.text.startswith(f"#{f['feature']} ") for b, f in zip(buttons, top))
+    page.save_screenshot(str(tmp_path / "inspect-two.png"))
+
+
+def test_steer_this_feature_prefills_the_steering_form(page, browsed_server):
+    open_view(page, "#/feature/7?dictionary=second")
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-summary"), "dictionary second v1"))
+    page.find_element(By.ID, "steer-this").click()
+    row = wait_for(page, ready.visibility_of_element_located((By.CSS_SELECTOR, "#steer-rows .steer-row")))
+    assert len(page.find_elements(By.CSS_SELECTOR, "#steer-rows .steer-row")) == 1
+    assert row.find_element(By.CLASS_NAME, "steer-feature").get_attribute("value") == "7"
+    assert Select(row.find_element(By.CLASS_NAME, "steer-dictionary")).first_selected_option.get_attribute("value") == "second"
+    assert Select(row.find_element(By.CLASS_NAME, "steer-mode")).first_selected_option.get_attribute("value") == "clamp"
+    peak = get_json(browsed_server, "/v1/features/7", dictionary="second")["max_activation"]
+    assert float(row.find_element(By.CLASS_NAME, "steer-value").get_attribute("value")) == pytest.approx(max(1, 2 * peak), abs=0.05)
+    assert hash_params(page)["dictionary"] == "second"
+
+
+def test_every_histogram_labels_both_axes(page):
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#density-histogram rect") or None)
+    density = {e.get_attribute("class"): e.text for e in page.find_elements(By.CSS_SELECTOR, "#density-histogram text.axis-label")}
+    assert density == {"axis-label x": "feature density (log10 share of tokens)", "axis-label y": "features (log count)"}
+    open_view(page, "#/feature/5")
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#feature-histogram rect") or None)
+    activation = {e.get_attribute("class"): e.text for e in page.find_elements(By.CSS_SELECTOR, "#feature-histogram text.axis-label")}
+    assert activation == {"axis-label x": "activation (log10 bins)", "axis-label y": "tokens (log count)"}
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +360,9 @@ def test_the_start_page_says_where_an_imported_dictionary_came_from(browser, tmp
         shown = wait_for(browser, lambda d: d.find_element(By.ID, "source").text or None)
         assert shown.startswith(f"Imported from saelens: {(tmp_path / 'saelens').resolve()}")
         assert "apply_b_dec_to_input: false" in shown
-        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+        # imported without feature statistics: the feature list says so (the 409 the browser logs itself is the only error)
+        wait_for(browser, ready.text_to_be_present_in_element((By.ID, "list-status"), "has no feature statistics"))
+        logged = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert all(e["source"] == "network" and "/v1/features?dictionary=jb" in e["message"] and "409" in e["message"] for e in logged), logged
     finally:
         running.stop()

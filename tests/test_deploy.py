@@ -64,12 +64,39 @@ def test_compose_and_the_dockerfile_point_at_files_that_exist():
 
 
 
+def _dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
+
+
+def _panel_expressions(dictionary: str | None = None) -> list[str]:
+    """The dashboard's queries as Grafana sends them: $__rate_interval at 1m, $dictionary at a chosen value (None:
+    "All", the variable's allValue)."""
+    variable = {v["name"]: v for v in _dashboard()["templating"]["list"]}["dictionary"]
+    value = variable["allValue"] if dictionary is None else dictionary
+    return [target["expr"].replace("$__rate_interval", "1m").replace("$dictionary", value)
+            for panel in _dashboard()["panels"] for target in panel["targets"]]
+
+
 def _expressions() -> list[str]:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yaml").read_text())
-    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
-    dashboard = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
-    exprs += [target["expr"].replace("$__rate_interval", "1m") for panel in dashboard["panels"] for target in panel["targets"]]
-    return exprs
+    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]] + _panel_expressions()
+
+
+# Series labelled by dictionary: every dashboard query of one of them is filtered by the $dictionary variable.
+DICTIONARY_SERIES = ("monosemantic_active_features_per_token", "monosemantic_tokens_processed", "monosemantic_observed_tokens",
+                     "monosemantic_reconstruction_", "monosemantic_activation_squared_norm", "monosemantic_watched_feature_",
+                     "monosemantic_dictionary_evaluation", "monosemantic_dictionary_info")
+
+
+def test_the_dashboard_has_a_multi_select_dictionary_variable_filtering_every_dictionary_panel():
+    dashboard = _dashboard()
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "dictionary"]
+    assert variable["query"] == "label_values(monosemantic_dictionary_info, name)"
+    assert variable["multi"] and variable["includeAll"]
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    filtered = [e for e in exprs if any(series in e for series in DICTIONARY_SERIES)]
+    assert len(filtered) >= 7
+    assert all(e.count("$dictionary") == sum(e.count(s) for s in DICTIONARY_SERIES) for e in filtered), filtered
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +153,18 @@ def test_every_rule_and_dashboard_expression_evaluates_in_prometheus(prometheus,
     _query(url, _expressions()[index])
 
 
+def test_the_dictionary_variable_lists_the_loaded_dictionaries_and_selects_their_series(prometheus):
+    _, url = prometheus
+    # Grafana runs label_values(metric, label) as this call
+    names = httpx.get(f"{url}/api/v1/label/name/values", params={"match[]": "monosemantic_dictionary_info"}).json()["data"]
+    assert names == ["reference"]
+    filtered = [(a, b) for a, b in zip(_panel_expressions("reference"), _panel_expressions("nonesuch")) if a != b]
+    assert len(filtered) >= 7
+    for loaded, unknown in filtered:
+        assert _query(url, loaded)["result"], loaded
+        assert _query(url, unknown)["result"] == [], unknown
+
+
 def _scraped(url: str, expr: str) -> float:
     result = _query(url, expr)["result"]
     return float(result[0]["value"][1]) if result else -1.0
@@ -134,7 +173,7 @@ def _scraped(url: str, expr: str) -> float:
 def test_prometheus_holds_the_watched_feature_counts_the_service_exports(prometheus):
     service, url = prometheus
     metrics = httpx.get(f"{service.http_url}/metrics").text
-    pattern = r'monosemantic_watched_feature_fires_total\{dictionary_version="1",feature="3329",name="def"\} (\S+)'
+    pattern = r'monosemantic_watched_feature_fires_total\{dictionary="reference",dictionary_version="1",feature="3329",name="def"\} (\S+)'
     expected = float(re.search(pattern, metrics).group(1))
     assert expected >= 6  # three activations and three observes, each with a `def`
     deadline = time.time() + 20

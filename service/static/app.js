@@ -1,13 +1,14 @@
-// The monosemantic feature browser: hash routes (#/, #/feature/N, #/inspect, #/steer) over the REST API.
+// The monosemantic feature browser: hash routes (#/search?q=…&dictionary=…, #/feature/N?dictionary=…, #/inspect, #/steer) over the REST API.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
 const views = ["search", "feature", "inspect", "steer"];
+const SVG = "http://www.w3.org/2000/svg";
 
 function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
+  const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
+    if (key === "class") node.setAttribute("class", value);
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value);
   }
@@ -35,7 +36,9 @@ function refusal(response, body) {
     $("#key-form").classList.add("needed");
     return new Error("This server needs an API key: enter one above. " + ((body.error && body.error.message) || ""));
   }
-  return new Error((body.error && body.error.message) || `HTTP ${response.status}`);
+  const error = new Error((body.error && body.error.message) || `HTTP ${response.status}`);
+  error.status = response.status;
+  return error;
 }
 
 async function api(path, options = {}) {
@@ -45,6 +48,39 @@ async function api(path, options = {}) {
   return body;
 }
 
+const post = (path, body) => api(path, { method: "POST", body: JSON.stringify(body) });
+const query = (params) => new URLSearchParams(params).toString();
+
+// ---- the URL: #/PATH?PARAMS holds the view, the dictionary and the search, so a link restores them ---------------
+let loaded = [];  // GET /v1/dictionaries: the loaded dictionaries, the default first
+
+function here() {
+  const hash = location.hash.replace(/^#\/?/, "");
+  const cut = hash.indexOf("?");
+  return { path: cut < 0 ? hash : hash.slice(0, cut), params: new URLSearchParams(cut < 0 ? "" : hash.slice(cut + 1)) };
+}
+
+// The dictionary every request names: the URL's, else the server's default.
+function current() {
+  return here().params.get("dictionary") || (loaded[0] ? loaded[0].name : "");
+}
+
+const nameOf = (reference) => reference.split(":")[0];
+const infoOf = (reference) => loaded.find((d) => d.name === nameOf(reference));
+
+function href(path, params = {}) {
+  const kept = Object.entries({ dictionary: current(), ...params }).filter(([, v]) => v !== undefined && v !== null && v !== "");
+  return `#/${path}?${query(kept)}`;
+}
+
+function go(path, params) { location.hash = href(path, params); }
+
+// The same view with some parameters changed ("" drops one).
+function update(changes, path = here().path) {
+  go(path, { ...Object.fromEntries(here().params), ...changes });
+}
+
+// ---- small pieces --------------------------------------------------------------------------------------------------
 // Shade a token by its activation relative to a maximum (the feature's own max, as in Bricken et al.'s pages).
 function shade(value, max) {
   const alpha = max > 0 ? Math.min(1, Math.max(0, value / max)) : 0;
@@ -63,59 +99,130 @@ function tokenSpans(tokens, activations, max, centre) {
   });
 }
 
-function featureLink(feature, label) {
-  return el("span", { class: "feature-link", onclick: () => { location.hash = `#/feature/${feature}`; } },
-    `#${feature}` + (label ? ` ${label}` : ""));
+function featureLink(feature, label, dictionary = current()) {
+  return el("a", { class: "feature-link", href: href(`feature/${feature}`, { dictionary }) }, `#${feature}` + (label ? ` ${label}` : ""));
 }
 
-// ---- search ------------------------------------------------------------------------------------------------
-async function runSearch(q, by, page = 1) {
+// ‹ previous · page N of M · next ›, each button calling turn(page).
+function pager(container, page, pages, turn) {
+  const button = (to, text, off) => el("button", { type: "button", onclick: () => turn(to), ...(off ? { disabled: "" } : {}) }, text);
+  container.replaceChildren(...(pages > 1 ? [button(page - 1, "‹ previous", page <= 1), el("span", { class: "muted" }, `page ${page} of ${pages}`),
+    button(page + 1, "next ›", page >= pages)] : []));
+}
+
+// Bars of log counts over log10 bins, with both axes labelled; `power` writes the x ticks as 10^edge (activations)
+// rather than the edge itself (log10 densities).
+function drawHistogram(svg, histogram, { x, y, power }) {
+  const counts = histogram.counts, edges = histogram.log10_edges;
+  const left = 40, right = 392, top = 8, bottom = 128;
+  const logs = counts.map((c) => Math.log10(c + 1));
+  const highest = Math.max(1e-9, ...logs);
+  const width = (right - left) / Math.max(1, counts.length);
+  const tick = (e) => (power ? Math.pow(10, e).toPrecision(2) : String(Number(e.toFixed(2))));
+  const bars = logs.map((v, i) => {
+    const h = (v / highest) * (bottom - top);
+    return el("svg:rect", { x: left + i * width, y: bottom - h, width: Math.max(1, width - 1), height: h },
+      el("svg:title", {}, `${tick(edges[i])}–${tick(edges[i + 1])}: ${counts[i]}`));
+  });
+  const xTicks = [0, Math.floor(counts.length / 2), counts.length].map((i, n) =>
+    el("svg:text", { x: left + i * width, y: bottom + 12, "text-anchor": ["start", "middle", "end"][n] }, tick(edges[i])));
+  const yTicks = [[bottom, "0"], [top + 8, String(Math.max(0, ...counts))]].map(([at, text]) =>
+    el("svg:text", { x: left - 4, y: at, "text-anchor": "end" }, text));
+  svg.replaceChildren(...bars, ...xTicks, ...yTicks,
+    el("svg:path", { class: "axis", d: `M${left},${top} V${bottom} H${right}` }),
+    el("svg:text", { class: "axis-label x", x: (left + right) / 2, y: bottom + 30, "text-anchor": "middle" }, x),
+    el("svg:text", { class: "axis-label y", transform: `translate(10 ${(top + bottom) / 2}) rotate(-90)`, "text-anchor": "middle" }, y));
+}
+
+// ---- the start page: search, the dictionary's features, its density and evaluations -------------------------------
+async function runSearch(q, by, page) {
   const status = $("#search-status");
   status.textContent = "searching…";
-  const params = new URLSearchParams({ q, by, page, page_size: 20 });
-  const result = await api(`/v1/features/search?${params}`);
-  const body = $("#search-results tbody");
-  body.replaceChildren(...result.results.map((hit) => el("tr", { "data-feature": hit.feature, onclick: () => { location.hash = `#/feature/${hit.feature}`; } },
+  const asked = location.hash;
+  const result = await api(`/v1/features/search?${query({ q, by, page, page_size: 20, dictionary: current() })}`);
+  if (location.hash !== asked) return;  // the view moved on while this was on its way
+  $("#search-results tbody").replaceChildren(...result.results.map((hit) => el("tr", { "data-feature": hit.feature, onclick: () => go(`feature/${hit.feature}`) },
     el("td", {}, `#${hit.feature}`), el("td", {}, hit.label), el("td", {}, hit.score.toFixed(3)),
     el("td", {}, hit.density.toExponential(2)), el("td", {}, hit.max_activation.toFixed(2)))));
   $("#search-results").hidden = result.results.length === 0;
-  status.textContent = `${result.total} features ${by === "token" ? "involve this token" : "fire on this snippet"}`;
-  const pages = Math.ceil(result.total / result.page_size);
-  $("#search-pages").replaceChildren(...(pages > 1 ? [
-    el("button", { type: "button", onclick: () => runSearch(q, by, page - 1).catch((e) => showError(e.message)), ...(page <= 1 ? { disabled: "" } : {}) }, "‹ previous"),
-    el("span", { class: "muted" }, `page ${page} of ${pages}`),
-    el("button", { type: "button", onclick: () => runSearch(q, by, page + 1).catch((e) => showError(e.message)), ...(page >= pages ? { disabled: "" } : {}) }, "next ›"),
-  ] : []));
+  status.textContent = `${result.total} features of ${result.dictionary.name} ${by === "token" ? "involve this token" : "fire on this snippet"}`;
+  pager($("#search-pages"), page, Math.ceil(result.total / result.page_size), (to) => update({ page: to }));
 }
 
-// ---- one feature ---------------------------------------------------------------------------------------------
-// Bars of log counts over log10 bins; `power` labels the axis with 10^edge (activations) or the edge itself.
-function drawHistogram(svg, histogram, power = true) {
-  const counts = histogram.counts, edges = histogram.log10_edges;
-  const logs = counts.map((c) => (c > 0 ? Math.log10(c + 1) : 0));
-  const top = Math.max(1e-9, ...logs);
-  const width = 380 / Math.max(1, counts.length);
-  const bars = logs.map((v, i) => {
-    const h = (v / top) * 110;
-    const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
-    bar.setAttribute("x", 10 + i * width); bar.setAttribute("y", 120 - h);
-    bar.setAttribute("width", Math.max(1, width - 1)); bar.setAttribute("height", h);
-    const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
-    const axis = (e) => (power ? Math.pow(10, e).toPrecision(2) : String(e));
-    title.textContent = `${axis(edges[i])}–${axis(edges[i + 1])}: ${counts[i]}`;
-    bar.append(title);
-    return bar;
-  });
-  const labels = [0, Math.floor(counts.length / 2), counts.length].map((i, n) => {
-    const text = document.createElementNS("http://www.w3.org/2000/svg", "text");
-    text.setAttribute("x", 10 + i * width); text.setAttribute("y", 134);
-    text.setAttribute("text-anchor", ["start", "middle", "end"][n]);
-    text.textContent = power ? Math.pow(10, edges[i]).toPrecision(2) : String(edges[i]);
-    return text;
-  });
-  svg.replaceChildren(...bars, ...labels);
+function clearSearch() {
+  $("#search-status").textContent = "";
+  $("#search-results").hidden = true;
+  $("#search-pages").replaceChildren();
 }
 
+async function listFeatures(order, page) {
+  const rows = $("#feature-list tbody");
+  try {
+    const asked = location.hash;
+    const result = await api(`/v1/features?${query({ dictionary: current(), order, page, page_size: 20 })}`);
+    if (location.hash !== asked) return;
+    rows.replaceChildren(...result.results.map((f) => el("tr", { "data-feature": f.feature, "data-density": f.density, onclick: () => go(`feature/${f.feature}`) },
+      el("td", {}, `#${f.feature}`), el("td", {}, f.label), el("td", {}, f.density.toExponential(2)), el("td", {}, f.max_activation.toFixed(2)))));
+    $("#list-status").textContent = `${result.total} features`;
+    pager($("#list-pages"), page, Math.ceil(result.total / result.page_size), (to) => update({ list_page: to }));
+  } catch (error) {
+    if (error.status !== 409) throw error;
+    rows.replaceChildren();  // no feature statistics: the service's message says how to compute them
+    $("#list-pages").replaceChildren();
+    $("#list-status").textContent = error.message;
+  }
+}
+
+// What an evaluation was measured on, in words: the user's dataset (and its split), an activation file, or the
+// built-in corpus; the fingerprint in the tooltip.
+function describeData(data) {
+  if (!data || !data.kind) return "held-out training data";
+  if (data.kind === "dataset") return `${data.dataset}${data.split ? ` (${data.split})` : ""}`;
+  if (data.kind === "activation-file") return `activations ${data.path}`;
+  return "built-in corpus";
+}
+
+function showDictionary(info) {
+  const density = info && info.metrics && info.metrics.density_histogram;
+  $("#density-histogram").hidden = !density;
+  $("#density-note").textContent = "";
+  if (density) {
+    drawHistogram($("#density-histogram"), density, { x: "feature density (log10 share of tokens)", y: "features (log count)", power: false });
+    $("#density-note").textContent = `${density.dead} dead features (never fired) not shown · L0 ${Number(info.metrics.l0).toFixed(1)} · FVU ${Number(info.metrics.fvu).toFixed(3)}`;
+  }
+  const cell = (value, digits) => (value === undefined || value === null ? "–" : Number(value).toFixed(digits));
+  const rows = info ? [{ recorded: "at publishing", data: null, metrics: info.metrics || {} }, ...info.evaluations] : [];
+  $("#evaluations tbody").replaceChildren(...rows.map((e) => {
+    const on = el("td", {}, describeData(e.data));
+    if (e.data && e.data.fingerprint) on.title = `fingerprint ${e.data.fingerprint}`;
+    return el("tr", {}, el("td", {}, e.recorded), on, el("td", {}, cell(e.metrics.tokens, 0)), el("td", {}, cell(e.metrics.l0, 1)),
+      el("td", {}, cell(e.metrics.fvu, 3)), el("td", {}, cell(e.metrics.loss_recovered, 3)), el("td", {}, cell(e.metrics.dead_fraction, 3)));
+  }));
+  const s = info && info.source;
+  $("#source").hidden = !(s && s.format);
+  if (s && s.format) {  // an imported dictionary says where it came from
+    $("#source").textContent = `Imported from ${s.format}: ${s.location}${s.revision ? ` @ ${s.revision}` : ""}` +
+      (s.folded && s.folded.length ? ` (folded into the weights: ${s.folded.join(", ")})` : "");
+  }
+}
+
+async function showStart(params) {
+  showDictionary(infoOf(current()));
+  const q = params.get("q") || "", by = params.get("by") || "snippet", order = params.get("order") || "density";
+  $("#search-q").value = q;
+  $("#search-by").value = by;
+  $("#list-order").value = order;
+  await Promise.all([listFeatures(order, Number(params.get("list_page")) || 1),
+    q ? runSearch(q, by, Number(params.get("page")) || 1) : clearSearch()]);
+}
+
+async function randomFeature() {
+  const result = await api(`/v1/features?${query({ dictionary: current(), order: "random", page_size: 1 })}`);
+  if (!result.results.length) throw new Error(`${result.dictionary.name} has no live features`);
+  go(`feature/${result.results[0].feature}`);
+}
+
+// ---- one feature ---------------------------------------------------------------------------------------------------
 function examples(container, list, max) {
   container.replaceChildren(...(list.length ? list.map((ex) => el("div", { class: "example" },
     el("span", { class: "value" }, ex.value.toFixed(2) + (ex.quantile !== null && ex.quantile !== undefined ? ` q${ex.quantile}` : "")),
@@ -123,11 +230,17 @@ function examples(container, list, max) {
 }
 
 async function showFeature(id) {
-  const f = await api(`/v1/features/${id}`);
+  $("#feature-title").replaceChildren();
+  $("#feature-summary").textContent = "";
+  const asked = location.hash;
+  const f = await api(`/v1/features/${id}?${query({ dictionary: current() })}`);
+  if (location.hash !== asked) return;
   $("#feature-title").replaceChildren(`Feature #${f.feature} `, el("span", { class: "muted" }, f.label));
   $("#feature-summary").textContent =
     `fires on ${(100 * f.density).toPrecision(3)}% of ${f.statistics_tokens.toLocaleString()} tokens · mean ${f.mean_activation.toFixed(2)} · max ${f.max_activation.toFixed(2)} · dictionary ${f.dictionary.name} v${f.dictionary.version}`;
-  drawHistogram($("#feature-histogram"), f.histogram);
+  // A clamp at twice the feature's largest activation seen: strong, in its own units.
+  $("#steer-this").href = href("steer", { dictionary: f.dictionary.name, feature: f.feature, value: Math.max(1, 2 * f.max_activation).toFixed(1) });
+  drawHistogram($("#feature-histogram"), f.histogram, { x: "activation (log10 bins)", y: "tokens (log count)", power: true });
   $("#logit-up").replaceChildren(...f.logit_up.map((l) => el("li", {}, `${JSON.stringify(l.token)} ${l.value.toFixed(2)}`)));
   $("#logit-down").replaceChildren(...f.logit_down.map((l) => el("li", {}, `${JSON.stringify(l.token)} ${l.value.toFixed(2)}`)));
   $("#neighbours").replaceChildren(...f.neighbours.map((n) => el("li", {}, featureLink(n.feature, n.label), ` cos ${n.cosine.toFixed(2)}`)));
@@ -135,47 +248,88 @@ async function showFeature(id) {
   examples($("#quantile-examples"), f.quantile_examples, f.max_activation);
 }
 
-// ---- inspect a text --------------------------------------------------------------------------------------------
-let inspected = null;
+// ---- inspect a text: every ticked dictionary read in one request, one column each per token -----------------------
+let inspected = null;  // {text, readouts: [{dictionary, tokens}], selected, highlight}
+
+function tickCurrent() {
+  const box = $("#inspect-dictionaries");
+  if (!box.children.length) {
+    box.replaceChildren(...loaded.map((d) => el("label", {}, el("input", { type: "checkbox", value: d.name }), ` ${d.name} v${d.version}`)));
+  }
+  const mine = box.querySelector(`input[value="${CSS.escape(nameOf(current()))}"]`);
+  if (mine) mine.checked = true;
+}
 
 async function inspect(text) {
-  inspected = await api("/v1/activations", { method: "POST", body: JSON.stringify({ text, top_k: 5 }) });
-  inspected.text = text;
-  renderInspected(null, null);
+  const names = [...document.querySelectorAll("#inspect-dictionaries input:checked")].map((box) => box.value);
+  if (!names.length) throw new Error("tick at least one dictionary to read the text with");
+  const result = await post("/v1/activations", names.length > 1 ? { text, top_k: 5, dictionaries: names } : { text, top_k: 5, dictionary: names[0] });
+  inspected = { text, readouts: result.readouts.length ? result.readouts : [{ dictionary: result.dictionary, tokens: result.tokens }], selected: null, highlight: null };
+  renderInspected();
 }
 
-function renderInspected(selectedToken, feature) {
-  const tokens = inspected.tokens.slice(1);  // the BOS token is not part of the text
-  const max = feature ? Math.max(1e-9, ...feature.values) : 0;
-  $("#inspect-tokens").replaceChildren(...tokens.map((t, i) => {
-    const span = el("span", { class: "tok" + (i === selectedToken ? " selected" : ""), "data-index": i,
-      onclick: () => renderInspected(i, null) }, visible(inspected.text.slice(t.start, t.end)));
-    if (feature) span.style.background = shade(feature.values[i], max);
+function renderInspected() {
+  const { text, readouts, selected, highlight } = inspected;
+  const rows = readouts.map((r) => r.tokens.slice(1));  // the BOS token is not part of the text
+  const max = highlight ? Math.max(1e-9, ...highlight.values) : 0;
+  $("#inspect-tokens").replaceChildren(...rows[0].map((t, i) => {
+    const span = el("span", { class: "tok" + (i === selected ? " selected" : ""), "data-index": i,
+      onclick: () => { inspected.selected = i; renderInspected(); $(`#inspect-table tr[data-index="${i}"]`).scrollIntoView({ block: "nearest" }); } },
+    visible(text.slice(t.start, t.end)));
+    if (highlight) span.style.background = shade(highlight.values[i], max);
     return span;
   }));
-  const detail = $("#inspect-detail");
-  if (selectedToken === null && !feature) { detail.replaceChildren(el("p", { class: "muted" }, "click a token to see its features")); return; }
-  if (feature) { detail.replaceChildren(el("p", {}, "highlighting ", featureLink(feature.id, ""), ` over the text (max ${max.toFixed(2)})`)); return; }
-  const token = tokens[selectedToken];
-  detail.replaceChildren(el("p", {}, `token ${JSON.stringify(token.text)} · L0 ${token.l0} · reconstruction error ${token.recon_error.toFixed(3)}`),
-    el("ul", {}, ...token.top.map((f) => el("li", {},
-      el("button", { type: "button", class: "highlight", "data-feature": f.feature, onclick: () => highlight(f.feature) }, `#${f.feature}`),
-      ` ${f.value.toFixed(2)} `, featureLink(f.feature, "")))));
+  $("#inspect-detail").replaceChildren(highlight
+    ? el("p", {}, "highlighting ", featureLink(highlight.id, "", highlight.dictionary), ` of ${highlight.dictionary} over the text (max ${max.toFixed(2)})`)
+    : el("p", { class: "muted" }, "each token's strongest features, one column per dictionary: click a feature to highlight it over the text"));
+  $("#inspect-table thead").replaceChildren(el("tr", {}, el("th", {}, "token"),
+    ...readouts.map((r) => el("th", {}, `${r.dictionary.name} v${r.dictionary.version}`))));
+  $("#inspect-table tbody").replaceChildren(...rows[0].map((t, i) => el("tr", { "data-index": i, class: i === selected ? "selected" : "" },
+    el("td", { class: "token" }, JSON.stringify(t.text)),
+    ...readouts.map((r, d) => {
+      const token = rows[d][i], name = r.dictionary.name;
+      return el("td", { "data-dictionary": name },
+        el("div", { class: "muted" }, `L0 ${token.l0} · err ${token.recon_error.toFixed(3)}`),
+        ...token.top.map((f) => el("span", { class: "chip" },
+          el("button", { type: "button", class: "highlight", "data-feature": f.feature, "data-dictionary": name, "data-value": f.value,
+            onclick: () => highlightFeature(f.feature, name).catch((e) => showError(e.message)) }, `#${f.feature} ${f.value.toFixed(2)}`),
+          el("a", { href: href(`feature/${f.feature}`, { dictionary: name }), title: "open the feature" }, "↗"))));
+    }))));
+  $("#inspect-table").hidden = false;
 }
 
-async function highlight(feature) {
-  const result = await api("/v1/activations", { method: "POST", body: JSON.stringify({ text: inspected.text, top_k: 0, feature_ids: [feature] }) });
-  renderInspected(null, { id: feature, values: result.tokens.slice(1).map((t) => t.values[0]) });
+async function highlightFeature(feature, dictionary) {
+  const result = await post("/v1/activations", { text: inspected.text, top_k: 0, feature_ids: [feature], dictionary });
+  inspected.highlight = { id: feature, dictionary, values: result.tokens.slice(1).map((t) => t.values[0]) };
+  renderInspected();
 }
 
-// ---- steer -------------------------------------------------------------------------------------------------------
-function addSteerRow(feature = "", mode = "clamp", value = "10") {
+// ---- steer -----------------------------------------------------------------------------------------------------------
+function addSteerRow({ feature = "", mode = "clamp", value = "10", dictionary = nameOf(current()) } = {}) {
+  const select = (cls, options, chosen) => {
+    const s = el("select", { class: cls }, ...options.map((o) => el("option", { value: o }, o)));
+    s.value = chosen;
+    return s;
+  };
   const row = el("div", { class: "steer-row" },
+    select("steer-dictionary", loaded.map((d) => d.name), dictionary),
     el("input", { type: "number", min: "0", placeholder: "feature #", class: "steer-feature", value: feature }),
-    (() => { const s = el("select", { class: "steer-mode" }, el("option", { value: "clamp" }, "clamp"), el("option", { value: "add" }, "add")); s.value = mode; return s; })(),
+    select("steer-mode", ["clamp", "add"], mode),
     el("input", { type: "number", step: "0.5", class: "steer-value", value }),
     el("button", { type: "button", onclick: () => row.remove() }, "×"));
   $("#steer-rows").append(row);
+}
+
+// #/steer?dictionary=D&feature=N[&value=V&mode=M] ("steer this feature") fills the form with that one feature.
+let prefilled = null;
+
+function prefillSteer(params) {
+  const wanted = params.has("feature") ? query({ dictionary: nameOf(current()), feature: params.get("feature"), mode: params.get("mode") || "clamp", value: params.get("value") || "10" }) : null;
+  if (wanted && wanted !== prefilled) {
+    $("#steer-rows").replaceChildren();
+    addSteerRow(Object.fromEntries(new URLSearchParams(wanted)));
+  } else if (!$("#steer-rows").children.length) addSteerRow();
+  prefilled = wanted;
 }
 
 // POST /v1/generate with stream: true, reading server-sent events (`token` … `done`) as they arrive.
@@ -207,30 +361,38 @@ async function stream(body, output) {
 async function steer() {
   const steering = [...document.querySelectorAll("#steer-rows .steer-row")]
     .filter((row) => row.querySelector(".steer-feature").value !== "")
-    .map((row) => ({ feature: Number(row.querySelector(".steer-feature").value), mode: row.querySelector(".steer-mode").value,
-      value: Number(row.querySelector(".steer-value").value) }));
-  const body = { prompt: $("#steer-prompt").value, max_new_tokens: Number($("#steer-tokens").value),
+    .map((row) => ({ dictionary: row.querySelector(".steer-dictionary").value, feature: Number(row.querySelector(".steer-feature").value),
+      mode: row.querySelector(".steer-mode").value, value: Number(row.querySelector(".steer-value").value) }));
+  const body = { prompt: $("#steer-prompt").value, max_new_tokens: Number($("#steer-tokens").value), dictionary: current(),
     temperature: Number($("#steer-temperature").value), seed: Number($("#steer-seed").value) };
   $("#steer-status").textContent = "generating…";
   const [steered, plain] = await Promise.all([stream({ ...body, steering }, $("#steer-steered")), stream(body, $("#steer-plain"))]);
-  $("#steer-status").textContent = `steered: ${steered.finish_reason}, unsteered: ${plain.finish_reason} · seed ${steered.seed}`;
+  $("#steer-status").textContent = `steered: ${steered.finish_reason}, unsteered: ${plain.finish_reason} · seed ${steered.seed} · features of ${steered.dictionary.name}`;
 }
 
-// ---- routing --------------------------------------------------------------------------------------------------------
+// ---- routing -----------------------------------------------------------------------------------------------------------
 function show(view) {
   for (const name of views) $(`#view-${name}`).hidden = name !== view;
-  document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.view === view));
+  document.querySelectorAll("nav a").forEach((a) => {
+    a.classList.toggle("active", a.dataset.view === view);
+    a.href = href(a.dataset.view === "search" ? "" : a.dataset.view);  // the nav keeps the dictionary
+  });
+  $(".brand").href = href("");
 }
 
 async function route() {
   showError("");
-  const hash = location.hash || "#/";
-  const feature = hash.match(/^#\/feature\/(\d+)$/);
+  const { path, params } = here();
+  if (!params.get("dictionary") && loaded.length) history.replaceState(null, "", href(path, Object.fromEntries(params)));
+  const info = infoOf(current());
+  $("#dictionary").value = info ? info.name : "";
+  $("#dictionary-info").textContent = info ? `${info.architecture} ${info.d_in}→${info.d_sae} · ${info.hook}` : "";
+  const feature = path.match(/^feature\/(\d+)$/);
   try {
     if (feature) { show("feature"); await showFeature(Number(feature[1])); }
-    else if (hash === "#/inspect") show("inspect");
-    else if (hash === "#/steer") show("steer");
-    else show("search");
+    else if (path === "inspect") { show("inspect"); tickCurrent(); }
+    else if (path === "steer") { show("steer"); prefillSteer(params); }
+    else { show("search"); await showStart(params); }
   } catch (error) { showError(error.message); }
 }
 
@@ -238,29 +400,11 @@ function guard(fn) {
   return (event) => { event.preventDefault(); showError(""); fn().catch((error) => showError(error.message)); };
 }
 
-// What an evaluation was measured on, in words: the user's dataset (and its split), an activation file, or the
-// built-in corpus; the fingerprint in the tooltip.
-function describeData(data) {
-  if (!data || !data.kind) return "held-out training data";
-  if (data.kind === "dataset") return `${data.dataset}${data.split ? ` (${data.split})` : ""}`;
-  if (data.kind === "activation-file") return `activations ${data.path}`;
-  return "built-in corpus";
-}
-
-function showEvaluations(serving) {
-  const cell = (value, digits) => (value === undefined || value === null ? "–" : Number(value).toFixed(digits));
-  const rows = [{ recorded: "at publishing", data: null, metrics: serving.metrics || {} }, ...serving.evaluations];
-  const body = $("#evaluations tbody");
-  body.replaceChildren(...rows.map((e) => {
-    const on = el("td", {}, describeData(e.data));
-    if (e.data && e.data.fingerprint) on.title = `fingerprint ${e.data.fingerprint}`;
-    return el("tr", {}, el("td", {}, e.recorded), on, el("td", {}, cell(e.metrics.tokens, 0)), el("td", {}, cell(e.metrics.l0, 1)),
-      el("td", {}, cell(e.metrics.fvu, 3)), el("td", {}, cell(e.metrics.loss_recovered, 3)), el("td", {}, cell(e.metrics.dead_fraction, 3)));
-  }));
-}
-
-$("#search-form").addEventListener("submit", guard(() => runSearch($("#search-q").value, $("#search-by").value)));
-$("#goto-feature").addEventListener("change", (e) => { if (e.target.value !== "") location.hash = `#/feature/${e.target.value}`; });
+$("#dictionary").addEventListener("change", (e) => update({ dictionary: e.target.value, page: "", list_page: "" }));
+$("#search-form").addEventListener("submit", (e) => { e.preventDefault(); update({ q: $("#search-q").value, by: $("#search-by").value, page: "" }, "search"); });
+$("#list-order").addEventListener("change", (e) => update({ order: e.target.value, list_page: "" }));
+$("#random-feature").addEventListener("click", guard(randomFeature));
+$("#goto-feature").addEventListener("change", (e) => { if (e.target.value !== "") go(`feature/${e.target.value}`); });
 $("#inspect-form").addEventListener("submit", guard(() => inspect($("#inspect-text").value)));
 $("#steer-form").addEventListener("submit", guard(steer));
 $("#steer-add").addEventListener("click", () => addSteerRow());
@@ -272,22 +416,9 @@ $("#key-form").addEventListener("submit", (event) => {
   location.reload();  // every view again, with the key
 });
 $("#key-state").textContent = sessionStorage.getItem(KEY_STORAGE) ? "key set" : "";
-window.addEventListener("hashchange", route);
-addSteerRow();
 api("/v1/dictionaries").then((d) => {
-  const serving = d.dictionaries[0];
-  $("#dictionary").textContent = `${serving.name} v${serving.version} · ${serving.architecture} ${serving.d_in}→${serving.d_sae} · ${serving.hook}`;
-  const density = serving.metrics && serving.metrics.density_histogram;
-  if (density) {
-    drawHistogram($("#density-histogram"), density, false);
-    $("#density-note").textContent = `${density.dead} dead features (never fired) not shown · L0 ${Number(serving.metrics.l0).toFixed(1)} · FVU ${Number(serving.metrics.fvu).toFixed(3)}`;
-  } else $("#density-histogram").hidden = true;
-  showEvaluations(serving);
-  if (serving.source && serving.source.format) {  // an imported dictionary says where it came from
-    const s = serving.source;
-    $("#source").textContent = `Imported from ${s.format}: ${s.location}${s.revision ? ` @ ${s.revision}` : ""}` +
-      (s.folded && s.folded.length ? ` (folded into the weights: ${s.folded.join(", ")})` : "");
-    $("#source").hidden = false;
-  }
+  loaded = d.dictionaries;
+  $("#dictionary").replaceChildren(...loaded.map((info) => el("option", { value: info.name }, `${info.name} v${info.version}${info.default ? " (default)" : ""}`)));
+  window.addEventListener("hashchange", route);
+  return route();
 }).catch((error) => showError(error.message));
-route();
