@@ -1,4 +1,4 @@
-"""Typed requests and responses of the v1 API (DESIGN.md "The service API"), shared by the service and the client.
+"""Typed requests and responses of the v1 API (the README's "The service"), shared by the service and the client.
 
 REST serves these models as they are; gRPC messages are converted to and from them (monosemantic.wire), so both
 transports share one set of field rules."""
@@ -314,6 +314,7 @@ class DictionaryInfo(BaseModel):
     metrics: dict
     serving: bool
     default: bool = Field(False, description="the dictionary an operation uses when it names none")
+    statistics: bool = Field(False, description="it has feature statistics: feature pages, lists and search work on it")
     evaluations: list[EvaluationInfo] = Field(default_factory=list, description="evaluations run since publishing (monosemantic-train evaluate), oldest first")
     source: dict = Field(default_factory=dict, description="where an imported dictionary came from (format, location, "
                          "revision, the source's own config; monosemantic-train import); empty for one trained here")

@@ -508,7 +508,7 @@ class Engine:
             infos.append(schemas.DictionaryInfo(
                 name=m.name, version=m.version, architecture=m.architecture, d_in=m.sae.d_in, d_sae=m.sae.d_sae,
                 hook=entry.hook.name, model_name=m.model.name, model_checksum=repository.model.checksum, metrics=m.metrics,
-                serving=True, default=i == 0,
+                serving=True, default=i == 0, statistics=dashboards.has_statistics(entry),
                 evaluations=[schemas.EvaluationInfo(**e.model_dump(exclude={"manifest_sha256"})) for e in evaluated],
                 source=(m.model_extra or {}).get("source") or {},
             ))

@@ -80,6 +80,7 @@ def test_the_first_configured_dictionary_is_the_default_and_every_loaded_one_is_
     assert [(d.name, d.version, d.default) for d in listing.dictionaries] == [
         ("reference", 1, True), ("resid", 1, False), ("attn", 1, False), ("pre", 1, False)]
     assert [d.hook for d in listing.dictionaries] == ["blocks.0.mlp.hook_post", *[hook for _, hook, _ in OTHERS.values()]]
+    assert [d.statistics for d in listing.dictionaries] == [True, False, False, False]
     assert client.activations(text=TEXT, top_k=3).dictionary.name == "reference"
 
 

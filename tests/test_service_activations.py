@@ -33,7 +33,7 @@ def _expected(reference_model, reference_dictionary, ids):
 
 
 def test_features_match_the_dictionary_applied_to_the_models_activations(client, reference_model, reference_dictionary):
-    # The readout may multiply in bf16 (service/encoder.py, where faster): the same features, values within bf16 rounding.
+    # The readout may multiply in bf16 (monosemantic/encoder.py, where faster): the same features, values within bf16 rounding.
     result = client.activations(text=TEXT, top_k=4)
     features, errors = _expected(reference_model, reference_dictionary, [t.id for t in result.tokens])
     for t, token in enumerate(result.tokens):

@@ -157,6 +157,14 @@ function clearSearch() {
 
 async function listFeatures(order, page) {
   const rows = $("#feature-list tbody");
+  const info = loaded.find((d) => d.name === nameOf(current()));
+  if (info && !info.statistics) {  // nothing to list: say how to compute them, without asking for a 409
+    rows.replaceChildren();
+    $("#list-pages").replaceChildren();
+    $("#list-status").textContent = `dictionary ${info.name} v${info.version} has no feature statistics; compute them with ` +
+      `\`monosemantic-train features --registry REGISTRY --dictionary ${info.name}:${info.version}\` and load the new version`;
+    return;
+  }
   try {
     const asked = location.hash;
     const result = await api(`/v1/features?${query({ dictionary: current(), order, page, page_size: 20 })}`);
