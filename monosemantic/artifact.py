@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from monosemantic.errors import ArtifactError, ArtifactMismatch, ArtifactNotFound, ArtifactUnreadable, ConfigError, WriteFailed, os_reason
+from monosemantic.feature_stats import FeatureStatistics
 from monosemantic.ledger import (
     LEDGER_FILE, TEMPORARY_PREFIX, Ledger, LedgerEntry, digest_bytes, fsync_dir, held_directory, now,
     publishing_lock, read_ledger, remove_abandoned, write_ledger,
@@ -90,13 +91,22 @@ class Dictionary:
     sae: SparseAutoencoder
     manifest: Manifest
     path: Path
-    features: dict[str, Tensor] = field(default_factory=dict)
+    features: dict[str, Tensor] = field(default_factory=dict)  # features.safetensors as stored; {} without one
     labels: list[str] = field(default_factory=list)
     manifest_sha256: str = ""  # as the ledger recorded it: a pinned reference that changes on disk is detected by it
 
     @property
     def ref(self) -> str:
         return f"{self.manifest.name}:v{self.manifest.version}"
+
+    @property
+    def statistics(self) -> FeatureStatistics | None:
+        """``features`` as a typed, checked object (monosemantic/feature_stats.py), None for a version without
+        feature statistics; ArtifactError naming the tensor when the file does not follow the layout."""
+        if not self.features:
+            return None
+        return FeatureStatistics.from_tensors(self.features, d_sae=self.sae.cfg.d_sae,
+                                              where=f"{_label(self.path)}/{FEATURES_FILE}")
 
 
 def sha256_file(path: Path) -> str:

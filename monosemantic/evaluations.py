@@ -2,8 +2,7 @@
 
 A version is immutable and sealed by its ledger, and an evaluation does not change the dictionary, so a user's
 evaluation is recorded beside the version rather than published as a new one (which would copy the weights and
-give a new number to the same dictionary). DESIGN.md keeps explanations and their scores beside a version the
-same way. Each record names the sha256 of the manifest it measured: a record is shown only with the version it
+give a new number to the same dictionary). Each record names the sha256 of the manifest it measured: a record is shown only with the version it
 was made for. Writers serialise on the dictionary's publishing lock; the file is replaced atomically.
 """
 

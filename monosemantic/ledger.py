@@ -1,7 +1,7 @@
 """A dictionary's version ledger, ``<registry>/<name>/versions.json``, and the lock publishers take to write it.
 
 The ledger records every version number ever given and the sha256 of that version's ``manifest.json``. It is
-what makes two promises of DESIGN.md hold: a version number is never reused (the ledger remembers numbers whose
+what makes two promises of the dictionary format (README.md, "The dictionary format (v1)") hold: a version number is never reused (the ledger remembers numbers whose
 directories were deleted), and the manifest is covered by a digest checked on every read (recorded outside the
 version directory, so editing ``manifest.json`` — or copying ``v1`` to ``v3`` — is caught, not trusted).
 

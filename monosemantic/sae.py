@@ -1,5 +1,11 @@
 """Sparse autoencoder architectures (ReLU+L1, TopK, JumpReLU) in a name → class registry.
 
+An architecture is one ``@register``-ed subclass of ``SparseAutoencoder``: besides its maths it declares, as class
+attributes, how the trainer treats it (its default sparsity coefficient, whether it takes a fixed k, whether it has a
+sparsity coefficient for the L0 controller to steer, dead-feature resampling or AuxK, a learned threshold). The
+trainer reads those through ``architecture_class(name)`` and never compares names, so a new architecture is one new
+class here.
+
 Every architecture shares one layout, named and oriented as SAELens does so dictionaries move between
 tools without transposes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
 ``b_dec [d_in]`` (plus ``threshold [d_sae]`` for JumpReLU).
@@ -13,17 +19,63 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from typing import Annotated, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from monosemantic.errors import ConfigError, describe_validation_error
 from monosemantic.support import Support, decode_support, support_pre_activations
 
-Architecture = Literal["relu", "topk", "jumprelu"]
+SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
+
+
+def register(name: str) -> Callable[[type["SparseAutoencoder"]], type["SparseAutoencoder"]]:
+    """Class decorator: make the class the architecture called ``name`` (in configs, manifests and the CLI)."""
+    def wrap(cls: type["SparseAutoencoder"]) -> type["SparseAutoencoder"]:
+        cls.architecture = name
+        SAE_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def architecture_class(name: str) -> type["SparseAutoencoder"]:
+    """The registered class for an architecture name; a ConfigError listing the known names otherwise."""
+    try:
+        return SAE_REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown architecture {name!r}; known: {', '.join(sorted(SAE_REGISTRY))}") from None
+
+
+def architectures_where(predicate: Callable[[type["SparseAutoencoder"]], bool]) -> list[str]:
+    """Registered names (in registration order) whose class satisfies ``predicate``: for messages such as
+    "k applies to topk only"."""
+    return [name for name, cls in SAE_REGISTRY.items() if predicate(cls)]
+
+
+def _known_architecture(name: str) -> str:
+    if name not in SAE_REGISTRY:
+        # Worded as pydantic words a Literal's error: "Input should be 'relu', 'topk' or 'jumprelu'".
+        quoted = [repr(n) for n in SAE_REGISTRY]
+        raise ValueError("Input should be " + (f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)))
+    return name
+
+
+class _RegisteredNames:
+    """JSON schema of an architecture name: an enum of the names registered when the schema is generated."""
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):  # noqa: ANN001 (pydantic's hook)
+        schema = handler(core_schema)
+        schema["enum"] = list(SAE_REGISTRY)
+        return schema
+
+
+# An architecture name as configs hold it: any registered name, checked against the registry when validated (a
+# Literal would freeze the names at import time, before an architecture registered later exists).
+Architecture = Annotated[str, AfterValidator(_known_architecture), _RegisteredNames()]
 
 
 class SAEConfig(BaseModel):
@@ -41,9 +93,9 @@ class SAEConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_architecture_fields(self) -> "SAEConfig":
-        if self.architecture == "topk":
+        if SAE_REGISTRY[self.architecture].takes_k:
             if self.k is None:
-                raise ValueError("k is required for the topk architecture")
+                raise ValueError(f"k is required for the {self.architecture} architecture")
             if self.k > self.d_sae:
                 raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
         return self
@@ -70,23 +122,32 @@ class SAEOutput:
     fired: Tensor  # bool [d_sae]: features active on at least one token of the batch
 
 
-SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
-
-
-def register(name: str) -> Callable[[type["SparseAutoencoder"]], type["SparseAutoencoder"]]:
-    def wrap(cls: type["SparseAutoencoder"]) -> type["SparseAutoencoder"]:
-        cls.architecture = name
-        SAE_REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
 class SparseAutoencoder(nn.Module):
-    """Shared layout and maths; subclasses define the activation and the sparsity penalty."""
+    """Shared layout and maths; subclasses define the activation and the sparsity penalty, and declare below how
+    the trainer treats them (trainer/train.py reads these, never the name)."""
 
     architecture: ClassVar[str]
     tensor_names: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    # ---- what the trainer does with this architecture ---------------------------------------------
+    default_sparsity_coefficient: ClassVar[float] = 0.0
+    """λ a run starts from when none is given, in the normalised units above (E‖x‖ = √d_in, summed MSE)."""
+    takes_k: ClassVar[bool] = False
+    """Its sparsity is a fixed number k of active latents per token (``SAEConfig.k`` required; the training
+    option ``k``, or ``target_l0`` used as k); other architectures refuse ``k``."""
+    has_sparsity_coefficient: ClassVar[bool] = True
+    """Its loss has a sparsity penalty weighted by a coefficient λ (``sparsity_penalty``), which the sparsity
+    warm-up ramps and the target-L0 controller steers. Without one the training option ``sparsity_coefficient``
+    is refused, the controller stands still and the manifest records no coefficient."""
+    resamples_dead_features: ClassVar[bool] = False
+    """Dead latents are re-initialised during training (Bricken et al. 2023's resampling, at the trainer's
+    ``resample_fractions``), and the dead window defaults to half the gap before the first resample."""
+    uses_dead_mask: ClassVar[bool] = False
+    """The forward pass takes the trainer's mask of dead latents (``dead_mask``), for an auxiliary loss on them
+    (AuxK for TopK); others are passed None."""
+    learned_threshold: ClassVar[bool] = False
+    """It has a per-latent learned ``threshold`` [d_sae]: the trainer starts b_enc so that each latent clears it on
+    ``initial_firing_rate`` of a data sample (an option the others refuse)."""
 
     def __init__(self, cfg: SAEConfig, seed: int | None = None) -> None:
         super().__init__()
@@ -240,6 +301,11 @@ class SparseAutoencoder(nn.Module):
 class ReluSAE(SparseAutoencoder):
     """Bricken et al. 2023: f = ReLU(W_enc(x − b_dec) + b_enc), loss = MSE + λ·‖f‖₁."""
 
+    # λ_L1 = 5 is the Apr-2024 Anthropic 1L-MLP setting that lands near L0 40 at 131k features (a start only when
+    # the target-L0 controller steers it).
+    default_sparsity_coefficient = 5.0
+    resamples_dead_features = True
+
     def activate(self, pre: Tensor) -> Tensor:
         return F.relu(pre)
 
@@ -264,6 +330,9 @@ class ReluSAE(SparseAutoencoder):
 class TopKSAE(SparseAutoencoder):
     """Gao et al. 2024: keep the k largest pre-activations (ReLU'd); no sparsity penalty, AuxK on dead latents."""
 
+    takes_k = True
+    has_sparsity_coefficient = False
+    uses_dead_mask = True  # AuxK
     AUX_COEFFICIENT: ClassVar[float] = 1.0 / 32.0  # Gao et al. 2024 §2.4 / openai/sparse_autoencoder auxk_coef
 
     def top_k(self, pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -380,6 +449,9 @@ class JumpReLUSAE(SparseAutoencoder):
     """Rajamanoharan et al. 2024: per-feature learned thresholds θ = exp(t), loss = MSE + λ·‖f‖₀."""
 
     tensor_names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+    # λ_L0: of the same order as ReLU's λ_L1 once the target-L0 controller has settled; with a target only a start.
+    default_sparsity_coefficient = 1.0
+    learned_threshold = True
     # In normalised units (E‖x‖ = √d_in). The trainer then sets b_enc so that each feature fires on a chosen share
     # of the data (trainer/train.py). Measured on the reference harvest, 2M tokens, target L0 20: θ₀ 0.5 left L0 at
     # 62 (still falling), 1.0 reached 30 at FVU 0.160, and 2.0 undershot to 13.5 with 1% dead. A threshold well
@@ -446,11 +518,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
 def build_sae(cfg: SAEConfig, seed: int | None = None) -> SparseAutoencoder:
     """Instantiate the registered class for ``cfg.architecture``."""
-    try:
-        cls = SAE_REGISTRY[cfg.architecture]
-    except KeyError:
-        raise ConfigError(f"unknown architecture {cfg.architecture!r}; known: {', '.join(sorted(SAE_REGISTRY))}") from None
-    return cls(cfg, seed=seed)
+    return architecture_class(cfg.architecture)(cfg, seed=seed)
 
 
 def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, Tensor]) -> SparseAutoencoder:

@@ -134,6 +134,21 @@ def test_publish_then_load_round_trips_the_manifest_fields(registry):
         assert torch.equal(dictionary.features[key], value)
 
 
+def test_the_feature_statistics_load_as_a_typed_object_checked_against_the_dictionary(registry):
+    required = {"density": torch.rand(D_SAE), "mean_activation": torch.rand(D_SAE), "max_activation": torch.rand(D_SAE)}
+    publish_one(registry, features=required)
+    publish_one(registry, features={**required, "density": torch.rand(D_SAE + 1)})
+    publish_one(registry)
+
+    statistics = load_dictionary(registry, "dict", 1).statistics
+    assert torch.equal(statistics.density, required["density"]) and statistics.top_tokens is None
+    assert not statistics.has_pages
+    with pytest.raises(ArtifactError, match=r"dict/v2/features.safetensors: tensor density has shape \[17\], expected \[d_sae=16\]"):
+        load_dictionary(registry, "dict", 2).statistics  # noqa: B018
+    assert load_dictionary(registry, "dict", 2).features["density"].shape == (D_SAE + 1,)  # the raw tensors as stored
+    assert load_dictionary(registry, "dict", 3).statistics is None
+
+
 def test_publish_with_bfloat16_stores_bf16_tensors_and_loads_float32_close_to_the_original(registry):
     sae = make_sae("jumprelu")
     version_dir = publish(registry, "dict", sae, model=MODEL, hook=HOOK, dtype="bfloat16")
@@ -409,6 +424,7 @@ def test_a_publisher_killed_mid_way_leaves_only_complete_versions(registry):
     assert load_dictionary(registry, "dict").manifest.version == versions[-1]
 
 
+@pytest.mark.slow
 def test_two_concurrent_publishers_produce_distinct_complete_versions(registry):
     processes = [_start_publisher(registry, writer, 5) for writer in ("a", "b")]
     for process in processes:

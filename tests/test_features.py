@@ -12,6 +12,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from monosemantic.feature_stats import LAYOUT, FeatureStatistics
 from monosemantic.lm import LoadedLM, weights_checksum
 from monosemantic.sae import SAEConfig, build_sae
 from trainer.features import FeatureStatsConfig, feature_statistics
@@ -45,6 +46,19 @@ def one_hot_setup():
     cfg = FeatureStatsConfig(top_k=4, quantile_bins=2, per_quantile=2, window_before=3, window_after=2, batch_contexts=7)
     tensors, labels = feature_statistics(lm, sae, HOOK, contexts, cfg, progress=False)
     return contexts, tensors, labels, cfg
+
+
+def test_the_statistics_are_written_in_the_layout_of_monosemantic_feature_stats(one_hot_setup):
+    contexts, t, _, cfg = one_hot_setup
+    assert set(t) == {spec.name for spec in LAYOUT}  # every tensor, the logit effects too (the unembedding is readable)
+    for spec in LAYOUT:
+        assert str(t[spec.name].dtype).removeprefix("torch.") in spec.dtype.split(" or "), spec.name
+    statistics = FeatureStatistics.from_tensors(t, d_sae=VOCAB)
+    window = cfg.window_before + 1 + cfg.window_after
+    assert statistics.sizes == {"d_sae": VOCAB, "top_k": cfg.top_k, "samples": cfg.quantile_bins * cfg.per_quantile,
+                                "window": window, "bins": 40, "logit_k": cfg.logit_k, "neighbours": cfg.neighbours}
+    assert statistics.has_pages and statistics.centre == cfg.window_before and statistics.tokens == contexts[:, 1:].numel()
+    assert statistics.top_tokens is t["top_tokens"] and statistics.extra == {}
 
 
 def test_density_is_the_share_of_non_bos_tokens_that_are_the_features_token(one_hot_setup):

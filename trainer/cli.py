@@ -127,7 +127,7 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="dictionary name (published as its next version)")] = None,
     activations: Annotated[Optional[Path], typer.Option(help="a \\[rows, d_in] matrix: .npy or .safetensors")] = None,
     harvest: Annotated[Optional[Path], typer.Option(help="a harvest directory (from `harvest`)")] = None,
-    arch: Annotated[str, typer.Option(help="relu | topk | jumprelu")] = "relu",
+    arch: Annotated[str, typer.Option(help="relu | topk | jumprelu, or any architecture registered in monosemantic/sae.py")] = "relu",
     d_sae: Annotated[int, typer.Option(min=1, help="number of features")] = 4096,
     k: Annotated[Optional[int], typer.Option(min=1, help="TopK: active features per token")] = None,
     l1: Annotated[Optional[float], typer.Option(help="sparsity coefficient λ (L1 for relu, L0 for jumprelu)")] = None,
@@ -150,6 +150,7 @@ def train(
     json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Train a dictionary on activations and publish it as the next version of NAME."""
+    from monosemantic.sae import SAE_REGISTRY
     from trainer.pipeline import train_and_publish
 
     if (activations is None) == (harvest is None):
@@ -158,12 +159,15 @@ def train(
         _fail(MonosemanticError("--registry and --name go together"))
     if resume and checkpoint_dir is None:
         _fail(MonosemanticError("--resume needs --checkpoint-dir"))
+    # The default target L0 is for the controller steering λ; an architecture without a λ (TopK: its k) gets none.
+    # An unknown name is left to the training config to refuse, with the registered names.
+    steers_l0 = getattr(SAE_REGISTRY.get(arch), "has_sparsity_coefficient", True)
     try:
         out = train_and_publish(
             activations=activations, harvest_dir=harvest, registry=registry, name=name, checkpoint_dir=checkpoint_dir,
             resume=resume, model=model, hook=hook, dtype=dtype, allow_partial=allow_partial,
             config=dict(architecture=arch, d_sae=d_sae, k=k, sparsity_coefficient=l1,
-                        target_l0=target_l0 if (target_l0 is not None or l1 is not None or arch == "topk") else min(20.0, d_sae / 2),
+                        target_l0=target_l0 if (target_l0 is not None or l1 is not None or not steers_l0) else min(20.0, d_sae / 2),
                         tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
                         sparse_step_density=sparse_step_density, initial_firing_rate=initial_firing_rate),
         )

@@ -1,9 +1,10 @@
 """Evaluation on held-out tokens: MSE, FVU, L0, loss recovered, dead/dense fractions, density histogram.
 
-Definitions follow shared/reference/science.md §4: FVU = E‖x − x̂‖² / E‖x − E[x]‖² (centred); loss
-recovered = (H_zero − H_spliced) / (H_zero − H_clean) with H_zero the CE when the hook's activation is set
-to 0 (for the MLP post-activation this zero-ablates the neurons and keeps the MLP's output bias). The BOS
-position is neither spliced nor counted, as in SAEBench, since the dictionary is not trained on it.
+Definitions: FVU = E‖x − x̂‖² / E‖x − E[x]‖² (centred by the data's mean; Gao et al. 2024's normalised MSE); loss
+recovered = (H_zero − H_spliced) / (H_zero − H_clean), the formula of SAELens' ce_loss_score, SAEBench's "Loss
+Recovered" and dictionary_learning's frac_recovered, with H_zero the CE when the hook's activation is set to 0
+(for the MLP post-activation this zero-ablates the neurons and keeps the MLP's output bias). The BOS position is
+neither spliced nor counted, as in SAEBench, since the dictionary is not trained on it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from monosemantic.feature_stats import FeatureStatistics
 from monosemantic.lm import LoadedLM, hooked_replacement, resolve_hook
 from monosemantic.sae import SparseAutoencoder
 from trainer.progress import progress as progress_bar
@@ -73,13 +75,14 @@ class ReconstructionAccumulator:
         }
 
     def feature_statistics(self) -> dict[str, Tensor]:
-        """Per-feature tensors stored in features.safetensors."""
+        """Per-feature tensors stored in features.safetensors: the layout's required three
+        (monosemantic/feature_stats.py); trainer/features.py adds the dashboards' tensors."""
         n = max(self.tokens, 1)
-        return {
-            "density": (self.fires / n).float(),
-            "mean_activation": (self.sum_activation / self.fires.clamp_min(1)).float(),
-            "max_activation": self.max_activation.float(),
-        }
+        return FeatureStatistics(
+            density=(self.fires / n).float(),
+            mean_activation=(self.sum_activation / self.fires.clamp_min(1)).float(),
+            max_activation=self.max_activation.float(),
+        ).to_tensors()
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@ Three passes over the contexts, each holding only one batch of feature activatio
 3. for every example kept, the token window around it with the feature's activation at each of its tokens.
 Then what needs no data: logit effects through the direct path, nearest features by decoder cosine, and a
 short label made from the top contexts. The BOS position is skipped everywhere, as in evaluation.
+
+The tensors written, their shapes and meanings are defined in monosemantic/feature_stats.py (``LAYOUT``); they are
+assembled here as a ``FeatureStatistics``, which checks them, and stored as ``features.safetensors``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
+from monosemantic.feature_stats import FeatureStatistics
 from monosemantic.lm import LoadedLM, direct_logit_effects, read_activations, resolve_hook
 from monosemantic.sae import SparseAutoencoder
 from trainer.progress import progress as progress_bar
@@ -65,7 +69,8 @@ def _merge_top(values: Tensor, index: Tensor, new_values: Tensor, new_index: Ten
 @torch.no_grad()
 def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Tensor,
                        cfg: FeatureStatsConfig | None = None, progress: bool = True) -> tuple[dict[str, Tensor], list[str]]:
-    """Everything a feature page shows, as tensors for features.safetensors, plus one label per feature."""
+    """Everything a feature page shows, as tensors for features.safetensors (monosemantic/feature_stats.py's
+    layout), plus one label per feature."""
     cfg = cfg or FeatureStatsConfig()
     sae = sae.float().eval()
     n, length = contexts.shape
@@ -148,29 +153,31 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
     quantile_values = window_acts[n_top:].reshape(d, q * m, w)[:, :, cfg.window_before] * sample_valid
 
     effects = direct_logit_effects(lm.model, hook, sae.W_dec.detach())
-    tensors: dict[str, Tensor] = {
-        "density": density,
-        "mean_activation": (total / fires.clamp_min(1)).float(),
-        "max_activation": max_act,
-        "histogram_counts": histogram.reshape(d, bins).int(),
-        "histogram_log10_edges": LOG10_ACTIVATION_EDGES.clone(),
-        "top_values": top_values.T.contiguous(),
-        "top_tokens": window_tokens[:n_top].reshape(shape_top).to(token_dtype),
-        "top_acts": window_acts[:n_top].reshape(shape_top).half(),
-        "quantile_values": quantile_values.contiguous(),
-        "quantile_bins": (torch.arange(q * m) // m).int(),
-        "quantile_tokens": window_tokens[n_top:].reshape(shape_sample).to(token_dtype),
-        "quantile_acts": window_acts[n_top:].reshape(shape_sample).half(),
-        "window_offsets": window.int(),
-        "stats_tokens": torch.tensor([tokens], dtype=torch.int64),
-    }
+    logits: dict[str, Tensor] = {}
     if effects is not None:
         up, down = effects.topk(cfg.logit_k, dim=-1), (-effects).topk(cfg.logit_k, dim=-1)
-        tensors.update({"logit_up_ids": up.indices.int(), "logit_up_values": up.values,
-                        "logit_down_ids": down.indices.int(), "logit_down_values": -down.values})
-    tensors.update(_neighbours(sae, cfg.neighbours))
-    labels = [label_feature(tensors, i, lm.tokenizer) for i in range(d)]
-    return tensors, labels
+        logits = {"logit_up_ids": up.indices.int(), "logit_up_values": up.values,
+                  "logit_down_ids": down.indices.int(), "logit_down_values": -down.values}
+    statistics = FeatureStatistics(
+        density=density,
+        mean_activation=(total / fires.clamp_min(1)).float(),
+        max_activation=max_act,
+        histogram_counts=histogram.reshape(d, bins).int(),
+        histogram_log10_edges=LOG10_ACTIVATION_EDGES.clone(),
+        top_values=top_values.T.contiguous(),
+        top_tokens=window_tokens[:n_top].reshape(shape_top).to(token_dtype),
+        top_acts=window_acts[:n_top].reshape(shape_top).half(),
+        quantile_values=quantile_values.contiguous(),
+        quantile_bins=(torch.arange(q * m) // m).int(),
+        quantile_tokens=window_tokens[n_top:].reshape(shape_sample).to(token_dtype),
+        quantile_acts=window_acts[n_top:].reshape(shape_sample).half(),
+        window_offsets=window.int(),
+        stats_tokens=torch.tensor([tokens], dtype=torch.int64),
+        **logits,
+        **_neighbours(sae, cfg.neighbours),
+    )
+    labels = [label_feature(statistics, i, lm.tokenizer) for i in range(d)]
+    return statistics.to_tensors(), labels
 
 
 def _neighbours(sae: SparseAutoencoder, k: int, chunk: int = 1024) -> dict[str, Tensor]:
@@ -186,16 +193,16 @@ def _neighbours(sae: SparseAutoencoder, k: int, chunk: int = 1024) -> dict[str, 
     return {"neighbour_ids": torch.cat(ids), "neighbour_cosines": torch.cat(cosines)}
 
 
-def label_feature(tensors: dict[str, Tensor], feature: int, tokenizer) -> str:
+def label_feature(statistics: FeatureStatistics, feature: int, tokenizer) -> str:
     """A short label from the top examples, no model involved. The token at the centre of each top window
     (where the feature peaks) is counted: one token in at least half of them gives `"tok"`; otherwise a shared
     preceding token gives `after "tok"`; otherwise the three most common centre tokens. A feature that never
     fired is labelled "dead"."""
-    if float(tensors["max_activation"][feature]) <= 0:
+    if float(statistics.max_activation[feature]) <= 0:
         return "dead"
-    before = int((tensors["window_offsets"] < 0).sum())
-    windows = tensors["top_tokens"][feature].long()
-    present = tensors["top_values"][feature] > 0
+    before = statistics.centre
+    windows = statistics.top_tokens[feature].long()
+    present = statistics.top_values[feature] > 0
     centres = [int(t) for t in windows[present, before] if t >= 0]
     if not centres:
         return "dead"

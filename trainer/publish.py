@@ -33,7 +33,8 @@ def publish_trained(
     dtype: str = "float32",
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Publish with the manifest fields DESIGN.md lists (training config, data, seed, tokens, metrics). A dictionary
+    """Publish with the manifest fields the dictionary format records (README.md, "The dictionary format (v1)"; the
+    ``Manifest`` of monosemantic/artifact.py): training config, data, seed, tokens, metrics. A dictionary
     whose held-out FVU says its training diverged is refused (artifact.publish refuses non-finite values)."""
     fvu = metrics.get("fvu")
     if isinstance(fvu, float) and fvu > DIVERGED_FVU:
@@ -41,7 +42,7 @@ def publish_trained(
     return publish(
         registry, name, sae, model=model, hook=hook, dtype=dtype, features=features, labels=labels,
         extra={**(extra or {}),
-            "sparsity_coefficient": None if config.architecture == "topk" else sparsity_coefficient,
+            "sparsity_coefficient": sparsity_coefficient if config.architecture_class.has_sparsity_coefficient else None,
             "training": config.model_dump(mode="json"), "data": data or {}, "seed": config.seed,
             "tokens": tokens, "metrics": metrics,
         },

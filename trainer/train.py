@@ -1,5 +1,9 @@
 """SAE training: Adam with warm-up and decay, sparsity warm-up and a target-L0 controller, dead-feature
-resampling (ReLU) or AuxK (TopK), bf16 mixed precision on CPU, checkpoints and exact resume."""
+resampling (ReLU) or AuxK (TopK), bf16 mixed precision on CPU, checkpoints and exact resume.
+
+What differs between architectures (default λ, a fixed k, the controller, resampling, AuxK, a learned threshold) is
+declared by each architecture's class in monosemantic/sae.py and read here through ``architecture_class``: the
+trainer never compares architecture names, so a newly registered architecture trains without edits here."""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -15,15 +18,12 @@ from torch import Tensor
 
 from monosemantic.errors import ConfigError, MonosemanticError, TrainingDiverged, describe_validation_error
 from monosemantic.precision import fastest_dtype
-from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae, geometric_median
+from monosemantic.sae import (Architecture, SAEConfig, SparseAutoencoder, architecture_class, architectures_where,
+                               build_sae, geometric_median)
 from trainer.activations import ActivationSource, DataError
 from trainer.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from trainer.progress import progress as progress_bar
 
-# Starting sparsity coefficients, in the normalised units of monosemantic.sae (E‖x‖ = √d_in, summed MSE):
-# λ_L1 = 5 is the Apr-2024 Anthropic 1L-MLP setting that lands near L0 40 at 131k features; the L0
-# coefficient is of the same order once the controller has settled. With --target-l0 both are only starts.
-DEFAULT_SPARSITY = {"relu": 5.0, "jumprelu": 1.0, "topk": 0.0}
 # A reconstruction error this many times the data's variance is a run that has diverged (a learning rate far too
 # high: --lr 1e6 reached FVU 2e30), not one still learning: an untrained dictionary starts near FVU 1.
 DIVERGED_FVU = 1e3
@@ -34,7 +34,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    architecture: Literal["relu", "topk", "jumprelu"] = "relu"
+    architecture: Architecture = "relu"
     d_sae: int = Field(default=4096, gt=0)
     k: int | None = Field(default=None, gt=0, description="TopK: active latents per token (default: target_l0 or 32)")
     sparsity_coefficient: float | None = Field(default=None, ge=0, description="λ: L1 (relu) or L0 (jumprelu) coefficient")
@@ -71,15 +71,18 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         # A setting the chosen architecture ignores is refused: a user who gave it expected it to act.
-        if self.k is not None and self.architecture != "topk":
-            raise ValueError(f"k applies to topk only, not {self.architecture} (use target_l0 to set its sparsity)")
-        if self.architecture == "topk" and self.k is not None and self.target_l0 is not None:
-            raise ValueError("topk takes k or target_l0 (used as k), not both")
-        if self.architecture == "topk" and self.sparsity_coefficient is not None:
-            raise ValueError("topk has no sparsity coefficient (its sparsity is k)")
-        if self.initial_firing_rate is not None and self.architecture != "jumprelu":
-            raise ValueError(f"initial_firing_rate applies to jumprelu only, not {self.architecture}")
-        if self.architecture == "topk" and self.k is not None and self.k > self.d_sae:
+        arch, name = self.architecture_class, self.architecture
+        if self.k is not None and not arch.takes_k:
+            raise ValueError(f"k applies to {_names(lambda c: c.takes_k)} only, not {name} "
+                             "(use target_l0 to set its sparsity)")
+        if arch.takes_k and self.k is not None and self.target_l0 is not None:
+            raise ValueError(f"{name} takes k or target_l0 (used as k), not both")
+        if not arch.has_sparsity_coefficient and self.sparsity_coefficient is not None:
+            raise ValueError(f"{name} has no sparsity coefficient"
+                             + (" (its sparsity is k)" if arch.takes_k else ""))
+        if self.initial_firing_rate is not None and not arch.learned_threshold:
+            raise ValueError(f"initial_firing_rate applies to {_names(lambda c: c.learned_threshold)} only, not {name}")
+        if arch.takes_k and self.k is not None and self.k > self.d_sae:
             raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
         if self.target_l0 is not None and self.target_l0 >= self.d_sae:
             raise ValueError(f"target_l0 ({self.target_l0:g}) must be below d_sae ({self.d_sae})")
@@ -100,6 +103,11 @@ class TrainConfig(BaseModel):
             raise ConfigError(describe_validation_error(exc, "training config")) from None
 
     @property
+    def architecture_class(self) -> type[SparseAutoencoder]:
+        """The registered class of ``architecture``: what the trainer asks about it (monosemantic/sae.py)."""
+        return architecture_class(self.architecture)
+
+    @property
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
 
@@ -109,7 +117,7 @@ class TrainConfig(BaseModel):
             return f"{name} {value}" + ("" if name in self.model_fields_set else " (default)")
 
         parts = [self.architecture, show("d_sae", self.d_sae)]
-        if self.architecture == "topk":
+        if self.architecture_class.takes_k:
             parts.append(f"k {self.resolved_k()}" + ("" if {"k", "target_l0"} & self.model_fields_set else " (default)"))
         elif self.sparsity_coefficient is not None:
             parts.append(show("sparsity_coefficient", self.sparsity_coefficient))
@@ -120,9 +128,15 @@ class TrainConfig(BaseModel):
         return ", ".join(parts)
 
     def resolved_k(self) -> int | None:
-        if self.architecture != "topk":
+        if not self.architecture_class.takes_k:
             return None
         return self.k or (int(round(self.target_l0)) if self.target_l0 else 32)
+
+
+def _names(predicate) -> str:
+    """The registered architectures with a property, for a message: "topk", or "batchtopk or topk"."""
+    names = architectures_where(predicate)
+    return " or ".join(names) if names else "no registered architecture"
 
 
 @dataclass
@@ -162,11 +176,12 @@ class Trainer:
             k=cfg.resolved_k(), bandwidth=cfg.bandwidth,
         )
         self.sae = build_sae(sae_cfg, seed=cfg.seed)
+        self.arch = type(self.sae)  # what this architecture needs of the trainer (its class's declarations)
         with torch.no_grad():
             # Bricken et al.: b_dec starts at the geometric median of the data (in normalised units here).
             head = sample[:8192] * self.input_scale
             self.sae.b_dec.copy_(geometric_median(head))
-            if cfg.architecture == "jumprelu":
+            if self.arch.learned_threshold:
                 self._calibrate_encoder_bias(head)
         self.variance = float((sample * self.input_scale).var(0, unbiased=False).sum())  # for the live FVU
         if not self.variance > 1e-12 * sample.shape[1]:
@@ -176,19 +191,19 @@ class Trainer:
         # CPU (1.2 ms against 13.6 ms for 4M parameters), the same maths.
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         self.step = 0
-        self.coefficient = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else DEFAULT_SPARSITY[cfg.architecture]
+        self.coefficient = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else self.arch.default_sparsity_coefficient
         self.l0_ema: float | None = None  # L0 over the last ~10 steps
         self.l0_slow: float | None = None  # over the last ~100: the trend is fast against slow, not step against step
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
         self.history: list[dict] = []
         self.dead_window = cfg.dead_window_tokens or self._default_dead_window()
-        self.resample_steps = sorted({int(f * cfg.steps) for f in cfg.resample_fractions if 0 < f < 1}) if cfg.architecture == "relu" else []
+        self.resample_steps = sorted({int(f * cfg.steps) for f in cfg.resample_fractions if 0 < f < 1}) if self.arch.resamples_dead_features else []
 
     def _default_dead_window(self) -> int:
         # Gao et al. call a latent dead after 10M tokens unfired; a short run uses half the gap between
         # resamples (Bricken: 12,500 of the 25,000 steps between resamples), or a tenth of the run.
         tokens = self.cfg.tokens
-        if self.cfg.architecture == "relu" and self.cfg.resample_fractions:
+        if self.cfg.architecture_class.resamples_dead_features and self.cfg.resample_fractions:
             return max(self.cfg.batch_size, int(min(self.cfg.resample_fractions) * tokens / 2))
         return max(self.cfg.batch_size, min(10_000_000, tokens // 10))
 
@@ -211,8 +226,9 @@ class Trainer:
 
     @torch.no_grad()
     def _calibrate_encoder_bias(self, x_normalised: Tensor) -> None:
-        """JumpReLU: set b_enc so that each feature's pre-activation clears its threshold on `initial_firing_rate` of
-        the sample (the data-dependent initialisation of Anthropic's January 2025 update).
+        """An architecture with a learned threshold (JumpReLU): set b_enc so that each feature's pre-activation
+        clears its threshold on `initial_firing_rate` of the sample (the data-dependent initialisation of
+        Anthropic's January 2025 update).
 
         From a fixed b_enc = 0, half the latents fire at first, and L0 can only fall as fast as the log-thresholds
         move, at Adam's pace: on the reference harvest L0 was still 1,027 of 4,096 after 4M tokens with a target of
@@ -237,7 +253,7 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        dead_mask = (self.tokens_since_fired >= self.dead_window) if cfg.architecture == "topk" else None
+        dead_mask = (self.tokens_since_fired >= self.dead_window) if self.arch.uses_dead_mask else None
         sparse = self.sparse_step()
         forward = sae.forward_sparse if sparse else sae.forward
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -278,7 +294,7 @@ class Trainer:
         4,096 but slower past ~7% density (bench/train_sae.py), so it waits until the running L0 is low."""
         if self.cfg.sparse_step_density <= 0:
             return False
-        if self.cfg.architecture == "topk":
+        if self.arch.takes_k:  # L0 is k from the start
             return self.sae.cfg.k <= self.cfg.sparse_step_density * self.cfg.d_sae
         return self.l0_ema is not None and self.l0_ema < self.cfg.sparse_step_density * self.cfg.d_sae
 
@@ -290,7 +306,7 @@ class Trainer:
         # The trend compares the ~10-step mean with the ~100-step mean: step against step, L0's noise made the
         # trend's sign a coin toss, so λ kept integrating on half the steps (JumpReLU: λ ×60, then L0 at 40% of target).
         cfg = self.cfg
-        if cfg.target_l0 is None or cfg.architecture == "topk" or self.sparsity_warmup(self.step) < 1.0:
+        if cfg.target_l0 is None or not self.arch.has_sparsity_coefficient or self.sparsity_warmup(self.step) < 1.0:
             return
         if self.step >= int((1 - cfg.lr_decay_fraction) * cfg.steps):
             return  # hold λ fixed while the learning rate anneals, so the end point is a fixed objective
