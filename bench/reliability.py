@@ -1,4 +1,4 @@
-"""Reliability figures (shared/reference/reliability.md §5) against the real server as a separate process.
+"""Reliability figures (the checklist in bench/RELIABILITY.md) against the real server as a separate process.
 
     python bench/reliability.py [--quick] [--soak-seconds 600] [--json]
 

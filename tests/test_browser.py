@@ -19,6 +19,9 @@ from monosemantic.artifact import load_dictionary, publish
 from monosemantic.feature_stats import SPECS
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 
+# headless chromium against a server serving two dictionaries
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 

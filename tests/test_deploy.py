@@ -46,6 +46,7 @@ def test_the_deployment_probes_readiness_and_liveness_and_mounts_the_registry():
     assert set(config) <= {f"MONOSEMANTIC_{name.upper()}" for name in ServiceSettings.model_fields}
 
 
+@pytest.mark.prometheus
 def test_promtool_accepts_the_alert_rules():
     result = subprocess.run([_tool("promtool"), "check", "rules", str(DEPLOY / "prometheus" / "rules.yaml")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -148,11 +149,15 @@ def _query(url: str, expr: str) -> dict:
 
 
 @pytest.mark.parametrize("index", range(len(_expressions())))
+@pytest.mark.prometheus
+@pytest.mark.slow
 def test_every_rule_and_dashboard_expression_evaluates_in_prometheus(prometheus, index):
     _, url = prometheus
     _query(url, _expressions()[index])
 
 
+@pytest.mark.prometheus
+@pytest.mark.slow
 def test_the_dictionary_variable_lists_the_loaded_dictionaries_and_selects_their_series(prometheus):
     _, url = prometheus
     # Grafana runs label_values(metric, label) as this call
@@ -170,6 +175,8 @@ def _scraped(url: str, expr: str) -> float:
     return float(result[0]["value"][1]) if result else -1.0
 
 
+@pytest.mark.prometheus
+@pytest.mark.slow
 def test_prometheus_holds_the_watched_feature_counts_the_service_exports(prometheus):
     service, url = prometheus
     metrics = httpx.get(f"{service.http_url}/metrics").text
@@ -183,6 +190,8 @@ def test_prometheus_holds_the_watched_feature_counts_the_service_exports(prometh
     assert _scraped(url, 'sum(rate(monosemantic_observed_tokens_total[1m]))') > 0
 
 
+@pytest.mark.prometheus
+@pytest.mark.slow
 def test_prometheus_loaded_every_alert_and_evaluates_them_without_errors(prometheus):
     _, url = prometheus
     deadline = time.time() + 20

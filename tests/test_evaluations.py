@@ -47,6 +47,7 @@ def evaluated(tmp_path_factory, text):
     return root, results, before
 
 
+@pytest.mark.slow
 def test_an_evaluation_is_recorded_beside_the_version_which_stays_as_published(evaluated):
     root, results, before = evaluated
     assert sorted(p.name for p in (root / REFERENCE_DICTIONARY / "v1").iterdir()) == before
@@ -58,6 +59,7 @@ def test_an_evaluation_is_recorded_beside_the_version_which_stays_as_published(e
     assert recorded[1].data["dataset"] == results[1]["data"]["dataset"] and recorded[1].data["fingerprint"]
 
 
+@pytest.mark.slow
 def test_a_record_made_for_another_manifest_is_not_shown(evaluated):
     root, _, _ = evaluated
     assert read_evaluations(root, REFERENCE_DICTIONARY, 1, "0" * 64) == []
@@ -71,6 +73,7 @@ def test_evaluate_with_no_record_keeps_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
+@pytest.mark.slow
 def test_the_service_lists_each_evaluation_with_its_data(evaluated, transport):
     root, results, _ = evaluated
     running = RunningServer(registry=root, dictionary="reference")
@@ -190,6 +193,7 @@ def test_serve_help_lists_every_setting_with_its_environment_variable_and_defaul
     assert "MONOSEMANTIC_MAX_QUEUE = 256" in shown and "MONOSEMANTIC_HTTP_PORT = 8000" in shown
 
 
+@pytest.mark.slow
 def test_the_startup_line_is_logged_at_info():
     import os
 

@@ -33,6 +33,7 @@ REST_CHECKS = [
 ]
 
 
+@pytest.mark.slow
 def test_no_rest_input_gets_a_server_error_or_an_undocumented_answer(server):
     # schemathesis' own pytest plugin does not run under pytest 9, so each operation's strategy is driven here.
     schema = schemathesis.openapi.from_url(f"{server.http_url}/openapi.json")
@@ -65,6 +66,7 @@ REST_TEXT_BODIES = st.one_of(
 
 @given(case=REST_TEXT_BODIES)
 @settings(max_examples=REST_EXAMPLES * 4, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=DERANDOMIZE)
+@pytest.mark.slow
 def test_any_code_point_in_any_rest_text_field_gets_no_server_error(server, case):
     path, body = case
     # json.dumps escapes a lone surrogate as \udXXX, as a JavaScript or Python client would send it

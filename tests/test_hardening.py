@@ -113,6 +113,7 @@ def _send_and_close(port: int, path: str, body: dict) -> None:
         sock.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (path.encode(), len(raw), raw))
 
 
+@pytest.mark.slow
 def test_a_generation_whose_client_left_stops_instead_of_running_to_the_end(guarded):
     before = _metric(guarded, "monosemantic_generated_tokens_total") or 0
     abandoned = _metric(guarded, "monosemantic_requests_total", protocol="rest", method="generate", code="499") or 0
@@ -354,6 +355,7 @@ def test_json_true_is_not_an_id(server, body):
     assert response.status_code == 422 and response.json()["error"]["field"].split(".")[0] in ("token_ids", "feature_ids")
 
 
+@pytest.mark.slow
 def test_rest_streams_are_in_flight_and_timed_until_their_last_event(guarded):
     def total_seconds():
         return _metric(guarded, "monosemantic_request_duration_seconds_sum", protocol="rest", method="generate") or 0
@@ -380,6 +382,7 @@ def test_rest_streams_are_in_flight_and_timed_until_their_last_event(guarded):
     assert _metric(guarded, "monosemantic_inflight_requests") == 0
 
 
+@pytest.mark.slow
 def test_a_storm_of_refused_observes_does_not_starve_other_requests(guarded):
     import statistics
 

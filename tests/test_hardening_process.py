@@ -20,6 +20,9 @@ from monosemantic.client import GrpcClient, ServiceCallError
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 from test_service_operations import _metric
 
+# server processes started, stuck and killed (5-20 s each)
+pytestmark = pytest.mark.slow
+
 ADMIN = "process-admin-key-0123"
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
 

@@ -13,12 +13,16 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from monosemantic.artifact import list_versions, load_dictionary, verify
 from trainer.activations import open_harvest
 from trainer.checkpoint import read_checkpoint
 from trainer.synthetic import make_sparse_data
+
+# kill loops: each restart re-imports torch (~5 s)
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 KILLS = 3  # kills at random moments, then a run to the end; each restart costs ~5 s of imports on 2 cores

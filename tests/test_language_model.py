@@ -87,6 +87,7 @@ def test_config_validated_from_a_dict_raises_config_error_too():
         LMConfig.model_validate({"batch_size": 0})
 
 
+@pytest.mark.slow
 def test_a_short_training_run_beats_the_unigram_and_uniform_baselines(trained):
     cfg, _, result = trained
     assert result["uniform_loss"] == pytest.approx(math.log(cfg.vocab_size))
@@ -95,6 +96,7 @@ def test_a_short_training_run_beats_the_unigram_and_uniform_baselines(trained):
     assert result["train_tokens"] == cfg.steps * cfg.batch_size * cfg.context_length
 
 
+@pytest.mark.slow
 def test_the_saved_directory_loads_with_auto_classes(trained):
     cfg, out, _ = trained
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
@@ -106,6 +108,7 @@ def test_the_saved_directory_loads_with_auto_classes(trained):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
 
 
+@pytest.mark.slow
 def test_the_saved_directory_holds_training_json_and_nothing_half_written(trained, small_corpus):
     cfg, out, result = trained
     assert json.loads((out / "training.json").read_text()) == json.loads(json.dumps(result))
@@ -116,6 +119,7 @@ def test_the_saved_directory_holds_training_json_and_nothing_half_written(traine
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_the_saved_tokenizer_names_a_class_transformers_4_and_5_both_know(trained):
     _, out, _ = trained
     config = json.loads((out / "tokenizer_config.json").read_text())

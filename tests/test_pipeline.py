@@ -9,6 +9,9 @@ from monosemantic.artifact import load_dictionary
 from monosemantic.lm import load_lm
 from trainer.cli import app
 
+# the whole chain in one module fixture: an LM trained, harvested, a dictionary trained, evaluated, given dashboards (20 s)
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 

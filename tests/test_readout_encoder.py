@@ -54,6 +54,7 @@ def test_a_later_encode_leaves_the_readouts_taken_from_an_earlier_one_intact():
     assert torch.equal(encoder.encode(first), sae.activate(torch.addmm(encoder.b_enc, (first * sae.cfg.input_scale - sae.b_dec).bfloat16(), encoder.W_enc)))
 
 
+@pytest.mark.slow
 def test_auto_serves_in_the_dtype_this_machine_multiplies_faster_and_a_forced_one_as_given():
     from monosemantic.bound import load_bound
     from monosemantic.model import load_model

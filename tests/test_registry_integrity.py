@@ -165,6 +165,7 @@ print(path)
 """
 
 
+@pytest.mark.slow
 def test_publishing_the_same_dictionary_in_separate_processes_gives_byte_identical_tensor_files(tmp_path):
     paths = []
     for _ in range(4):

@@ -14,6 +14,9 @@ import pytest
 
 from monosemantic.artifact import list_versions
 
+# bench/reliability.py --quick against the real server as a process: load, reloads, a soak (a minute)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

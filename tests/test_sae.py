@@ -25,6 +25,7 @@ def _train(data, arch, tokens=500_000, d_sae=128, **overrides):
 
 
 @pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
+@pytest.mark.slow
 def test_each_architecture_recovers_the_true_directions_of_synthetic_sparse_data(synthetic, arch):
     result = _train(synthetic, arch)
     assert mean_max_cosine(synthetic.directions, result.sae.W_dec.detach()) >= 0.9

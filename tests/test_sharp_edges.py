@@ -25,6 +25,7 @@ def activations(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_lm_refuses_to_overwrite_the_shipped_model_without_a_flag():
     before = (reference_lm_path() / "model.safetensors").stat().st_mtime_ns
     result = runner.invoke(app, ["lm", "--out", str(reference_lm_path()), "--tokens", "1000"])
@@ -41,6 +42,7 @@ def test_a_model_folder_without_tokenizer_files_says_so_and_where_it_looked(tmp_
     assert result.exit_code == 2 and "has no tokenizer" in result.output and "tokenizer.json" in result.output
 
 
+@pytest.mark.slow
 def test_train_says_every_default_that_decides_the_result(activations):
     result = runner.invoke(app, ["train", "--activations", str(activations), "--arch", "topk", "--d-sae", "64",
                                  "--tokens", "20480", "--batch-size", "512"])
@@ -48,6 +50,7 @@ def test_train_says_every_default_that_decides_the_result(activations):
     assert "k 32 (default)" in result.stderr and "lr 0.0004 (default)" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_prints_a_short_table_and_keeps_the_whole_result_for_json(activations):
     args = ["train", "--activations", str(activations), "--arch", "topk", "--k", "4", "--d-sae", "64", "--tokens", "20480",
             "--batch-size", "512"]
@@ -77,12 +80,14 @@ def test_a_hook_given_as_an_alias_is_recorded_in_the_form_serving_resolves(tmp_p
     assert loaded.hook.module_path == load_dictionary(tmp_path / "r", "resid").manifest.hook.module_path
 
 
+@pytest.mark.slow
 def test_model_takes_a_hub_id_and_says_so_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach a hub: the id is tried, and the message says so
     result = runner.invoke(app, ["harvest", "--out", str(tmp_path / "h"), "--model", "openai-community/gpt2", "--contexts", "2"])
     assert result.exit_code == 2 and "hub id" in result.output and "model directory not found" not in result.output
 
 
+@pytest.mark.slow
 def test_progress_shows_as_lines_in_a_log_when_output_is_not_a_terminal(tmp_path, activations):
     import os
     import subprocess

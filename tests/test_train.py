@@ -54,6 +54,7 @@ def test_resume_refuses_a_checkpoint_written_with_another_config(source, tmp_pat
 
 
 @pytest.mark.parametrize("arch, target", [("relu", 2.0), ("relu", 8.0), ("jumprelu", 8.0)])
+@pytest.mark.slow
 def test_target_l0_steers_the_sparsity_coefficient_towards_the_requested_l0(source, arch, target):
     cfg = _config(architecture=arch, target_l0=target, tokens=400_000, controller_gain=0.05)
     result = Trainer(cfg, source).run(progress=False)

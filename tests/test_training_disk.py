@@ -18,6 +18,9 @@ import pytest
 
 from trainer.synthetic import make_sparse_data
 
+# training and harvests that fill a tmpfs (3-15 s each)
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -140,6 +140,7 @@ def test_the_harvest_manifest_records_each_shards_sha256_and_shape(harvest_dir):
 # ---- 4. resume checks its data ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_on_another_file_of_the_same_width_is_refused(tmp_path, activations, rows):
     checkpoint = tmp_path / "ckpt"
     assert train(activations, None, "--checkpoint-dir", str(checkpoint)).exit_code == 0
@@ -193,6 +194,7 @@ _TRAIN_AND_PUBLISH = [sys.executable, "-m", "trainer.cli", "train", "--d-sae", "
                       "--seed", "3", "--arch", "jumprelu", "--name", "seeded"]
 
 
+@pytest.mark.slow
 def test_the_same_seed_in_separate_processes_gives_byte_identical_dictionary_files(tmp_path, activations):
     digests = set()
     for i in range(2):

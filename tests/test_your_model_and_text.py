@@ -21,6 +21,9 @@ from monosemantic.client import RestClient
 from monosemantic.shipped import reference_lm_path
 from trainer.cli import app
 
+# harvest → train → evaluate → features → serve from the CLI, once per model and text form
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 WORDS = "heron egret ibis stork crane plover avocet curlew godwit dunlin".split()
 FAMILIES = {
