@@ -106,17 +106,19 @@ def measure(model_dir: Path, registry: Path, names: list[str], repeats: int) -> 
         engine.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def report(repeats: int = 15) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for label, build in (("gpt2-small shape, 768->16384 at blocks 2/5/8/11", gpt2_small), ("shipped reference, 4 hooks of block 0", reference)):
             model_dir, registry, names = build(root)
-            one, four = measure(model_dir, registry, names, args.repeats)
+            one, four = measure(model_dir, registry, names, repeats)
             print(f"{label}: 1 dictionary {one:.1f} ms, 4 dictionaries {four:.1f} ms per 64-token request: {four / one:.2f}x", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    report(parser.parse_args().repeats)
 
 
 if __name__ == "__main__":

@@ -339,6 +339,12 @@ def main() -> None:
               f"on {cores} cores it can't pass {cap:.0f} req/s, {cap / u['rps']:.2f}× the unbatched {u['rps']:.1f} req/s, "
               f"even if the load generator took no CPU")
 
+    # Many dictionaries on one model: 4 at 4 hooks in one request against 1 (bench/many_dictionaries.py).
+    from many_dictionaries import report
+
+    print("\nmany dictionaries, in-process, one 64-token request:")
+    report(repeats=9)
+
 
 if __name__ == "__main__":
     main()

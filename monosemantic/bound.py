@@ -12,6 +12,7 @@ import torch
 from monosemantic.artifact import Dictionary, load_dictionary
 from monosemantic.encoder import FastEncoder
 from monosemantic.errors import ArtifactMismatch
+from monosemantic.feature_stats import FeatureStatistics
 from monosemantic.lm import HookPoint, LoadedLM, hook_dim, resolve_hook
 from monosemantic.model import Model
 from monosemantic.precision import fastest_dtype
@@ -40,6 +41,7 @@ class BoundDictionary:
     dictionary: Dictionary
     hook: HookPoint
     encoder: FastEncoder
+    statistics: FeatureStatistics | None = None  # checked against the layout when bound; None without them
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -64,10 +66,6 @@ class BoundDictionary:
         return self.dictionary.sae.cfg.d_sae
 
     @property
-    def features(self) -> dict[str, torch.Tensor]:
-        return self.dictionary.features
-
-    @property
     def labels(self) -> list[str]:
         return self.dictionary.labels
 
@@ -81,12 +79,13 @@ def bind(model: Model, dictionary: Dictionary, device: str = "cpu", sae_dtype: s
     hook = resolve_hook(model.lm, m.hook.module_path + ":" + m.hook.kind)
     if check_width:
         require_width(model.lm, hook, dictionary.sae.cfg.d_in, f"dictionary {dictionary.ref}")
+    statistics = dictionary.statistics  # a file off the layout is refused here, at load, not on a feature page
     dictionary.sae.eval().requires_grad_(False)
     with torch.no_grad():
         dictionary.sae.float()
     cfg = dictionary.sae.cfg
     dtype = fastest_dtype(cfg.d_in, cfg.d_sae, device) if sae_dtype == "auto" else getattr(torch, sae_dtype)
-    return BoundDictionary(dictionary=dictionary, hook=hook, encoder=FastEncoder(dictionary.sae, dtype))
+    return BoundDictionary(dictionary=dictionary, hook=hook, encoder=FastEncoder(dictionary.sae, dtype), statistics=statistics)
 
 
 def load_bound(model: Model, registry: Path, name: str, version: int | None, device: str = "cpu", sae_dtype: str = "float32",

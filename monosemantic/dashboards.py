@@ -1,4 +1,5 @@
-"""Feature pages, feature lists and feature search over the statistics stored with a dictionary (trainer/features.py)."""
+"""Feature pages, feature lists and feature search over the statistics stored with a dictionary (their layout:
+monosemantic/feature_stats.py; computed by trainer/features.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,23 @@ import torch
 from torch import Tensor
 
 from monosemantic.bound import BoundDictionary
+from monosemantic.feature_stats import FeatureStatistics
 from monosemantic.model import Model
 
-REQUIRED = ("density", "max_activation", "top_tokens", "top_acts", "top_values", "window_offsets")
-
-
 def has_statistics(dictionary: BoundDictionary) -> bool:
-    return all(name in dictionary.features for name in REQUIRED)
+    return dictionary.statistics is not None and dictionary.statistics.has_pages
 
 
 def how_to_compute(dictionary: BoundDictionary) -> str:
     m = dictionary.dictionary.manifest
     return (f"dictionary {m.name} v{m.version} has no feature statistics; compute them with "
             f"`monosemantic-train features --registry REGISTRY --dictionary {m.name}:{m.version}` and reload the new version")
+
+
+def _stats(dictionary: BoundDictionary) -> FeatureStatistics:
+    """The statistics of a dictionary the caller checked with has_statistics."""
+    assert dictionary.statistics is not None
+    return dictionary.statistics
 
 
 def _examples(model: Model, tokens: Tensor, acts: Tensor, values: Tensor, centre: int, quantiles: Tensor | None) -> list[dict]:
@@ -44,27 +49,27 @@ def _logits(model: Model, ids: Tensor, values: Tensor) -> list[dict]:
 
 def feature_page(model: Model, dictionary: BoundDictionary, feature: int) -> dict:
     """Everything the dashboard shows for one feature, tokens rendered to text."""
-    t = dictionary.features
+    t = _stats(dictionary)
     labels = dictionary.labels
-    centre = int((t["window_offsets"] < 0).sum())
+    centre = t.centre
     page = {
         "feature": feature,
         "label": labels[feature] if labels else "",
-        "density": float(t["density"][feature]),
-        "mean_activation": float(t["mean_activation"][feature]) if "mean_activation" in t else 0.0,
-        "max_activation": float(t["max_activation"][feature]),
-        "histogram": {"log10_edges": t["histogram_log10_edges"].tolist(), "counts": t["histogram_counts"][feature].tolist()}
-        if "histogram_counts" in t else {"log10_edges": [], "counts": []},
-        "top_examples": _examples(model, t["top_tokens"][feature], t["top_acts"][feature], t["top_values"][feature], centre, None),
-        "quantile_examples": _examples(model, t["quantile_tokens"][feature], t["quantile_acts"][feature], t["quantile_values"][feature],
-                                       centre, t["quantile_bins"]) if "quantile_tokens" in t else [],
-        "logit_up": _logits(model, t["logit_up_ids"][feature], t["logit_up_values"][feature]) if "logit_up_ids" in t else [],
-        "logit_down": _logits(model, t["logit_down_ids"][feature], t["logit_down_values"][feature]) if "logit_down_ids" in t else [],
+        "density": float(t.density[feature]),
+        "mean_activation": float(t.mean_activation[feature]),
+        "max_activation": float(t.max_activation[feature]),
+        "histogram": {"log10_edges": t.histogram_log10_edges.tolist(), "counts": t.histogram_counts[feature].tolist()}
+        if t.histogram_counts is not None else {"log10_edges": [], "counts": []},
+        "top_examples": _examples(model, t.top_tokens[feature], t.top_acts[feature], t.top_values[feature], centre, None),
+        "quantile_examples": _examples(model, t.quantile_tokens[feature], t.quantile_acts[feature], t.quantile_values[feature],
+                                       centre, t.quantile_bins) if t.quantile_tokens is not None else [],
+        "logit_up": _logits(model, t.logit_up_ids[feature], t.logit_up_values[feature]) if t.logit_up_ids is not None else [],
+        "logit_down": _logits(model, t.logit_down_ids[feature], t.logit_down_values[feature]) if t.logit_down_ids is not None else [],
         "neighbours": [
             {"feature": int(n), "cosine": float(c), "label": labels[int(n)] if labels else ""}
-            for n, c in zip(t["neighbour_ids"][feature], t["neighbour_cosines"][feature])
-        ] if "neighbour_ids" in t else [],
-        "statistics_tokens": int(t["stats_tokens"][0]) if "stats_tokens" in t else 0,
+            for n, c in zip(t.neighbour_ids[feature], t.neighbour_cosines[feature])
+        ] if t.neighbour_ids is not None else [],
+        "statistics_tokens": t.tokens or 0,
     }
     return page
 
@@ -72,35 +77,34 @@ def feature_page(model: Model, dictionary: BoundDictionary, feature: int) -> dic
 def token_scores(dictionary: BoundDictionary, token_ids: list[int]) -> Tensor:
     """[d_sae] scores: the share of a feature's top examples that peak on one of the tokens, plus 0.5 when one
     of them is among the tokens its decoder direction raises most."""
-    t = dictionary.features
-    centre = int((t["window_offsets"] < 0).sum())
-    peaks = t["top_tokens"][:, :, centre].long()
-    present = t["top_values"] > 0
+    t = _stats(dictionary)
+    peaks = t.top_tokens[:, :, t.centre].long()
+    present = t.top_values > 0
     wanted = torch.tensor(token_ids, dtype=torch.long)
     hits = (torch.isin(peaks, wanted) & present).sum(-1).float() / present.sum(-1).clamp_min(1)
-    if "logit_up_ids" in t:
-        hits = hits + 0.5 * torch.isin(t["logit_up_ids"].long(), wanted).any(-1).float()
+    if t.logit_up_ids is not None:
+        hits = hits + 0.5 * torch.isin(t.logit_up_ids.long(), wanted).any(-1).float()
     return hits
 
 
 def snippet_scores(dictionary: BoundDictionary, peak: Tensor) -> Tensor:
     """[d_sae]: a feature's highest activation on the snippet relative to its own max over the statistics."""
-    max_activation = dictionary.features["max_activation"]
+    max_activation = _stats(dictionary).max_activation
     return torch.where(max_activation > 0, peak / max_activation.clamp_min(1e-12), torch.zeros_like(peak))
 
 
 def summaries(dictionary: BoundDictionary, ids: Tensor) -> list[dict]:
     """One line per feature: id, label, density and max activation (a list, a search hit)."""
-    t, labels = dictionary.features, dictionary.labels
-    return [{"feature": int(f), "label": labels[int(f)] if labels else "", "density": float(t["density"][f]),
-             "max_activation": float(t["max_activation"][f])} for f in ids]
+    t, labels = _stats(dictionary), dictionary.labels
+    return [{"feature": int(f), "label": labels[int(f)] if labels else "", "density": float(t.density[f]),
+             "max_activation": float(t.max_activation[f])} for f in ids]
 
 
 def feature_order(dictionary: BoundDictionary, order: str, seed: int = 0) -> Tensor:
     """Feature ids in a browsing order: `density` (most often firing first, ties by id), `label` (labelled features
     alphabetically, case-blind, then the unlabelled by id), `id`, or `random` (the live features, density > 0, in
     an order drawn from `seed`)."""
-    density = dictionary.features["density"].float()
+    density = _stats(dictionary).density.float()
     ids = torch.arange(density.numel())
     if order == "density":
         return density.argsort(descending=True, stable=True)

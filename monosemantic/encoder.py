@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from monosemantic.sae import SparseAutoencoder
+from monosemantic.sae import SparseAutoencoder, encoder_matmul
 from monosemantic.support import Support, decode_support
 
 
@@ -37,13 +37,13 @@ class FastEncoder:
         self.scale = sae.cfg.input_scale
         self.W_enc = sae.W_enc.detach().to(dtype).contiguous()
         self.b_enc = sae.b_enc.detach().to(dtype)
-        self.b_dec = sae.b_dec.detach().float()
         self._scratch: Tensor | None = None  # encode's output, reused batch after batch
 
+    @torch.no_grad()  # inference only: the out= matmul cannot record gradients, and nothing here needs them
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations [rows, d_sae] in the serving dtype, written over the previous call's: valid until
         the next call, so a caller copies what it keeps. The readout calls it from the one worker thread only."""
-        centred = (x.float() * self.scale - self.b_dec).to(self.dtype)
+        centred = self.sae.centre(x.float()).to(self.dtype)
         rows = centred.shape[0]
         # Pad the rows to a bucket. oneDNN caches a primitive (and its scratch memory) for every matmul shape it
         # meets, up to 1,024 of them. With dynamic batching every batch has another row count, and RSS grew 18%
@@ -54,7 +54,7 @@ class FastEncoder:
             centred = torch.nn.functional.pad(centred, (0, 0, 0, padded - rows))
         # Activated in the serving dtype: the values are the bf16 products either way, and the later dense passes
         # over [rows, d_sae] (the scan for active entries, the watched columns) move half the bytes.
-        return self.sae.activate_(torch.addmm(self.b_enc, centred, self.W_enc, out=self._output(padded))[:rows])
+        return self.sae.activate_(encoder_matmul(centred, self.W_enc, self.b_enc, out=self._output(padded))[:rows])
 
     def release(self) -> None:
         """Drop the reused buffer (the worker, when idle); the next encode makes it again."""

@@ -122,6 +122,14 @@ class SAEOutput:
     fired: Tensor  # bool [d_sae]: features active on at least one token of the batch
 
 
+def encoder_matmul(centred: Tensor, W_enc: Tensor, b_enc: Tensor, out: Tensor | None = None) -> Tensor:
+    """Pre-activations W_enc(x − b_dec) + b_enc of centred rows [n, d_in] (Bricken et al. 2023: the pre-encoder bias
+    is minus the decoder bias, tied, f = σ(W_enc(x − b_dec) + b_enc)), the one place every encoder multiplies.
+    addmm keeps the bias add inside the (autocast bf16) matmul: a separate "+ b_enc" would promote the [batch, d_sae]
+    result to fp32 and cost two extra full passes over it (measured: ~30% of a training step)."""
+    return torch.addmm(b_enc, centred, W_enc, out=out)
+
+
 class SparseAutoencoder(nn.Module):
     """Shared layout and maths; subclasses define the activation and the sparsity penalty, and declare below how
     the trainer treats them (trainer/train.py reads these, never the name)."""
@@ -169,11 +177,13 @@ class SparseAutoencoder(nn.Module):
 
     def _centred_pre_activations(self, x_normalised: Tensor) -> tuple[Tensor, Tensor]:
         """(x − b_dec, W_enc(x − b_dec) + b_enc) for rows [n, d_in]."""
-        # Bricken et al. 2023: the pre-encoder bias is minus the decoder bias (tied), f = σ(W_enc(x − b_dec) + b_enc).
-        # addmm keeps the bias add inside the (autocast bf16) matmul: a separate "+ b_enc" would promote the
-        # [batch, d_sae] result to fp32 and cost two extra full passes over it (measured: ~30% of a step).
         centred = x_normalised - self.b_dec
-        return centred, torch.addmm(self.b_enc, centred, self.W_enc)
+        return centred, encoder_matmul(centred, self.W_enc, self.b_enc)
+
+    def centre(self, x: Tensor) -> Tensor:
+        """Raw activations → the encoder's input, x·input_scale − b_dec: what encoder_matmul multiplies (a serving
+        encoder casts it to its own dtype in between, monosemantic/encoder.py)."""
+        return x * self.cfg.input_scale - self.b_dec
 
     def activate(self, pre: Tensor) -> Tensor:
         raise NotImplementedError

@@ -153,7 +153,7 @@ class Engine:
 
     def _exported(self, entry: BoundDictionary) -> None:
         m = entry.dictionary.manifest
-        self.metrics.monitor.set_dictionary(m.name, m.version, m.metrics, entry.features.get("density"),
+        self.metrics.monitor.set_dictionary(m.name, m.version, m.metrics, None if entry.statistics is None else entry.statistics.density,
                                             self._watched(entry, self.repository.default.name))
 
     def start(self) -> None:

@@ -297,3 +297,17 @@ def test_unload_needs_the_admin_scope(admin):
     response = httpx.post(admin.http_url + "/v1/admin/unload", json={"name": "resid"})
     assert response.status_code == 401
     assert [d.name for d in RestClient(admin.http_url, api_key=ADMIN_KEY).dictionaries().dictionaries] == ["reference", "resid"]
+
+
+def test_a_dictionary_whose_statistics_are_off_the_layout_is_refused_at_load_and_the_others_serve_on(admin):
+    registry = admin.server.settings.registry
+    shipped = load_dictionary(registry, REFERENCE_DICTIONARY, 1)
+    m = shipped.manifest
+    wrong = {"density": torch.zeros(10), "mean_activation": torch.zeros(4096), "max_activation": torch.zeros(4096)}
+    publish(registry, "misshapen", shipped.sae, model=m.model, hook=m.hook, features=wrong)
+    with RestClient(admin.http_url, api_key=ADMIN_KEY) as c:
+        with pytest.raises(ServiceCallError) as refused:
+            c.reload("misshapen")
+        assert refused.value.status == 409 and "density" in str(refused.value)
+        assert [d.name for d in c.dictionaries().dictionaries] == ["reference", "resid"]
+        assert c.feature(5).dictionary.name == "reference"

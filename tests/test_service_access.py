@@ -158,6 +158,7 @@ def test_a_key_no_client_could_send_is_refused_naming_its_entry(tmp_path, value)
         AccessControl.from_settings(None, value)
 
 
+@pytest.mark.slow  # starts the service as its own process
 @pytest.mark.parametrize("problem", ["missing", "garbage", "mismatched"])
 def test_a_bad_tls_pair_stops_startup_before_the_model_loads_with_one_line(tmp_path, problem):
     import sys
@@ -217,6 +218,7 @@ def test_a_rotated_keys_file_takes_effect_without_a_restart_and_a_bad_one_keeps_
         running.stop()
 
 
+@pytest.mark.slow  # starts the service as its own process
 def test_sighup_rereads_the_keys_file(tmp_path):
     import os
     import signal

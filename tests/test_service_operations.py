@@ -273,12 +273,14 @@ def test_serve_help_lists_every_flag():
         assert flag in out
 
 
+@pytest.mark.slow  # starts the service as its own process
 def test_a_bad_setting_stops_the_cli_with_the_setting_named():
     env = {**os.environ, "MONOSEMANTIC_MAX_QUEUE": "0"}
     result = subprocess.run([sys.executable, "-m", "service.cli"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2 and "max_queue" in result.stderr
 
 
+@pytest.mark.slow  # starts the service as its own process
 def test_a_missing_dictionary_stops_the_cli_with_a_one_line_cause(tmp_path):
     result = subprocess.run([sys.executable, "-m", "service.cli", "--registry", str(tmp_path), "--http-port", "0", "--grpc-port", "0"],
                             capture_output=True, text=True, timeout=120)
@@ -286,6 +288,7 @@ def test_a_missing_dictionary_stops_the_cli_with_a_one_line_cause(tmp_path):
     assert "cannot start" in result.stderr and "reference" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # starts the service as its own process
 def test_sigterm_finishes_in_flight_requests_then_exits_zero():
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "MONOSEMANTIC_HTTP_PORT": str(http_port), "MONOSEMANTIC_GRPC_PORT": str(grpc_port)}
