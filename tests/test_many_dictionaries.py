@@ -311,3 +311,24 @@ def test_a_dictionary_whose_statistics_are_off_the_layout_is_refused_at_load_and
         assert refused.value.status == 409 and "density" in str(refused.value)
         assert [d.name for d in c.dictionaries().dictionaries] == ["reference", "resid"]
         assert c.feature(5).dictionary.name == "reference"
+
+
+def _observed(served, name: str) -> float:
+    for line in httpx.get(served.http_url + "/metrics").text.splitlines():
+        if line.startswith(f'monosemantic_observed_tokens_total{{dictionary="{name}",'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_observe_counts_the_texts_for_the_dictionaries_it_names(served):
+    import time
+
+    before = {name: _observed(served, name) for name in ("reference", "resid", "attn")}
+    with RestClient(served.http_url) as rest:
+        accepted = rest.observe([TEXT], dictionaries=["resid", "attn"])
+    deadline = time.time() + 30
+    while time.time() < deadline and _observed(served, "attn") < before["attn"] + accepted.tokens:
+        time.sleep(0.05)
+    assert _observed(served, "resid") == before["resid"] + accepted.tokens
+    assert _observed(served, "attn") == before["attn"] + accepted.tokens
+    assert _observed(served, "reference") == before["reference"]  # not named: not read
