@@ -26,7 +26,7 @@ def width_mismatch(lm: LoadedLM, hook: HookPoint | str, d_in: int, what: str) ->
     if width == d_in:
         return None
     name = hook.name if isinstance(hook, HookPoint) else hook
-    return f"{what} reads d_in={d_in}, but the model's activation at {name!r} has width {width}"
+    return f"the model's activation at {name!r} has width {width}, not the d_in {d_in} of {what}"
 
 
 def require_width(lm: LoadedLM, hook: HookPoint | str, d_in: int, what: str) -> None:

@@ -157,7 +157,9 @@ class Engine:
                                             self._watched(entry, self.repository.default.name))
 
     def start(self) -> None:
-        torch.set_grad_enabled(False)  # attribution turns it back on locally on the worker thread
+        # No global grad switch: grad mode is per thread, and the caller's thread may be a notebook's or a test's
+        # (an engine started in-process once left every later training step without gradients). Each job sets its
+        # own: the readouts run under inference_mode, attribution enables grad for itself.
         self._worker.start()
 
     def begin_drain(self) -> None:

@@ -332,3 +332,16 @@ def test_observe_counts_the_texts_for_the_dictionaries_it_names(served):
     assert _observed(served, "resid") == before["resid"] + accepted.tokens
     assert _observed(served, "attn") == before["attn"] + accepted.tokens
     assert _observed(served, "reference") == before["reference"]  # not named: not read
+
+
+def test_an_engine_started_in_process_leaves_the_callers_grad_mode_alone(many):
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    engine = Engine(ServiceSettings(registry=many, dictionaries=["resid"]))
+    engine.load()
+    engine.start()
+    try:
+        assert torch.is_grad_enabled()
+    finally:
+        engine.stop()

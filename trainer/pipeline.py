@@ -19,7 +19,8 @@ from monosemantic.artifact import (
 )
 from monosemantic.errors import ConfigError, WriteFailed, os_reason
 from monosemantic.evaluations import carry_evaluations, new_evaluation, non_finite, record_evaluations
-from monosemantic.lm import LoadedLM, hook_dim, load_lm, model_source, resolve_hook
+from monosemantic.bound import require_width, width_mismatch
+from monosemantic.lm import LoadedLM, load_lm, model_source, resolve_hook
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
 from trainer.activations import SHARD_DTYPES, open_activation_file, open_harvest, split_tail
 from trainer.checkpoint import Checkpoint, write_checkpoint
@@ -157,9 +158,8 @@ def _model_and_hook(model: str | Path, hook: str, d_in: int, what: str, lm: Load
     resolves), with the width ``d_in`` of ``what``. ``lm``: the model already loaded from ``model``."""
     lm = lm if lm is not None else load_lm(_model_or_reference(model))
     point = resolve_hook(lm.model, hook)
-    width = hook_dim(lm.model, point)
-    if width != d_in:
-        raise ConfigError(f"--hook {hook}: the model's activation there has width {width}, but {what} have {d_in}")
+    if (problem := width_mismatch(lm, point, d_in, what)) is not None:
+        raise ConfigError(f"--hook {hook}: {problem}")
     return (ModelRef(name=str(model), checksum=lm.checksum, source=model_source(model)),
             HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
 
@@ -312,8 +312,7 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | N
         lm = _dictionary_model(registry, name, version, model)
         dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
         hook = dictionary.manifest.hook.name
-        if hook_dim(lm.model, hook) != dictionary.sae.cfg.d_in:
-            raise ConfigError(f"model activation width at {hook} is not the dictionary's d_in {dictionary.sae.cfg.d_in}")
+        require_width(lm, hook, dictionary.sae.cfg.d_in, f"dictionary {dictionary.ref}")
         n_contexts = max(1, tokens // (context_length - 1))
         contexts, fingerprint = corpus_contexts(lm.tokenizer, "heldout", context_length, max_chars, n_contexts, text=text)
         metrics, _ = model_metrics(lm, dictionary.sae, hook, contexts)
@@ -436,9 +435,7 @@ def verify_pair(registry: Path | None, reference: str, model: str | Path | None)
     name, version = parse_reference(reference)
     lm = _dictionary_model(registry, name, version, model)
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
-    d_in = hook_dim(lm.model, dictionary.manifest.hook.name)
-    if d_in != dictionary.sae.cfg.d_in:
-        raise ConfigError(f"dictionary d_in {dictionary.sae.cfg.d_in} does not match the model's width {d_in} at {dictionary.manifest.hook.name}")
+    require_width(lm, dictionary.manifest.hook.name, dictionary.sae.cfg.d_in, f"dictionary {dictionary.ref}")
     m = dictionary.manifest  # load_dictionary has already checked every file's sha256
     return {
         "dictionary": f"{m.name}:v{m.version}", "architecture": m.architecture, "d_in": m.sae.d_in, "d_sae": m.sae.d_sae,
