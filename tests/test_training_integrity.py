@@ -266,7 +266,7 @@ def test_train_with_a_hook_the_model_does_not_have_is_refused_before_training(tm
 
 def test_train_with_a_hook_of_another_width_than_the_data_is_refused(tmp_path, activations):
     result = train(activations, tmp_path / "r", "--model", str(reference_lm_path()), "--hook", "blocks.0.mlp.hook_post")
-    refused(result, "width 512", "have 16")
+    refused(result, "width 512", "d_in 16")
 
 
 def test_train_on_a_harvest_refuses_another_model_or_hook_than_the_harvests(tmp_path, harvest_dir):
