@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from packaging.version import Version
@@ -31,6 +31,7 @@ __all__ = [
     "HookPoint",
     "LoadedLM",
     "direct_logit_effects",
+    "direct_logit_extremes",
     "final_norm",
     "norm_at_scale",
     "norm_inverse_scale",
@@ -364,6 +365,42 @@ def direct_logit_effects(model: nn.Module | LoadedLM, hook: str | HookPoint, dir
     if norm is not None:
         residual = norm_at_scale(norm, residual, 1.0, with_bias=False)
     return residual @ model.get_output_embeddings().weight.float().T
+
+
+class LogitExtremes(NamedTuple):
+    """Per direction, the k tokens whose logits it raises most and the k it lowers most (ids and effects)."""
+
+    up_ids: Tensor  # [n, k] long
+    up_values: Tensor  # [n, k], largest first
+    down_ids: Tensor  # [n, k] long
+    down_values: Tensor  # [n, k], most negative first
+
+
+# The [chunk, vocab] fp32 block of logit effects held at once: a GPT-2 dictionary of 24,576 features over 50,257
+# tokens is a 4.9 GB matrix whole, and Gemma-2's 256,000-token vocabulary makes 16,384 features 16.8 GB.
+LOGIT_CHUNK_BYTES = 256 << 20
+
+
+@torch.no_grad()
+def direct_logit_extremes(model: nn.Module | LoadedLM, hook: str | HookPoint, directions: Tensor, k: int,
+                          chunk_bytes: int = LOGIT_CHUNK_BYTES) -> LogitExtremes | None:
+    """`direct_logit_effects`' k largest and k smallest per direction, computed over chunks of directions so that
+    memory holds one [chunk, vocab] block (``chunk_bytes``) whatever the dictionary's width and the vocabulary: the
+    same ids and values as the top-k of the whole matrix. None where the hook has no known direct path."""
+    vocab = _unwrap(model).get_output_embeddings().weight.shape[0]
+    rows = max(1, chunk_bytes // (4 * vocab))
+    parts: list[LogitExtremes] = []
+    for start in range(0, directions.shape[0], rows):
+        effects = direct_logit_effects(model, hook, directions[start : start + rows])
+        if effects is None:
+            return None
+        k_here = min(k, effects.shape[-1])
+        up, down = effects.topk(k_here, dim=-1), effects.topk(k_here, dim=-1, largest=False)
+        parts.append(LogitExtremes(up.indices, up.values, down.indices, down.values))
+        del effects
+    if not parts:
+        return None
+    return LogitExtremes(*(torch.cat([getattr(p, name) for p in parts]) for name in LogitExtremes._fields))
 
 
 def norm_inverse_scale(module: nn.Module, x: Tensor) -> Tensor:

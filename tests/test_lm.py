@@ -557,3 +557,23 @@ def test_gemma_2s_attention_and_mlp_outputs_are_read_after_their_post_norms_as_t
         "blocks.0.mlp.hook_post": ("model.layers.0.mlp.down_proj", "input"),
     }
     assert not linear_to_logits(model, "blocks.1.hook_mlp_out")  # post-norm and soft-capped logits: no direct path claimed
+
+
+@pytest.mark.parametrize("family, alias, width", [("gpt2", "mlp.hook_post", 64), ("gpt2", "hook_resid_post", D_MODEL),
+                                                 ("llama", "hook_mlp_out", D_MODEL)])
+def test_logit_extremes_in_chunks_are_the_top_k_of_the_whole_matrix(family, alias, width):
+    from monosemantic.lm import direct_logit_effects, direct_logit_extremes
+
+    model, hook = tiny(family), f"blocks.{N_LAYERS - 1}.{alias}"
+    directions = torch.randn(37, width, generator=torch.Generator().manual_seed(3))
+    dense = direct_logit_effects(model, hook, directions)
+    chunked = direct_logit_extremes(model, hook, directions, k=5, chunk_bytes=4 * VOCAB * 8)  # 8 directions a chunk
+    up, down = dense.topk(5, dim=-1), dense.topk(5, dim=-1, largest=False)
+    assert torch.equal(chunked.up_ids, up.indices) and torch.allclose(chunked.up_values, up.values)
+    assert torch.equal(chunked.down_ids, down.indices) and torch.allclose(chunked.down_values, down.values)
+
+
+def test_logit_extremes_are_none_where_there_is_no_direct_path():
+    from monosemantic.lm import direct_logit_extremes
+
+    assert direct_logit_extremes(tiny("gpt2"), "blocks.0.mlp.hook_pre", torch.randn(3, 64), k=2) is None

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from monosemantic.feature_stats import FeatureStatistics
-from monosemantic.lm import LoadedLM, direct_logit_effects, read_activations, resolve_hook
+from monosemantic.lm import LoadedLM, direct_logit_extremes, read_activations, resolve_hook
 from monosemantic.sae import SparseAutoencoder
 from trainer.progress import progress as progress_bar
 
@@ -152,12 +152,13 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
     # the activation at the centre of each sampled window is the sampled value
     quantile_values = window_acts[n_top:].reshape(d, q * m, w)[:, :, cfg.window_before] * sample_valid
 
-    effects = direct_logit_effects(lm.model, hook, sae.W_dec.detach())
+    # Chunked over features: the whole [d_sae, vocab] matrix was 4.9 GB at GPT-2's shape (24,576 × 50,257) and could
+    # not be allocated at Gemma-2's (16,384 × 256,000).
+    extremes = direct_logit_extremes(lm.model, hook, sae.W_dec.detach(), cfg.logit_k)
     logits: dict[str, Tensor] = {}
-    if effects is not None:
-        up, down = effects.topk(cfg.logit_k, dim=-1), (-effects).topk(cfg.logit_k, dim=-1)
-        logits = {"logit_up_ids": up.indices.int(), "logit_up_values": up.values,
-                  "logit_down_ids": down.indices.int(), "logit_down_values": -down.values}
+    if extremes is not None:
+        logits = {"logit_up_ids": extremes.up_ids.int(), "logit_up_values": extremes.up_values,
+                  "logit_down_ids": extremes.down_ids.int(), "logit_down_values": extremes.down_values}
     statistics = FeatureStatistics(
         density=density,
         mean_activation=(total / fires.clamp_min(1)).float(),
