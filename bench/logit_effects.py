@@ -30,7 +30,8 @@ def run(way: str, d_sae: int, vocab: int, d_model: int) -> dict:
     started = time.perf_counter()
     if way == "dense":  # what trainer/features.py did before: the matrix, its negated copy, two top-ks
         effects = direct_logit_effects(model, "blocks.0.hook_resid_post", directions)
-        up, down = effects.topk(10, dim=-1), (-effects).topk(10, dim=-1)
+        up = effects.topk(10, dim=-1)
+        (-effects).topk(10, dim=-1)  # the negated copy and its top-k, as the old code made them
         ids = up.indices
     else:
         ids = direct_logit_extremes(model, "blocks.0.hook_resid_post", directions, 10).up_ids

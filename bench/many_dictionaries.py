@@ -57,7 +57,7 @@ def gpt2_small(root: Path) -> tuple[Path, Path, list[str]]:
 
     torch.manual_seed(0)
     reference = load_lm(reference_lm_path())
-    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=256, vocab_size=reference.tokenizer.vocab_size if hasattr(reference.tokenizer, "vocab_size") else 4096,
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=256, vocab_size=reference.model.config.vocab_size,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model_dir = root / "gpt2-small-shape"
     GPT2LMHeadModel(config).save_pretrained(model_dir)

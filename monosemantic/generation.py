@@ -63,7 +63,7 @@ class StepResult:
     token_id: int
     text: str  # the new characters this token adds to the generated text
     top: list[tuple[int, float]]  # the reading dictionary's strongest features at the predicting position
-    steered: list[SteeredFeature]  # every steered feature there, in the order the steering was given
+    steered: list[SteeredFeature]  # every steered feature there, grouped by dictionary in the order of `steering`
     finish_reason: str | None  # set on the last step
 
 
@@ -95,6 +95,15 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator)
 
 
 @dataclass
+class _Seen:
+    """What one step's hooks read: the reader's features at the predicting position, and per steering entry (its
+    index in Generation.steering) its features there before and after steering."""
+
+    features: Tensor | None = None
+    steered: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+@dataclass
 class Generation:
     model: Model
     reader: BoundDictionary  # whose features each step reports
@@ -116,7 +125,7 @@ class Generation:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def _hooks(self, steer_here: bool, seen: dict[str, Any]) -> list[tuple[HookPoint, Callable[[Tensor], Tensor]]]:
+    def _hooks(self, steer_here: bool, seen: "_Seen") -> list[tuple[HookPoint, Callable[[Tensor], Tensor]]]:
         """One replacement per hook that is steered or read: it steers (at the last position's view of the cache,
         every new position), records each steered feature before and after, and reads the reader's features."""
         at: dict[str, list[int]] = {}  # hook key -> indices into self.steering
@@ -131,16 +140,16 @@ class Generation:
                 if indices and steer_here:
                     result = steer_at_hook(x_float, [Steer(self.steering[i].dictionary.sae, self.steering[i].specs) for i in indices])
                     for i, before, after in zip(indices, result.before, result.after):
-                        seen[f"steered:{i}"] = (before[0, -1], after[0, -1])
+                        seen.steered[i] = (before[0, -1], after[0, -1])
                     x_out, x_float = result.activation, result.activation
                 else:
                     x_out = x
                     for i in indices:  # generated-only steering, prompt positions: the features as they are
                         ids = [s.feature for s in self.steering[i].specs]
                         now = self.steering[i].dictionary.sae.encode(x_float[0, -1])[ids]
-                        seen[f"steered:{i}"] = (now, now)
+                        seen.steered[i] = (now, now)
                 if key == self.reader.hook.key:
-                    seen["features"] = self.reader.sae.encode(x_float[0, -1])
+                    seen.features = self.reader.sae.encode(x_float[0, -1])
                 return x_out
             return replace
 
@@ -153,7 +162,7 @@ class Generation:
         first = self._cache is None
         new_ids = self.prompt_ids if first else [self.generated[-1]]
         steer_here = bool(self.steering) and (self.steer_prompt or not first)
-        seen: dict[str, Any] = {}
+        seen = _Seen()
         total = len(self.prompt_ids) + len(self.generated)
         cache_name = _cache_kwarg(net)
         with torch.inference_mode(), ExitStack() as hooks:
@@ -174,7 +183,7 @@ class Generation:
         self.generated.append(token)
         return self._finish_step(token, seen)
 
-    def _finish_step(self, token: int, seen: dict[str, Tensor]) -> StepResult:
+    def _finish_step(self, token: int, seen: "_Seen") -> StepResult:
         tokenizer = self.model.lm.tokenizer
         previous = self.text
         full = tokenizer.decode(self.generated)
@@ -190,13 +199,13 @@ class Generation:
             elif len(self.prompt_ids) + len(self.generated) >= self.model.max_positions:
                 reason = "length"
         self.text, self.finish_reason = full, reason
-        features = seen["features"]
+        features = seen.features
         k = min(self.cfg.features_top_k, features.numel())
         values, ids = features.topk(k) if k else (features[:0], features[:0].long())
         top = [(int(i), float(v)) for i, v in zip(ids, values) if v > 0]
         steered = []
         for i, entry in enumerate(self.steering):
-            before, after = seen[f"steered:{i}"]
+            before, after = seen.steered[i]
             steered.extend(SteeredFeature(entry.dictionary.name, s.feature, float(b), float(a))
                            for s, b, a in zip(entry.specs, before, after))
         delta = self._advance_emitted(full, reason is not None)

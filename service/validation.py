@@ -96,6 +96,3 @@ class Limits:
         for i, entry in enumerate(req.steering):
             if not math.isfinite(entry.value):
                 raise invalid(f"steering[{i}].value", "must be a finite number")
-
-
-
