@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from monosemantic.bound import BoundDictionary
+from monosemantic.feature_ranking import RankedFeature, active_pairs, rank_features
 from monosemantic.lm import HookPoint, read_activations_at
 from monosemantic.model import Model
 
@@ -26,6 +27,16 @@ class SequenceReadout:
     watched: Tensor | None = None  # [T, len(watch)] the monitored features' values
     squared_error: Tensor | None = None  # [T] ||x - x_hat||²
     squared_norm: Tensor | None = None  # [T] ||x||²
+    ranked: list[RankedFeature] | None = None  # with Read.rank: the sequence's strongest features over its tokens
+    active: dict[int, list[tuple[int, float]]] | None = None  # with Read.active: every non-zero (position, value) by feature
+
+
+class Ranking(NamedTuple):
+    """Rank a sequence's features over its tokens (monosemantic/feature_ranking.py)."""
+
+    n: int
+    sort_positions: tuple[int, ...] = ()
+    zero_first: bool = False
 
 
 class Read(NamedTuple):
@@ -34,6 +45,8 @@ class Read(NamedTuple):
     dictionary: BoundDictionary
     top_k: int = 0
     feature_ids: list[int] | None = None
+    rank: Ranking | None = None
+    active: bool = False  # every non-zero activation after position 0, values rounded to 3 decimals
 
 
 def _padded(model: Model, sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -100,9 +113,12 @@ def _read_one(dictionary: BoundDictionary, acts: list[Tensor], reads: list[Read]
         end = start + rows.shape[0]
         k, wanted = read.top_k, read.feature_ids
         values = features[start:end, wanted].float() if wanted else None
+        block = features[start:end]
+        ranked = None if read.rank is None else rank_features(block, read.rank.n, read.rank.sort_positions, read.rank.zero_first)
         out.append(SequenceReadout(
             active.l0[start:end], rel_error[start:end], top_values[start:end, :k], top_ids[start:end, :k], values,
             None if watched is None else watched[start:end], squared_error[start:end], squared_norm[start:end],
+            ranked, active_pairs(block, skip_first=True, decimals=3) if read.active else None,
         ))
         start = end
     return out

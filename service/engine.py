@@ -25,7 +25,7 @@ from monosemantic.attribution import Attribution, FeatureScore, attribute
 from monosemantic.bound import BoundDictionary, load_bound, width_mismatch
 from monosemantic.errors import ArtifactError, ArtifactUnreadable, ConfigError
 from monosemantic.evaluations import read_evaluations
-from monosemantic.generation import DictionarySteering, Generation, NonFiniteOutput, SamplingConfig
+from monosemantic.generation import DictionarySteering, Generation, NonFiniteOutput, SamplingConfig, StepResult
 from monosemantic.model import Model, load_model
 from monosemantic.readout import Read, SequenceReadout, hook_activations, read_features
 from monosemantic.shipped import reference_lm_path
@@ -210,15 +210,26 @@ class Engine:
                 raise invalid("feature_ids", "name one dictionary to read dense feature values from (with several, ids would be ambiguous)")
             wanted = self.limits.feature_ids(entries[0], req.feature_ids)
             reads = tuple(Read(entry, top_k, wanted if i == 0 else None) for i, entry in enumerate(entries))
-            job = Job(run=self._run_reads, payload=ReadJob(tokenized.ids, reads), batch_key="activations", tokens=len(tokenized.ids), deadline=deadline)
-            with self.admission.admitted():
-                results: list[ReadResult] = await self.admission.submit(job, arrival=arrival)
-        skip_first = req.text is not None and req.prepend_bos and model.bos_id is not None
-        readouts = []
-        for entry, result in zip(entries, results):
-            self._count(entry, result.readout, skip_first)
-            readouts.append({"dictionary": {"name": entry.name, "version": entry.version}, "tokens": self._tokens(model, tokenized, result)})
+            skip_first = req.text is not None and req.prepend_bos and model.bos_id is not None
+            results = await self.read(tokenized.ids, reads, deadline, skip_first, arrival)
+        readouts = [{"dictionary": {"name": entry.name, "version": entry.version}, "tokens": self._tokens(model, tokenized, result)}
+                    for entry, result in zip(entries, results)]
         return {**readouts[0], "readouts": readouts if req.dictionaries else []}
+
+    async def read(self, ids: list[int], reads: tuple[Read, ...], deadline: float | None, skip_first: bool, arrival: Any = None) -> list[ReadResult]:
+        """One sequence read by one or several dictionaries: admitted, batched with every other read, and counted
+        in the token and monitoring metrics (position 0 left out of monitoring with `skip_first`, as a BOS)."""
+        job = Job(run=self._run_reads, payload=ReadJob(ids, reads), batch_key="activations", tokens=len(ids), deadline=deadline)
+        with self.admission.admitted():
+            results: list[ReadResult] = await self.admission.submit(job, arrival=arrival)
+        for read, result in zip(reads, results):
+            self._count(read.dictionary, result.readout, skip_first)
+        return results
+
+    async def run(self, job: Job) -> Any:
+        """Any job on the worker, admitted (a slot for its life) and bounded by its deadline."""
+        with self.admission.admitted():
+            return await self.admission.submit(job)
 
     @staticmethod
     def _tokens(model: Model, tokenized, result: ReadResult) -> list[dict]:
@@ -387,13 +398,20 @@ class Engine:
             unsteered=unsteered, seed=seed,
         )
 
-    async def _run_generation(self, generation: Generation, order: dict, deadline: float | None) -> AsyncIterator[schemas.GeneratedToken]:
+    async def steps(self, generation: Generation, deadline: float | None, field: str = "steering") -> AsyncIterator[StepResult]:
+        """A generation's steps on the worker, one job each (interleaved with every other job), until it is done;
+        the caller holds an admission slot for the whole of it. A steered output that is not finite is the
+        steering's fault: INVALID_ARGUMENT on `field`."""
         while not generation.done:
             try:
                 step = await self.admission.submit(Job(run=self._run_step, payload=generation, deadline=deadline))
             except NonFiniteOutput as exc:
-                raise invalid("steering", str(exc)) from None
+                raise invalid(field, str(exc)) from None
             self.metrics.tokens_generated.inc()
+            yield step
+
+    async def _run_generation(self, generation: Generation, order: dict, deadline: float | None) -> AsyncIterator[schemas.GeneratedToken]:
+        async for step in self.steps(generation, deadline):
             steered = sorted(step.steered, key=lambda s: order[(s.dictionary, s.feature)])
             yield schemas.GeneratedToken(
                 index=step.index, id=step.token_id, text=step.text,

@@ -29,8 +29,16 @@ REQUEST_TASK = "monosemantic.request_task"
 CLIENT_GONE = "monosemantic.client_gone"
 
 
-def _error_bytes(exc: ServiceError) -> bytes:
-    return orjson.dumps(exc.body())
+NEURONPEDIA_PREFIX = "/neuronpedia/"  # service/neuronpedia/: its errors are {"error": "message"}
+
+
+def _error_bytes(exc: ServiceError, path: str = "") -> bytes:
+    return orjson.dumps({"error": exc.message} if path.startswith(NEURONPEDIA_PREFIX) else exc.body())
+
+
+def cancellable(path: str) -> bool:
+    """The requests whose work is cancelled when their client goes (RequestLifecycle)."""
+    return path.startswith(("/v1/", NEURONPEDIA_PREFIX))
 
 
 def guarded_protocol(read_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:
@@ -111,9 +119,10 @@ def guarded_protocol(read_timeout_s: float, max_connections: int) -> type[HttpTo
     return GuardedHttpToolsProtocol
 
 
-async def send_error(send: Callable, exc: ServiceError, close: bool = False, headers: dict[str, str] | None = None) -> None:
-    """A whole error response straight on the ASGI channel (for middleware that answers before the app)."""
-    body = _error_bytes(exc)
+async def send_error(send: Callable, exc: ServiceError, close: bool = False, headers: dict[str, str] | None = None, path: str = "") -> None:
+    """A whole error response straight on the ASGI channel (for middleware that answers before the app), in the
+    error shape of the API at `path`."""
+    body = _error_bytes(exc, path)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in {**http_headers(exc), **(headers or {})}.items()]
     if close:
@@ -135,7 +144,7 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(send)
+            return await self._too_large(send, scope)
         if declared is not None:
             return await self.app(scope, receive, send)  # within the limit; the server enforces its length
         # No length declared (chunked): read up to the limit here, then hand the app the buffered body.
@@ -147,7 +156,7 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
             if seen > self.max_bytes:
-                return await self._too_large(send)
+                return await self._too_large(send, scope)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -161,9 +170,9 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Callable) -> None:
+    async def _too_large(self, send: Callable, scope: dict) -> None:
         exc = ServiceError(ErrorKind.TOO_LARGE, f"body: larger than {self.max_bytes} bytes (setting MONOSEMANTIC_MAX_BODY_BYTES)", "body")
-        await send_error(send, exc, close=True)
+        await send_error(send, exc, close=True, path=scope.get("path", ""))
 
 
 
@@ -190,7 +199,7 @@ async def drain(receive: Callable, declared: int | None) -> None:
 class RequestLifecycle:
     """ASGI middleware, outermost; three things about how a request ends.
 
-    - A /v1 request whose client has gone is cancelled — taken out of the worker's queue if it waits there,
+    - A /v1 or /neuronpedia request whose client has gone is cancelled — taken out of the worker's queue if it waits there,
       stopped at its next step if it generates (service/batcher.py) — instead of running to the end for nobody.
       The protocol sees the connection go and cancels the task registered here; the cancellation ends here.
       (A task per request watching the ASGI channel for the disconnect did the same for ~3% of throughput.)
@@ -208,7 +217,7 @@ class RequestLifecycle:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_task = asyncio.current_task()
-        if scope.get("path", "").startswith("/v1/"):
+        if cancellable(scope.get("path", "")):
             scope[REQUEST_TASK] = request_task  # GuardedHttpToolsProtocol cancels it if the connection is lost
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")

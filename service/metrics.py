@@ -17,6 +17,10 @@ from service.monitoring import FeatureMonitor
 PROTOCOLS = ("rest", "grpc")
 METHODS = ("activations", "attributions", "generate", "feature", "search_features", "list_features", "observe", "dictionaries",
            "reload", "unload")
+# The Neuronpedia-compatible API (service/neuronpedia/), counted as its own protocol under its own method names.
+NEURONPEDIA_METHODS = ("activation_all", "activation_all_batch", "activation_single", "activation_single_batch",
+                       "activation_topk_by_token", "activation_topk_by_token_batch", "activation_source", "steer_completion",
+                       "tokenize", "sae_vector", "sae_topk_by_decoder_cossim", "capabilities", "other")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -52,6 +56,8 @@ class Metrics:
         for protocol in PROTOCOLS:
             for method in METHODS:
                 self.duration.labels(protocol, method)
+        for method in NEURONPEDIA_METHODS:
+            self.duration.labels("neuronpedia", method)
 
     def call(self, protocol: str, method: str) -> "Call":
         return Call(self, protocol, method)

@@ -139,6 +139,11 @@ def create_app(engine: Engine) -> FastAPI:
         accounting.finish(outcome_code(None))
         return first
 
+    if engine.settings.neuronpedia_secret is not None:
+        from service.neuronpedia.routes import create_neuronpedia_app
+
+        app.mount("/neuronpedia", create_neuronpedia_app(engine), name="neuronpedia")
+
     static = Path(__file__).resolve().parent / "static"
     app.mount("/static", StaticFiles(directory=static), name="static")
 

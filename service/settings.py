@@ -78,6 +78,11 @@ class ServiceSettings(BaseSettings):
     # /metrics is open like /healthz (vLLM's convention: Prometheus scrapes it inside the cluster); true makes it
     # need a key with the `read` scope once keys exist (Prometheus: `authorization: {credentials: KEY}`).
     metrics_need_key: bool = False
+    # The Neuronpedia-compatible API under /neuronpedia (service/neuronpedia/), on when its secret is given: clients
+    # send it as X-SECRET-KEY, and it carries the read and steer scopes. The model id it answers to defaults to
+    # the model directory's name.
+    neuronpedia_secret: SecretStr | None = None
+    neuronpedia_model_id: str | None = None
     # TLS for both protocols when both files are given (PEM).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
