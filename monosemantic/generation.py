@@ -3,7 +3,9 @@
 A Generation holds one request's state (token ids, KV cache, its own random generator) and advances one
 decode step per call, so a service's worker can interleave the steps of many streams with other work and a
 client that goes away simply stops asking for steps. Several dictionaries may steer at once, each at its own
-hook (or several at one hook, applied in order); one dictionary's features are reported at every step.
+hook (or several at one hook, applied in order), and raw-direction edits may follow them at any hook; one
+dictionary's features are reported at every step. Sampling takes OpenAI's frequency and presence penalties and
+can report each step's log-probabilities.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from monosemantic.bound import BoundDictionary
 from monosemantic.errors import MonosemanticError
 from monosemantic.lm import HookPoint, hooked_replacement
 from monosemantic.model import Model
-from monosemantic.steering import Steer, SteeringSpec, steer_at_hook
+from monosemantic.steering import DirectionEdit, Steer, SteeringSpec, apply_direction_edits, steer_at_hook
 
 
 class NonFiniteOutput(MonosemanticError):
@@ -32,6 +34,21 @@ class DictionarySteering(NamedTuple):
 
     dictionary: BoundDictionary
     specs: list[SteeringSpec]
+
+
+class HookDirections(NamedTuple):
+    """Direction edits at one hook, applied after any dictionary's steering there."""
+
+    hook: HookPoint
+    edits: list[DirectionEdit]
+
+
+class TokenLogprobs(NamedTuple):
+    """A step's log-probabilities: of the emitted token, and the most likely candidates (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class SteeredFeature(NamedTuple):
@@ -55,6 +72,11 @@ class SamplingConfig:
     seed: int
     stop: tuple[str, ...]
     features_top_k: int
+    # OpenAI's penalties (https://platform.openai.com/docs/advanced-usage, "frequency and presence penalties"):
+    # logit[t] -= frequency_penalty·count[t] + presence_penalty·(count[t] > 0), over the tokens generated so far.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int = 0  # candidates reported per step with their log-probabilities; 0: none
 
 
 @dataclass
@@ -65,13 +87,21 @@ class StepResult:
     top: list[tuple[int, float]]  # the reading dictionary's strongest features at the predicting position
     steered: list[SteeredFeature]  # every steered feature there, grouped by dictionary in the order of `steering`
     finish_reason: str | None  # set on the last step
+    logprobs: TokenLogprobs | None = None  # with cfg.logprobs
 
 
-def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
-    """Temperature, then top-k, then nucleus (top-p) filtering; temperature 0 is greedy. Extreme settings degrade
-    to greedy rather than to an invalid distribution: a temperature so small that the scaled logits overflow, or a
-    top_p so small that float32 rounds it to 0 (the most likely token is always kept)."""
-    logits = logits.float()
+def penalized(logits: Tensor, cfg: SamplingConfig, counts: Tensor | None) -> Tensor:
+    """The logits less the frequency and presence penalties (SamplingConfig) for the tokens counted so far."""
+    if counts is None or not (cfg.frequency_penalty or cfg.presence_penalty):
+        return logits
+    return logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator, counts: Tensor | None = None) -> int:
+    """The penalties, then temperature, then top-k, then nucleus (top-p) filtering; temperature 0 is greedy.
+    Extreme settings degrade to greedy rather than to an invalid distribution: a temperature so small that the
+    scaled logits overflow, or a top_p so small that float32 rounds it to 0 (the most likely token is always kept)."""
+    logits = penalized(logits.float(), cfg, counts)
     greedy = int(logits.argmax())
     if cfg.temperature == 0:
         return greedy
@@ -111,12 +141,14 @@ class Generation:
     cfg: SamplingConfig
     steering: list[DictionarySteering]
     steer_prompt: bool
+    directions: list[HookDirections] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     _emitted: str = ""  # the text already handed to a streaming client
     _cache: Any = None
     _generator: torch.Generator | None = None
+    _counts: Tensor | None = None  # [vocab] times each token was generated, kept when a penalty needs it
 
     def __post_init__(self) -> None:
         self._generator = torch.Generator().manual_seed(self.cfg.seed)
@@ -133,6 +165,10 @@ class Generation:
         for i, entry in enumerate(self.steering):
             at.setdefault(entry.dictionary.hook.key, []).append(i)
             points.setdefault(entry.dictionary.hook.key, entry.dictionary.hook)
+        edits: dict[str, list[DirectionEdit]] = {}
+        for group in self.directions:
+            edits.setdefault(group.hook.key, []).extend(group.edits)
+            points.setdefault(group.hook.key, group.hook)
 
         def at_hook(key: str) -> Callable[[Tensor], Tensor]:
             def replace(x: Tensor) -> Tensor:
@@ -148,6 +184,9 @@ class Generation:
                         ids = [s.feature for s in self.steering[i].specs]
                         now = self.steering[i].dictionary.sae.encode(x_float[0, -1])[ids]
                         seen.steered[i] = (now, now)
+                if steer_here and key in edits:
+                    x_float = apply_direction_edits(x_float, edits[key])
+                    x_out = x_float
                 if key == self.reader.hook.key:
                     seen.features = self.reader.sae.encode(x_float[0, -1])
                 return x_out
@@ -161,7 +200,7 @@ class Generation:
         device = next(net.parameters()).device
         first = self._cache is None
         new_ids = self.prompt_ids if first else [self.generated[-1]]
-        steer_here = bool(self.steering) and (self.steer_prompt or not first)
+        steer_here = bool(self.steering or self.directions) and (self.steer_prompt or not first)
         seen = _Seen()
         total = len(self.prompt_ids) + len(self.generated)
         cache_name = _cache_kwarg(net)
@@ -179,9 +218,21 @@ class Generation:
             # overflow downstream of it. Refuse rather than sample from NaN (which answered 200 with an empty text).
             raise NonFiniteOutput("the steered model's output is not finite (inf or NaN): use smaller steering values")
         self._cache = out[cache_name]
-        token = sample_next(out.logits[0, -1], self.cfg, self._generator)
+        logits = out.logits[0, -1]
+        cfg = self.cfg
+        if self._counts is None and (cfg.frequency_penalty or cfg.presence_penalty):
+            self._counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+        token = sample_next(logits, cfg, self._generator, self._counts)
+        if self._counts is not None:
+            self._counts[token] += 1
         self.generated.append(token)
-        return self._finish_step(token, seen)
+        result = self._finish_step(token, seen)
+        if cfg.logprobs:
+            # The model's own distribution (float32, before penalties and temperature): what vLLM reports by default.
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            values, ids = logprobs.topk(min(cfg.logprobs, logprobs.numel()))
+            result.logprobs = TokenLogprobs(token, float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))
+        return result
 
     def _finish_step(self, token: int, seen: "_Seen") -> StepResult:
         tokenizer = self.model.lm.tokenizer

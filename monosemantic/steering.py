@@ -15,6 +15,9 @@ What re-encoding x' then reports depends on the architecture's activation (tests
 - TopK: v when v is among the token's k largest pre-activations after the edit; otherwise 0 (the feature is not
   selected), and a large v can push the token's weakest selected feature out of its top k.
 `after` in the result is always the re-encoded value, so a caller sees which case it met.
+
+Direction edits (DirectionEdit) steer along a raw-space direction instead of a feature, as Neuronpedia's steer
+methods do: add, orthogonal decomposition, projection cap.
 """
 
 from __future__ import annotations
@@ -102,3 +105,40 @@ def steer_at_hook(x: Tensor, steers: Sequence[Steer]) -> HookSteering:
         x = apply_steering(steer.sae, x, steer.specs).activation
     after = [steer.sae.encode(x)[..., [s.feature for s in steer.specs]] for steer in steers]
     return HookSteering(x, before, after)
+
+
+class DirectionEdit(NamedTuple):
+    """One edit of the activation along a raw-space direction v [d_in], at every position it runs on."""
+
+    direction: Tensor  # [d_in], raw units
+    method: str  # "add" | "orthogonal" | "cap"
+    coefficient: float
+    normalize: bool = False  # "add" only: make v unit length first
+
+
+def apply_direction_edits(x: Tensor, edits: Sequence[DirectionEdit]) -> Tensor:
+    """x [..., d_in] → x with each edit applied in order (Neuronpedia apps/inference, inference_utils/steering.py,
+    and its engine's AddSpec / OrthogonalDecompSpec / ProjectionCapSpec), with v̂ = v/|v|:
+    - add: x + c·v (x + c·v̂ with normalize);
+    - orthogonal: (I − P)x + c·Px with P = v̂v̂ᵀ, i.e. x + (c − 1)(x·v̂)v̂: the component along v scaled by c;
+    - cap: x + (min(x·v̂, c) − x·v̂)v̂: the projection onto v̂ capped above at c.
+    A zero direction has no v̂: refused for orthogonal, cap and a normalised add (ValueError)."""
+    for edit in edits:
+        v = edit.direction.to(device=x.device, dtype=x.dtype)
+        if edit.method == "add" and not edit.normalize:
+            x = x + edit.coefficient * v
+            continue
+        norm = v.norm()
+        if float(norm) == 0.0:
+            raise ValueError(f"a {edit.method} edit along the zero vector: it has no direction")
+        unit = v / norm
+        if edit.method == "add":
+            x = x + edit.coefficient * unit
+        elif edit.method == "orthogonal":
+            x = x + ((edit.coefficient - 1.0) * (x @ unit))[..., None] * unit
+        elif edit.method == "cap":
+            along = x @ unit
+            x = x + (along.clamp(max=edit.coefficient) - along)[..., None] * unit
+        else:
+            raise ValueError(f"unknown direction edit {edit.method!r}; expected add, orthogonal or cap")
+    return x

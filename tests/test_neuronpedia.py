@@ -332,3 +332,121 @@ def test_without_a_secret_the_api_is_not_mounted(registry):
     finally:
         running.stop()
 
+
+# ---- steer/completion --------------------------------------------------------------------------------------------
+def _steer(api, features=None, vectors=None, **fields):
+    request = {"prompt": "import os\n", "model": MODEL_ID, "steer_method": npc.NPSteerMethod.SIMPLE_ADDITIVE, "normalize_steering": False,
+               "types": [npc.NPSteerType.STEERED, npc.NPSteerType.DEFAULT], "n_completion_tokens": 12, "temperature": 0.8,
+               "strength_multiplier": 1, "freq_penalty": 0, "seed": 16, **fields}
+    if features is not None:
+        request["features"] = [npc.NPSteerFeature(model=MODEL_ID, source=s, index=i, strength=v) for s, i, v in features]
+    if vectors is not None:
+        request["vectors"] = [npc.NPSteerVector(steering_vector=v, strength=c, hook=h) for v, c, h in vectors]
+    outputs = api.steer_completion_post(npc.SteerCompletionRequest(**request)).outputs
+    return {o.type.value: o for o in outputs}
+
+
+def test_steered_completion_equals_our_generate_with_add_steering_at_the_same_seed(api, ours):
+    answer = _steer(api, features=[(REF_SOURCE, 7, 6.0), (REF_SOURCE, 40, 3.0)], strength_multiplier=1.5)
+    mine = ours.generate(prompt="import os\n", max_new_tokens=12, temperature=0.8, seed=16, steer_prompt=True,
+                         steering=[{"feature": 7, "mode": "add", "value": 9.0}, {"feature": 40, "mode": "add", "value": 4.5}])
+    plain = ours.generate(prompt="import os\n", max_new_tokens=12, temperature=0.8, seed=16)
+    assert answer["STEERED"].output == mine.text
+    assert answer["DEFAULT"].output == plain.text
+    assert answer["STEERED"].output != answer["DEFAULT"].output
+
+
+def test_strength_zero_equals_the_default_completion(api):
+    answer = _steer(api, features=[(REF_SOURCE, 7, 0.0)])
+    assert answer["STEERED"].output == answer["DEFAULT"].output
+
+
+def test_outputs_come_in_the_order_of_types(api):
+    outputs = api.steer_completion_post(npc.SteerCompletionRequest(
+        prompt="x", model=MODEL_ID, steer_method=npc.NPSteerMethod.SIMPLE_ADDITIVE, normalize_steering=False,
+        types=[npc.NPSteerType.DEFAULT, npc.NPSteerType.STEERED], features=[npc.NPSteerFeature(model=MODEL_ID, source=REF_SOURCE, index=7, strength=4)],
+        n_completion_tokens=4, temperature=0, strength_multiplier=1, freq_penalty=0, seed=1)).outputs
+    assert [o.type.value for o in outputs] == ["DEFAULT", "STEERED"]
+
+
+def test_a_raw_vector_along_the_decoder_row_steers_as_the_feature_does(api, registry, model):
+    sae = load_bound(model, registry, REFERENCE_DICTIONARY, None).sae
+    row = (sae.W_dec[7] / sae.cfg.input_scale).tolist()
+    by_feature = _steer(api, features=[(REF_SOURCE, 7, 8.0)], types=[npc.NPSteerType.STEERED])
+    by_vector = _steer(api, vectors=[(row, 8.0, "blocks.0.mlp.hook_post")], types=[npc.NPSteerType.STEERED])
+    assert by_vector["STEERED"].output == by_feature["STEERED"].output
+
+
+def test_normalize_steering_adds_the_unit_direction(api, registry, model):
+    sae = load_bound(model, registry, REFERENCE_DICTIONARY, None).sae
+    row = sae.W_dec[7] / sae.cfg.input_scale
+    normalized = _steer(api, features=[(REF_SOURCE, 7, 5.0)], normalize_steering=True, types=[npc.NPSteerType.STEERED])
+    scaled = _steer(api, vectors=[((row / row.norm()).tolist(), 5.0, "blocks.0.mlp.hook_post")], types=[npc.NPSteerType.STEERED])
+    assert normalized["STEERED"].output == scaled["STEERED"].output
+
+
+def test_orthogonal_decomposition_at_coefficient_one_and_a_cap_far_above_change_nothing(api):
+    orthogonal = _steer(api, features=[(REF_SOURCE, 7, 1.0)], steer_method=npc.NPSteerMethod.ORTHOGONAL_DECOMP)
+    assert orthogonal["STEERED"].output == orthogonal["DEFAULT"].output
+    capped = _steer(api, features=[(REF_SOURCE, 7, 1e5)], steer_method=npc.NPSteerMethod.PROJECTION_CAP)
+    assert capped["STEERED"].output == capped["DEFAULT"].output
+
+
+def test_orthogonal_decomposition_at_a_large_coefficient_steers(api):
+    answer = _steer(api, features=[(REF_SOURCE, 7, 40.0)], steer_method=npc.NPSteerMethod.ORTHOGONAL_DECOMP, temperature=0)
+    assert answer["STEERED"].output != answer["DEFAULT"].output
+
+
+def test_logprobs_are_reported_per_generated_token_when_asked(api):
+    answer = _steer(api, features=[(REF_SOURCE, 7, 2.0)], n_logprobs=3, temperature=0, types=[npc.NPSteerType.DEFAULT])
+    logprobs = answer["DEFAULT"].logprobs
+    assert len(logprobs) == 12 and "".join(lp.token for lp in logprobs) == answer["DEFAULT"].output
+    for lp in logprobs:
+        assert len(lp.top_logprobs) == 3 and lp.logprob == pytest.approx(lp.top_logprobs[0].logprob)  # greedy: the top one
+    assert _steer(api, features=[(REF_SOURCE, 7, 2.0)], types=[npc.NPSteerType.DEFAULT])["DEFAULT"].logprobs is None
+
+
+def test_a_large_frequency_penalty_stops_greedy_repetition(api):
+    plain = _steer(api, features=[(REF_SOURCE, 7, 0.0)], temperature=0, n_completion_tokens=24, types=[npc.NPSteerType.DEFAULT], n_logprobs=1)
+    penalised = _steer(api, features=[(REF_SOURCE, 7, 0.0)], temperature=0, n_completion_tokens=24, types=[npc.NPSteerType.DEFAULT], n_logprobs=1,
+                       freq_penalty=100)
+    tokens = [lp.token for lp in penalised["DEFAULT"].logprobs]
+    assert len(set(tokens)) == len(tokens)
+    assert len({lp.token for lp in plain["DEFAULT"].logprobs}) < 24  # the reference repeats itself when greedy
+
+
+def test_the_stream_sends_frames_each_with_the_whole_text_so_far(served, api):
+    body = {"prompt": "import os\n", "model": MODEL_ID, "steerMethod": "SIMPLE_ADDITIVE", "normalizeSteering": False, "types": ["STEERED", "DEFAULT"],
+            "features": [{"model": MODEL_ID, "source": REF_SOURCE, "index": 7, "strength": 6}], "nCompletionTokens": 12, "temperature": 0.8,
+            "strengthMultiplier": 1, "freqPenalty": 0, "seed": 16, "stream": True}
+    with httpx.stream("POST", f"{served.http_url}/neuronpedia/v1/steer/completion", json=body, headers={"X-SECRET-KEY": SECRET}, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frames = [__import__("json").loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+    steered = [f["outputs"][0]["output"] for f in frames]
+    assert all(b.startswith(a) for a, b in zip(steered, steered[1:]))  # each frame extends the last
+    whole = _steer(api, features=[(REF_SOURCE, 7, 6.0)])
+    assert [o["output"] for o in frames[-1]["outputs"]] == [whole["STEERED"].output, whole["DEFAULT"].output]
+    assert len(frames) == 24  # one frame per generated token of each type
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"features": None, "vectors": None}, "exactly one"),
+    ({"seed": -1}, "seed"),
+    ({"n_completion_tokens": 1000}, "n_completion_tokens"),
+])
+def test_bad_steering_requests_are_400_naming_the_field(served, fields, where):
+    body = {"prompt": "x", "model": MODEL_ID, "steer_method": "SIMPLE_ADDITIVE", "normalize_steering": False, "types": ["STEERED"],
+            "features": [{"model": MODEL_ID, "source": REF_SOURCE, "index": 7, "strength": 6}], "n_completion_tokens": 4, "temperature": 0,
+            "strength_multiplier": 1, "freq_penalty": 0, "seed": 1}
+    body.update(fields)
+    body = {k: v for k, v in body.items() if v is not None}
+    response = _post(served, "steer/completion", body)
+    assert response.status_code == 400 and where in response.json()["error"]
+
+
+def test_a_feature_of_an_unknown_source_is_400_naming_its_place(served):
+    body = {"prompt": "x", "model": MODEL_ID, "steer_method": "SIMPLE_ADDITIVE", "normalize_steering": False, "types": ["STEERED"],
+            "features": [{"model": MODEL_ID, "source": "3-nowhere", "index": 7, "strength": 6}], "n_completion_tokens": 4, "temperature": 0,
+            "strength_multiplier": 1, "freq_penalty": 0, "seed": 1}
+    response = _post(served, "steer/completion", body)
+    assert response.status_code == 400 and response.json()["error"].startswith("features[0].source")

@@ -15,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from service.deadlines import TIMEOUT_HEADER, deadline_after, parse_timeout_header, within
 from service.errors import ErrorKind, ServiceError, from_validation_errors, http_headers, outcome_code
+from service.metrics import Call
 from service.neuronpedia import schemas as np
 from service.neuronpedia.operations import NeuronpediaOperations
 from service.neuronpedia.sources import default_model_id
+from service.neuronpedia.steering import FrameStream, NeuronpediaSteering
 
 log = logging.getLogger("monosemantic.serve")
 
@@ -68,6 +70,7 @@ def create_neuronpedia_app(engine: Any) -> FastAPI:
     settings = engine.settings
     secret = settings.neuronpedia_secret.get_secret_value().encode()
     ops = NeuronpediaOperations(engine, settings.neuronpedia_model_id or "")
+    steering = NeuronpediaSteering(engine, ops)
     app = FastAPI(
         title="monosemantic: Neuronpedia inference API",
         version="1",
@@ -117,6 +120,8 @@ def create_neuronpedia_app(engine: Any) -> FastAPI:
             if isinstance(exc, (ServiceError, SchemaError)) or status == 500 and isinstance(exc, Exception):
                 return error_response(exc)
             raise
+        if isinstance(result, FrameStream):  # counted when the stream ends
+            return StreamingResponse(_sse(result, camel, accounting), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         accounting.finish(outcome_code(None))
         return Response(orjson.dumps(np.spelled(result, camel)), media_type="application/json")
 
@@ -145,6 +150,7 @@ def create_neuronpedia_app(engine: Any) -> FastAPI:
           lambda req, until: ops.topk_by_token(req, until, req.prompt))
     route("/v1/activation/topk-by-token-batch", "activation_topk_by_token_batch", np.ActivationTopkByTokenBatchRequest, batch(ops.topk_by_token))
     route("/v1/activation/source", "activation_source", np.ActivationSourceRequest, lambda req, until: ops.activation_source(req, until))
+    route("/v1/steer/completion", "steer_completion", np.SteerCompletionRequest, lambda req, until: steering.completion(req, until))
     route("/v1/tokenize", "tokenize", np.TokenizeRequest, lambda req, until: ops.tokenize(req))
     route("/v1/util/sae-vector", "sae_vector", np.SaeVectorRequest, lambda req, until: sync(ops.sae_vector, req))
     route("/v1/util/sae-topk-by-decoder-cossim", "sae_topk_by_decoder_cossim", np.TopkByDecoderCossimRequest,
@@ -174,3 +180,27 @@ def create_neuronpedia_app(engine: Any) -> FastAPI:
 
     return app
 
+
+async def _sse(stream: FrameStream, camel: bool, accounting: Call) -> AsyncIterator[bytes]:
+    """`data:` frames, each the whole answer so far (Neuronpedia's stream); an error after the start is a last
+    frame `{"error": …}` (the status is already 200). A client that leaves cancels this generator, which closes
+    the frames: no further steps run. The call is counted when the stream ends (499: the client left)."""
+    code = "499"
+    try:
+        frame = stream.first
+        while True:
+            yield b"data: " + orjson.dumps(np.spelled(frame, camel)) + b"\n\n"
+            try:
+                frame = await anext(stream.rest)
+            except StopAsyncIteration:
+                code = "200"
+                return
+    except ServiceError as exc:
+        code = str(status_of(exc))
+        yield b"data: " + orjson.dumps({"error": exc.message}) + b"\n\n"
+    except Exception:
+        code = "500"
+        raise
+    finally:
+        accounting.finish(code)
+        await stream.rest.aclose()
