@@ -31,30 +31,46 @@ class SourceRanking(NamedTuple):
 
 
 def rank_features(features: Tensor, n: int, sort_positions: Sequence[int] = (), zero_first: bool = False) -> list[RankedFeature]:
-    """The n strongest features of one text under one dictionary, `features` [tokens, d_sae].
+    """The n strongest features of one text under one dictionary, `features` [tokens, d_sae] (non-negative, as
+    every architecture's activations are).
 
     By max value over the tokens, or, with `sort_positions`, by the sum of the values at those positions; the sort
     is stable, so equal keys keep ascending feature order (on a short text most features are exactly 0, so ties
     are the rule in the tail). `zero_first` sets every feature's value at position 0 (the BOS) to 0 first.
-    Source: Neuronpedia apps/inference, endpoints/activation/all.py (`_source_top_rows`)."""
+    Source: Neuronpedia apps/inference, endpoints/activation/all.py (`_source_top_rows`).
+
+    Cheap where it can be: the maxima by amax along the tokens, the n best by topk and a stable sort of only the
+    candidates at or above the n-th key (exactly the order of a stable sort of all), and first positions only for
+    those n: 0.5 ms for 64 bf16 tokens × 4,096 features against 2.2 ms for a transposed max with indices and a full
+    sort (measured here)."""
     block = features.float()
     if zero_first and block.shape[0]:
-        block = block.clone()
+        if block.data_ptr() == features.data_ptr():  # float() gave the input itself (the encoder's buffer): copy
+            block = block.clone()
         block[0] = 0
-    by_feature = block.T  # [d_sae, tokens]
-    max_values, max_positions = by_feature.max(dim=1)
-    if sort_positions:
-        sums = by_feature[:, list(sort_positions)].sum(dim=1)
-        key = sums
-    else:
-        sums = torch.zeros_like(max_values)
-        key = max_values
-    order = key.sort(descending=True, stable=True).indices[: max(0, min(n, key.numel()))]
-    rows = by_feature[order]
+    maxima = block.amax(dim=0) if block.shape[0] else torch.zeros(block.shape[1])
+    sums = block[list(sort_positions)].sum(dim=0) if sort_positions else None
+    key = maxima if sums is None else sums
+    order = stable_top(key, n)
+    columns = block[:, order]  # [tokens, n]
+    positions = columns.argmax(dim=0).tolist() if block.shape[0] else [0] * len(order)  # the first maximum
+    rows = columns.T.tolist()
+    sum_values = sums[order].tolist() if sums is not None else [0.0] * len(rows)
     return [
         RankedFeature(int(f), values, float(m), int(p), float(s))
-        for f, values, m, p, s in zip(order.tolist(), rows.tolist(), max_values[order].tolist(), max_positions[order].tolist(), sums[order].tolist())
+        for f, values, m, p, s in zip(order.tolist(), rows, maxima[order].tolist(), positions, sum_values)
     ]
+
+
+def stable_top(key: Tensor, n: int) -> Tensor:
+    """The indices of the n largest keys, largest first, equal keys in ascending index order: what
+    `key.sort(descending=True, stable=True).indices[:n]` gives, sorting only what reaches the n-th key."""
+    n = max(0, min(n, key.numel()))
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    threshold = key.topk(n).values[-1]
+    candidates = (key >= threshold).nonzero().squeeze(1)  # ascending index order
+    return candidates[key[candidates].sort(descending=True, stable=True).indices[:n]]
 
 
 def merge_rankings(rankings: Sequence[SourceRanking], n: int, by_sum: bool) -> list[tuple[str, RankedFeature]]:
