@@ -450,3 +450,15 @@ def test_a_feature_of_an_unknown_source_is_400_naming_its_place(served):
             "strength_multiplier": 1, "freq_penalty": 0, "seed": 1}
     response = _post(served, "steer/completion", body)
     assert response.status_code == 400 and response.json()["error"].startswith("features[0].source")
+
+
+def test_the_model_id_is_the_setting_when_given(registry, monkeypatch):
+    monkeypatch.setenv("MONOSEMANTIC_NEURONPEDIA_MODEL_ID", "gpt2-small")
+    monkeypatch.setenv("MONOSEMANTIC_NEURONPEDIA_SECRET", SECRET)
+    running = RunningServer(registry=registry, dictionary=REFERENCE_DICTIONARY)
+    try:
+        assert _post(running, "tokenize", {"model": "gpt2-small", "text": "x"}).status_code == 200
+        refused = _post(running, "tokenize", {"model": MODEL_ID, "text": "x"})
+        assert refused.status_code == 400 and "'gpt2-small'" in refused.json()["error"]
+    finally:
+        running.stop()
