@@ -77,6 +77,7 @@ class SamplingConfig:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logprobs: int = 0  # candidates reported per step with their log-probabilities; 0: none
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to its logit before sampling (OpenAI's logit_bias)
 
 
 @dataclass
@@ -91,7 +92,11 @@ class StepResult:
 
 
 def penalized(logits: Tensor, cfg: SamplingConfig, counts: Tensor | None) -> Tensor:
-    """The logits less the frequency and presence penalties (SamplingConfig) for the tokens counted so far."""
+    """The logits with the logit bias added and the frequency and presence penalties (SamplingConfig) taken off
+    for the tokens counted so far."""
+    if cfg.logit_bias:
+        ids = torch.tensor([t for t, _ in cfg.logit_bias], dtype=torch.long, device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor([b for _, b in cfg.logit_bias], dtype=logits.dtype, device=logits.device))
     if counts is None or not (cfg.frequency_penalty or cfg.presence_penalty):
         return logits
     return logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).to(logits.dtype)

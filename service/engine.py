@@ -73,6 +73,15 @@ class AttributionJob(NamedTuple):
     contrast: int | None
 
 
+class SamplingExtras(NamedTuple):
+    """Sampling settings beyond /v1/generate's, for the adapters that speak other APIs (Neuronpedia, OpenAI)."""
+
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
 class AttributionResult(NamedTuple):
     attribution: Attribution
     strongest: list[FeatureScore]
@@ -350,8 +359,8 @@ class Engine:
         return [AttributionResult(result, result.strongest(self.settings.max_top_k))]
 
     # ---- generate ----------------------------------------------------------------------------------------------
-    def _steering(self, repository: DictionaryRepository, reader: BoundDictionary,
-                  req: schemas.GenerateRequest) -> tuple[list[DictionarySteering], dict[tuple[str, int], int]]:
+    def resolve_steering(self, repository: DictionaryRepository, reader: BoundDictionary,
+                         req: schemas.GenerateRequest) -> tuple[list[DictionarySteering], dict[tuple[str, int], int]]:
         """The steering list resolved to its dictionaries, grouped by dictionary in order of first mention, and
         each (dictionary name, feature)'s place in the request (steered values are reported in that order)."""
         groups: dict[str, DictionarySteering] = {}
@@ -366,12 +375,16 @@ class Engine:
             group.specs.append(SteeringSpec(entry.feature, entry.mode, entry.value))
         return list(groups.values()), seen
 
-    async def _generation(self, model: Model, reader: BoundDictionary, req: schemas.GenerateRequest,
-                          steering: list[DictionarySteering], seed: int) -> Generation:
-        ids = (await self.limits.token_ids(model, "prompt", req.prompt, None, req.prepend_bos)).ids
+    async def new_generation(self, model: Model, reader: BoundDictionary, req: schemas.GenerateRequest, steering: list[DictionarySteering],
+                             seed: int, extras: SamplingExtras = SamplingExtras(), prompt_ids: list[int] | None = None,
+                             field: str = "prompt") -> Generation:
+        """One generation of `req` (checked by Limits.generation, its steering resolved): its prompt tokenized
+        (or `prompt_ids` as given, a chat template's rendering), the sampling settings it and `extras` ask for."""
+        ids = prompt_ids if prompt_ids is not None else (await self.limits.token_ids(model, field, req.prompt, None, req.prepend_bos)).ids
         if len(ids) >= model.max_positions:
-            raise invalid("prompt", f"{len(ids)} tokens leave no room to generate in the model's context of {model.max_positions}")
-        cfg = SamplingConfig(req.max_new_tokens, req.temperature, req.top_p, req.top_k, seed, tuple(req.stop), req.features_top_k)
+            raise invalid(field, f"{len(ids)} tokens leave no room to generate in the model's context of {model.max_positions}")
+        cfg = SamplingConfig(req.max_new_tokens, req.temperature, req.top_p, req.top_k, seed, tuple(req.stop), req.features_top_k,
+                             extras.frequency_penalty, extras.presence_penalty, extras.logprobs, extras.logit_bias)
         return Generation(model, reader, ids, cfg, steering, req.steer_prompt)
 
     async def generate_events(self, req: schemas.GenerateRequest, deadline: float | None = None) -> AsyncIterator[schemas.GeneratedToken | schemas.GenerateResponse]:
@@ -380,9 +393,9 @@ class Engine:
         model = repository.model
         reader = repository.get(req.dictionary)
         self.limits.generation(model, req)
-        steering, order = self._steering(repository, reader, req)
+        steering, order = self.resolve_steering(repository, reader, req)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        steered = await self._generation(model, reader, req, steering, seed)
+        steered = await self.new_generation(model, reader, req, steering, seed)
         tokens: list[schemas.GeneratedToken] = []
         unsteered = None
         with self.admission.admitted():  # held for the whole stream; a client that leaves closes the generator and frees it
@@ -390,7 +403,7 @@ class Engine:
                 tokens.append(token)
                 yield token
             if req.compare_unsteered:
-                plain = await self._generation(model, reader, req, [], seed)
+                plain = await self.new_generation(model, reader, req, [], seed)
                 plain_tokens = [t async for t in self._run_generation(plain, order, deadline)]
                 unsteered = schemas.Continuation(text=plain.text, tokens=plain_tokens, finish_reason=plain.finish_reason)
         yield schemas.GenerateResponse(

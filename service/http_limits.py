@@ -30,15 +30,22 @@ CLIENT_GONE = "monosemantic.client_gone"
 
 
 NEURONPEDIA_PREFIX = "/neuronpedia/"  # service/neuronpedia/: its errors are {"error": "message"}
+OPENAI_PREFIX = "/openai/"  # service/openai_api/: its errors are OpenAI's {"error": {message, type, param, code}}
 
 
 def _error_bytes(exc: ServiceError, path: str = "") -> bytes:
-    return orjson.dumps({"error": exc.message} if path.startswith(NEURONPEDIA_PREFIX) else exc.body())
+    if path.startswith(NEURONPEDIA_PREFIX):
+        return orjson.dumps({"error": exc.message})
+    if path.startswith(OPENAI_PREFIX):
+        from service.openai_api.routes import error_body
+
+        return orjson.dumps(error_body(exc))
+    return orjson.dumps(exc.body())
 
 
 def cancellable(path: str) -> bool:
     """The requests whose work is cancelled when their client goes (RequestLifecycle)."""
-    return path.startswith(("/v1/", NEURONPEDIA_PREFIX))
+    return path.startswith(("/v1/", NEURONPEDIA_PREFIX, OPENAI_PREFIX))
 
 
 def guarded_protocol(read_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:

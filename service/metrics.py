@@ -21,6 +21,8 @@ METHODS = ("activations", "attributions", "generate", "feature", "search_feature
 NEURONPEDIA_METHODS = ("activation_all", "activation_all_batch", "activation_single", "activation_single_batch",
                        "activation_topk_by_token", "activation_topk_by_token_batch", "activation_source", "steer_completion",
                        "tokenize", "sae_vector", "sae_topk_by_decoder_cossim", "capabilities", "other")
+# The OpenAI-compatible API (service/openai_api/), likewise.
+OPENAI_METHODS = ("models", "completions", "chat_completions", "other")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -58,6 +60,8 @@ class Metrics:
                 self.duration.labels(protocol, method)
         for method in NEURONPEDIA_METHODS:
             self.duration.labels("neuronpedia", method)
+        for method in OPENAI_METHODS:
+            self.duration.labels("openai", method)
 
     def call(self, protocol: str, method: str) -> "Call":
         return Call(self, protocol, method)

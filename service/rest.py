@@ -143,6 +143,9 @@ def create_app(engine: Engine) -> FastAPI:
         from service.neuronpedia.routes import create_neuronpedia_app
 
         app.mount("/neuronpedia", create_neuronpedia_app(engine), name="neuronpedia")
+    from service.openai_api.routes import create_openai_app
+
+    app.mount("/openai", create_openai_app(engine), name="openai")
 
     static = Path(__file__).resolve().parent / "static"
     app.mount("/static", StaticFiles(directory=static), name="static")

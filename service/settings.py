@@ -83,6 +83,11 @@ class ServiceSettings(BaseSettings):
     # the model directory's name.
     neuronpedia_secret: SecretStr | None = None
     neuronpedia_model_id: str | None = None
+    # The OpenAI-compatible API under /openai/v1 (service/openai_api/), always on, behind the same keys as /v1: the
+    # model id it answers to (default: the model directory's name), and a Jinja chat template for a model whose
+    # tokenizer has none (a file; a request's own `chat_template` wins).
+    openai_model_id: str | None = None
+    chat_template: Path | None = None
     # TLS for both protocols when both files are given (PEM).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -175,6 +180,16 @@ class ServiceSettings(BaseSettings):
     def configured_dictionaries(self) -> list[str]:
         """What to load, in order: `dictionaries`, else the one `dictionary`."""
         return list(self.dictionaries) or [self.dictionary]
+
+    def chat_template_text(self) -> str | None:
+        """The chat template file's text, read and checked before the model loads (None without one)."""
+        if self.chat_template is None:
+            return None
+        try:
+            return Path(self.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ConfigError(f"MONOSEMANTIC_CHAT_TEMPLATE: cannot read {self.chat_template} ({reason})") from None
 
     def tls_pair(self) -> tuple[bytes, bytes] | None:
         """The PEM certificate chain and private key, read and checked to be a matching pair; None without TLS.
