@@ -23,6 +23,8 @@ NEURONPEDIA_METHODS = ("activation_all", "activation_all_batch", "activation_sin
                        "tokenize", "sae_vector", "sae_topk_by_decoder_cossim", "capabilities", "other")
 # The OpenAI-compatible API (service/openai_api/), likewise.
 OPENAI_METHODS = ("models", "completions", "chat_completions", "other")
+# Every (protocol, method) label pair a request can be counted under: a fixed set.
+METHODS_BY_PROTOCOL = {"rest": (*METHODS, "other"), "grpc": (*METHODS, "other"), "neuronpedia": NEURONPEDIA_METHODS, "openai": OPENAI_METHODS}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -58,10 +60,9 @@ class Metrics:
         for protocol in PROTOCOLS:
             for method in METHODS:
                 self.duration.labels(protocol, method)
-        for method in NEURONPEDIA_METHODS:
-            self.duration.labels("neuronpedia", method)
-        for method in OPENAI_METHODS:
-            self.duration.labels("openai", method)
+        for protocol in ("neuronpedia", "openai"):
+            for method in METHODS_BY_PROTOCOL[protocol]:
+                self.duration.labels(protocol, method)
 
     def call(self, protocol: str, method: str) -> "Call":
         return Call(self, protocol, method)

@@ -168,13 +168,14 @@ def test_metric_labels_only_take_values_from_fixed_sets_after_the_fuzzing(server
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from service.metrics import METHODS
+    from service.metrics import METHODS_BY_PROTOCOL
 
     codes = {c.name for c in grpc.StatusCode}
     for family in text_string_to_metric_families(httpx.get(f"{server.http_url}/metrics").text):
         for sample in family.samples:
             labels = sample.labels
-            assert labels.get("method", "activations") in (*METHODS, "other"), sample
-            assert labels.get("protocol", "rest") in ("rest", "grpc"), sample
+            protocol = labels.get("protocol", "rest")
+            assert protocol in METHODS_BY_PROTOCOL, sample
+            assert labels.get("method", "activations") in METHODS_BY_PROTOCOL[protocol], sample
             code = labels.get("code", "200")
             assert re.fullmatch(r"\d{3}", code) or code in codes, sample
