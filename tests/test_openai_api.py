@@ -403,3 +403,17 @@ def test_an_image_part_is_refused_naming_it(client):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
                                        extra_body={"chat_template": TEMPLATE})
     assert caught.value.param.startswith("messages[0].content")
+
+
+@pytest.mark.parametrize("prompt, param", [([], "prompt"), ([5, 99999], "prompt[1]")])
+def test_an_empty_prompt_or_a_token_outside_the_vocabulary_is_400_on_prompt(client, prompt, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert caught.value.param == param
+
+
+def test_token_ids_are_continued_as_they_are(client, ours, reference_model):
+    ids = [reference_model.bos_id, *reference_model.tokenize(PROMPT, prepend_bos=False).ids]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text

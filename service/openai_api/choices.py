@@ -22,7 +22,7 @@ from service.errors import ErrorKind, ServiceError, invalid
 from service.openai_api import schemas as oa
 
 # Our field names as the OpenAI request spells them, for errors raised by the engine's shared checks.
-_RENAMED = {"max_new_tokens": "max_tokens", "features_top_k": "features_top_k", "top_k": "top_k"}
+_RENAMED = {"max_new_tokens": "max_tokens", "token_ids": "prompt"}
 
 
 class Choice(NamedTuple):
@@ -63,11 +63,13 @@ class ChoiceRunner:
         out = []
         for i, prompt in enumerate(prompts):
             field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-            if isinstance(prompt, str):
-                out.append((await self.engine.limits.token_ids(model, field, prompt, None, prepend_bos=True)).ids)
-            else:
-                ids = (await self.engine.limits.token_ids(model, field, None, prompt, prepend_bos=False)).ids
-                out.append(ids)
+            try:
+                if isinstance(prompt, str):
+                    out.append((await self.engine.limits.token_ids(model, field, prompt, None, prepend_bos=True)).ids)
+                else:
+                    out.append((await self.engine.limits.token_ids(model, field, None, prompt, prepend_bos=False)).ids)
+            except ServiceError as exc:
+                raise renamed(exc, "max_tokens") from None
         return out
 
     async def chat_prompt(self, model: Model, req: oa.ChatRequest, default_template: str | None) -> list[int]:

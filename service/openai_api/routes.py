@@ -75,11 +75,12 @@ def schema_error(exc: ValidationError) -> ServiceError:
     first = exc.errors()[0]
     param = _param(first.get("loc", ()))
     message = first.get("msg", "invalid").removeprefix("Value error, ")
-    if message.split(":")[0] in {"echo", "suffix", "best_of", "tools", "functions", "tool_choice", "function_call",
-                                 "parallel_tool_calls", "top_logprobs", "stream_options"}:
-        param = message.split(":")[0]
+    named = message.split(":")[0]
+    if param == "body" and named.isidentifier():  # a model-level check (schemas.py) names its field first
+        param = named
     more = len(exc.errors()) - 1
-    return ServiceError(ErrorKind.INVALID_ARGUMENT, f"{param}: {message}" + (f" (and {more} more problems)" if more else ""), param)
+    text = message if message.startswith(f"{param}:") else f"{param}: {message}"
+    return ServiceError(ErrorKind.INVALID_ARGUMENT, text + (f" (and {more} more problems)" if more else ""), param)
 
 
 def create_openai_app(engine: Any) -> FastAPI:

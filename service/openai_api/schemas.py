@@ -66,6 +66,8 @@ class CompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _supported(self) -> "CompletionRequest":
+        if isinstance(self.prompt, list) and (not self.prompt or any(isinstance(p, list) and not p for p in self.prompt)):
+            raise ValueError("prompt: is empty: give a text or token ids to continue")
         if self.echo:
             raise ValueError("echo: not supported (the answer is the generated text only)")
         if self.suffix:
