@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from monosemantic.errors import HookError, ModelLoadError, MonosemanticError
+from monosemantic.checksum_cache import remembered_checksum
 
 if TYPE_CHECKING:  # transformers' model classes are imported where a model is loaded: ~5 s of imports on 2 cores
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -108,7 +109,8 @@ def _from_pretrained_model(name: str, local: bool, dtype: torch.dtype) -> PreTra
 
 
 def load_lm(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedLM:
-    """Load a causal LM and its tokenizer from a local save_pretrained folder or a hub id, in eval mode.
+    """Load a causal LM and its tokenizer from a local save_pretrained folder or a hub id, in eval mode, with its
+    weights checksum (a local folder's remembered while its files are unchanged).
 
     The dtype is always passed explicitly because transformers otherwise applies the one recorded in the
     checkpoint's config. Remote code is never trusted.
@@ -136,7 +138,11 @@ def load_lm(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.
     # Batched reads pad; many causal LM tokenizers (GPT-2's) ship without a pad token.
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedLM(model=model, tokenizer=tokenizer, source=str(source), checksum=weights_checksum(model))
+    if local:  # hashed once per unchanged set of files (monosemantic/checksum_cache.py)
+        checksum = remembered_checksum(local_dir, str(dtype), lambda: weights_checksum(model))
+    else:
+        checksum = weights_checksum(model)
+    return LoadedLM(model=model, tokenizer=tokenizer, source=str(source), checksum=checksum)
 
 
 def model_source(source: str | Path) -> str:
