@@ -122,8 +122,8 @@ class NeuronpediaOperations:
             if model.bos_id is not None and ids and ids[0] == model.bos_id:  # the BOS column is dropped
                 values, ids = values[1:], ids[1:]
         else:
-            hook = self._hook(model, req.hook)
-            vector = _finite_vector("vector", req.vector)
+            hook = self.hook(model, req.hook)
+            vector = finite_vector("vector", req.vector)
             tokenized = await self.engine.limits.token_ids(model, field, prompt, None, prepend_bos=False)
             ids = tokenized.ids
             values = await self.engine.run(Job(run=self._run_vector, payload=VectorJob(ids, hook, vector), tokens=len(ids), deadline=deadline))
@@ -136,7 +136,7 @@ class NeuronpediaOperations:
             "tokens_is_special": self.special(model, ids),
         }
 
-    def _hook(self, model: Model, name: str):
+    def hook(self, model: Model, name: str):
         try:
             return resolve_hook(model.lm, name)
         except Exception as exc:  # resolve_hook explains what it accepts
@@ -216,7 +216,7 @@ class NeuronpediaOperations:
             query = of.sae.W_dec[req.feature.index].detach().float()
             field = "feature.source"
         else:
-            query, field = _finite_vector("vector", req.vector), "vector"
+            query, field = finite_vector("vector", req.vector), "vector"
         if query.numel() != decoder.shape[1]:
             raise invalid(field, f"is {query.numel()} wide; the decoder rows of {req.source!r} are {decoder.shape[1]} wide")
         cosines = (decoder @ query) / (decoder.norm(dim=1) * query.norm()).clamp_min(1e-8)
@@ -265,7 +265,7 @@ def _index(value: str | int) -> int:
     return int(value)
 
 
-def _finite_vector(field: str, values: list[float]) -> torch.Tensor:
+def finite_vector(field: str, values: list[float]) -> torch.Tensor:
     vector = torch.tensor([float(v) for v in values], dtype=torch.float32)
     if vector.numel() == 0 or not torch.isfinite(vector).all():
         raise invalid(field, "must be a non-empty list of finite numbers")

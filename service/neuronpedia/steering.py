@@ -28,7 +28,7 @@ from monosemantic.steering import DirectionEdit, SteeringSpec
 from service.batcher import Job
 from service.errors import invalid, over_limit
 from service.neuronpedia import schemas as np
-from service.neuronpedia.operations import NeuronpediaOperations, _finite_vector
+from service.neuronpedia.operations import NeuronpediaOperations, finite_vector
 
 _METHOD = {np.SteerMethod.SIMPLE_ADDITIVE: "add", np.SteerMethod.ORTHOGONAL_DECOMP: "orthogonal", np.SteerMethod.PROJECTION_CAP: "cap"}
 
@@ -83,8 +83,8 @@ class NeuronpediaSteering:
         directions: dict[str, HookDirections] = {}
         method = _METHOD[req.steer_method]
         for i, vector in enumerate(req.vectors or []):
-            hook = self.ops._hook(model, vector.hook)
-            values = _finite_vector(f"vectors[{i}].steering_vector", vector.steering_vector)
+            hook = self.ops.hook(model, vector.hook)
+            values = finite_vector(f"vectors[{i}].steering_vector", vector.steering_vector)
             width = await self.engine.run(Job(run=_hook_width, payload=(model, hook)))
             if values.numel() != width:
                 raise invalid(f"vectors[{i}].steering_vector", f"has {values.numel()} values; the activation at {hook.name} has {width}")
