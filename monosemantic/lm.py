@@ -9,6 +9,7 @@ final norm in GPT-2, so it is not the residual stream).
 from __future__ import annotations
 
 import difflib
+import json
 import hashlib
 import re
 from contextlib import contextmanager
@@ -106,6 +107,32 @@ def _from_pretrained_model(name: str, local: bool, dtype: torch.dtype) -> PreTra
     except Exception as exc:  # I/O boundary: any failure (bad json, bad weights, remote code) becomes one message
         where = "directory" if local else "hub id (not a local directory)"
         raise ModelLoadError(f"could not load a causal LM from {where} {name}: {_one_line(exc)}") from None
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(source: str | Path, requested: str, device: str = "cpu") -> torch.dtype:
+    """The dtype to load a model in: `float32` or `bfloat16` as asked, or `auto`: the checkpoint's own (its config's
+    `dtype` / `torch_dtype`), so a bf16 checkpoint is not widened to fp32 (twice its size in memory). A float16
+    checkpoint loads as float32 on CPU (fp16 matmuls there are unusable) and as float16 on CUDA; a checkpoint that
+    records none, or a hub id, loads as float32."""
+    if requested != "auto":
+        if requested not in ("float32", "bfloat16"):
+            raise ModelLoadError(f"dtype {requested!r}: expected auto, bfloat16 or float32")
+        return _DTYPES[requested]
+    local = _local_dir(source) if Path(source).expanduser().exists() else None
+    recorded = None
+    if local is not None:
+        try:
+            config = json.loads((local / "config.json").read_text())
+            recorded = config.get("dtype") or config.get("torch_dtype")
+        except (OSError, ValueError):
+            recorded = None
+    dtype = _DTYPES.get(str(recorded).removeprefix("torch."), torch.float32)
+    if dtype is torch.float16 and not str(device).startswith("cuda"):
+        return torch.float32
+    return dtype
 
 
 def load_lm(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedLM:

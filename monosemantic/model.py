@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from monosemantic.lm import LoadedLM, load_lm
+from monosemantic.lm import LoadedLM, load_lm, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -68,5 +68,6 @@ class Model:
         return text
 
 
-def load_model(source: str, device: str = "cpu") -> Model:
-    return Model.of(load_lm(source, device=device))
+def load_model(source: str, device: str = "cpu", dtype: str = "float32") -> Model:
+    """The model at `source` in `dtype` (auto: its checkpoint's, monosemantic.lm.resolve_dtype)."""
+    return Model.of(load_lm(source, device=device, dtype=resolve_dtype(source, dtype, device)))

@@ -44,13 +44,14 @@ def serve(
                                                    "MONOSEMANTIC_DICTIONARY, default reference]"),
     model: Optional[str] = typer.Option(None, help="HF model directory or hub id [env MONOSEMANTIC_MODEL, default: the model the dictionary's manifest records, else the shipped reference LM]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [env MONOSEMANTIC_DEVICE, default cpu]"),
+    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32: the model's dtype (auto: the checkpoint's) [env MONOSEMANTIC_DTYPE, default auto]"),
     log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error [env MONOSEMANTIC_LOG_LEVEL, default info]"),
     chat_template: Optional[Path] = typer.Option(None, help="a Jinja chat template for /openai/v1/chat/completions when the tokenizer has none "
                                                            "[env MONOSEMANTIC_CHAT_TEMPLATE]"),
 ) -> None:
     """Serve activations, attributions and steered generation over REST (/v1, /docs) and gRPC."""
     flags = {k: v for k, v in dict(host=host, http_port=http_port, grpc_port=grpc_port, registry=registry, model=model, device=device, log_level=log_level,
-                                   chat_template=chat_template).items() if v is not None}
+                                   chat_template=chat_template, dtype=dtype).items() if v is not None}
     if dictionary:  # the flags win over both environment variables
         flags.update(dictionaries=list(dictionary), dictionary=dictionary[0])
     try:

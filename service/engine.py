@@ -125,7 +125,7 @@ class Engine:
         configured = s.configured_dictionaries()
         first = next((parse_reference(r) for r in configured if r != "all"), None)
         source = s.model or (first and recorded_model_source(s.registry, *first)) or str(reference_lm_path())
-        model = load_model(source, s.device)
+        model = load_model(source, s.device, s.dtype)
         repository = DictionaryRepository(model, s.registry, s.device, s.sae_dtype)
         wanted: list[tuple[str, int | None]] = []
         for reference in configured:

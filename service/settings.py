@@ -41,6 +41,9 @@ class ServiceSettings(BaseSettings):
     # HF directory (or hub id if online); None: the model the dictionary's manifest records, else the shipped one.
     model: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
+    # The model's dtype: auto keeps the checkpoint's (a bf16 checkpoint is served in bf16, not widened to fp32 at twice
+    # its size; monosemantic.lm.resolve_dtype); the activations are read in float32 either way.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # the startup line and reloads are info
     # The dtype of the activations readout's encoder matmul; auto: bfloat16 where this machine runs it faster than
     # float32 (monosemantic/precision.py has the measurements).
