@@ -15,26 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpt2_shape import add_arguments, gpt2_shaped
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--vocab", type=int, default=50257)
-    args = parser.parse_args()
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from monosemantic import checksum_cache
-    from monosemantic.shipped import reference_lm_path
-
-    where = Path(tempfile.gettempdir()) / f"monosemantic-bench-gpt2-{args.layers}x{args.d_model}x{args.vocab}"
-    if not (where / "model.safetensors").exists():
-        torch.manual_seed(0)
-        config = GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=max(1, args.d_model // 64), vocab_size=args.vocab)
-        GPT2LMHeadModel(config).save_pretrained(where)
-        AutoTokenizer.from_pretrained(reference_lm_path()).save_pretrained(where)
-        time.sleep(checksum_cache.RACY_S + 0.2)
+    add_arguments(parser)
+    where = gpt2_shaped(parser.parse_args())
     cache = Path(tempfile.mkdtemp())
     os.environ["MONOSEMANTIC_CACHE_DIR"] = str(cache)
     from monosemantic.lm import load_lm, weights_checksum

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+
+from gpt2_shape import add_arguments, gpt2_shaped
 
 CHILD = """
 import resource, sys, torch
@@ -31,21 +31,8 @@ print(rss() - base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--vocab", type=int, default=50257)
-    args = parser.parse_args()
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from monosemantic.shipped import reference_lm_path
-
-    where = Path(tempfile.gettempdir()) / f"monosemantic-bench-gpt2-bf16-{args.layers}x{args.d_model}x{args.vocab}"
-    if not (where / "model.safetensors").exists():
-        torch.manual_seed(0)
-        config = GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=max(1, args.d_model // 64), vocab_size=args.vocab)
-        GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(where)
-        AutoTokenizer.from_pretrained(reference_lm_path()).save_pretrained(where)
+    add_arguments(parser)
+    where = gpt2_shaped(parser.parse_args(), "bfloat16")
     checkpoint = sum(f.stat().st_size for f in where.glob("*.safetensors"))
     print(f"checkpoint {checkpoint / 2**20:.0f} MiB (bf16)\n\n| dtype | model's RSS | high-water above the imports | RSS / checkpoint |\n| --- | --- | --- | --- |")
     for dtype in ("auto", "float32"):
