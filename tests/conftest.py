@@ -86,6 +86,23 @@ def wait_until_ok(url: str, timeout: float = 120.0) -> None:
     raise AssertionError(f"{url} did not answer 200 within {timeout:.0f} s")
 
 
+def tiny_llama(directory: Path, chat_template: str | None = None) -> Path:
+    """A 2-layer Llama built from its config class (seed 0) with the reference tokenizer, saved in `directory`:
+    the gated MLP and RMSNorm of Llama-family models at test size; `chat_template` is given to its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(reference_lm_path())
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def free_port() -> int:
     import socket
 

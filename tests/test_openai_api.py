@@ -10,15 +10,13 @@ import shutil
 import httpx
 import openai
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import RunningServer
+from conftest import RunningServer, tiny_llama
 from monosemantic.artifact import HookRef, ModelRef, publish
 from monosemantic.client import RestClient
 from monosemantic.lm import load_lm, resolve_hook
 from monosemantic.sae import SAEConfig, build_sae
-from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
+from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 
 MODEL = "reference-lm"
 PROMPT = "import os\nfor name in "
@@ -294,14 +292,7 @@ def test_the_sdk_raises_on_an_in_band_error(served, client):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama-chat")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer = AutoTokenizer.from_pretrained(reference_lm_path())
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(root / "model")
-    lm = load_lm(root / "model")
+    lm = load_lm(tiny_llama(root / "model", chat_template=TEMPLATE))
     point = resolve_hook(lm, "blocks.1.mlp.hook_post")
     sae = build_sae(SAEConfig.build(architecture="relu", d_in=128, d_sae=256), seed=1)
     publish(root / "registry", "neurons", sae, model=ModelRef(name="tiny-llama", checksum=lm.checksum),

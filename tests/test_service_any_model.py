@@ -6,14 +6,12 @@ last block's MLP neurons and say it is first-order elsewhere.
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import RunningServer
+from conftest import RunningServer, tiny_llama
 from monosemantic.artifact import HookRef, ModelRef, publish
 from monosemantic.client import RestClient
 from monosemantic.lm import load_lm, resolve_hook
 from monosemantic.sae import SAEConfig, build_sae
-from monosemantic.shipped import reference_lm_path
 
 TEXT = "def main():\n    return sorted(items)"
 
@@ -21,12 +19,7 @@ TEXT = "def main():\n    return sorted(items)"
 @pytest.fixture(scope="module")
 def llama_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    AutoTokenizer.from_pretrained(reference_lm_path()).save_pretrained(root / "model")
-    lm = load_lm(root / "model")
+    lm = load_lm(tiny_llama(root / "model"))
     registry = root / "registry"
     for name, hook, width in (("neurons", "blocks.1.mlp.hook_post", 128), ("residual", "blocks.0.hook_resid_post", 64)):
         point = resolve_hook(lm, hook)
