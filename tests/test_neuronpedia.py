@@ -187,7 +187,14 @@ def test_all_batch_answers_each_prompt_as_alone(api):
         prompts=prompts, model=MODEL_ID, source_set="resid", selected_sources=[], sort_by_token_indexes=[], ignore_bos=True, num_results=5))
     for prompt, result in zip(prompts, batch.results):
         alone = _all(api, prompt=prompt, source_set="resid", ignore_bos=True, num_results=5)
-        assert result.to_dict() == alone.to_dict()
+        # The batch runs padded together, so values agree to fp32 rounding (a CPU's kernel may sum in another order),
+        # and everything else exactly.
+        assert result.tokens == alone.tokens
+        assert [(f.source, f.index, f.max_value_index) for f in result.activations] == \
+            [(f.source, f.index, f.max_value_index) for f in alone.activations]
+        for got, want in zip(result.activations, alone.activations):
+            assert got.values == pytest.approx(want.values, abs=1e-5)
+            assert got.max_value == pytest.approx(want.max_value, abs=1e-5)
 
 
 # ---- activation/single, topk-by-token, source --------------------------------------------------------------------
@@ -218,7 +225,8 @@ def test_single_batch_equals_single(api):
     batch = api.activation_single_batch_post(npc.ActivationSingleBatchPostRequest(prompts=prompts, model=MODEL_ID, source="0-resid", index="4"))
     for prompt, result in zip(prompts, batch.results):
         alone = api.activation_single_post(npc.ActivationSinglePostRequest(prompt=prompt, model=MODEL_ID, source="0-resid", index="4"))
-        assert result.to_dict() == alone.to_dict()
+        assert (result.tokens, result.activation.max_value_index) == (alone.tokens, alone.activation.max_value_index)
+        assert result.activation.values == pytest.approx(alone.activation.values, abs=1e-5)  # padded together: fp32 rounding
 
 
 def test_topk_by_token_positions_count_from_the_bos_and_match_our_top_features(api, ours):
