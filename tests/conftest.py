@@ -103,6 +103,38 @@ def tiny_llama(directory: Path, chat_template: str | None = None) -> Path:
     return directory
 
 
+def one_hot_lm_and_sae(vocab: int = 32):
+    """A one-layer GPT-2 whose token embeddings are the identity and whose position embeddings are zero, read at
+    blocks.0.hook_resid_pre (the activation there is exactly the token's one-hot vector), with a word-level
+    tokenizer (w0 is BOS) and the dictionary W_enc = W_dec = I, b_enc = -0.5: feature i fires 0.5 on token i and
+    nowhere else. Every dashboard statistic's answer is then known."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from monosemantic.lm import LoadedLM, weights_checksum
+    from monosemantic.sae import SAEConfig, build_sae
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=vocab, n_layer=1, n_head=4, n_positions=64)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(torch.eye(vocab))
+        model.transformer.wpe.weight.zero_()
+    backend = Tokenizer(WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w0")
+    lm = LoadedLM(model=model, tokenizer=tokenizer, source="one-hot", checksum=weights_checksum(model))
+    sae = build_sae(SAEConfig.build(architecture="relu", d_in=vocab, d_sae=vocab))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(vocab))
+        sae.W_dec.copy_(torch.eye(vocab))
+        sae.b_enc.fill_(-0.5)
+        sae.b_dec.zero_()
+    return lm, sae
+
+
 def free_port() -> int:
     import socket
 

@@ -7,14 +7,9 @@ is W_enc = W_dec = I with b_enc = -0.5, so feature i fires with value 0.5 on tok
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from conftest import one_hot_lm_and_sae
 from monosemantic.feature_stats import LAYOUT, FeatureStatistics
-from monosemantic.lm import LoadedLM, weights_checksum
-from monosemantic.sae import SAEConfig, build_sae
 from trainer.features import FeatureStatsConfig, feature_statistics
 
 VOCAB = 32
@@ -23,22 +18,7 @@ HOOK = "blocks.0.hook_resid_pre"
 
 @pytest.fixture(scope="module")
 def one_hot_setup():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=VOCAB, n_layer=1, n_head=4, n_positions=64)).eval()
-    with torch.no_grad():
-        model.transformer.wte.weight.copy_(torch.eye(VOCAB))
-        model.transformer.wpe.weight.zero_()
-    words = {f"w{i}": i for i in range(VOCAB)}
-    backend = Tokenizer(WordLevel(words, unk_token="w1"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w0")
-    lm = LoadedLM(model=model, tokenizer=tokenizer, source="one-hot", checksum=weights_checksum(model))
-    sae = build_sae(SAEConfig.build(architecture="relu", d_in=VOCAB, d_sae=VOCAB))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(VOCAB))
-        sae.W_dec.copy_(torch.eye(VOCAB))
-        sae.b_enc.fill_(-0.5)
-        sae.b_dec.zero_()
+    lm, sae = one_hot_lm_and_sae(VOCAB)
     generator = torch.Generator().manual_seed(1)
     contexts = torch.randint(1, VOCAB, (40, 24), generator=generator)
     contexts[:, 0] = 0  # BOS

@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import trainer.harvest as harvest_module
 from monosemantic.errors import ConfigError, MonosemanticError
 from monosemantic.lm import LoadedLM, read_activations, weights_checksum
-from trainer.activations import HARVEST_MANIFEST, from_storage, open_harvest, to_storage
+from trainer.activations import HARVEST_CONTEXTS, HARVEST_MANIFEST, from_storage, open_harvest, to_storage
 from trainer.harvest import harvest
 
 HOOK = "blocks.0.mlp.hook_post"
@@ -105,7 +105,7 @@ def test_an_interrupted_harvest_continues_after_its_last_complete_shard(lm, cont
     uninterrupted = run(lm, contexts, tmp_path / "uninterrupted")
     assert manifest["shards"] == uninterrupted["shards"]
     assert torch.equal(all_rows(out), all_rows(tmp_path / "uninterrupted"))
-    assert sorted(p.name for p in out.iterdir()) == [".lock", HARVEST_MANIFEST, "shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", HARVEST_CONTEXTS, HARVEST_MANIFEST, "shard_00000.npy", "shard_00001.npy", "shard_00002.npy"])
 
 
 def test_an_interrupted_harvest_can_be_read_up_to_its_last_complete_shard(lm, contexts, tmp_path, monkeypatch):

@@ -121,6 +121,25 @@ def test_harvest_train_evaluate_and_features_run_on_the_users_text_from_the_cli(
     assert from_the_users_text(tokenizer, top.reshape(-1, top.shape[-1]).tolist())
 
 
+@pytest.mark.slow
+def test_features_from_a_harvest_read_its_shards_and_show_its_text(tmp_path, sources, tokenizer):
+    data = ["--dataset", str(sources["jsonl"]), "--text-field", "body"]
+    assert runner.invoke(app, ["harvest", "--out", str(tmp_path / "h"), "--contexts", "24", "--context-length", "64", *data]).exit_code == 0
+    assert runner.invoke(app, ["train", "--harvest", str(tmp_path / "h"), "--d-sae", "64", "--tokens", "20000", "--batch-size",
+                               "512", "--registry", str(tmp_path / "r"), "--name", "mine"]).exit_code == 0
+    refused = runner.invoke(app, ["features", "--registry", str(tmp_path / "r"), "--dictionary", "mine", "--harvest", str(tmp_path / "h"), *data])
+    assert refused.exit_code == 2 and "--harvest" in refused.output and "--dataset" in refused.output
+    featured = runner.invoke(app, ["features", "--registry", str(tmp_path / "r"), "--dictionary", "mine", "--tokens", "630",
+                                   "--harvest", str(tmp_path / "h")])
+    assert featured.exit_code == 0, featured.output
+    dashboards = load_dictionary(tmp_path / "r", "mine")
+    recorded = dashboards.manifest.feature_statistics
+    assert recorded["tokens"] == 10 * 63 and recorded["text"]["kind"] == "harvest"  # its first 10 contexts
+    assert recorded["text"]["data"]["dataset"] == str(sources["jsonl"])
+    top = dashboards.features["top_tokens"]
+    assert from_the_users_text(tokenizer, top.reshape(-1, top.shape[-1]).tolist())
+
+
 def test_evaluate_and_features_use_the_model_the_dictionary_records_when_no_model_is_given(tmp_path, sources):
     import shutil
 

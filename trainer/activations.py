@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,7 @@ from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_
 from monosemantic.ledger import write_durably
 
 HARVEST_MANIFEST = "harvest.json"
+HARVEST_CONTEXTS = "contexts.npy"  # the token ids harvested, [contexts, context_length] int32, beside the manifest
 SHARD_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 SCAN_BYTES = 1 << 20  # 1 MiB blocks stay in cache between the hash and the finite test: 1.36 GB/s, against 0.71 with 64 MiB (bench/data_check.py)
 
@@ -209,6 +211,61 @@ class ActivationSource:
                         yield chunk[b * batch_size : (b + 1) * batch_size]
                     produced += 1
             epoch += 1
+
+
+def contexts_checksum(contexts: Tensor) -> str:
+    """What a harvest's manifest records of its contexts (`contexts_checksum`), to know them again."""
+    return hashlib.sha256(contexts.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def kept_positions(contexts: Tensor, skip_bos: bool, special: list[int]) -> Tensor:
+    """[n, ctx] booleans: the positions of a harvest's contexts whose activations became its rows, in order."""
+    keep = torch.ones(contexts.shape, dtype=torch.bool)
+    if skip_bos:
+        keep[:, 0] = False
+    if special:
+        keep &= ~torch.isin(contexts, torch.tensor(special, dtype=contexts.dtype))
+    return keep
+
+
+@dataclass
+class HarvestContexts:
+    """The token ids a harvest read (its `contexts.npy`), so its rows can be put back at their tokens: the
+    dashboards' windows need them. Checked against the manifest's `contexts_checksum` when read."""
+
+    tokens: Tensor  # [contexts, context_length] int64
+    manifest: dict
+
+    @staticmethod
+    def write(directory: Path, contexts: Tensor) -> None:
+        path = Path(directory) / HARVEST_CONTEXTS
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, contexts.to(torch.int32).contiguous().numpy(), allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise WriteFailed(f"cannot write {HARVEST_CONTEXTS} in {directory}: {os_reason(exc)}") from None
+
+    @classmethod
+    def read(cls, directory: Path) -> "HarvestContexts":
+        directory = Path(directory)
+        manifest = read_json(directory / HARVEST_MANIFEST, "harvest")
+        path = directory / HARVEST_CONTEXTS
+        if not path.exists():
+            raise MonosemanticError(f"harvest at {directory} does not record its token ids ({HARVEST_CONTEXTS}; harvested by "
+                                    "an earlier release): harvest again, or compute the dashboards from the model")
+        try:
+            tokens = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+        except (ValueError, OSError) as exc:
+            raise DataError(f"harvest at {directory}: {HARVEST_CONTEXTS} cannot be read ({exc})") from None
+        if tokens.ndim != 2 or contexts_checksum(tokens) != manifest.get("contexts_checksum"):
+            raise DataError(f"harvest at {directory}: {HARVEST_CONTEXTS} is not the contexts its {HARVEST_MANIFEST} records "
+                            "(edited or from another harvest)")
+        return cls(tokens=tokens, manifest=manifest)
 
 
 def open_harvest(directory: Path, check: bool = True) -> ActivationSource:

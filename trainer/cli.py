@@ -232,6 +232,8 @@ def features(
     text_field: TextField = "text",
     split: Split = "train",
     revision: Revision = None,
+    harvest: Annotated[Optional[Path], typer.Option(help="read the activations from this harvest's shards (no model forward; "
+                                                         "its contexts are the examples) instead of running the model")] = None,
 ) -> None:
     """Feature dashboards: density, activation histogram, top and quantile examples, logit effects, neighbours
     and labels, published with the same weights as the next version of the dictionary."""
@@ -240,7 +242,8 @@ def features(
 
     try:
         path = features_and_publish(registry, dictionary, model=model, tokens=tokens, cfg=FeatureStatsConfig(top_k=top_k),
-                                    max_chars=max_chars, out_registry=out_registry, text=_text(dataset, text_field, split, revision))
+                                    max_chars=max_chars, out_registry=out_registry, text=_text(dataset, text_field, split, revision),
+                                    harvest=harvest)
     except MonosemanticError as exc:
         _fail(exc)
     typer.echo(str(path))

@@ -1,11 +1,14 @@
-"""Per-feature dashboard statistics (Bricken et al. 2023's feature pages), streamed over held-out contexts.
+"""Per-feature dashboard statistics (Bricken et al. 2023's feature pages), streamed over contexts.
 
-Three passes over the contexts, each holding only one batch of feature activations at a time:
+Two passes over the contexts' activations, each holding only one batch of feature activations at a time:
 1. density, mean and max activation, a histogram of activations (fixed log-spaced bins), the top-k tokens;
-2. examples sampled across activation quantiles (intervals of each feature's own max), by random priority;
-3. for every example kept, the token window around it with the feature's activation at each of its tokens.
-Then what needs no data: logit effects through the direct path, nearest features by decoder cosine, and a
-short label made from the top contexts. The BOS position is skipped everywhere, as in evaluation.
+2. examples sampled across activation quantiles (intervals of each feature's own max), by random priority.
+Each example carries its token window, with the feature's activation at each of its tokens, from the batch it was
+found in (so no third pass is needed to fetch them). The activations come from the model, run once (kept for the
+second pass while they fit `cache_mib`), or from a harvest's shards without a model forward
+(trainer/feature_activations.py). Then what needs no data: logit effects through the direct path, nearest features
+by decoder cosine, and a short label made from the top contexts. The BOS position is skipped everywhere, as in
+evaluation.
 
 The tensors written, their shapes and meanings are defined in monosemantic/feature_stats.py (``LAYOUT``); they are
 assembled here as a ``FeatureStatistics``, which checks them, and stored as ``features.safetensors``.
@@ -14,16 +17,15 @@ assembled here as a ``FeatureStatistics``, which checks them, and stored as ``fe
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
 from monosemantic.feature_stats import FeatureStatistics
-from monosemantic.lm import LoadedLM, direct_logit_extremes, read_activations, resolve_hook
+from monosemantic.lm import LoadedLM, direct_logit_extremes
 from monosemantic.sae import SparseAutoencoder
-from trainer.progress import progress as progress_bar
+from trainer.feature_activations import CACHE_MIB, HarvestActivations, ModelActivations
 
 LOG10_ACTIVATION_EDGES = torch.linspace(-2.0, 2.0, 41)  # activations 0.01 … 100, 40 bins; the ends catch the rest
 
@@ -37,75 +39,99 @@ class FeatureStatsConfig(BaseModel):
     logit_k: int = Field(10, ge=1)
     neighbours: int = Field(5, ge=1)
     batch_contexts: int = Field(16, ge=1)
+    cache_mib: int = Field(CACHE_MIB, ge=0, description="the model's activations kept between the passes up to this size")
     seed: int = 0
 
 
-@dataclass
-class _Batches:
-    lm: LoadedLM
-    sae: SparseAutoencoder
-    hook: str
-    contexts: Tensor
-    batch: int
-    progress: bool
-
-    def __iter__(self):
-        """(first context index, features [b, T-1, d_sae]) per batch; position 0 (BOS) dropped."""
-        point = resolve_hook(self.lm.model, self.hook)
-        for start in progress_bar(range(0, self.contexts.shape[0], self.batch), desc="features", unit="batch",
-                                  enabled=self.progress, leave=False):
-            ids = self.contexts[start : start + self.batch]
-            x = read_activations(self.lm.model, ids, point, attention_mask=torch.ones_like(ids))[:, 1:].float()
-            yield start, self.sae.encode(x)
+def _windows(f: Tensor, rows: Tensor, features: Tensor, contexts: Tensor, start: int, window: Tensor) -> tuple[Tensor, Tensor]:
+    """For examples at flat rows `rows` of a batch's features f [b, P, d] (-1: no example) of `features`: the
+    feature's activation at each token of the window around it [..., w], and those tokens' ids (-1 outside the
+    context), read from `contexts` (BOS at 0, so the batch's position p is the context's p + 1)."""
+    per_context = f.shape[1]
+    valid = rows >= 0
+    safe = rows.clamp_min(0)
+    context, position = safe // per_context, safe % per_context
+    positions = position[..., None] + window
+    inside = (positions >= 0) & (positions < per_context) & valid[..., None]
+    clamped = positions.clamp(0, per_context - 1)
+    context = context[..., None].expand_as(positions)
+    acts = f[context, clamped, features[..., None].expand_as(positions)] * inside
+    tokens = torch.where(inside, contexts[start + context, clamped + 1], -1)
+    return acts, tokens
 
 
-def _merge_top(values: Tensor, index: Tensor, new_values: Tensor, new_index: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Keep the k largest along dim 0 of the union."""
-    all_values, all_index = torch.cat([values, new_values]), torch.cat([index, new_index])
+def _merge_top(values: Tensor, carried: tuple[Tensor, ...], new_values: Tensor, new_carried: tuple[Tensor, ...],
+               k: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Keep the k largest along dim 0 of the union of [k, d] values, with what each carries ([k, d, ...])."""
+    all_values = torch.cat([values, new_values])
     top = all_values.topk(min(k, all_values.shape[0]), dim=0)
-    return top.values, all_index.gather(0, top.indices)
+    kept = []
+    for old, new in zip(carried, new_carried):
+        both = torch.cat([old, new])
+        index = top.indices.reshape(*top.indices.shape, *([1] * (both.ndim - 2))).expand(-1, -1, *both.shape[2:])
+        kept.append(both.gather(0, index))
+    return top.values, tuple(kept)
 
 
 @torch.no_grad()
-def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Tensor,
-                       cfg: FeatureStatsConfig | None = None, progress: bool = True) -> tuple[dict[str, Tensor], list[str]]:
+def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Tensor | None = None,
+                       cfg: FeatureStatsConfig | None = None, progress: bool = True,
+                       activations: ModelActivations | HarvestActivations | None = None) -> tuple[dict[str, Tensor], list[str]]:
     """Everything a feature page shows, as tensors for features.safetensors (monosemantic/feature_stats.py's
-    layout), plus one label per feature."""
+    layout), plus one label per feature: over `contexts` [n, T] read from the model at `hook`, or over the
+    contexts of `activations` (a harvest's shards) when given."""
     cfg = cfg or FeatureStatsConfig()
+    if activations is None:
+        activations = ModelActivations(lm, hook, contexts, cfg.cache_mib, progress)
+    contexts = activations.contexts
     sae = sae.float().eval()
     n, length = contexts.shape
-    per_context = length - 1  # tokens counted per context (BOS dropped)
+    per_context = length - 1  # positions per context (BOS dropped)
     d = sae.cfg.d_sae
-    batches = _Batches(lm, sae, hook, contexts, cfg.batch_contexts, progress)
     bins = len(LOG10_ACTIVATION_EDGES) - 1
+    window = torch.arange(-cfg.window_before, cfg.window_after + 1)
+    w = window.numel()
+    features = torch.arange(d)
 
-    # ---- pass 1: density, mean, max, histogram, top-k -----------------------------------------------------
+    def encoded(desc: str):
+        for batch in activations.batches(cfg.batch_contexts, desc):
+            f = sae.encode(batch.x)
+            if batch.counted is not None:  # positions a harvest left out count as not firing
+                f = f * batch.counted[..., None]
+            yield batch, f
+
+    # ---- pass 1: density, mean, max, histogram, top-k with their windows -------------------------------------
     fires = torch.zeros(d, dtype=torch.float64)
     total = torch.zeros(d, dtype=torch.float64)
     max_act = torch.zeros(d)
     histogram = torch.zeros(d * bins, dtype=torch.int64)
+    tokens = 0
     top_values = torch.zeros(0, d)
-    top_index = torch.zeros(0, d, dtype=torch.long)  # global token index: context * per_context + position - 1
-    for start, f in batches:
+    # global token index (context * per_context + position - 1), window activations, window token ids
+    top: tuple[Tensor, ...] = (torch.zeros(0, d, dtype=torch.long), torch.zeros(0, d, w), torch.zeros(0, d, w, dtype=torch.long))
+    for batch, f in encoded("features 1/2"):
         flat = f.reshape(-1, d)
+        tokens += flat.shape[0] if batch.counted is None else int(batch.counted.sum())
         fires += (flat > 0).sum(0).double()
         total += flat.sum(0).double()
         max_act = torch.maximum(max_act, flat.max(0).values)
         rows, feats = flat.nonzero(as_tuple=True)
         which = torch.bucketize(torch.log10(flat[rows, feats]), LOG10_ACTIVATION_EDGES[1:-1])
         histogram.index_add_(0, feats * bins + which, torch.ones_like(feats))
-        k = min(cfg.top_k, flat.shape[0])
-        batch_top = flat.topk(k, dim=0)
-        top_values, top_index = _merge_top(top_values, top_index, batch_top.values, batch_top.indices + start * per_context, cfg.top_k)
-    tokens = n * per_context
+        batch_top = flat.topk(min(cfg.top_k, flat.shape[0]), dim=0)
+        acts, ids = _windows(f, batch_top.indices, features.expand_as(batch_top.indices), contexts, batch.start, window)
+        found = (batch_top.indices + batch.start * per_context, acts, ids)
+        top_values, top = _merge_top(top_values, top, batch_top.values, found, cfg.top_k)
     density = (fires / max(tokens, 1)).float()
 
-    # ---- pass 2: examples across activation quantiles ------------------------------------------------------
+    # ---- pass 2: examples across activation quantiles, with their windows -------------------------------------
     q, m = cfg.quantile_bins, cfg.per_quantile
     generator = torch.Generator().manual_seed(cfg.seed)
     sample_keys = torch.full((m, d * q), -1.0)
-    sample_index = torch.full((m, d * q), -1, dtype=torch.long)
-    for start, f in batches:
+    sample_feature = torch.arange(d * q) // q
+    sampled: tuple[Tensor, ...] = (torch.full((m, d * q), -1, dtype=torch.long), torch.zeros(m, d * q, w),
+                                   torch.full((m, d * q, w), -1, dtype=torch.long))
+    for batch, f in encoded("features 2/2"):
         flat = f.reshape(-1, d)
         rows, feats = flat.nonzero(as_tuple=True)
         fraction = flat[rows, feats] / max_act[feats].clamp_min(1e-12)
@@ -115,42 +141,23 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
         best = torch.full((d * q,), -1.0).scatter_reduce(0, group, keys, reduce="amax")
         winners = (keys == best[group]).nonzero(as_tuple=True)[0]
         cand_keys = torch.full((1, d * q), -1.0)
-        cand_index = torch.full((1, d * q), -1, dtype=torch.long)
+        cand_rows = torch.full((1, d * q), -1, dtype=torch.long)
         cand_keys[0, group[winners]] = keys[winners]
-        cand_index[0, group[winners]] = rows[winners] + start * per_context
-        sample_keys, sample_index = _merge_top(sample_keys, sample_index, cand_keys, cand_index, m)
+        cand_rows[0, group[winners]] = rows[winners]
+        acts, ids = _windows(f, cand_rows, sample_feature[None], contexts, batch.start, window)
+        found = (torch.where(cand_rows >= 0, cand_rows + batch.start * per_context, -1), acts, ids)
+        sample_keys, sampled = _merge_top(sample_keys, sampled, cand_keys, found, m)
 
-    # ---- pass 3: the window around every kept example, with the feature's activation at each token ---------
-    top_feature = torch.arange(d).expand(top_index.shape[0], d)
-    sample_feature = torch.arange(d * q).expand(m, d * q) // q
-    examples_index = torch.cat([top_index.T.reshape(-1), sample_index.T.reshape(-1)])
-    examples_feature = torch.cat([top_feature.T.reshape(-1), sample_feature.T.reshape(-1)])
-    valid = examples_index >= 0
-    window = torch.arange(-cfg.window_before, cfg.window_after + 1)
-    w = window.numel()
-    window_tokens = torch.full((examples_index.shape[0], w), -1, dtype=torch.long)
-    window_acts = torch.zeros(examples_index.shape[0], w)
-    context_of = torch.where(valid, examples_index // per_context, -1)
-    position = examples_index % per_context + 1  # position in the context, BOS at 0
-    positions = (position[:, None] + window[None, :])
-    in_range = (positions >= 1) & (positions < length) & valid[:, None]
-    for start, f in batches:
-        end = start + f.shape[0]
-        here = ((context_of >= start) & (context_of < end)).nonzero(as_tuple=True)[0]
-        if here.numel() == 0:
-            continue
-        local = (context_of[here] - start)[:, None].expand(-1, w)
-        pos = positions[here].clamp(1, length - 1)
-        window_acts[here] = f[local, pos - 1, examples_feature[here][:, None].expand(-1, w)] * in_range[here]
-        window_tokens[here] = torch.where(in_range[here], contexts[context_of[here][:, None], pos], -1)
-
-    n_top = top_index.numel()
-    shape_top, shape_sample = (d, top_index.shape[0], w), (d, q * m, w)
+    top_index, top_acts, top_tokens = top
+    sample_index, sample_acts, sample_tokens = sampled
     token_dtype = torch.int16 if lm.model.get_output_embeddings().weight.shape[0] < 2**15 else torch.int32
-    quantile_values = torch.zeros(d, q * m)
-    sample_valid = sample_index.T.reshape(d, q, m).reshape(d, q * m) >= 0
+    # [k, d, w] -> [d, k, w]; the samples [m, d * q, w] -> [d, q * m, w], interval-major as quantile_bins says
+    by_feature = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
+    by_interval = lambda t: t.transpose(0, 1).reshape(d, q, m, *t.shape[2:]).reshape(d, q * m, *t.shape[2:])  # noqa: E731
+    sample_valid = by_interval(sample_index) >= 0
+    quantile_acts = by_interval(sample_acts)
     # the activation at the centre of each sampled window is the sampled value
-    quantile_values = window_acts[n_top:].reshape(d, q * m, w)[:, :, cfg.window_before] * sample_valid
+    quantile_values = quantile_acts[:, :, cfg.window_before] * sample_valid
 
     # Chunked over features: the whole [d_sae, vocab] matrix was 4.9 GB at GPT-2's shape (24,576 × 50,257) and could
     # not be allocated at Gemma-2's (16,384 × 256,000).
@@ -166,12 +173,12 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
         histogram_counts=histogram.reshape(d, bins).int(),
         histogram_log10_edges=LOG10_ACTIVATION_EDGES.clone(),
         top_values=top_values.T.contiguous(),
-        top_tokens=window_tokens[:n_top].reshape(shape_top).to(token_dtype),
-        top_acts=window_acts[:n_top].reshape(shape_top).half(),
+        top_tokens=by_feature(top_tokens).to(token_dtype),
+        top_acts=by_feature(top_acts).half(),
         quantile_values=quantile_values.contiguous(),
         quantile_bins=(torch.arange(q * m) // m).int(),
-        quantile_tokens=window_tokens[n_top:].reshape(shape_sample).to(token_dtype),
-        quantile_acts=window_acts[n_top:].reshape(shape_sample).half(),
+        quantile_tokens=by_interval(sample_tokens).to(token_dtype),
+        quantile_acts=quantile_acts.half(),
         window_offsets=window.int(),
         stats_tokens=torch.tensor([tokens], dtype=torch.int64),
         **logits,

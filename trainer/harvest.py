@@ -19,7 +19,8 @@ import torch
 from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_reason
 from monosemantic.lm import HookPoint, LoadedLM, model_source, read_activations_at, resolve_hook
 from trainer.activations import (
-    HARVEST_MANIFEST, SHARD_DTYPES, first_non_finite_row, read_json, to_storage, write_json_atomic,
+    HARVEST_CONTEXTS, HARVEST_MANIFEST, SHARD_DTYPES, HarvestContexts, contexts_checksum, first_non_finite_row, kept_positions,
+    read_json, to_storage, write_json_atomic,
 )
 from trainer.progress import progress as progress_bar
 
@@ -111,7 +112,7 @@ def harvest_hooks(
                 raise WriteFailed(f"cannot create the harvest directory {directory}: {os_reason(exc)}") from None
             held.enter_context(exclusive(directory, "harvest"))
         shard_sets = [_ShardSet.open(lm, contexts, p, d, settings) for p, d in zip(points, directories)]
-        _run(lm, contexts, shard_sets, batch_size=batch_size, keep=_kept_positions(contexts, skip_bos, special),
+        _run(lm, contexts, shard_sets, batch_size=batch_size, keep=kept_positions(contexts, skip_bos, special),
              progress=progress)
     return {s.point.name: s.manifest for s in shard_sets}
 
@@ -129,7 +130,7 @@ class _ShardSet:
             "dtype": settings["dtype"], "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
             "contexts_per_shard": settings["contexts_per_shard"], "skip_bos": settings["skip_bos"],
             "excluded_token_ids": settings["special"], "data_fingerprint": settings["data_fingerprint"],
-            "contexts_checksum": _checksum(contexts),
+            "contexts_checksum": contexts_checksum(contexts),
         }
         path = directory / HARVEST_MANIFEST
         if path.exists():
@@ -143,6 +144,8 @@ class _ShardSet:
             manifest = {**identity, "model_source": model_source(lm.source), "data": settings["data"], "shards": [],
                         "contexts_done": 0, "tokens": 0, "complete": False}
             write_json_atomic(path, manifest)
+        if not (directory / HARVEST_CONTEXTS).exists():  # the token ids, for dashboards from the shards (a resumed
+            HarvestContexts.write(directory, contexts)  # harvest by an earlier release gets them too: the same contexts)
         return cls(point, directory, manifest)
 
     def remaining_bytes(self, positions: int, width: int) -> int:
@@ -169,16 +172,6 @@ class _ShardSet:
         except WriteFailed as exc:  # a shard not yet in the manifest is rewritten by the resume
             raise WriteFailed(f"{exc}; the {recorded} shards recorded before it are kept and the same command "
                               "resumes after them") from None
-
-
-def _kept_positions(contexts: torch.Tensor, skip_bos: bool, special: list[int]) -> torch.Tensor:
-    """[n, ctx] booleans: the positions whose activations become rows."""
-    keep = torch.ones(contexts.shape, dtype=torch.bool)
-    if skip_bos:
-        keep[:, 0] = False
-    if special:
-        keep &= ~torch.isin(contexts, torch.tensor(special, dtype=contexts.dtype))
-    return keep
 
 
 def _run(lm: LoadedLM, contexts: torch.Tensor, shard_sets: list[_ShardSet], *, batch_size: int, keep: torch.Tensor,
@@ -237,7 +230,3 @@ def _write_shard(path: Path, shard: np.ndarray) -> str:
         tmp.unlink(missing_ok=True)
         raise WriteFailed(f"cannot write harvest shard {path.name} in {path.parent}: {os_reason(exc)}") from None
     return digest.hexdigest()
-
-
-def _checksum(contexts: torch.Tensor) -> str:
-    return hashlib.sha256(contexts.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]

@@ -340,22 +340,34 @@ def dashboard_contexts(tokenizer: Any, tokens: int, context_length: int, max_cha
 
 def features_and_publish(registry: Path, reference: str, *, model: str | Path | None, tokens: int, cfg: Any = None,
                          max_chars: int | None = None, context_length: int = 256, lm: LoadedLM | None = None,
-                         out_registry: Path | None = None, text: TextSpec | None = None) -> Path:
+                         out_registry: Path | None = None, text: TextSpec | None = None, harvest: Path | None = None) -> Path:
     """``features``: compute the dashboard statistics of a dictionary version and publish them, with the same
     weights and manifest fields, as the next version of that dictionary (versions are immutable) in
-    `out_registry` (default: the same registry)."""
+    `out_registry` (default: the same registry). With `harvest`, over that harvest's first contexts, read from its
+    shards (the model only gives the logit effects and the tokenizer)."""
+    from trainer.feature_activations import HarvestActivations, check_harvest_matches
     from trainer.features import feature_statistics
 
+    if harvest is not None and (text is not None or max_chars is not None):
+        raise ConfigError("--harvest: the dashboards then read the harvest's own contexts; drop --dataset / --max-chars")
     name, version = parse_reference(reference)
     lm = lm or _dictionary_model(registry, name, version, model)
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
     m = dictionary.manifest
+    hook = m.hook.module_path + ":" + m.hook.kind
     _require_writable(out_registry or registry, _dictionary_bytes(m.sae.d_in, m.sae.d_sae, m.dtype) + 4 * m.sae.d_sae * 1024, "the registry")
-    contexts, fingerprint = dashboard_contexts(lm.tokenizer, tokens, context_length, max_chars, text)
-    tensors, labels = feature_statistics(lm, dictionary.sae, m.hook.module_path + ":" + m.hook.kind, contexts, cfg)
+    if harvest is not None:
+        activations = HarvestActivations(harvest, tokens=tokens)
+        check_harvest_matches(activations, lm, hook)
+        tensors, labels = feature_statistics(lm, dictionary.sae, hook, cfg=cfg, activations=activations)
+        described = {"corpus_fingerprint": activations.data_fingerprint,
+                     "text": {"kind": "harvest", "directory": str(harvest), "data": activations.manifest.get("data")}}
+    else:
+        contexts, fingerprint = dashboard_contexts(lm.tokenizer, tokens, context_length, max_chars, text)
+        tensors, labels = feature_statistics(lm, dictionary.sae, hook, contexts, cfg)
+        described = {"corpus_fingerprint": fingerprint, "text": _data_description(text, max_chars)}
     return _republish(out_registry or registry, dictionary, model=m.model, hook=m.hook, features=tensors, labels=labels,
-                      extra={"feature_statistics": {"tokens": int(tensors["stats_tokens"]), "corpus_fingerprint": fingerprint,
-                                                    "text": _data_description(text, max_chars)}})
+                      extra={"feature_statistics": {"tokens": int(tensors["stats_tokens"]), **described}})
 
 
 @dataclass
