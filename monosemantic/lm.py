@@ -41,6 +41,7 @@ __all__ = [
     "hooked_replacement",
     "linear_to_logits",
     "load_lm",
+    "weights_dtype",
     "logits_with_replacement",
     "read_activations",
     "resolve_hook",
@@ -135,13 +136,21 @@ def resolve_dtype(source: str | Path, requested: str, device: str = "cpu") -> to
     return dtype
 
 
-def load_lm(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedLM:
+def weights_dtype(model: nn.Module | LoadedLM) -> str:
+    """The dtype a model's weights are in, by name ("bfloat16"), as manifests record it."""
+    return str(next(_unwrap(model).parameters()).dtype).removeprefix("torch.")
+
+
+def load_lm(source: str | Path, device: str = "cpu", dtype: torch.dtype | str = torch.float32) -> LoadedLM:
     """Load a causal LM and its tokenizer from a local save_pretrained folder or a hub id, in eval mode, with its
-    weights checksum (a local folder's remembered while its files are unchanged).
+    weights checksum (a local folder's remembered while its files are unchanged). `dtype` is a torch dtype or a
+    name resolve_dtype takes (`auto`: the checkpoint's own).
 
     The dtype is always passed explicitly because transformers otherwise applies the one recorded in the
     checkpoint's config. Remote code is never trusted.
     """
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(source, dtype, device)
     local_dir = _local_dir(source)
     name = str(local_dir) if local_dir is not None else str(source)
     local = local_dir is not None

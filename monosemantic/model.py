@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from monosemantic.lm import LoadedLM, load_lm, resolve_dtype
+from monosemantic.lm import LoadedLM, load_lm
 
 
 @dataclass(frozen=True)
@@ -70,4 +70,4 @@ class Model:
 
 def load_model(source: str, device: str = "cpu", dtype: str = "float32") -> Model:
     """The model at `source` in `dtype` (auto: its checkpoint's, monosemantic.lm.resolve_dtype)."""
-    return Model.of(load_lm(source, device=device, dtype=resolve_dtype(source, dtype, device)))
+    return Model.of(load_lm(source, device=device, dtype=dtype))

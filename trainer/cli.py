@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,14 @@ Dataset = Annotated[Optional[str], typer.Option(
 TextField = Annotated[str, typer.Option(help="the column holding the text (an input_ids column is used as it is)")]
 Split = Annotated[str, typer.Option(help="the dataset's split (a save_to_disk DatasetDict or a hub dataset)")]
 Revision = Annotated[Optional[str], typer.Option(help="the hub dataset's revision")]
+# --model-dtype, not --dtype: harvest's --dtype is its shards' and train's the dictionary's storage dtype.
+class _ModelDtype(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+ModelDtype = Annotated[_ModelDtype, typer.Option(help="the model's dtype; auto: the checkpoint's own (a bf16 model is not widened to fp32)")]
 
 
 def _text(dataset: str | None, text_field: str, split: str, revision: str | None):
@@ -101,6 +110,7 @@ def harvest_cmd(
     revision: Revision = None,
     exclude_special_tokens: Annotated[bool, typer.Option(
         help="keep every BOS/EOS/PAD position out of the rows, not only each context's first")] = False,
+    model_dtype: ModelDtype = _ModelDtype.auto,
 ) -> None:
     """Run the model over training contexts and store the activations at one or several hooks (the forward runs
     once, up to the deepest hook)."""
@@ -110,7 +120,8 @@ def harvest_cmd(
     try:
         manifest = harvest_corpus(model, out, hook=hook or [REFERENCE_HOOK], contexts=contexts,
                                   context_length=context_length, dtype=dtype, max_chars=max_chars, seed=seed,
-                                  text=_text(dataset, text_field, split, revision), exclude_special_tokens=exclude_special_tokens)
+                                  text=_text(dataset, text_field, split, revision), exclude_special_tokens=exclude_special_tokens,
+                                  model_dtype=model_dtype.value)
     except MonosemanticError as exc:
         _fail(exc)
     summary = ("tokens", "contexts_done", "hook", "dtype", "complete")
@@ -196,13 +207,15 @@ def evaluate(
     revision: Revision = None,
     record: Annotated[bool, typer.Option(help="keep the metrics and the data they were measured on beside the version "
                                               "(shown by /v1/dictionaries and the browser)")] = True,
+    model_dtype: ModelDtype = _ModelDtype.auto,
 ) -> None:
     """Metrics on held-out tokens: MSE, FVU, L0, loss recovered, dead and dense fractions, density histogram."""
     from trainer.pipeline import evaluate_dictionary
 
     try:
         metrics = evaluate_dictionary(registry, dictionary, model=model, activations=activations, tokens=tokens,
-                                      text=_text(dataset, text_field, split, revision), record=record)
+                                      text=_text(dataset, text_field, split, revision), record=record,
+                                      model_dtype=model_dtype.value)
     except MonosemanticError as exc:
         _fail(exc)
     if json_output:
@@ -234,6 +247,7 @@ def features(
     revision: Revision = None,
     harvest: Annotated[Optional[Path], typer.Option(help="read the activations from this harvest's shards (no model forward; "
                                                          "its contexts are the examples) instead of running the model")] = None,
+    model_dtype: ModelDtype = _ModelDtype.auto,
 ) -> None:
     """Feature dashboards: density, activation histogram, top and quantile examples, logit effects, neighbours
     and labels, published with the same weights as the next version of the dictionary."""
@@ -243,7 +257,7 @@ def features(
     try:
         path = features_and_publish(registry, dictionary, model=model, tokens=tokens, cfg=FeatureStatsConfig(top_k=top_k),
                                     max_chars=max_chars, out_registry=out_registry, text=_text(dataset, text_field, split, revision),
-                                    harvest=harvest)
+                                    harvest=harvest, model_dtype=model_dtype.value)
     except MonosemanticError as exc:
         _fail(exc)
     typer.echo(str(path))

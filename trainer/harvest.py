@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from monosemantic.errors import ConfigError, MonosemanticError, WriteFailed, os_reason
-from monosemantic.lm import HookPoint, LoadedLM, model_source, read_activations_at, resolve_hook
+from monosemantic.lm import HookPoint, LoadedLM, model_source, read_activations_at, resolve_hook, weights_dtype
 from trainer.activations import (
     HARVEST_CONTEXTS, HARVEST_MANIFEST, SHARD_DTYPES, HarvestContexts, contexts_checksum, first_non_finite_row, kept_positions,
     read_json, to_storage, write_json_atomic,
@@ -130,13 +130,14 @@ class _ShardSet:
             "dtype": settings["dtype"], "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
             "contexts_per_shard": settings["contexts_per_shard"], "skip_bos": settings["skip_bos"],
             "excluded_token_ids": settings["special"], "data_fingerprint": settings["data_fingerprint"],
-            "contexts_checksum": contexts_checksum(contexts),
+            "contexts_checksum": contexts_checksum(contexts), "model_dtype": weights_dtype(lm),
         }
         path = directory / HARVEST_MANIFEST
         if path.exists():
             manifest = read_json(path, "harvest")
-            # A harvest from before excluded_token_ids existed excluded none.
-            if {k: manifest.get(k, [] if k == "excluded_token_ids" else None) for k in identity} != identity:
+            # A harvest from before excluded_token_ids existed excluded none, and ran the model in float32.
+            defaults = {"excluded_token_ids": [], "model_dtype": "float32"}
+            if {k: manifest.get(k, defaults.get(k)) for k in identity} != identity:
                 raise MonosemanticError(f"{directory} holds a harvest of different data, model, hook or settings; use an empty directory")
             if any("sha256" not in shard for shard in manifest.get("shards", [])):
                 raise MonosemanticError(f"{directory} holds a harvest by an earlier release (shards without checksums); use an empty directory")

@@ -105,7 +105,7 @@ def import_dictionary(fmt: str, source: str, *, model: str | None, hook: str | N
     else:
         location, where = locate(source, revision)
     imported = get_format(fmt).read(location)
-    lm = load_lm(_model_or_reference(model))
+    lm = load_lm(_model_or_reference(model), dtype="auto")
     hook_name = hook or imported.hook
     if hook_name is None:
         raise ConfigError(f"the {fmt} source records no hook: give --hook (a TransformerLens name or an HF module path)")

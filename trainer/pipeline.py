@@ -20,7 +20,7 @@ from monosemantic.artifact import (
 from monosemantic.errors import ConfigError, WriteFailed, os_reason
 from monosemantic.evaluations import carry_evaluations, new_evaluation, non_finite, record_evaluations
 from monosemantic.bound import require_width, width_mismatch
-from monosemantic.lm import LoadedLM, load_lm, model_source, resolve_hook
+from monosemantic.lm import LoadedLM, load_lm, model_source, resolve_hook, weights_dtype
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
 from trainer.activations import SHARD_DTYPES, open_activation_file, open_harvest, split_tail
 from trainer.checkpoint import Checkpoint, write_checkpoint
@@ -36,12 +36,14 @@ def _model_or_reference(model: str | Path | None) -> str | Path:
     return model if model is not None else reference_lm_path()
 
 
-def _dictionary_model(registry: Path, name: str, version: int | None, model: str | Path | None) -> LoadedLM:
+def _dictionary_model(registry: Path, name: str, version: int | None, model: str | Path | None,
+                      model_dtype: str = "auto") -> LoadedLM:
     """The model to run a dictionary on: ``--model`` if given, else the one its manifest records (its local path or
-    hub id; the checksum is checked when the dictionary loads), else the shipped reference."""
+    hub id; the checksum is checked when the dictionary loads), else the shipped reference. In `model_dtype`
+    (auto: the checkpoint's own, so a bf16 model is not widened to twice its size; monosemantic.lm.resolve_dtype)."""
     if model is not None:
-        return load_lm(model)
-    return load_lm(recorded_model_source(registry, name, version) or reference_lm_path())
+        return load_lm(model, dtype=model_dtype)
+    return load_lm(recorded_model_source(registry, name, version) or reference_lm_path(), dtype=model_dtype)
 
 
 def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: int | None, limit: int | None,
@@ -60,7 +62,7 @@ def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: 
 
 def harvest_corpus(model: str | Path | None, out: Path, *, hook: str | list[str], contexts: int, context_length: int,
                    dtype: str, max_chars: int | None, seed: int, lm: LoadedLM | None = None, text: TextSpec | None = None,
-                   exclude_special_tokens: bool = False) -> dict:
+                   exclude_special_tokens: bool = False, model_dtype: str = "auto") -> dict:
     """``harvest`` on the built-in corpus or the user's text, at one hook (the manifest) or several in one pass
     (``{"hooks": {name: manifest}}``, each in ``hook_directory(out, name)``). Asking for more contexts than the text
     holds harvests them all and says so in the manifest (``contexts_requested``) and on stderr."""
@@ -69,7 +71,7 @@ def harvest_corpus(model: str | Path | None, out: Path, *, hook: str | list[str]
     if dtype not in SHARD_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported for shards; use one of {sorted(SHARD_DTYPES)}")
     hooks = [hook] if isinstance(hook, str) else list(hook)
-    lm = lm or load_lm(_model_or_reference(model))
+    lm = lm or load_lm(_model_or_reference(model), dtype=model_dtype)
     ctx, fingerprint = corpus_contexts(lm.tokenizer, "train", context_length, max_chars, contexts, seed, text)
     manifests = harvest_hooks(lm, ctx, hooks, out, dtype=dtype, data_fingerprint=fingerprint, contexts_per_shard=2048,
                               data=_data_description(text, max_chars), exclude_special_tokens=exclude_special_tokens)
@@ -131,7 +133,7 @@ def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harve
     with the data's width; for a harvest, claims that agree with what the harvest recorded."""
     if harvest_info is not None:
         checksum = harvest_info["model_checksum"]
-        lm = load_lm(_model_or_reference(model)) if model is not None else None
+        lm = load_lm(_model_or_reference(model), dtype="auto") if model is not None else None
         if lm is not None and lm.checksum != checksum:
             raise ConfigError(f"--model {model} is not the model this harvest was taken from (weights checksum "
                               f"{lm.checksum[:12]}… against the harvest's {str(checksum)[:12]}…)")
@@ -156,7 +158,7 @@ def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harve
 def _model_and_hook(model: str | Path, hook: str, d_in: int, what: str, lm: LoadedLM | None = None) -> tuple[ModelRef, HookRef]:
     """``model`` and ``hook`` as a manifest records them: the hook resolved on the model (in the form serving
     resolves), with the width ``d_in`` of ``what``. ``lm``: the model already loaded from ``model``."""
-    lm = lm if lm is not None else load_lm(_model_or_reference(model))
+    lm = lm if lm is not None else load_lm(_model_or_reference(model), dtype="auto")
     point = resolve_hook(lm.model, hook)
     if (problem := width_mismatch(lm, point, d_in, what)) is not None:
         raise ConfigError(f"--hook {hook}: {problem}")
@@ -295,7 +297,7 @@ def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: s
 
 def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | None = None, activations: Path | None = None,
                         tokens: int = 200_000, context_length: int = 256, max_chars: int | None = None,
-                        text: TextSpec | None = None, record: bool = False) -> dict:
+                        text: TextSpec | None = None, record: bool = False, model_dtype: str = "auto") -> dict:
     """``evaluate``: with a model, everything on held-out text; with ``activations``, reconstruction only. With
     ``record`` the headline metrics and the data they were measured on are kept beside the version
     (``monosemantic.evaluations``); the result then says where (``recorded``)."""
@@ -309,14 +311,15 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | N
         metrics["data"] = {"kind": "activation-file", "path": str(Path(activations).resolve()), "sha256": source.identity()["sha256"]}
         checksum = None
     else:
-        lm = _dictionary_model(registry, name, version, model)
+        lm = _dictionary_model(registry, name, version, model, model_dtype)
         dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
         hook = dictionary.manifest.hook.name
         require_width(lm, hook, dictionary.sae.cfg.d_in, f"dictionary {dictionary.ref}")
         n_contexts = max(1, tokens // (context_length - 1))
         contexts, fingerprint = corpus_contexts(lm.tokenizer, "heldout", context_length, max_chars, n_contexts, text=text)
         metrics, _ = model_metrics(lm, dictionary.sae, hook, contexts)
-        metrics["data"] = {**_data_description(text, max_chars), "split": "heldout", "fingerprint": fingerprint}
+        metrics["data"] = {**_data_description(text, max_chars), "split": "heldout", "fingerprint": fingerprint,
+                           "model_dtype": weights_dtype(lm)}
         checksum = lm.checksum
     if record and not non_finite(metrics):  # a non-finite result is refused by the command, not kept
         evaluation = new_evaluation(dictionary.manifest_sha256, checksum, metrics["data"], metrics)
@@ -340,7 +343,8 @@ def dashboard_contexts(tokenizer: Any, tokens: int, context_length: int, max_cha
 
 def features_and_publish(registry: Path, reference: str, *, model: str | Path | None, tokens: int, cfg: Any = None,
                          max_chars: int | None = None, context_length: int = 256, lm: LoadedLM | None = None,
-                         out_registry: Path | None = None, text: TextSpec | None = None, harvest: Path | None = None) -> Path:
+                         out_registry: Path | None = None, text: TextSpec | None = None, harvest: Path | None = None,
+                         model_dtype: str = "auto") -> Path:
     """``features``: compute the dashboard statistics of a dictionary version and publish them, with the same
     weights and manifest fields, as the next version of that dictionary (versions are immutable) in
     `out_registry` (default: the same registry). With `harvest`, over that harvest's first contexts, read from its
@@ -351,7 +355,7 @@ def features_and_publish(registry: Path, reference: str, *, model: str | Path | 
     if harvest is not None and (text is not None or max_chars is not None):
         raise ConfigError("--harvest: the dashboards then read the harvest's own contexts; drop --dataset / --max-chars")
     name, version = parse_reference(reference)
-    lm = lm or _dictionary_model(registry, name, version, model)
+    lm = lm or _dictionary_model(registry, name, version, model, model_dtype)
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
     m = dictionary.manifest
     hook = m.hook.module_path + ":" + m.hook.kind
@@ -367,7 +371,7 @@ def features_and_publish(registry: Path, reference: str, *, model: str | Path | 
         tensors, labels = feature_statistics(lm, dictionary.sae, hook, contexts, cfg)
         described = {"corpus_fingerprint": fingerprint, "text": _data_description(text, max_chars)}
     return _republish(out_registry or registry, dictionary, model=m.model, hook=m.hook, features=tensors, labels=labels,
-                      extra={"feature_statistics": {"tokens": int(tensors["stats_tokens"]), **described}})
+                      extra={"feature_statistics": {"tokens": int(tensors["stats_tokens"]), "model_dtype": weights_dtype(lm), **described}})
 
 
 @dataclass
