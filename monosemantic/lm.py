@@ -33,6 +33,7 @@ __all__ = [
     "HookPoint",
     "LoadedLM",
     "direct_logit_effects",
+    "direct_logit_residual",
     "direct_logit_extremes",
     "final_norm",
     "norm_at_scale",
@@ -384,12 +385,11 @@ def linear_to_logits(model: nn.Module | LoadedLM, hook: str | HookPoint) -> bool
 
 
 @torch.no_grad()
-def direct_logit_effects(model: nn.Module | LoadedLM, hook: str | HookPoint, directions: Tensor) -> Tensor | None:
-    """How each direction [n, d] at `hook` moves every logit through the direct path alone [n, vocab]: into the
-    residual stream (through the MLP's output projection for the neurons), through the final norm with its scale
-    held fixed (γ ⊙ centred for LayerNorm, γ ⊙ x for RMSNorm), then the unembedding — Bricken et al. 2023's
-    "logit weights". Later blocks are skipped, so this is exact for the last block only; the values are up to
-    the norm's positive 1/σ, so rankings are what to read. None where the hook has no known direct path."""
+def direct_logit_residual(model: nn.Module | LoadedLM, hook: str | HookPoint, directions: Tensor) -> Tensor | None:
+    """What each direction [n, d] at `hook` becomes just before the unembedding, through the direct path alone
+    [n, d_model]: into the residual stream (through the MLP's output projection for the neurons), then through the
+    final norm with its scale held fixed (γ ⊙ centred for LayerNorm, γ ⊙ x for RMSNorm). None where the hook has no
+    known direct path."""
     model = _unwrap(model)
     point, _ = _as_hook(model, hook)
     found = _layout(model)
@@ -412,7 +412,19 @@ def direct_logit_effects(model: nn.Module | LoadedLM, hook: str | HookPoint, dir
     norm = final_norm(model)
     if norm is not None:
         residual = norm_at_scale(norm, residual, 1.0, with_bias=False)
-    return residual @ model.get_output_embeddings().weight.float().T
+    return residual
+
+
+@torch.no_grad()
+def direct_logit_effects(model: nn.Module | LoadedLM, hook: str | HookPoint, directions: Tensor) -> Tensor | None:
+    """How each direction [n, d] at `hook` moves every logit through the direct path alone [n, vocab]
+    (direct_logit_residual, then the unembedding) — Bricken et al. 2023's "logit weights". Later blocks are
+    skipped, so this is exact for the last block only; the values are up to the norm's positive 1/σ, so rankings
+    are what to read. None where the hook has no known direct path."""
+    residual = direct_logit_residual(model, hook, directions)
+    if residual is None:
+        return None
+    return residual @ _unwrap(model).get_output_embeddings().weight.float().T
 
 
 class LogitExtremes(NamedTuple):
@@ -424,31 +436,26 @@ class LogitExtremes(NamedTuple):
     down_values: Tensor  # [n, k], most negative first
 
 
-# The [chunk, vocab] fp32 block of logit effects held at once: a GPT-2 dictionary of 24,576 features over 50,257
-# tokens is a 4.9 GB matrix whole, and Gemma-2's 256,000-token vocabulary makes 16,384 features 16.8 GB.
+# The [chunk, vocab] block of logit effects held at once: a GPT-2 dictionary of 24,576 features over 50,257 tokens
+# is a 4.9 GB fp32 matrix whole, and Gemma-2's 256,000-token vocabulary makes 16,384 features 16.8 GB.
 LOGIT_CHUNK_BYTES = 256 << 20
 
 
 @torch.no_grad()
 def direct_logit_extremes(model: nn.Module | LoadedLM, hook: str | HookPoint, directions: Tensor, k: int,
-                          chunk_bytes: int = LOGIT_CHUNK_BYTES) -> LogitExtremes | None:
+                          chunk_bytes: int = LOGIT_CHUNK_BYTES, screen_dtype: torch.dtype = torch.float32) -> LogitExtremes | None:
     """`direct_logit_effects`' k largest and k smallest per direction, computed over chunks of directions so that
     memory holds one [chunk, vocab] block (``chunk_bytes``) whatever the dictionary's width and the vocabulary: the
-    same ids and values as the top-k of the whole matrix. None where the hook has no known direct path."""
-    vocab = _unwrap(model).get_output_embeddings().weight.shape[0]
-    rows = max(1, chunk_bytes // (4 * vocab))
-    parts: list[LogitExtremes] = []
-    for start in range(0, directions.shape[0], rows):
-        effects = direct_logit_effects(model, hook, directions[start : start + rows])
-        if effects is None:
-            return None
-        k_here = min(k, effects.shape[-1])
-        up, down = effects.topk(k_here, dim=-1), effects.topk(k_here, dim=-1, largest=False)
-        parts.append(LogitExtremes(up.indices, up.values, down.indices, down.values))
-        del effects
-    if not parts:
+    same ids and values as the top-k of the whole matrix (with `screen_dtype` bf16, found in bf16 and made exact in
+    float32: monosemantic/top_products.py). None where the hook has no known direct path."""
+    from monosemantic.top_products import extreme_products
+
+    residual = direct_logit_residual(model, hook, directions)
+    if residual is None:
         return None
-    return LogitExtremes(*(torch.cat([getattr(p, name) for p in parts]) for name in LogitExtremes._fields))
+    unembedding = _unwrap(model).get_output_embeddings().weight
+    up, down = extreme_products(residual, unembedding, k, screen_dtype=screen_dtype, chunk_bytes=chunk_bytes)
+    return LogitExtremes(up.indices, up.values, down.indices, down.values)
 
 
 def norm_inverse_scale(module: nn.Module, x: Tensor) -> Tensor:

@@ -99,3 +99,9 @@ def test_labels_name_the_token_and_dead_features_say_so(one_hot_setup):
     _, _, labels, _ = one_hot_setup
     assert labels[7] == '"w7"'
     assert labels[5] == "dead"
+
+
+def test_a_feature_that_never_fired_has_no_made_up_examples(one_hot_setup):
+    _, t, _, _ = one_hot_setup
+    assert (t["top_values"][5] == 0).all() and (t["top_tokens"][5] == -1).all() and (t["top_acts"][5] == 0).all()
+    assert (t["quantile_tokens"][5] == -1).all()

@@ -1,5 +1,5 @@
-"""Where the dashboards' activations come from: the model, run once over the contexts (its activations kept for the
-second pass while they fit a memory budget), or a harvest's shards, which hold them already (no model forward).
+"""Where the dashboards' activations come from: the model run over the contexts, or a harvest's shards, which hold
+them already (no model forward).
 
 Either way feature_statistics (trainer/features.py) sees the same thing: the contexts' token ids, and per batch of
 contexts the activation at the hook for every position after the BOS, with a mask of the positions that count
@@ -19,9 +19,6 @@ from monosemantic.lm import LoadedLM, read_activations, resolve_hook
 from trainer.activations import HarvestContexts, from_storage, kept_positions, open_harvest
 from trainer.progress import progress as progress_bar
 
-CACHE_MIB = 4096  # the model's activations kept between the two passes up to this size; beyond it the model runs twice
-
-
 class Batch(NamedTuple):
     start: int  # index of its first context
     x: Tensor  # [b, T-1, d] float32, the activation at every position after the BOS
@@ -29,37 +26,20 @@ class Batch(NamedTuple):
 
 
 class ModelActivations:
-    """The model read at `hook` over `contexts` [n, T]; the first pass keeps what it read (in the model's own dtype,
-    so a bf16 model's activations are kept exactly) when it fits `cache_mib`, and later passes replay it."""
+    """The model read at `hook` over `contexts` [n, T], one forward per batch each time they are asked for
+    (feature_statistics asks once while pass 1's active entries fit its budget)."""
 
-    def __init__(self, lm: LoadedLM, hook: str, contexts: Tensor, cache_mib: int = CACHE_MIB, progress: bool = True):
+    def __init__(self, lm: LoadedLM, hook: str, contexts: Tensor, progress: bool = True):
         self.lm, self.contexts, self.progress = lm, contexts, progress
         self.point = resolve_hook(lm.model, hook)
-        self.cache_mib = cache_mib
-        self.forwards = 0  # passes that ran the model: 1 when the cache held, 2 when it did not
-        self._cache: list[Tensor] | None = None
+        self.forwards = 0  # passes that ran the model
 
     def batches(self, size: int, desc: str) -> Iterator[Batch]:
-        n = self.contexts.shape[0]
-        if self._cache is not None:
-            for start, x in zip(range(0, n, size), progress_bar(self._cache, desc=desc, unit="batch", enabled=self.progress, leave=False)):
-                yield Batch(start, x.float(), None)
-            return
         self.forwards += 1
-        kept: list[Tensor] | None = [] if self.forwards == 1 else None
-        held = 0
-        for start in progress_bar(range(0, n, size), desc=desc, unit="batch", enabled=self.progress, leave=False):
+        for start in progress_bar(range(0, self.contexts.shape[0], size), desc=desc, unit="batch", enabled=self.progress, leave=False):
             ids = self.contexts[start : start + size]
-            raw = read_activations(self.lm.model, ids, self.point, attention_mask=torch.ones_like(ids))[:, 1:]
-            if kept is not None:
-                held += raw.numel() * raw.element_size()
-                if held <= self.cache_mib * 2**20:
-                    kept.append(raw)
-                else:
-                    kept = None  # over the budget: the next pass runs the model again
-            yield Batch(start, raw.float(), None)
-        if kept is not None:
-            self._cache = kept
+            x = read_activations(self.lm.model, ids, self.point, attention_mask=torch.ones_like(ids))[:, 1:]
+            yield Batch(start, x.float(), None)
 
 
 class HarvestActivations:

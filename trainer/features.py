@@ -1,11 +1,12 @@
 """Per-feature dashboard statistics (Bricken et al. 2023's feature pages), streamed over contexts.
 
-Two passes over the contexts' activations, each holding only one batch of feature activations at a time:
-1. density, mean and max activation, a histogram of activations (fixed log-spaced bins), the top-k tokens;
-2. examples sampled across activation quantiles (intervals of each feature's own max), by random priority.
+Two passes, holding one batch of dense feature activations at a time:
+1. over the contexts' activations: density, mean and max activation, a histogram of activations (fixed log-spaced
+   bins), the top-k tokens;
+2. over pass 1's active entries (kept while they fit `cache_mib`; else the activations are encoded again):
+   examples sampled across activation quantiles (intervals of each feature's own max), by random priority.
 Each example carries its token window, with the feature's activation at each of its tokens, from the batch it was
-found in (so no third pass is needed to fetch them). The activations come from the model, run once (kept for the
-second pass while they fit `cache_mib`), or from a harvest's shards without a model forward
+found in. The activations come from the model, run once, or from a harvest's shards without a model forward
 (trainer/feature_activations.py). Then what needs no data: logit effects through the direct path, nearest features
 by decoder cosine, and a short label made from the top contexts. The BOS position is skipped everywhere, as in
 evaluation.
@@ -17,16 +18,22 @@ assembled here as a ``FeatureStatistics``, which checks them, and stored as ``fe
 from __future__ import annotations
 
 from collections import Counter
+from typing import Iterator, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
+from monosemantic.encoder import FastEncoder
 from monosemantic.feature_stats import FeatureStatistics
 from monosemantic.lm import LoadedLM, direct_logit_extremes
+from monosemantic.precision import fastest_dtype
 from monosemantic.sae import SparseAutoencoder
-from trainer.feature_activations import CACHE_MIB, HarvestActivations, ModelActivations
+from monosemantic.support import Support
+from monosemantic.top_products import top_products
+from trainer.feature_activations import HarvestActivations, ModelActivations
 
+CACHE_MIB = 4096  # pass 1's active entries kept for pass 2 up to this size; beyond it the activations are read twice
 LOG10_ACTIVATION_EDGES = torch.linspace(-2.0, 2.0, 41)  # activations 0.01 … 100, 40 bins; the ends catch the rest
 
 
@@ -39,15 +46,17 @@ class FeatureStatsConfig(BaseModel):
     logit_k: int = Field(10, ge=1)
     neighbours: int = Field(5, ge=1)
     batch_contexts: int = Field(16, ge=1)
-    cache_mib: int = Field(CACHE_MIB, ge=0, description="the model's activations kept between the passes up to this size")
+    cache_mib: int = Field(CACHE_MIB, ge=0, description="pass 1's active entries kept for pass 2 up to this size; beyond "
+                                                         "it the activations are read (the model run) again")
+    encode_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     seed: int = 0
 
 
-def _windows(f: Tensor, rows: Tensor, features: Tensor, contexts: Tensor, start: int, window: Tensor) -> tuple[Tensor, Tensor]:
-    """For examples at flat rows `rows` of a batch's features f [b, P, d] (-1: no example) of `features`: the
-    feature's activation at each token of the window around it [..., w], and those tokens' ids (-1 outside the
-    context), read from `contexts` (BOS at 0, so the batch's position p is the context's p + 1)."""
-    per_context = f.shape[1]
+def _windows(e: "_Encoded", rows: Tensor, features: Tensor, contexts: Tensor, per_context: int,
+             window: Tensor) -> tuple[Tensor, Tensor]:
+    """For examples at flat rows `rows` of a batch (-1: no example) of `features`: the feature's activation at each
+    token of the window around it [..., w], and those tokens' ids (-1 outside the context), read from `contexts`
+    (BOS at 0, so the batch's position p is the context's p + 1)."""
     valid = rows >= 0
     safe = rows.clamp_min(0)
     context, position = safe // per_context, safe % per_context
@@ -55,9 +64,69 @@ def _windows(f: Tensor, rows: Tensor, features: Tensor, contexts: Tensor, start:
     inside = (positions >= 0) & (positions < per_context) & valid[..., None]
     clamped = positions.clamp(0, per_context - 1)
     context = context[..., None].expand_as(positions)
-    acts = f[context, clamped, features[..., None].expand_as(positions)] * inside
-    tokens = torch.where(inside, contexts[start + context, clamped + 1], -1)
+    acts = e.at(context * per_context + clamped, features[..., None].expand_as(positions)) * inside
+    tokens = torch.where(inside, contexts[e.start + context, clamped + 1], -1)
     return acts, tokens
+
+
+class _Encoded(NamedTuple):
+    """One batch's features: its active entries, and the dense [rows, d_sae] block while it is being encoded (None
+    for entries kept from pass 1, which are looked up instead)."""
+
+    start: int  # the batch's first context
+    keys: Tensor  # [nnz] row * d_sae + feature, ascending (row: context * P + position within the batch)
+    values: Tensor  # [nnz] float32, > 0
+    tokens: int  # positions counted
+    d_sae: int
+    dense: Tensor | None = None
+
+    @property
+    def rows(self) -> Tensor:
+        return self.keys // self.d_sae
+
+    @property
+    def cols(self) -> Tensor:
+        return self.keys % self.d_sae
+
+    def at(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """The activations at (row, feature) pairs of any shape, 0 where inactive."""
+        if self.dense is not None:
+            return self.dense[rows, cols].float()
+        if self.keys.numel() == 0:
+            return torch.zeros(rows.shape)
+        wanted = rows * self.d_sae + cols
+        where = torch.searchsorted(self.keys, wanted).clamp_max(self.keys.numel() - 1)
+        return torch.where(self.keys[where] == wanted, self.values[where], 0.0)
+
+    def kept(self) -> "_Encoded":
+        return self._replace(dense=None)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * (self.keys.element_size() + self.values.element_size())
+
+
+def _top_entries(e: _Encoded, d: int, k: int) -> tuple[Tensor, Tensor]:
+    """Each feature's k largest active entries in the batch, [k, d] values (0 where it has fewer) and flat rows
+    (-1 there); equal values keep the earlier position."""
+    by_value = e.values.argsort(descending=True, stable=True)
+    order = by_value[e.cols[by_value].argsort(stable=True)]  # grouped by feature, largest first within it
+    cols = e.cols[order]
+    starts = torch.bincount(cols, minlength=d).cumsum(0) - torch.bincount(cols, minlength=d)
+    rank = torch.arange(cols.numel()) - starts[cols]
+    keep = rank < k
+    values, rows = torch.zeros(k, d), torch.full((k, d), -1, dtype=torch.long)
+    values[rank[keep], cols[keep]] = e.values[order[keep]]
+    rows[rank[keep], cols[keep]] = e.rows[order[keep]]
+    return values, rows
+
+
+def _encode_dtype(requested: str, sae: SparseAutoencoder) -> torch.dtype:
+    """The encoder matmul's dtype: as the service reads activations (auto: bfloat16 where this machine multiplies
+    it faster, monosemantic.precision), so a feature page's values are the ones /v1/activations answers."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    return fastest_dtype(sae.cfg.d_in, sae.cfg.d_sae, str(sae.W_enc.device))
 
 
 def _merge_top(values: Tensor, carried: tuple[Tensor, ...], new_values: Tensor, new_carried: tuple[Tensor, ...],
@@ -82,7 +151,7 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
     contexts of `activations` (a harvest's shards) when given."""
     cfg = cfg or FeatureStatsConfig()
     if activations is None:
-        activations = ModelActivations(lm, hook, contexts, cfg.cache_mib, progress)
+        activations = ModelActivations(lm, hook, contexts, progress)
     contexts = activations.contexts
     sae = sae.float().eval()
     n, length = contexts.shape
@@ -93,35 +162,49 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
     w = window.numel()
     features = torch.arange(d)
 
-    def encoded(desc: str):
+    encoder = FastEncoder(sae, _encode_dtype(cfg.encode_dtype, sae))
+
+    def encoded(desc: str) -> Iterator[_Encoded]:
         for batch in activations.batches(cfg.batch_contexts, desc):
-            f = sae.encode(batch.x)
+            b = batch.x.shape[0]
+            f = encoder.encode(batch.x.reshape(-1, batch.x.shape[-1]))  # a reused buffer, valid until the next batch
             if batch.counted is not None:  # positions a harvest left out count as not firing
-                f = f * batch.counted[..., None]
-            yield batch, f
+                f[~batch.counted.reshape(-1)] = 0
+            support = Support.from_mask(f)
+            counted = b * per_context if batch.counted is None else int(batch.counted.sum())
+            yield _Encoded(batch.start, support.rows * d + support.cols, f[support.rows, support.cols].float(), counted, d, f)
 
     # ---- pass 1: density, mean, max, histogram, top-k with their windows -------------------------------------
+    # From the active entries alone (an L0 of ~30 of 24,576 features): the dense [tokens, d_sae] reductions cost
+    # 3.5 s a batch at GPT-2's shape, the entries' a few ms (bench/dashboards.py).
     fires = torch.zeros(d, dtype=torch.float64)
     total = torch.zeros(d, dtype=torch.float64)
     max_act = torch.zeros(d)
     histogram = torch.zeros(d * bins, dtype=torch.int64)
     tokens = 0
     top_values = torch.zeros(0, d)
-    # global token index (context * per_context + position - 1), window activations, window token ids
+    # global token index (context * per_context + position - 1; -1: none), window activations, window token ids
     top: tuple[Tensor, ...] = (torch.zeros(0, d, dtype=torch.long), torch.zeros(0, d, w), torch.zeros(0, d, w, dtype=torch.long))
-    for batch, f in encoded("features 1/2"):
-        flat = f.reshape(-1, d)
-        tokens += flat.shape[0] if batch.counted is None else int(batch.counted.sum())
-        fires += (flat > 0).sum(0).double()
-        total += flat.sum(0).double()
-        max_act = torch.maximum(max_act, flat.max(0).values)
-        rows, feats = flat.nonzero(as_tuple=True)
-        which = torch.bucketize(torch.log10(flat[rows, feats]), LOG10_ACTIVATION_EDGES[1:-1])
-        histogram.index_add_(0, feats * bins + which, torch.ones_like(feats))
-        batch_top = flat.topk(min(cfg.top_k, flat.shape[0]), dim=0)
-        acts, ids = _windows(f, batch_top.indices, features.expand_as(batch_top.indices), contexts, batch.start, window)
-        found = (batch_top.indices + batch.start * per_context, acts, ids)
-        top_values, top = _merge_top(top_values, top, batch_top.values, found, cfg.top_k)
+    # Pass 1's active entries (12 bytes each: 380 MB for 1M tokens at an L0 of 32) are kept for pass 2, so the
+    # activations are read, and the model run, once; past cache_mib pass 2 encodes them again.
+    kept: list[_Encoded] | None = []
+    kept_bytes = 0
+    for e in encoded("features 1/2"):
+        kept_bytes += e.nbytes
+        if kept is not None:
+            kept = None if kept_bytes > cfg.cache_mib * 2**20 else kept
+            if kept is not None:
+                kept.append(e.kept())
+        tokens += e.tokens
+        fires += torch.bincount(e.cols, minlength=d).double()
+        total += torch.bincount(e.cols, weights=e.values.double(), minlength=d)
+        max_act = max_act.scatter_reduce(0, e.cols, e.values, reduce="amax")
+        which = torch.bucketize(torch.log10(e.values), LOG10_ACTIVATION_EDGES[1:-1])
+        histogram.index_add_(0, e.cols * bins + which, torch.ones_like(e.cols))
+        batch_values, batch_rows = _top_entries(e, d, cfg.top_k)
+        acts, ids = _windows(e, batch_rows, features.expand_as(batch_rows), contexts, per_context, window)
+        found = (torch.where(batch_rows >= 0, batch_rows + e.start * per_context, -1), acts, ids)
+        top_values, top = _merge_top(top_values, top, batch_values, found, cfg.top_k)
     density = (fires / max(tokens, 1)).float()
 
     # ---- pass 2: examples across activation quantiles, with their windows -------------------------------------
@@ -131,22 +214,21 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
     sample_feature = torch.arange(d * q) // q
     sampled: tuple[Tensor, ...] = (torch.full((m, d * q), -1, dtype=torch.long), torch.zeros(m, d * q, w),
                                    torch.full((m, d * q, w), -1, dtype=torch.long))
-    for batch, f in encoded("features 2/2"):
-        flat = f.reshape(-1, d)
-        rows, feats = flat.nonzero(as_tuple=True)
-        fraction = flat[rows, feats] / max_act[feats].clamp_min(1e-12)
-        group = feats * q + (fraction * q).long().clamp_max(q - 1)
-        keys = torch.rand(rows.shape[0], generator=generator)
+    for e in kept if kept is not None else encoded("features 2/2"):
+        fraction = e.values / max_act[e.cols].clamp_min(1e-12)
+        group = e.cols * q + (fraction * q).long().clamp_max(q - 1)
+        keys = torch.rand(e.rows.shape[0], generator=generator)
         # one candidate per (feature, interval) per batch: the entry with the highest random key
         best = torch.full((d * q,), -1.0).scatter_reduce(0, group, keys, reduce="amax")
         winners = (keys == best[group]).nonzero(as_tuple=True)[0]
         cand_keys = torch.full((1, d * q), -1.0)
         cand_rows = torch.full((1, d * q), -1, dtype=torch.long)
         cand_keys[0, group[winners]] = keys[winners]
-        cand_rows[0, group[winners]] = rows[winners]
-        acts, ids = _windows(f, cand_rows, sample_feature[None], contexts, batch.start, window)
-        found = (torch.where(cand_rows >= 0, cand_rows + batch.start * per_context, -1), acts, ids)
+        cand_rows[0, group[winners]] = e.rows[winners]
+        acts, ids = _windows(e, cand_rows, sample_feature[None], contexts, per_context, window)
+        found = (torch.where(cand_rows >= 0, cand_rows + e.start * per_context, -1), acts, ids)
         sample_keys, sampled = _merge_top(sample_keys, sampled, cand_keys, found, m)
+    encoder.release()
 
     top_index, top_acts, top_tokens = top
     sample_index, sample_acts, sample_tokens = sampled
@@ -160,8 +242,8 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
     quantile_values = quantile_acts[:, :, cfg.window_before] * sample_valid
 
     # Chunked over features: the whole [d_sae, vocab] matrix was 4.9 GB at GPT-2's shape (24,576 × 50,257) and could
-    # not be allocated at Gemma-2's (16,384 × 256,000).
-    extremes = direct_logit_extremes(lm.model, hook, sae.W_dec.detach(), cfg.logit_k)
+    # not be allocated at Gemma-2's (16,384 × 256,000). Ranked in the encoder's dtype, the values exact in float32.
+    extremes = direct_logit_extremes(lm.model, hook, sae.W_dec.detach(), cfg.logit_k, screen_dtype=encoder.dtype)
     logits: dict[str, Tensor] = {}
     if extremes is not None:
         logits = {"logit_up_ids": extremes.up_ids.int(), "logit_up_values": extremes.up_values,
@@ -182,23 +264,17 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
         window_offsets=window.int(),
         stats_tokens=torch.tensor([tokens], dtype=torch.int64),
         **logits,
-        **_neighbours(sae, cfg.neighbours),
+        **_neighbours(sae, cfg.neighbours, encoder.dtype),
     )
     labels = [label_feature(statistics, i, lm.tokenizer) for i in range(d)]
     return statistics.to_tensors(), labels
 
 
-def _neighbours(sae: SparseAutoencoder, k: int, chunk: int = 1024) -> dict[str, Tensor]:
+def _neighbours(sae: SparseAutoencoder, k: int, screen_dtype: torch.dtype) -> dict[str, Tensor]:
     """The k features whose decoder directions are closest in cosine (excluding the feature itself)."""
     directions = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
-    ids, cosines = [], []
-    for start in range(0, directions.shape[0], chunk):
-        sims = directions[start : start + chunk] @ directions.T
-        sims[torch.arange(sims.shape[0]), torch.arange(start, start + sims.shape[0])] = -2.0
-        top = sims.topk(k, dim=-1)
-        ids.append(top.indices.int())
-        cosines.append(top.values)
-    return {"neighbour_ids": torch.cat(ids), "neighbour_cosines": torch.cat(cosines)}
+    near = top_products(directions, directions, k, screen_dtype=screen_dtype, exclude_self=True)
+    return {"neighbour_ids": near.indices.int(), "neighbour_cosines": near.values}
 
 
 def label_feature(statistics: FeatureStatistics, feature: int, tokenizer) -> str:
