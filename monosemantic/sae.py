@@ -175,6 +175,17 @@ class SparseAutoencoder(nn.Module):
         _, pre = self._centred_pre_activations(x_normalised.reshape(-1, self.cfg.d_in))
         return pre.reshape(*x_normalised.shape[:-1], self.cfg.d_sae)
 
+    def activate_at(self, pre_at: Tensor, ids: Tensor) -> Tensor | None:
+        """The features `ids` from their own pre-activations [..., len(ids)], where the activation acts on each
+        feature alone; None where it needs every pre-activation (TopK's k-th largest)."""
+        return None
+
+    def pre_activations_at(self, x_normalised: Tensor, ids: Tensor) -> Tensor:
+        """`pre_activations` of the features `ids` only [..., len(ids)]: their encoder columns, not all d_sae."""
+        rows = x_normalised.reshape(-1, self.cfg.d_in) - self.b_dec
+        pre = encoder_matmul(rows, self.W_enc[:, ids], self.b_enc[ids])
+        return pre.reshape(*x_normalised.shape[:-1], ids.numel())
+
     def _centred_pre_activations(self, x_normalised: Tensor) -> tuple[Tensor, Tensor]:
         """(x − b_dec, W_enc(x − b_dec) + b_enc) for rows [n, d_in]."""
         centred = x_normalised - self.b_dec
@@ -321,6 +332,9 @@ class ReluSAE(SparseAutoencoder):
 
     def activate_(self, pre: Tensor) -> Tensor:
         return pre.relu_()
+
+    def activate_at(self, pre_at: Tensor, ids: Tensor) -> Tensor:
+        return F.relu(pre_at)
 
     def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
         # With unit-norm decoder rows the plain L1 of f is the paper's penalty.
@@ -495,6 +509,9 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def activate_(self, pre: Tensor) -> Tensor:
         return pre.masked_fill_(pre <= self.threshold.to(pre.dtype), 0)  # z·H(z − θ), without the L0 estimate
+
+    def activate_at(self, pre_at: Tensor, ids: Tensor) -> Tensor:
+        return pre_at.masked_fill(pre_at <= self.threshold[ids].to(pre_at.dtype), 0)
 
     def activate_with_sparsity(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         flat = self._flat(pre)

@@ -94,6 +94,21 @@ def test_the_in_place_activation_equals_the_activation(arch):
         assert torch.equal(sae.activate_(pre.bfloat16()), sae.activate(pre.bfloat16()))
 
 
+@pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
+def test_a_features_activation_from_its_own_columns_equals_the_full_encodes_where_the_architecture_allows(arch):
+    sae = build_sae(SAEConfig.build(architecture=arch, d_in=8, d_sae=64, k=6 if arch == "topk" else None), seed=0)
+    x = torch.randn(5, 8)
+    ids = torch.tensor([3, 17, 40])
+    with torch.inference_mode():
+        pre_at = sae.pre_activations_at(x, ids)
+        assert torch.allclose(pre_at, sae.pre_activations(x)[:, ids], atol=1e-6)
+        at = sae.activate_at(pre_at, ids)
+        if arch == "topk":
+            assert at is None  # the k-th largest needs every pre-activation
+        else:
+            assert torch.allclose(at, sae.activate(sae.pre_activations(x))[:, ids], atol=1e-6)
+
+
 def test_jumprelu_thresholds_receive_gradient_from_the_l0_penalty():
     sae = build_sae(SAEConfig.build(architecture="jumprelu", d_in=8, d_sae=16, bandwidth=10.0), seed=0)
     sae(torch.randn(64, 8)).sparsity.backward()
