@@ -1,7 +1,7 @@
 """Benchmark: harvest tokens/s (forward stopped at the hook) against a full forward with
-output_hidden_states, measured in the same run on the shipped reference model.
+output_hidden_states, measured in the same run, on the shipped reference model or any other.
 
-    python bench/harvest.py [--contexts 256]
+    python bench/harvest.py [--contexts 256] [--model DIR_OR_HUB_ID] [--hook H] [--model-dtype auto]
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--model", help="default: the shipped reference")
+    parser.add_argument("--hook", default=REFERENCE_HOOK)
+    parser.add_argument("--model-dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    parser.add_argument("--context-length", type=int, default=256)
     args = parser.parse_args()
-    lm = load_lm(reference_lm_path())
-    hook = resolve_hook(lm.model, REFERENCE_HOOK)
-    ids = torch.randint(0, lm.model.config.vocab_size, (args.contexts, 256), generator=torch.Generator().manual_seed(0))
+    lm = load_lm(args.model or reference_lm_path(), dtype=args.model_dtype)
+    hook = resolve_hook(lm.model, args.hook)
+    ids = torch.randint(0, lm.model.config.vocab_size, (args.contexts, args.context_length), generator=torch.Generator().manual_seed(0))
 
     def ours() -> None:
         for b in range(0, args.contexts, args.batch):
@@ -39,7 +43,7 @@ def main() -> None:
         fn()
         rates[name] = ids.numel() / (time.perf_counter() - start)  # second round kept: warm caches
     print(f"full forward + output_hidden_states: {rates['baseline']:,.0f} tok/s")
-    print(f"harvest (stop at {REFERENCE_HOOK}):  {rates['harvest']:,.0f} tok/s  -> {rates['harvest'] / rates['baseline']:.2f}x")
+    print(f"harvest (stop at {hook.name}):  {rates['harvest']:,.0f} tok/s  -> {rates['harvest'] / rates['baseline']:.2f}x")
 
 
 if __name__ == "__main__":

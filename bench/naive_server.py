@@ -1,25 +1,43 @@
 """The naive baseline for bench/serve.py: the HF model and the SAE called per request inside a plain FastAPI
 handler, the way most research servers do it (full forward, fp32, no batching, pydantic response model).
 
-    python bench/naive_server.py PORT
+    python bench/naive_server.py PORT [--model M] [--registry R] [--dictionary NAME[:VERSION]] [--hook H]
+
+Defaults: MONOSEMANTIC_MODEL / _REGISTRY / _DICTIONARY as the service reads them (bench/serve.py passes both servers
+the same environment), else the shipped reference; the model the dictionary records and the hook it was trained at.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import os
+from pathlib import Path
 
 import torch
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from monosemantic.artifact import load_dictionary
+from monosemantic.artifact import load_dictionary, parse_reference, recorded_model_source
 from monosemantic.lm import load_lm, resolve_hook
-from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
+from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
 
-lm = load_lm(reference_lm_path())
-sae = load_dictionary(reference_registry_path(), REFERENCE_DICTIONARY).sae.float()
-module = lm.model.get_submodule(resolve_hook(lm.model, REFERENCE_HOOK).module_path)
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("port", type=int)
+parser.add_argument("--model", default=os.environ.get("MONOSEMANTIC_MODEL"))
+parser.add_argument("--registry", default=os.environ.get("MONOSEMANTIC_REGISTRY") or str(reference_registry_path()))
+parser.add_argument("--dictionary", default=os.environ.get("MONOSEMANTIC_DICTIONARY") or REFERENCE_DICTIONARY)
+parser.add_argument("--hook", help="default: the dictionary's")
+args = parser.parse_args()
+name, version = parse_reference(args.dictionary)
+registry = Path(args.registry)
+lm = load_lm(args.model or recorded_model_source(registry, name, version) or reference_lm_path())
+dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
+sae = dictionary.sae.float()
+point = resolve_hook(lm.model, args.hook or f"{dictionary.manifest.hook.module_path}:{dictionary.manifest.hook.kind}")
+if point.kind != "output":
+    raise SystemExit(f"the naive baseline reads module outputs only, not {point.name}")
+module = lm.model.get_submodule(point.module_path)
 app = FastAPI()
 
 
@@ -63,4 +81,4 @@ async def activations(req: Request) -> Response:
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
