@@ -191,10 +191,10 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
     kept_bytes = 0
     for e in encoded("features 1/2"):
         kept_bytes += e.nbytes
-        if kept is not None:
-            kept = None if kept_bytes > cfg.cache_mib * 2**20 else kept
-            if kept is not None:
-                kept.append(e.kept())
+        if kept is not None and kept_bytes <= cfg.cache_mib * 2**20:
+            kept.append(e.kept())
+        else:
+            kept = None
         tokens += e.tokens
         fires += torch.bincount(e.cols, minlength=d).double()
         total += torch.bincount(e.cols, weights=e.values.double(), minlength=d)
