@@ -221,8 +221,10 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
 
 
 # ---- all rows -----------------------------------------------------------------------------------------
-def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int) -> tuple[list[PeerRow], list[str]]:
-    """Every peer row available here, and one line per package or row that could not be measured."""
+def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int,
+            archs: set[str] = frozenset({"relu", "jumprelu", "topk"})) -> tuple[list[PeerRow], list[str]]:
+    """Every peer row available here for our architectures `archs`, and one line per package or row that could not
+    be measured."""
     rows: list[PeerRow] = []
     notes: list[str] = []
     versions = installed()
@@ -235,14 +237,20 @@ def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int
             notes.append(f"{package} {label} ({'bf16-autocast' if autocast else 'fp32'}) failed: "
                          f"{type(exc).__name__}: {exc}")
 
-    if versions["SAELens"] is None:
+    if not archs & {"relu", "jumprelu"}:
+        pass
+    elif versions["SAELens"] is None:
         notes.append("SAELens not installed (pip install -e '.[bench]'): its steps are not measured")
     else:
         for arch, ours in (("standard", "relu"), ("jumprelu", "jumprelu")):
+            if ours not in archs:
+                continue
             for autocast in (False, True):
                 attempt("SAELens", ours, f"{versions['SAELens']} {arch}", autocast,
                         lambda: saelens_rate(arch, source, d_sae, batch, steps, autocast))
-    if versions["sparsify"] is None:
+    if "topk" not in archs:
+        pass
+    elif versions["sparsify"] is None:
         notes.append("sparsify not installed (pip install -e '.[bench]'): its step is not measured")
     else:
         try:

@@ -1,7 +1,9 @@
-"""Benchmark: SAE training tokens/s per architecture at 512 → 4096, batch 4096, against the machine's own
+"""Benchmark: SAE training tokens/s per architecture (512 → 4096 by default, batch 4096), against the machine's own
 matmul rates measured in the same run, and against SAELens / sparsify when the `bench` extra is installed.
 
     python bench/train_sae.py [--steps 20] [--quality-tokens 4000000] [--harvest runs/reference/harvest]
+    python bench/train_sae.py --d-in 768 --d-sae 24576 --k 32      # GPT-2 small's width (OpenAI's / SAELens's)
+    python bench/train_sae.py --d-in 2304 --d-sae 16384 --k 32     # Gemma-2-2B's (Gemma Scope's 16k)
 
 With --harvest the rows are real MLP activations from a `monosemantic-train harvest` directory (the reference's),
 else a synthetic MLP-like matrix. On the synthetic one a ReLU SAE's L0 falls slowly (it has no sparse structure to
@@ -25,9 +27,13 @@ import peers  # noqa: E402  (bench/peers.py: the SAELens and sparsify steps; imp
 from trainer.activations import ActivationSource  # noqa: E402
 from trainer.train import TrainConfig, Trainer  # noqa: E402
 
+# The shape under test; main() sets them from the command line (a harvest's rows fix D_IN).
 D_IN, D_SAE, BATCH = 512, 4096, 4096
-FLOP_PER_TOKEN_DENSE = 6 * 2 * D_IN * D_SAE  # 3 matmuls forward+backward for each of encoder and decoder
 ARCH_OPTIONS = {"topk": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}
+
+
+def flop_per_token_dense() -> int:
+    return 6 * 2 * D_IN * D_SAE  # 3 matmuls forward+backward for each of encoder and decoder
 
 
 def matmul_rate(dtype: torch.dtype, repeats: int = 10) -> float:
@@ -47,6 +53,10 @@ def mlp_like_data(rows: int, seed: int = 0) -> ActivationSource:
     return ActivationSource(parts=[x.numpy()], dtype="float32")
 
 
+# A latent is dead after 10M tokens unfired, sparsify's default (and Gao et al.'s): a short timed run otherwise gets
+# our default of a tenth of its tokens, so our TopK rows would run AuxK over dead latents while sparsify's do not.
+DEAD_WINDOW = 10_000_000
+
 # Steps allowed for L0 to fall below the support step's density before timing (else it is timed as it is). ReLU
 # needs ~200 on the reference harvest (b_enc moves at Adam's pace); JumpReLU starts calibrated near its target.
 SETTLE_CAP = {"relu": 400, "topk": 0, "jumprelu": 150}
@@ -58,7 +68,8 @@ def ours(arch: str, source: ActivationSource, steps: int, bf16: bool, settle: bo
     sparsity coefficient at full strength from the first step so that this takes tens of steps, not hundreds."""
     trainer = Trainer(TrainConfig.build(architecture=arch, d_sae=D_SAE, tokens=(SETTLE_CAP[arch] + steps + 3) * BATCH,
                                         batch_size=BATCH, bf16=bf16, sparsity_warmup_fraction=0.0,
-                                        sparse_step_density=0.04 if settle else 0.0, **ARCH_OPTIONS[arch]), source)
+                                        sparse_step_density=0.04 if settle else 0.0, dead_window_tokens=DEAD_WINDOW,
+                                        **ARCH_OPTIONS[arch]), source)
     batches = source.batches(BATCH, seed=0)
     settled = 0
     while settle and not trainer.sparse_step() and settled < SETTLE_CAP[arch]:
@@ -82,18 +93,19 @@ def quality(arch: str, source: ActivationSource, tokens: int) -> dict[str, float
     return out
 
 
-def report_peers(source: ActivationSource, steps: int, ours_best: dict[str, tuple[str, float]]) -> None:
+def report_peers(source: ActivationSource, steps: int, ours_best: dict[str, tuple[str, float]], archs: set[str]) -> None:
     """The peer rows (SAELens standard and JumpReLU, sparsify TopK) on the same data, then ours/peer per architecture.
 
     A ratio compares the best of fp32 / bf16 autocast on each side (and, for sparsify, the best of its optimizers):
     each tool at its fastest setting here. A package that is not installed is named instead of measured.
     """
-    rows, notes = peers.measure(source, D_SAE, BATCH, steps, k=32)
+    rows, notes = peers.measure(source, D_SAE, BATCH, steps, k=ARCH_OPTIONS["topk"]["k"], archs=archs)
     print(f"peers, same data and shapes ({peers.WARMUP_STEPS} warm-up steps, then {steps} timed):")
     for row in rows:
         print(f"  {row.package} {row.label}, {'bf16-autocast' if row.autocast else 'fp32'}: {row.tokens_per_s:,.0f} tok/s")
     for note in notes:
         print(f"  {note}")
+    print(f"ours/peer at {D_IN} -> {D_SAE}, k {ARCH_OPTIONS['topk']['k']}, batch {BATCH}:")
     for arch, package in (("relu", "SAELens"), ("jumprelu", "SAELens"), ("topk", "sparsify")):
         candidates = [row for row in rows if row.ours == arch]
         if arch not in ours_best:
@@ -108,31 +120,41 @@ def report_peers(source: ActivationSource, steps: int, ours_best: dict[str, tupl
 
 
 def main() -> None:
+    global D_IN, D_SAE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quality-tokens", type=int, default=0, help="also compare FVU fp32 vs bf16 after this many tokens")
     parser.add_argument("--harvest", type=Path, help="real activations: a harvest directory")
     parser.add_argument("--archs", default="relu,topk,jumprelu", help="which of our architectures to time")
     parser.add_argument("--no-peers", action="store_true", help="skip the SAELens / sparsify rows")
+    parser.add_argument("--d-in", type=int, default=D_IN, help="activation width (synthetic rows; a harvest sets its own)")
+    parser.add_argument("--d-sae", type=int, default=D_SAE, help="dictionary width")
+    parser.add_argument("--k", type=int, default=32, help="TopK's k (ReLU and JumpReLU target L0 20)")
+    parser.add_argument("--peer-archs", default="relu,topk,jumprelu", help="which peer rows to time")
     args = parser.parse_args()
-    fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
-    print(f"matmul {BATCH}x{D_IN}x{D_SAE}: fp32 {fp32 / 1e9:.0f} GFLOP/s, bf16 {bf16 / 1e9:.0f} GFLOP/s (bf16/fp32 = {bf16 / fp32:.2f}x)")
-    print(f"dense-step ceiling: fp32 {fp32 / FLOP_PER_TOKEN_DENSE:,.0f} tok/s, bf16 {bf16 / FLOP_PER_TOKEN_DENSE:,.0f} tok/s")
+    D_SAE = args.d_sae
+    ARCH_OPTIONS["topk"]["k"] = args.k
     if args.harvest:
         from trainer.activations import open_harvest
 
         rows = open_harvest(args.harvest).sample(16 * BATCH, seed=0)
+        D_IN = rows.shape[1]
         source = ActivationSource(parts=[rows.numpy()], dtype="float32")
-        print(f"data: {source.rows:,} rows of {args.harvest}")
+        described = f"{source.rows:,} rows of {args.harvest}"
     else:
+        D_IN = args.d_in
         source = mlp_like_data(16 * BATCH)
-        print(f"data: {source.rows:,} synthetic MLP-like rows")
+        described = f"{source.rows:,} synthetic MLP-like rows"
+    fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    print(f"matmul {BATCH}x{D_IN}x{D_SAE}: fp32 {fp32 / 1e9:.0f} GFLOP/s, bf16 {bf16 / 1e9:.0f} GFLOP/s (bf16/fp32 = {bf16 / fp32:.2f}x)")
+    print(f"dense-step ceiling: fp32 {fp32 / flop_per_token_dense():,.0f} tok/s, bf16 {bf16 / flop_per_token_dense():,.0f} tok/s")
+    print(f"data: {described}")
     ours_best: dict[str, tuple[str, float]] = {}  # architecture → (setting, tok/s) of our fastest row
     for arch in args.archs.split(","):
         dense32, _ = ours(arch, source, args.steps, bf16=False, settle=False)
         dense16, _ = ours(arch, source, args.steps, bf16=True, settle=False)
         print(f"{arch:>8} dense step: fp32 {dense32:,.0f} tok/s, bf16-autocast {dense16:,.0f} tok/s "
-              f"(= {dense16 * FLOP_PER_TOKEN_DENSE / bf16:.0%} of the bf16 dense ceiling; bf16/fp32 = {dense16 / dense32:.2f}x)")
+              f"(= {dense16 * flop_per_token_dense() / bf16:.0%} of the bf16 dense ceiling; bf16/fp32 = {dense16 / dense32:.2f}x)")
         # Settled, only in bf16 (the trainer's default): settling costs up to SETTLE_CAP dense steps per row.
         rate16, settled16 = ours(arch, source, args.steps, bf16=True)
         ours_best[arch] = max([("fp32 dense", dense32), ("bf16-autocast dense", dense16), ("bf16-autocast settled", rate16)],
@@ -145,7 +167,7 @@ def main() -> None:
             print(f"          FVU after {args.quality_tokens:,} tokens: fp32 {q['fp32']:.4f}, bf16 {q['bf16']:.4f} "
                   f"(relative difference {abs(q['bf16'] - q['fp32']) / q['fp32']:.1%})")
     if not args.no_peers:
-        report_peers(source, args.steps, ours_best)
+        report_peers(source, args.steps, ours_best, set(args.peer_archs.split(",")))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from monosemantic.block_topk import topk_indices
 from monosemantic.errors import ConfigError, describe_validation_error
-from monosemantic.support import Support, decode_support, support_pre_activations
+from monosemantic.support import DenseEncoder, Support, decode_support, support_pre_activations
 
 SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
 
@@ -169,6 +170,7 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(w_dec.t().clone().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self._dense_encoder = DenseEncoder()  # the support step's buffers (empty until it first runs)
 
     # ---- the maths -------------------------------------------------------------------------------
     def pre_activations(self, x_normalised: Tensor) -> Tensor:
@@ -257,7 +259,10 @@ class SparseAutoencoder(nn.Module):
     def encode_support(self, x_n: Tensor) -> tuple[Tensor, Tensor, Support, Tensor]:
         """Dense pre-activations without autograd, the support, and its differentiable pre-activations."""
         with torch.no_grad():
-            centred, pre = self._centred_pre_activations(x_n)
+            centred = x_n - self.b_dec
+            device = centred.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.W_enc.dtype
+            pre = self._dense_encoder(centred, self.W_enc, self.b_enc, dtype)
             support = self.support(pre)
         return pre, centred, support, support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.b_dec)
 
@@ -292,8 +297,9 @@ class SparseAutoencoder(nn.Module):
         """Drop the gradient component along each (unit) decoder row: it would only change the row's norm."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec.data
+        # One pass each (no [d_sae, d_in] temporaries): at 24,576 × 768 every pass over the matrix is ~10 ms here.
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec.data, dim=1)
+        self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec.data, value=-1)
 
     # ---- tensors as stored in artifacts -----------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
@@ -360,8 +366,19 @@ class TopKSAE(SparseAutoencoder):
     AUX_COEFFICIENT: ClassVar[float] = 1.0 / 32.0  # Gao et al. 2024 §2.4 / openai/sparse_autoencoder auxk_coef
 
     def top_k(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return F.relu(values), indices
+        indices = topk_indices(pre, self.cfg.k)  # monosemantic/block_topk.py: torch.topk's values, ~2× faster on CPU
+        return F.relu(pre.gather(-1, indices)), indices
+
+    def dead_top_k(self, pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+        """The k_aux largest pre-activations of dead latents per row [batch, k_aux] (values, latent indices). With
+        few dead latents their columns are gathered (a [batch, dead] read) instead of masking every live one."""
+        dead = dead_mask.nonzero().squeeze(1)
+        if 2 * dead.numel() <= self.cfg.d_sae:
+            columns = pre.index_select(-1, dead)
+            chosen = topk_indices(columns, k_aux)
+            return columns.gather(-1, chosen), dead[chosen]
+        indices = topk_indices(pre.masked_fill(~dead_mask, -math.inf), k_aux)
+        return pre.gather(-1, indices), indices
 
     def activate(self, pre: Tensor) -> Tensor:
         values, indices = self.top_k(pre)
@@ -400,7 +417,7 @@ class TopKSAE(SparseAutoencoder):
 
     def support(self, pre: Tensor) -> Support:
         # The k chosen latents per token: the encoder's backward costs O(batch·k·d_in), not two dense matmuls.
-        return Support.from_indices(pre.topk(self.cfg.k, dim=-1, sorted=False).indices, self.cfg.d_sae)
+        return Support.from_indices(topk_indices(pre, self.cfg.k), self.cfg.d_sae)
 
     def activate_support(self, pre_values: Tensor, support: Support) -> Tensor:
         return F.relu(pre_values)
@@ -414,7 +431,7 @@ class TopKSAE(SparseAutoencoder):
             return torch.zeros((), device=pre.device)
         k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
         with torch.no_grad():
-            indices = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
+            _, indices = self.dead_top_k(pre, dead_mask, k_aux)
         support = Support.from_indices(indices, self.cfg.d_sae)
         values = F.relu(support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.b_dec))
         return self.AUX_COEFFICIENT * self._normalised_residual(decode_support(values, support, self.W_dec), error)
@@ -423,8 +440,7 @@ class TopKSAE(SparseAutoencoder):
         # AuxK (Gao et al. 2024 §2.4, App. A.2): the top-k_aux *dead* latents model the main residual error,
         # normalised by the error's variance as openai/sparse_autoencoder does, so a dead latent gets gradient.
         k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
-        dead_pre = pre.masked_fill(~dead_mask, -math.inf)
-        values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
+        values, indices = self.dead_top_k(pre, dead_mask, k_aux)
         error_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values).to(self.W_dec.dtype), mode="sum")
         return self._normalised_residual(error_hat, error)
 

@@ -7,14 +7,16 @@ pseudo-gradient window. Elsewhere ∂loss/∂pre is exactly zero (ReLU, TopK) or
 
 * the decoder is an ``embedding_bag`` over the support (sparsify does the same for TopK);
 * ``W_enc``, ``b_enc`` and ``b_dec`` get their gradients from the support's entries alone
-  (``support_pre_activations``), instead of two dense matmuls against a mostly-zero [batch, d_sae] gradient.
+  (``support_pre_activations``), instead of two dense matmuls against a mostly-zero [batch, d_sae] gradient;
+* the one dense matmul left, the pre-activations, runs in reused buffers with the bias folded in
+  (``DenseEncoder``).
 
 The results equal the dense autograd path up to float rounding; tests/test_sae.py checks the gradients.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ class Support:
     cols: Tensor  # [nnz] latent index
     batch: int
     d_sae: int
+    _by_latent: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> "Support":
@@ -46,6 +49,15 @@ class Support:
     def row_offsets(self) -> Tensor:
         return _exclusive_cumsum(torch.bincount(self.rows, minlength=self.batch))
 
+    def by_latent(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(order, rows in that order, bag offsets) with the entries grouped by latent: both weight gradients,
+        ∂W_enc[:, c] and ∂W_dec[c], are one bag per latent. Sorted once per step, shared by the two backwards."""
+        if self._by_latent is None:
+            order = torch.argsort(self.cols, stable=True)
+            self._by_latent = (order, self.rows[order],
+                               _exclusive_cumsum(torch.bincount(self.cols, minlength=self.d_sae)))
+        return self._by_latent
+
     def fired(self, values: Tensor) -> Tensor:
         """Latents with a positive value on at least one token (bool [d_sae])."""
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=self.cols.device)
@@ -62,34 +74,101 @@ class _SupportPreActivations(torch.autograd.Function):
     backward builds ∂W_enc, ∂b_enc and ∂b_dec from the nnz incoming gradients alone."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, centred: Tensor, rows: Tensor, cols: Tensor,  # type: ignore[override]
+    def forward(ctx, pre: Tensor, centred: Tensor, support: Support,  # type: ignore[override]
                 W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(centred, rows, cols, W_enc)
-        return pre[rows, cols].float()
+        ctx.save_for_backward(centred, W_enc)
+        ctx.support = support
+        return pre[support.rows, support.cols].float()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        centred, rows, cols, W_enc = ctx.saved_tensors
-        d_in, d_sae = W_enc.shape
+        centred, W_enc = ctx.saved_tensors
+        support: Support = ctx.support
         grad = grad.to(W_enc.dtype)
-        grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, grad)
-        # ∂W_enc[:, c] = Σ_{(r,c) in support} g_rc · centred[r]: one bag per latent, so sort the support by latent.
-        order = torch.argsort(cols, stable=True)
-        offsets = _exclusive_cumsum(torch.bincount(cols, minlength=d_sae))
-        grad_W_enc_t = F.embedding_bag(rows[order], centred.to(W_enc.dtype), offsets,
-                                       per_sample_weights=grad[order], mode="sum")
+        grad_b_enc = torch.zeros(support.d_sae, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, support.cols, grad)
+        # ∂W_enc[:, c] = Σ_{(r,c) in support} g_rc · centred[r]: one bag per latent.
+        order, rows, offsets = support.by_latent()
+        grad_W_enc_t = F.embedding_bag(rows, centred.to(W_enc.dtype), offsets, per_sample_weights=grad[order], mode="sum")
         # centred = x − b_dec, so ∂b_dec = −Σ_r ∂pre[r]·W_encᵀ = −W_enc·∂b_enc.
         grad_b_dec = -(W_enc @ grad_b_enc)
-        return None, None, None, None, grad_W_enc_t.t().contiguous(), grad_b_enc, grad_b_dec
+        # The transposed copy costs ~70 ms a step at 768 → 24,576 (single-threaded): fused Adam needs the gradient
+        # in W_enc's contiguous layout, so storing W_enc by latent would only move the copy into the optimizer.
+        return None, None, None, grad_W_enc_t.t().contiguous(), grad_b_enc, grad_b_dec
+
+
+class DenseEncoder:
+    """The support step's dense pre-activations (x − b_dec)·W_enc + b_enc, without autograd, in reused buffers.
+
+    At 4,096 tokens × 24,576 latents a fresh [batch, d_sae] result is 200 MB of new pages each step, and addmm's bias
+    is first broadcast into it (a full write before the matmul): together they cost more than the bf16 matmul itself
+    (bench/train_sae.py at 768 → 24,576). Here the bias is a row of the weight, against a column of ones in the input,
+    so one matmul writes the result once into the buffer the last step used. The weights are re-cast into the
+    buffer each call (they change every step); the inner dimension is padded to a multiple of 32 with zeros (bf16
+    matrix tiles), which adds nothing to the products.
+
+    The result is valid until the next call: the support step reads it within its own forward.
+    """
+
+    PAD = 32
+
+    def __init__(self) -> None:
+        self._weight: Tensor | None = None
+        self._rows: Tensor | None = None
+        self._out: Tensor | None = None
+
+    def __call__(self, centred: Tensor, W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype) -> Tensor:
+        n, d_in = centred.shape
+        d_sae = W_enc.shape[1]
+        inner = -(-(d_in + 1) // self.PAD) * self.PAD
+        weight, _ = self._buffer("_weight", (inner, d_sae), dtype, W_enc.device)  # rows past d_in + 1 stay zero
+        weight[:d_in].copy_(W_enc)
+        weight[d_in].copy_(b_enc)
+        rows, fresh = self._buffer("_rows", (n, inner), dtype, centred.device)
+        if fresh:
+            rows[:, d_in].fill_(1)
+        rows[:, :d_in].copy_(centred)
+        out, _ = self._buffer("_out", (n, d_sae), dtype, centred.device)
+        return torch.mm(rows, weight, out=out)
+
+    def _buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, bool]:
+        """The named buffer, and whether it was just made (zeros) for a new shape, dtype or device."""
+        buffer = getattr(self, name)
+        if buffer is not None and buffer.shape == shape and buffer.dtype == dtype and buffer.device == device:
+            return buffer, False
+        buffer = torch.zeros(shape, dtype=dtype, device=device)
+        setattr(self, name, buffer)
+        return buffer, True
 
 
 def support_pre_activations(pre: Tensor, centred: Tensor, support: Support, W_enc: Tensor, b_enc: Tensor,
                             b_dec: Tensor) -> Tensor:
     """The pre-activations on the support [nnz] (fp32), differentiable w.r.t. the encoder and b_dec."""
-    return _SupportPreActivations.apply(pre.detach(), centred.detach(), support.rows, support.cols, W_enc, b_enc, b_dec)
+    return _SupportPreActivations.apply(pre.detach(), centred.detach(), support, W_enc, b_enc, b_dec)
+
+
+class _DecoderWeightGradient(torch.autograd.Function):
+    """The identity on the decoder's output, whose backward gives ∂W_dec[c] = Σ_{(r,c) in support} v_rc · ∂out[r]
+    as one bag per latent (the support's shared latent order). torch's own embedding_bag weight backward scatters
+    entry by entry into a zeroed [d_sae, d_in] gradient after re-indexing the incoming one: ~3× the time here."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, W_dec: Tensor, values: Tensor, support: Support) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(values)
+        ctx.support = support
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (values,) = ctx.saved_tensors
+        order, rows, offsets = ctx.support.by_latent()
+        grad_W_dec = F.embedding_bag(rows, grad, offsets, per_sample_weights=values[order].to(grad.dtype), mode="sum")
+        return grad, grad_W_dec, None, None
 
 
 def decode_support(values: Tensor, support: Support, W_dec: Tensor) -> Tensor:
     """Σ over each row's support of value · W_dec[latent]: [batch, d_in], without b_dec."""
-    return F.embedding_bag(support.cols, W_dec, support.row_offsets(), per_sample_weights=values.to(W_dec.dtype),
-                           mode="sum")
+    weights = values.to(W_dec.dtype)
+    out = F.embedding_bag(support.cols, W_dec.detach(), support.row_offsets(), per_sample_weights=weights, mode="sum")
+    if not (W_dec.requires_grad and torch.is_grad_enabled()):
+        return out
+    return _DecoderWeightGradient.apply(out, W_dec, weights.detach(), support)
