@@ -175,7 +175,8 @@ def reload_under_load(registry: Path, reloads: int, clients: int) -> dict:
 
 
 def overload(registry: Path, queue: int, extra: int) -> dict:
-    server = Server(registry, MONOSEMANTIC_MAX_QUEUE=str(queue), MONOSEMANTIC_MAX_BATCH_REQUESTS="1")
+    # Slots alone (no wait bound): this scenario proves the count of refusals is exact.
+    server = Server(registry, MONOSEMANTIC_MAX_QUEUE=str(queue), MONOSEMANTIC_MAX_BATCH_REQUESTS="1", MONOSEMANTIC_MAX_QUEUE_WAIT_S="0")
     try:
         async def main() -> list[tuple[int, float]]:
             async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=queue + extra + 8),

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (bench/peers.py: the SAELens and sparsify steps; imports neither until asked)
 
 from trainer.activations import ActivationSource  # noqa: E402
+from trainer.allocator import keep_freed_memory  # noqa: E402
 from trainer.train import TrainConfig, Trainer  # noqa: E402
 
 # The shape under test; main() sets them from the command line (a harvest's rows fix D_IN).
@@ -60,20 +61,23 @@ DEAD_WINDOW = 10_000_000
 # Steps allowed for L0 to fall below the support step's density before timing (else it is timed as it is). ReLU
 # needs ~200 on the reference harvest (b_enc moves at Adam's pace); JumpReLU starts calibrated near its target.
 SETTLE_CAP = {"relu": 400, "topk": 0, "jumprelu": 150}
+SETTLE_SHRINK = 8
 
 
 def ours(arch: str, source: ActivationSource, steps: int, bf16: bool, settle: bool = True) -> tuple[float, int]:
     """Our training step's tokens/s, and the steps it took to settle. With ``settle``, timing starts once the run has
     reached the regime most of a run is spent in (L0 near its target, so the support step is taken), with the
-    sparsity coefficient at full strength from the first step so that this takes tens of steps, not hundreds."""
+    sparsity coefficient at full strength from the first step so that this takes tens of steps, not hundreds.
+    Settling steps take batches of BATCH / SETTLE_SHRINK rows: L0 falls with steps (the biases move at Adam's pace),
+    not with tokens, and at 24,576 latents 400 dense steps of 4,096 rows would take over 20 minutes here."""
     trainer = Trainer(TrainConfig.build(architecture=arch, d_sae=D_SAE, tokens=(SETTLE_CAP[arch] + steps + 3) * BATCH,
                                         batch_size=BATCH, bf16=bf16, sparsity_warmup_fraction=0.0,
                                         sparse_step_density=0.04 if settle else 0.0, dead_window_tokens=DEAD_WINDOW,
                                         **ARCH_OPTIONS[arch]), source)
-    batches = source.batches(BATCH, seed=0)
+    batches, small = source.batches(BATCH, seed=0), source.batches(BATCH // SETTLE_SHRINK, seed=1)
     settled = 0
     while settle and not trainer.sparse_step() and settled < SETTLE_CAP[arch]:
-        trainer.train_step(next(batches))
+        trainer.train_step(next(small))
         settled += 1
     for _ in range(3):
         trainer.train_step(next(batches))
@@ -121,6 +125,7 @@ def report_peers(source: ActivationSource, steps: int, ours_best: dict[str, tupl
 
 def main() -> None:
     global D_IN, D_SAE
+    keep_freed_memory()  # as `monosemantic-train train` does; process-wide, so the peers' steps get it too
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quality-tokens", type=int, default=0, help="also compare FVU fp32 vs bf16 after this many tokens")

@@ -4,7 +4,9 @@
 
 Each round runs each tree once, in its own process: the trainer is built, 5 steps warm it up, 20 are timed.
 Prints tokens/s per round and the median ratio this/other: the per-step cost of a change (checks added to the
-loop, say) measured in one run, so the machine's noise is shared.
+loop, say) measured in one run, so the machine's noise is shared. Both processes keep freed memory as
+`monosemantic-train train` does (this tree's trainer/allocator.py, loaded by path so an older tree gets it too):
+the ratio is the code's; `--allocator-as-tree` leaves each tree as its CLI ran.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _ONE_RUN = """
-import json, sys, time
+import importlib.util, json, os, sys, time
 import numpy as np, torch
 torch.set_num_threads(2)
+if os.environ.get("BENCH_ALLOCATOR"):
+    spec = importlib.util.spec_from_file_location("bench_allocator", os.environ["BENCH_ALLOCATOR"])
+    allocator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(allocator)
+    allocator.keep_freed_memory()
 from trainer.activations import ActivationSource
 from trainer.train import TrainConfig, Trainer
 d_in, d_sae, batch, arch = int(sys.argv[1]), int(sys.argv[2]), 4096, sys.argv[3]
@@ -42,6 +49,9 @@ print(json.dumps({"tokens_per_s": 20 * batch / (time.perf_counter() - started)})
 
 def one(tree: Path, args: argparse.Namespace) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "2"}
+    allocator = (tree if args.allocator_as_tree else ROOT) / "trainer" / "allocator.py"
+    if allocator.exists():
+        env["BENCH_ALLOCATOR"] = str(allocator)
     out = subprocess.run([sys.executable, "-c", _ONE_RUN, str(args.d_in), str(args.d_sae), args.arch], cwd=tree, env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
@@ -54,6 +64,8 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=16384)
     parser.add_argument("--arch", default="topk")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--allocator-as-tree", action="store_true",
+                        help="keep freed memory only where the tree's own trainer/allocator.py exists")
     args = parser.parse_args()
     ratios = []
     for round_ in range(args.rounds):

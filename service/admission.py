@@ -25,8 +25,8 @@ class Admission:
             with self.worker.admitted(count):
                 yield
         except ServiceError as exc:
-            if exc.kind is ErrorKind.OVERLOADED:
-                self.metrics.rejected.labels("queue_full").inc()
+            if exc.kind is ErrorKind.OVERLOADED:  # slots taken, or too long a wait ahead (service/batcher.py)
+                self.metrics.rejected.labels(getattr(exc, "reason", "queue_full")).inc()
             raise
 
     async def submit(self, job: Job, arrival: Any = None) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import math
 import threading
 import time
 from collections import deque
@@ -68,9 +69,40 @@ class Overloaded(ServiceError):
             ErrorKind.OVERLOADED,
             f"the server is full ({limit} requests admitted, setting MONOSEMANTIC_MAX_QUEUE); retry shortly",
         )
+        self.reason = "queue_full"
+
+
+class TooLongAWait(ServiceError):
+    """Refused because the work already queued would keep this request waiting past the bound: a slow model (a
+    Gemma-2-2B on two cores reads ~100 tokens/s) turns even a few dozen queued requests into tens of seconds."""
+
+    def __init__(self, wait_s: float, bound_s: float) -> None:
+        super().__init__(
+            ErrorKind.OVERLOADED,
+            f"the server is busy: about {wait_s:.1f} s of work is queued ahead of this request, over the "
+            f"{bound_s:g} s bound (setting MONOSEMANTIC_MAX_QUEUE_WAIT_S); retry later",
+        )
+        self.reason = "queue_wait"
+        self.retry_after_s = max(1, math.ceil(wait_s - bound_s))  # when the queue ahead should be under the bound
+
+
+def _kind(job: Job) -> Any:
+    """What a job's cost is learnt by: the function that runs it (reads, attributions and generation steps differ
+    by orders of magnitude per token)."""
+    return getattr(job.run, "__func__", job.run)
 
 
 class Worker:
+    """One engine thread over a queue of jobs, batching those that share a key.
+
+    Admission is bounded twice: by requests (`max_queue` slots) and by the wait ahead (`max_queue_wait_s`). The
+    wait is predicted from what is queued: each job's tokens times its kind's seconds per token, learnt from the
+    batches run (an EWMA), plus what is left of the running batch. A request that would wait longer is refused at
+    once with a Retry-After, instead of joining a queue it would sit in for the whole client timeout.
+    """
+
+    COST_EWMA = 0.3  # weight of the newest batch in a kind's seconds per token
+
     def __init__(
         self,
         max_batch_requests: int,
@@ -79,11 +111,16 @@ class Worker:
         max_queue: int,
         on_batch: Callable[[int, int], None] | None = None,
         on_idle: Callable[[], None] | None = None,
+        max_queue_wait_s: float = 0.0,
     ) -> None:
         self.max_batch_requests = max_batch_requests
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s  # 0: no bound on the wait
+        self._cost: dict[Any, float] = {}  # a job kind's seconds per token, learnt
+        self._queued_s = 0.0  # the predicted seconds of the jobs in the queue
+        self._running_until = 0.0  # when the running batch should end (time.monotonic())
         self.on_batch = on_batch  # (requests, tokens) of every batch run, for metrics
         self.on_idle = on_idle  # on the worker thread, IDLE_TRIM_S after its last batch: drop buffers it can remake
         self._queue: deque[Job] = deque()
@@ -131,12 +168,26 @@ class Worker:
                 raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down")
             if self._admitted + count > self.max_queue:
                 raise Overloaded(self.max_queue)
+            if self.max_queue_wait_s > 0 and (wait := self._wait_ahead()) > self.max_queue_wait_s:
+                raise TooLongAWait(wait, self.max_queue_wait_s)
             self._admitted += count
         try:
             yield
         finally:
             with self._cond:
                 self._admitted -= count
+
+    def _wait_ahead(self) -> float:
+        """Seconds a request admitted now would wait for the work ahead of it (under the lock)."""
+        return self._queued_s + max(0.0, self._running_until - time.monotonic())
+
+    def _predicted_s(self, job: Job) -> float:
+        return job.tokens * self._cost.get(_kind(job), 0.0)
+
+    @property
+    def wait_ahead_s(self) -> float:
+        with self._cond:
+            return self._wait_ahead()
 
     async def submit(self, job: Job, arrival: "_Arrival | None" = None) -> Any:
         """Queue a job and wait for its result (the request it belongs to was admitted with `admitted`)."""
@@ -146,6 +197,7 @@ class Worker:
             if self._stopping:
                 raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down")
             self._queue.append(job)
+            self._queued_s += self._predicted_s(job)
             if arrival is not None and not arrival.queued:
                 arrival.queued = True
                 self._coming -= 1
@@ -174,7 +226,7 @@ class Worker:
             first = self._queue.popleft()
             batch = [first]
             if first.batch_key is None or self.max_batch_requests == 1:
-                return batch
+                return self._started(batch)
             tokens = first.tokens
             wait_until = first.enqueued + self.max_wait_s
             while len(batch) < self.max_batch_requests:
@@ -190,7 +242,25 @@ class Worker:
                 if remaining <= 0 or self._stopping or self._coming == 0:
                     break
                 self._cond.wait(remaining)
-            return batch
+            return self._started(batch)
+
+    def _started(self, batch: list[Job]) -> list[Job]:
+        """Move a batch's predicted seconds from the queue to the running batch (under the lock)."""
+        predicted = sum(self._predicted_s(job) for job in batch)
+        self._queued_s = max(0.0, self._queued_s - predicted) if self._queue else 0.0  # no drift once empty
+        self._running_until = time.monotonic() + predicted
+        return batch
+
+    def _learn(self, batch: list[Job], seconds: float) -> None:
+        """Update the batch's kind's seconds per token from how long it took."""
+        tokens = sum(job.tokens for job in batch)
+        if tokens <= 0:
+            return
+        kind, measured = _kind(batch[0]), seconds / tokens
+        with self._cond:
+            known = self._cost.get(kind)
+            self._cost[kind] = measured if known is None else known + self.COST_EWMA * (measured - known)
+            self._running_until = 0.0
 
     def _loop(self) -> None:
         while True:
@@ -207,13 +277,17 @@ class Worker:
                     continue
                 live.append(job)
             if not live:
+                with self._cond:
+                    self._running_until = 0.0
                 continue
+            started = time.monotonic()
             try:
                 results = live[0].run(live)
             except ServiceError as exc:
                 results = [exc] * len(live)
             except Exception as exc:  # never let one bad batch kill the worker; the adapters answer INTERNAL
                 results = [exc] * len(live)
+            self._learn(live, time.monotonic() - started)
             if self.on_batch is not None:
                 self.on_batch(len(live), sum(j.tokens for j in live))
             for job, result in zip(live, results):

@@ -112,6 +112,7 @@ class Engine:
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
+            max_queue_wait_s=settings.max_queue_wait_s,
             on_batch=self._record_batch,
             on_idle=self._release_buffers,
         )

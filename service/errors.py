@@ -123,12 +123,18 @@ def from_validation_errors(errors: list[dict]) -> ServiceError:
     return ServiceError(ErrorKind.INVALID_ARGUMENT, message, fields[0] if fields else None)
 
 
+def retry_after_s(exc: ServiceError) -> int:
+    """Whole seconds an overloaded client should wait: the refusal's own estimate where it has one (a long queue
+    wait), else 1 (slots free as fast as requests finish)."""
+    return int(getattr(exc, "retry_after_s", 1))
+
+
 def http_headers(exc: ServiceError) -> dict[str, str]:
     """The headers an HTTP refusal carries, decided once for every path that writes one: when to retry an overload
     (RFC 9110 §10.2.3), and the scheme a missing key should use (RFC 6750 §3)."""
     headers = {}
     if exc.kind is ErrorKind.OVERLOADED:
-        headers["Retry-After"] = "1"
+        headers["Retry-After"] = str(retry_after_s(exc))
     if exc.kind is ErrorKind.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = "Bearer"
     return headers

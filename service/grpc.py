@@ -25,7 +25,7 @@ from monosemantic import api as schemas
 from service.access import Identity
 from service.deadlines import deadline_after, within
 from service.engine import Engine
-from service.errors import ServiceError, from_validation_errors, invalid, outcome_code
+from service.errors import ErrorKind, ServiceError, from_validation_errors, invalid, outcome_code, retry_after_s
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 
@@ -78,6 +78,8 @@ def _authorizations(context: grpc.aio.ServicerContext) -> list[str]:
 async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
     """The status code and message; the error kind and field also travel as trailing metadata."""
     trailing = [("error-kind", exc.kind.value)] + ([("error-field", exc.field)] if exc.field else [])
+    if exc.kind is ErrorKind.OVERLOADED:  # gRPC's retry pushback (gRFC A6): honoured by clients' retry policies
+        trailing.append(("grpc-retry-pushback-ms", str(1000 * retry_after_s(exc))))
     await context.abort(exc.grpc_code, exc.message, trailing_metadata=tuple(trailing))
 
 

@@ -51,7 +51,7 @@ class Metrics:
         self.keys_loaded = Gauge("monosemantic_api_keys_loaded_timestamp_seconds", "When the keys in use were read.", registry=r)
         self.monitor = FeatureMonitor(r)
         self.observe_dropped = Counter("monosemantic_observe_dropped", "Observed texts accepted but not read (engine error or shutdown).", registry=r)
-        for reason in ("queue_full", "deadline", "shutting_down"):
+        for reason in ("queue_full", "queue_wait", "deadline", "shutting_down"):
             self.rejected.labels(reason)
         for result in ("success", "failure"):
             self.reloads.labels(result)

@@ -68,6 +68,9 @@ class ServiceSettings(BaseSettings):
     # once held 221 of 256.
     max_request_share: float = Field(0.25, gt=0, le=1)
     max_queue: int = Field(256, ge=1)  # requests admitted at once (waiting or running); more are refused at once (429 / RESOURCE_EXHAUSTED)
+    # A request that would wait longer than this for the work queued ahead of it is refused at once (429 with
+    # Retry-After: the predicted wait past the bound; service/batcher.py learns each kind of job's cost); 0: no bound.
+    max_queue_wait_s: float = Field(2.0, ge=0)
 
     # Access (service/access.py): API keys with scopes from a JSON file (or a mounted Kubernetes Secret), and an
     # admin key. Clients send "Authorization: Bearer KEY" (gRPC metadata "authorization"). No key at all: the query

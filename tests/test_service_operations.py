@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from monosemantic.client import GrpcClient, RestClient, ServiceCallError
+from monosemantic.v1 import feature_service_pb2 as pb
 from conftest import ADMIN_KEY, RunningServer, free_port, wait_until_ok
 
 
@@ -238,6 +239,49 @@ def test_a_full_queue_refuses_at_once_with_429_and_the_rest_succeed(registry):
         assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
         assert all(retry == "1" for c, retry in codes if c == 429)
         assert _metric(running, "monosemantic_rejected_requests_total", reason="queue_full") == statuses.count(429)
+    finally:
+        running.stop()
+
+
+def test_a_request_behind_more_queued_work_than_the_wait_bound_is_refused_with_a_retry_after(registry):
+    # One read at a time (no batching) and a 50 ms bound: once the server has timed a read of this text, a burst
+    # queues seconds of work and whoever arrives behind it is refused at once, on both transports.
+    running = RunningServer(registry=registry, max_batch_requests=1, max_queue_wait_s=0.05)
+    text = "def total(values):\n    return sum(v * v for v in values)\n" * 12
+    try:
+        assert httpx.post(f"{running.http_url}/v1/activations", json={"text": text}, timeout=60).status_code == 200
+
+        def call(_):
+            response = httpx.post(f"{running.http_url}/v1/activations", json={"text": text}, timeout=60)
+            return response.status_code, response.headers.get("retry-after"), response.json()
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(call, range(16)))
+        statuses = [status for status, _, _ in answers]
+        assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
+        refused = [(retry, body) for status, retry, body in answers if status == 429]
+        assert all(int(retry) >= 1 and "MONOSEMANTIC_MAX_QUEUE_WAIT_S" in body["error"]["message"] for retry, body in refused)
+        assert _metric(running, "monosemantic_rejected_requests_total", reason="queue_wait") == len(refused)
+        assert _metric(running, "monosemantic_rejected_requests_total", reason="queue_full") == 0
+
+        request = pb.ActivationsRequest(text=text)
+
+        def grpc_call(_):
+            with grpc.insecure_channel(running.grpc_target) as channel:
+                call = channel.unary_unary("/monosemantic.v1.FeatureService/Activations",
+                                           request_serializer=pb.ActivationsRequest.SerializeToString,
+                                           response_deserializer=pb.ActivationsResponse.FromString)
+                try:
+                    call(request, timeout=60)
+                    return grpc.StatusCode.OK, None
+                except grpc.RpcError as exc:
+                    return exc.code(), dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(grpc_call, range(16)))
+        pushbacks = [pushback for code, pushback in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert pushbacks and all(int(ms) >= 1000 for ms in pushbacks)  # gRFC A6 retry pushback, in milliseconds
+        assert {code for code, _ in outcomes} <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     finally:
         running.stop()
 
