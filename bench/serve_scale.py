@@ -154,20 +154,22 @@ def main() -> None:
     for bound in ("2", "0"):
         server, url, ready_s = start_server(model, registry, MONOSEMANTIC_MAX_QUEUE_WAIT_S=bound)
         try:
-            memory = proc_status(server.pid)
+            ready_memory = proc_status(server.pid)
             load = overload(url, args.clients, args.seconds)
+            memory = proc_status(server.pid)  # after serving: every weight touched (the checkpoint is memory-mapped)
         finally:
             server.terminate()
             server.wait(60)
-        rows[f"wait_bound_{bound}"] = {"ready_s": ready_s, "rss_bytes": memory["VmRSS"], "hwm_bytes": memory["VmHWM"], **load}
+        rows[f"wait_bound_{bound}"] = {"ready_s": ready_s, "ready_rss_bytes": ready_memory["VmRSS"], "rss_bytes": memory["VmRSS"],
+                                       "hwm_bytes": memory["VmHWM"], **load}
         print(json.dumps({"wait_bound_s": bound, **rows[f"wait_bound_{bound}"]}), flush=True)
 
     base = checkpoint + dictionary
     first = rows["wait_bound_2"]
     print(f"\n| {args.shape} shape: checkpoint {checkpoint / 2**30:.2f} GiB + dictionary {dictionary / 2**20:.0f} MiB | measured | ratio | goal |")
     print("| --- | --- | --- | --- |")
-    print(f"| serving RSS | {first['rss_bytes'] / 2**30:.2f} GiB | {first['rss_bytes'] / base:.2f}× | ≤ 1.15× |")
-    print(f"| high-water while loading | {first['hwm_bytes'] / 2**30:.2f} GiB | {first['hwm_bytes'] / base:.2f}× | ≤ 1.3× |")
+    print(f"| serving RSS, after the overload | {first['rss_bytes'] / 2**30:.2f} GiB | {first['rss_bytes'] / base:.2f}× | ≤ 1.15× |")
+    print(f"| high-water (loading and serving) | {first['hwm_bytes'] / 2**30:.2f} GiB | {first['hwm_bytes'] / base:.2f}× | ≤ 1.3× |")
     print(f"| ready (checksum remembered) vs bare transformers load + 64-token forward ({baseline_s:.1f} s) | "
           f"{first['ready_s']:.1f} s | {first['ready_s'] / baseline_s:.2f}× | ≤ 2× |")
     for bound in ("2", "0"):

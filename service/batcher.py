@@ -101,7 +101,7 @@ class Worker:
     once with a Retry-After, instead of joining a queue it would sit in for the whole client timeout.
     """
 
-    COST_EWMA = 0.3  # weight of the newest batch in a kind's seconds per token
+    COST_DECAY = 0.7  # a kind's cost is decayed seconds over decayed tokens: big batches weigh by their tokens
 
     def __init__(
         self,
@@ -119,6 +119,7 @@ class Worker:
         self.max_queue = max_queue
         self.max_queue_wait_s = max_queue_wait_s  # 0: no bound on the wait
         self._cost: dict[Any, float] = {}  # a job kind's seconds per token, learnt
+        self._spent: dict[Any, tuple[float, float]] = {}  # a kind's decayed (seconds, tokens) behind its cost
         self._queued_s = 0.0  # the predicted seconds of the jobs in the queue
         self._running_until = 0.0  # when the running batch should end (time.monotonic())
         self.on_batch = on_batch  # (requests, tokens) of every batch run, for metrics
@@ -251,15 +252,19 @@ class Worker:
         self._running_until = time.monotonic() + predicted
         return batch
 
-    def _learn(self, batch: list[Job], seconds: float) -> None:
-        """Update the batch's kind's seconds per token from how long it took."""
+    def learn(self, batch: list[Job], seconds: float) -> None:
+        """Update the batch's kind's seconds per token from how long it took (also a warm-up run off the worker).
+        Seconds and tokens are summed with decay, so a lone short request (a fixed overhead over few tokens) does
+        not outweigh the batch of two thousand tokens after it."""
         tokens = sum(job.tokens for job in batch)
         if tokens <= 0:
             return
-        kind, measured = _kind(batch[0]), seconds / tokens
+        kind = _kind(batch[0])
         with self._cond:
-            known = self._cost.get(kind)
-            self._cost[kind] = measured if known is None else known + self.COST_EWMA * (measured - known)
+            spent, counted = self._spent.get(kind, (0.0, 0.0))
+            spent, counted = self.COST_DECAY * spent + seconds, self.COST_DECAY * counted + tokens
+            self._spent[kind] = (spent, counted)
+            self._cost[kind] = spent / counted
             self._running_until = 0.0
 
     def _loop(self) -> None:
@@ -287,7 +292,7 @@ class Worker:
                 results = [exc] * len(live)
             except Exception as exc:  # never let one bad batch kill the worker; the adapters answer INTERNAL
                 results = [exc] * len(live)
-            self._learn(live, time.monotonic() - started)
+            self.learn(live, time.monotonic() - started)
             if self.on_batch is not None:
                 self.on_batch(len(live), sum(j.tokens for j in live))
             for job, result in zip(live, results):

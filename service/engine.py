@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import secrets
+import time
 from contextlib import ExitStack
 from typing import Any, AsyncIterator, NamedTuple
 
@@ -150,6 +151,18 @@ class Engine:
         for entry in repository:
             self._exported(entry)
         self.metrics.set_dictionaries(list(repository), model.checksum)
+        self._warm_up(repository)
+
+    def _warm_up(self, repository: DictionaryRepository) -> None:
+        """Two short reads before ready: the first pages the weights in (a memory-mapped checkpoint is read from disk
+        on first touch: seconds at Gemma-2-2B's shape), the second times a read, so the wait bound knows the cost
+        of reads before the first burst of clients (service/batcher.py) and nobody's first request pays the page-in."""
+        ids = [repository.model.bos_id or 0] * 64
+        job = Job(run=self._run_reads, payload=ReadJob(ids, (Read(repository.default, 0),)), batch_key="activations", tokens=len(ids))
+        for _ in range(2):
+            started = time.monotonic()
+            self._run_reads([job])
+        self._worker.learn([job], time.monotonic() - started)
 
     def _watched(self, entry: BoundDictionary, default: str) -> list:
         return [w for w in self.settings.watch_features if w.of(default) == entry.name]
