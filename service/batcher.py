@@ -97,7 +97,7 @@ class Worker:
 
     Admission is bounded twice: by requests (`max_queue` slots) and by the wait ahead (`max_queue_wait_s`). The
     wait is predicted from what is queued: each job's tokens times its kind's seconds per token, learnt from the
-    batches run (an EWMA), plus what is left of the running batch. A request that would wait longer is refused at
+    batches run (decayed seconds over decayed tokens), plus what is left of the running batch. A request that would wait longer is refused at
     once with a Retry-After, instead of joining a queue it would sit in for the whole client timeout.
     """
 
@@ -118,8 +118,7 @@ class Worker:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.max_queue_wait_s = max_queue_wait_s  # 0: no bound on the wait
-        self._cost: dict[Any, float] = {}  # a job kind's seconds per token, learnt
-        self._spent: dict[Any, tuple[float, float]] = {}  # a kind's decayed (seconds, tokens) behind its cost
+        self._spent: dict[Any, tuple[float, float]] = {}  # a job kind's decayed (seconds, tokens): its cost per token
         self._queued_s = 0.0  # the predicted seconds of the jobs in the queue
         self._running_until = 0.0  # when the running batch should end (time.monotonic())
         self.on_batch = on_batch  # (requests, tokens) of every batch run, for metrics
@@ -183,7 +182,8 @@ class Worker:
         return self._queued_s + max(0.0, self._running_until - time.monotonic())
 
     def _predicted_s(self, job: Job) -> float:
-        return job.tokens * self._cost.get(_kind(job), 0.0)
+        seconds, tokens = self._spent.get(_kind(job), (0.0, 1.0))  # an unknown kind: nothing predicted
+        return job.tokens * seconds / tokens
 
     @property
     def wait_ahead_s(self) -> float:
@@ -264,7 +264,6 @@ class Worker:
             spent, counted = self._spent.get(kind, (0.0, 0.0))
             spent, counted = self.COST_DECAY * spent + seconds, self.COST_DECAY * counted + tokens
             self._spent[kind] = (spent, counted)
-            self._cost[kind] = spent / counted
             self._running_until = 0.0
 
     def _loop(self) -> None:

@@ -2,7 +2,7 @@
 
 glibc serves every allocation over 32 MB (its largest mmap threshold) with a fresh mmap and unmaps it at free().
 A training step at 768 → 24,576 allocates several such blocks each time (gradients of 75 MB, the encoder's
-[4,096 × 24,576] products, the optimizer's transposes), so every step the kernel zero-fills ~80k new pages: 240 ms
+[4,096 × 24,576] products, the encoder gradient's transposed copy), so every step the kernel zero-fills ~80k new pages: 240 ms
 of system time a step across both cores, 20-30% of the step (measured with getrusage on this machine). PyTorch's
 CPU tuning guide answers the same cost with jemalloc or tcmalloc through LD_PRELOAD; glibc's own knobs do it from
 inside the process, with nothing to install: no mmap for large blocks (they come from the heap) and a trim
