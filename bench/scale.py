@@ -14,8 +14,8 @@ the log (--log); the summary at the end repeats each stage's table rows and rati
 - features: bench/dashboards.py (GPT-2: from the model and from shards against --tree, another checkout, e.g.
   `git worktree add /tmp/old <commit>`; Gemma: within memory);
 - serve: bench/serve_scale.py (memory, start, overload with and without the wait bound), and at GPT-2's shape
-  bench/serve.py at 32 clients against the naive server;
-- generate: bench/generation.py, steered and unsteered against HF `generate` (GPT-2's shape).
+  bench/serve.py --shape gpt2 at 32 clients against the naive server;
+- generate: bench/generation.py, steered and unsteered against HF `generate` (at Gemma's shape 32 tokens, 3 rounds).
 
 A full run takes over an hour on two cores; --quick shortens every stage (fewer steps, tokens and seconds).
 """
@@ -81,7 +81,11 @@ def stages(shape: str, quick: bool, tree: Path | None) -> list[tuple[str, list[s
         ("serve", [py, str(BENCH / "serve_scale.py"), "--shape", shape, "--seconds", "8" if quick else "20"], {}),
     ]
     if shape == "gpt2":
+        runs.append(("serve", [py, str(BENCH / "serve.py"), "--shape", "gpt2", "--clients", "32", "--seconds", "4" if quick else "10"], {}))
         runs.append(("generate", [py, str(BENCH / "generation.py"), "--rounds", "2" if quick else "5", "--dtype", "bfloat16"], {}))
+    else:  # a 2.6B model on two cores: fewer, shorter rounds
+        runs.append(("generate", [py, str(BENCH / "generation.py"), "--shape", "gemma", "--tokens", "16" if quick else "32",
+                                  "--rounds", "2" if quick else "3"], {}))
     return runs
 
 

@@ -14,7 +14,11 @@ With wrk, each REST row also reports the server's CPU time per request (from /pr
 the bench times the engine's batch function in-process (one request alone against a batch of 32) and prints the
 ceiling the CPU sets: with every core busy, the batched server can't pass cores × 1000 / its CPU-ms per request.
 
-    python bench/serve.py [--seconds 6] [--clients 1,8,32,128] [--load-generator wrk|python]
+    python bench/serve.py [--seconds 6] [--clients 1,8,32,128] [--load-generator wrk|python] [--shape reference|gpt2]
+
+--shape gpt2 serves GPT-2 small's shape in bf16 (bench/gpt2_shape.py, random weights) with a random TopK dictionary
+of --d-sae features at blocks.6.hook_resid_post, published bound to it (bench/serve_scale.py); all three servers get
+it through MONOSEMANTIC_MODEL / _REGISTRY / _DICTIONARY, and the reference-only parts at the end are left out.
 """
 
 from __future__ import annotations
@@ -282,9 +286,19 @@ def main() -> None:
     parser.add_argument("--protocol", help=argparse.SUPPRESS)
     parser.add_argument("--texts", help=argparse.SUPPRESS)
     parser.add_argument("--load-clients", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", choices=("reference", "gpt2"), default="reference")
+    parser.add_argument("--d-sae", type=int, default=24_576, help="the dictionary's width at --shape gpt2")
     args = parser.parse_args()
     if args.load:
         return load_main(args)
+    if args.shape == "gpt2":
+        from gpt2_shape import gpt2_shaped
+        from serve_scale import publish_bench_dictionary
+
+        model = gpt2_shaped(argparse.Namespace(layers=12, d_model=768, vocab=50257), "bfloat16")
+        registry, _ = publish_bench_dictionary(model, args.d_sae, 6)
+        os.environ.update(MONOSEMANTIC_MODEL=str(model), MONOSEMANTIC_REGISTRY=str(registry), MONOSEMANTIC_DICTIONARY="bench")
+        print(f"GPT-2 shape (bf16) at {model}, {args.d_sae:,} TopK features at blocks.6.hook_resid_post", flush=True)
 
     levels = [int(c) for c in args.clients.split(",")]
     print(f"REST load generator: {args.load_generator}; gRPC load generator: python (grpc.aio)", flush=True)
@@ -339,6 +353,8 @@ def main() -> None:
               f"on {cores} cores it can't pass {cap:.0f} req/s, {cap / u['rps']:.2f}× the unbatched {u['rps']:.1f} req/s, "
               f"even if the load generator took no CPU")
 
+    if args.shape != "reference":
+        return
     # Many dictionaries on one model: 4 at 4 hooks in one request against 1 (bench/many_dictionaries.py).
     from many_dictionaries import report
 

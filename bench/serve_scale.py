@@ -62,6 +62,16 @@ with torch.inference_mode():
 """
 
 
+def publish_bench_dictionary(model: Path, d_sae: int, layer: int) -> tuple[Path, int]:
+    """A random TopK dictionary "bench" (k 32, bf16) at blocks.{layer}.hook_resid_post, published bound to `model` in a
+    fresh registry (in its own process, so the caller's memory stays the caller's); the registry and its bytes."""
+    registry = Path(tempfile.mkdtemp(prefix="monosemantic-bench-registry-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    published = subprocess.run([sys.executable, "-c", _PUBLISH, str(model), str(registry), str(d_sae), str(layer)],
+                               env=env, capture_output=True, text=True, check=True)
+    return registry, json.loads(published.stdout.strip().splitlines()[-1])["bytes"]
+
+
 def free_port() -> int:
     import socket
 
@@ -139,11 +149,8 @@ def main() -> None:
     model = gemma_shaped() if args.shape == "gemma" else gpt2_shaped(args, "bfloat16")
     layers = json.loads((model / "config.json").read_text()).get("num_hidden_layers") or args.layers
     checkpoint = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    registry = Path(tempfile.mkdtemp(prefix="monosemantic-serve-scale-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    published = subprocess.run([sys.executable, "-c", _PUBLISH, str(model), str(registry), str(args.d_sae), str(layers // 2)],
-                               env=env, capture_output=True, text=True, check=True)
-    dictionary = json.loads(published.stdout.strip().splitlines()[-1])["bytes"]
+    registry, dictionary = publish_bench_dictionary(model, args.d_sae, layers // 2)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", _BASELINE, str(model)], env=env, check=True, capture_output=True)
     baseline_s = time.perf_counter() - started

@@ -109,16 +109,16 @@ def test_an_interrupted_harvest_continues_after_its_last_complete_shard(lm, cont
 
 
 def test_an_interrupted_harvest_can_be_read_up_to_its_last_complete_shard(lm, contexts, tmp_path, monkeypatch):
-    real_concatenate, calls = harvest_module.np.concatenate, []
+    real_write, calls = harvest_module._write_shard, []
 
-    def concatenate_crashing_on_the_second_shard(*args, **kwargs):
+    def write_crashing_on_the_second_shard(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise MemoryError
-        return real_concatenate(*args, **kwargs)
+        return real_write(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(harvest_module.np, "concatenate", concatenate_crashing_on_the_second_shard)
+        patch.setattr(harvest_module, "_write_shard", write_crashing_on_the_second_shard)
         with pytest.raises(MemoryError):
             run(lm, contexts, tmp_path / "h")
 

@@ -194,15 +194,23 @@ def _run(lm: LoadedLM, contexts: torch.Tensor, shard_sets: list[_ShardSet], *, b
             hi = min(n, lo + per)
             # A set ahead of the others (killed between two sets' writes) is not written twice.
             behind = [s for s in shard_sets if s.manifest["contexts_done"] == lo]
-            rows: list[list[np.ndarray]] = [[] for _ in behind]
+            storage = behind[0].manifest["dtype"]
+            # Each batch's rows go straight into the shard's own array: the harvest holds one shard, not the
+            # batches' pieces and their concatenation beside them (2048 contexts at Gemma-2-2B's width are 2.4 GB).
+            shards = [np.empty((int(keep[lo:hi].sum()), width), SHARD_DTYPES[storage])
+                      for s, width in zip(shard_sets, widths) if s in behind]
+            filled = 0
             for b in range(lo, hi, batch_size):
                 ids, kept = contexts[b : min(hi, b + batch_size)], keep[b : min(hi, b + batch_size)]
-                for out, acts in zip(rows, read_activations_at(lm.model, ids, [s.point for s in behind])):
-                    out.append(to_storage(acts[kept.to(acts.device)], behind[0].manifest["dtype"]))
+                count = int(kept.sum())
+                for shard, acts in zip(shards, read_activations_at(lm.model, ids, [s.point for s in behind])):
+                    shard[filled : filled + count] = to_storage(acts[kept.to(acts.device)], storage)
+                filled += count
                 bar.update(ids.shape[0])
             owners = torch.arange(hi - lo).repeat_interleave(keep[lo:hi].sum(1)).numpy()
-            for shard_set, out in zip(behind, rows):
-                shard_set.write(np.concatenate(out), lo, hi, owners)
+            for shard_set, shard in zip(behind, shards):
+                shard_set.write(shard, lo, hi, owners)
+            del shards
             bar.set_postfix(tok_s=f"{(tokens() - tokens_before) / max(time.perf_counter() - started, 1e-9):,.0f}")
     finally:
         bar.close()
