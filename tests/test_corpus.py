@@ -99,3 +99,13 @@ def test_token_contexts_is_deterministic():
     docs = ["abc def", "ghij", "a b c d e"]
     first = token_contexts(_char_tokenizer(), docs, context_length=5, bos_token_id=0)
     assert torch.equal(first, token_contexts(_char_tokenizer(), docs, context_length=5, bos_token_id=0))
+
+
+def test_token_contexts_are_the_same_whatever_the_encoding_chunk(monkeypatch):
+    import trainer.corpus as corpus
+
+    docs = [f"document {i} " * (i % 5 + 1) for i in range(23)]
+    whole = token_contexts(_char_tokenizer(), docs, context_length=7, bos_token_id=0)
+    monkeypatch.setattr(corpus, "ENCODE_CHUNK", 4)  # 23 documents in six calls, the last one short
+    assert torch.equal(token_contexts(_char_tokenizer(), docs, context_length=7, bos_token_id=0), whole)
+    assert whole.shape[0] > 10
