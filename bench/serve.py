@@ -7,10 +7,12 @@ tokens/s of generate (REST, 4 concurrent streams).
 
 The REST load comes from `wrk` (C; `apt-get install wrk`) when it is installed, else from Python (httpx). The
 machine has 2 cores that the load generator shares with the server, so a client that spends a millisecond of
-CPU per request measures itself as much as the server: httpx took about half the CPU at 240 req/s. gRPC load
-is always Python (grpc.aio), as there is no packaged gRPC load tool here.
+CPU per request measures itself as much as the server: httpx took about half the CPU at 240 req/s. The gRPC
+load comes from `h2load` (C, nghttp2; `apt-get install nghttp2-client`) sending the framed ActivationsRequest when it
+is installed, else from Python (grpc.aio), which takes the server's cores and hides what a call costs.
 
-With wrk, each REST row also reports the server's CPU time per request (from /proc, all its threads). At the end
+With wrk and h2load, each row also reports the server's CPU time per request (from /proc, all its threads), and the
+table ends with gRPC's CPU per request over REST's at each concurrency (the same work: a 64-token text, top_k 10). At the end
 the bench times the engine's batch function in-process (one request alone against a batch of 32) and prints the
 ceiling the CPU sets: with every core busy, the batched server can't pass cores × 1000 / its CPU-ms per request.
 
@@ -220,12 +222,75 @@ def measure_wrk(url: str, texts: list[str], clients: int, seconds: float, cpu_se
             "cpu_ms": None if cpu is None else cpu / r["requests"] * 1000}
 
 
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: an uncompressed flag byte, the length as 4 bytes big-endian, the bytes
+    (the gRPC over HTTP/2 protocol, doc/PROTOCOL-HTTP2.md in grpc/grpc)."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _grpc_outcomes(metrics_url: str) -> dict[str, float]:
+    """The server's count of gRPC activations calls by status code (its own Prometheus counter): h2load sees only
+    HTTP/2 status 200, as a gRPC call's status travels in its trailers."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(metrics_url, timeout=30).text.splitlines():
+        if line.startswith('monosemantic_requests_total{') and 'protocol="grpc"' in line and 'method="activations"' in line:
+            code = line.split('code="', 1)[1].split('"', 1)[0]
+            counts[code] = counts.get(code, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def measure_h2load(target: str, metrics_url: str, text: str, clients: int, seconds: float,
+                   cpu_seconds: Callable[[], float] | None = None) -> dict:
+    """h2load (C, nghttp2; `apt-get install nghttp2-client`) as a gRPC client: `clients` HTTP/2 connections, one
+    stream each (closed loop, as wrk's connections), each POSTing the framed ActivationsRequest for `text` to
+    /monosemantic.v1.FeatureService/Activations. h2load takes one body, so every call reads the same 64-token text
+    (wrk's REST calls rotate 64 such texts: the same work per call). Latencies come from h2load's per-request log;
+    a call is counted failed when the server's own metrics counted it with a status other than OK (beyond the calls
+    h2load cancels when its time is up)."""
+    from monosemantic.v1 import feature_service_pb2 as pb
+
+    body = grpc_frame(pb.ActivationsRequest(text=text, top_k=10).SerializeToString())
+    with tempfile.TemporaryDirectory() as tmp:
+        body_file, log_file = Path(tmp) / "body", Path(tmp) / "log"
+        body_file.write_bytes(body)
+
+        def run(duration: float, log: Path | None = None) -> None:
+            cmd = ["h2load", "-c", str(clients), "-m", "1", "-t", "1", "-D", str(max(1, round(duration))), "-d", str(body_file),
+                   "-H", "content-type: application/grpc", "-H", "te: trailers"]
+            cmd += ["--log-file", str(log)] if log else []
+            subprocess.run(cmd + [f"http://{target}/monosemantic.v1.FeatureService/Activations"], capture_output=True, text=True, check=True)
+
+        run(WARMUP_S)
+        before, cpu_before = _grpc_outcomes(metrics_url), cpu_seconds() if cpu_seconds else 0.0
+        run(seconds, log_file)
+        cpu = cpu_seconds() - cpu_before if cpu_seconds else None
+        after = _grpc_outcomes(metrics_url)
+        rows = [line.split("\t") for line in log_file.read_text().splitlines() if line.strip()]
+    # h2load resets the calls still open when its duration ends: up to one per connection counts as a client gone (499).
+    cancelled = after.get("499", 0) - before.get("499", 0)
+    failed = sum(after.get(c, 0) - before.get(c, 0) for c in after if c not in ("200", "499")) + max(0, cancelled - clients)
+    failed += sum(1 for r in rows if r[1] != "200")
+    if failed or not rows:
+        codes = {c: after.get(c, 0) - before.get(c, 0) for c in after}
+        raise RuntimeError(f"h2load: {failed:.0f} of {len(rows)} gRPC calls failed against {target} (server codes {codes}, "
+                           f"HTTP statuses {sorted({r[1] for r in rows})})")
+    latencies = sorted(int(r[2]) / 1e6 for r in rows)
+    starts = [int(r[0]) / 1e6 for r in rows]
+    elapsed = max(s + l for s, l in zip(starts, (int(r[2]) / 1e6 for r in rows))) - min(starts)
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return {"rps": len(rows) / elapsed, "p50": p(0.5), "p99": p(0.99), "n": len(rows),
+            "cpu_ms": None if cpu is None else cpu / len(rows) * 1000}
+
+
 def measure(url: str, protocol: str, texts_file: Path, clients: int, seconds: float, generator: str = "python",
-            cpu_seconds: Callable[[], float] | None = None) -> dict:
-    """One load level: wrk for REST when chosen (then with the server's CPU per request, given `cpu_seconds`), else
-    the Python load process, which reports no CPU figure: its own warm-up would count in the server's clock."""
+            cpu_seconds: Callable[[], float] | None = None, grpc_generator: str = "python", metrics_url: str = "") -> dict:
+    """One load level: wrk for REST and h2load for gRPC when chosen (then with the server's CPU per request, given
+    `cpu_seconds`), else the Python load process, which reports no CPU figure: its own warm-up would count in the
+    server's clock."""
     if protocol == "rest" and generator == "wrk":
         return measure_wrk(url, json.loads(texts_file.read_text()), clients, seconds, cpu_seconds)
+    if protocol == "grpc" and grpc_generator == "h2load":
+        return measure_h2load(url, metrics_url, json.loads(texts_file.read_text())[0], clients, seconds, cpu_seconds)
     out = subprocess.run(
         [sys.executable, __file__, "--load", "--url", url, "--protocol", protocol, "--texts", str(texts_file), "--load-clients", str(clients), "--seconds", str(seconds)],
         capture_output=True, text=True, check=True,
@@ -284,6 +349,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32,128")
     parser.add_argument("--load-generator", choices=("wrk", "python"), default="wrk" if shutil.which("wrk") else "python",
                         help="REST load: wrk (the default when installed) or httpx")
+    parser.add_argument("--grpc-load-generator", choices=("h2load", "python"), default="h2load" if shutil.which("h2load") else "python",
+                        help="gRPC load: h2load (the default when installed) or grpc.aio")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--protocol", help=argparse.SUPPRESS)
@@ -305,7 +372,8 @@ def main() -> None:
         print(f"GPT-2 shape (bf16) at {model}, {args.d_sae:,} TopK features at blocks.6.hook_resid_post", flush=True)
 
     levels = [int(c) for c in args.clients.split(",")]
-    print(f"REST load generator: {args.load_generator}; gRPC load generator: python (grpc.aio)", flush=True)
+    grpc_tool = "h2load" if args.grpc_load_generator == "h2load" else "python (grpc.aio)"
+    print(f"REST load generator: {args.load_generator}; gRPC load generator: {grpc_tool}", flush=True)
     texts_file = Path(os.environ.get("TMPDIR", "/tmp")) / "monosemantic-bench-texts.json"
     texts_file.write_text(json.dumps(texts_of_64_tokens(64)))
     configs = [
@@ -322,7 +390,7 @@ def main() -> None:
                 url = f"http://127.0.0.1:{server.http_port}" if protocol == "rest" else f"127.0.0.1:{server.grpc_port}"
                 for clients in levels:
                     r = results[(name, protocol, clients)] = measure(url, protocol, texts_file, clients, args.seconds, args.load_generator,
-                                                                    server.cpu_seconds)
+                                                                    server.cpu_seconds, args.grpc_load_generator, f"{server.url}/metrics")
                     cpu = f"  server CPU {r['cpu_ms']:.2f} ms/request" if r.get("cpu_ms") is not None else ""
                     print(f"{name:9s} {protocol:4s} clients={clients:4d}  {r['rps']:8.1f} req/s  p50 {r['p50']*1000:7.1f} ms  p99 {r['p99']*1000:7.1f} ms  (p99/p50 {r['p99']/r['p50']:.2f}){cpu}", flush=True)
             if kind == "ours":
@@ -331,15 +399,20 @@ def main() -> None:
         finally:
             server.stop()
 
-    print("\n| clients | protocol | batched req/s | unbatched req/s | naive req/s | batched / unbatched | batched / naive | batched p50 ms | batched p99 ms | p99/p50 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| clients | protocol | batched req/s | unbatched req/s | naive req/s | batched / unbatched | batched / naive | batched p50 ms | batched p99 ms | p99/p50 | batched CPU-ms / request |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for protocol in ("rest", "grpc"):
         for clients in levels:
             b, u = results[("batched", protocol, clients)], results[("unbatched", protocol, clients)]
             n = results.get(("naive", "rest", clients))
             naive = f"{n['rps']:.1f}" if n and protocol == "rest" else "—"
             ratio_naive = f"{b['rps'] / n['rps']:.2f}×" if n and protocol == "rest" else "—"
-            print(f"| {clients} | {protocol} | {b['rps']:.1f} | {u['rps']:.1f} | {naive} | {b['rps'] / u['rps']:.2f}× | {ratio_naive} | {b['p50']*1000:.1f} | {b['p99']*1000:.1f} | {b['p99']/b['p50']:.2f} |")
+            cpu = f"{b['cpu_ms']:.2f}" if b.get("cpu_ms") is not None else "—"
+            print(f"| {clients} | {protocol} | {b['rps']:.1f} | {u['rps']:.1f} | {naive} | {b['rps'] / u['rps']:.2f}× | {ratio_naive} | {b['p50']*1000:.1f} | {b['p99']*1000:.1f} | {b['p99']/b['p50']:.2f} | {cpu} |")
+    for name in ("batched", "unbatched"):
+        pairs = [(c, results[(name, "grpc", c)].get("cpu_ms"), results[(name, "rest", c)].get("cpu_ms")) for c in levels]
+        if all(g is not None and r is not None for _, g, r in pairs):
+            print(f"{name} server CPU per request, gRPC / REST: " + ", ".join(f"{g / r:.2f}× at {c}" for c, g, r in pairs))
     print(f"\ngenerate tokens/s: batched server {gen.get('batched', 0):.1f}, unbatched server {gen.get('unbatched', 0):.1f}")
 
     # What batching can share on this machine, measured on the engine's own batch function with no server running,

@@ -4,8 +4,8 @@
     python bench/serve_ab.py --tree /tmp/base [--rounds 3] [--clients 32] [--seconds 5]
 
 Each round starts a fresh server of each build in turn (the older first) on the shipped reference and measures
-activations at `--clients` concurrent clients over REST and gRPC with bench/serve.py's load generator and its
-server-CPU reading; machines drift within a session, so only builds measured in turns are compared.
+activations at `--clients` concurrent clients over REST and gRPC with bench/serve.py's load generators (wrk,
+h2load) and its server-CPU reading; machines drift within a session, so only builds measured in turns are compared.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     generator = "wrk" if shutil.which("wrk") else "python"
+    grpc_generator = "h2load" if shutil.which("h2load") else "python"
     texts_file = Path(os.environ.get("TMPDIR", "/tmp")) / "monosemantic-bench-texts.json"
     texts_file.write_text(json.dumps(texts_of_64_tokens(64)))
     rows: dict[str, list[str]] = {}
@@ -36,7 +37,8 @@ def main() -> None:
             try:
                 for protocol in ("rest", "grpc"):
                     url = f"http://127.0.0.1:{server.http_port}" if protocol == "rest" else f"127.0.0.1:{server.grpc_port}"
-                    r = measure(url, protocol, texts_file, args.clients, args.seconds, generator, server.cpu_seconds)
+                    r = measure(url, protocol, texts_file, args.clients, args.seconds, generator, server.cpu_seconds,
+                                grpc_generator, f"{server.url}/metrics")
                     cpu = f", {r['cpu_ms']:.2f} CPU-ms" if r.get("cpu_ms") is not None else ""
                     rows.setdefault(f"{label} {protocol}", []).append(f"{r['rps']:.1f} req/s (p99 {r['p99'] * 1000:.0f} ms{cpu})")
                     print(f"{label:40s} {protocol}: {rows[f'{label} {protocol}'][-1]}", flush=True)
