@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from monosemantic.lm import LoadedLM, load_lm
 
@@ -11,6 +12,15 @@ from monosemantic.lm import LoadedLM, load_lm
 class Tokenized:
     ids: list[int]
     offsets: list[tuple[int, int]]  # character span of each token in the text; (0, 0) for BOS
+
+
+def _plain_backend(tokenizer) -> Any:
+    """A fast tokenizer's Rust backend when encoding with it alone gives what the HF call gives: no truncation or
+    padding configured on it (the HF call turns those off for a call that asks for neither), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
 
 
 def _max_positions(lm: LoadedLM) -> int:
@@ -54,9 +64,16 @@ class Model:
         return self.lm.tokenizer.eos_token_id
 
     def tokenize(self, text: str, prepend_bos: bool) -> Tokenized:
-        encoded = self.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoded["input_ids"])
-        offsets = [tuple(span) for span in encoded["offset_mapping"]]
+        backend = _plain_backend(self.lm.tokenizer)
+        if backend is not None:
+            # The Rust tokenizer's own encode: what the HF call gives for one text without truncation or padding,
+            # at about half the cost (64 tokens: ~115 against ~235 µs with the conversions, measured here).
+            encoded = backend.encode(text, add_special_tokens=False)
+            ids, offsets = encoded.ids, encoded.offsets
+        else:
+            encoded = self.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = list(encoded["input_ids"])
+            offsets = [tuple(span) for span in encoded["offset_mapping"]]
         if prepend_bos and self.bos_id is not None:
             ids, offsets = [self.bos_id, *ids], [(0, 0), *offsets]
         return Tokenized(ids, offsets)

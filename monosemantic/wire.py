@@ -69,11 +69,29 @@ def _extend(container: Any, message_type: type[Message], values: list[dict[str, 
         for value in values:
             container.add(**value)  # protobuf skips None and names an unknown field
         return
+    nested = _nested(message_type)
+    if _special or nested is None:
+        for value in values:
+            scalars, repeated = _split(message_type, value)
+            entry = container.add(**scalars)
+            for name, sub_type, sub_values in repeated:
+                _extend(getattr(entry, name), sub_type, sub_values)
+        return
+    # No renamed fields and only repeated messages below (a token's `top`): the scalars go to `add` as they are.
     for value in values:
-        scalars, repeated = _split(message_type, value)
-        entry = container.add(**scalars)
-        for name, sub_type, sub_values in repeated:
-            _extend(getattr(entry, name), sub_type, sub_values)
+        below = [(name, value[name]) for name in nested if value.get(name)]
+        entry = container.add(**({k: v for k, v in value.items() if k not in nested} if below else value))
+        for name, sub_values in below:
+            _extend(getattr(entry, name), nested[name], sub_values)
+
+
+@functools.cache
+def _nested(message_type: type[Message]) -> dict[str, type[Message]] | None:
+    """A type's repeated message fields by name, or None when it has a singular message field (built by _split)."""
+    plan = _plan(message_type)[0]
+    if any(sub_type is not None and not repeated for sub_type, repeated in plan.values()):
+        return None
+    return {name: sub_type for name, (sub_type, repeated) in plan.items() if sub_type is not None}
 
 
 def _split(message_type: type[Message], data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, type[Message], list]]]:

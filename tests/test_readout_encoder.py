@@ -5,6 +5,7 @@ import torch
 
 from monosemantic.sae import SAEConfig, build_sae
 from monosemantic.encoder import FastEncoder
+from monosemantic.support import Support
 
 
 def readout_of_random_features(seed: int = 0):
@@ -85,3 +86,32 @@ def test_the_dtype_measurement_picks_the_faster_of_two_matmuls(monkeypatch, slow
     monkeypatch.setattr(torch.Tensor, "__matmul__", timed_matmul)
     assert fastest_dtype(16, 64, "cpu") == expected
     assert fastest_dtype(16, 64, "cuda") == torch.bfloat16
+
+
+def _sparse(rows: int, cols: int, dtype: torch.dtype, density: float = 0.01) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(rows * cols)
+    values = torch.rand(rows, cols, generator=generator)
+    return torch.where(torch.rand(rows, cols, generator=generator) < density, values, torch.zeros(())).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_word_at_a_time_scan_finds_exactly_nonzeros_entries_in_its_order(dtype):
+    values = _sparse(37, 4096, dtype)
+    values[3, 5], values[4, 7], values[5, 9], values[6, 11] = -0.0, float("nan"), float("inf"), -2.5  # nonzero: all but -0.0
+    values[7, :] = -0.0  # a row of negative zeros: words with bits set, and no feature in them
+    support, rows, cols = Support.from_values(values), *values.nonzero(as_tuple=True)
+    assert torch.equal(support.rows, rows) and torch.equal(support.cols, cols)
+    assert (support.batch, support.d_sae) == (37, 4096)
+
+
+@pytest.mark.parametrize("shape", [(0, 4096), (5, 3), (5, 4098), (1, 8)])
+def test_the_scan_handles_empty_batches_and_widths_that_are_not_whole_words(shape):
+    values = _sparse(*shape, torch.bfloat16, density=0.3)
+    support, rows, cols = Support.from_values(values), *values.nonzero(as_tuple=True)
+    assert torch.equal(support.rows, rows) and torch.equal(support.cols, cols)
+
+
+def test_the_scan_reads_a_strided_view_as_it_is():
+    values = _sparse(16, 4096, torch.bfloat16, density=0.05)[:, 1:4001]  # not contiguous: rows start mid-word
+    support, rows, cols = Support.from_values(values), *values.nonzero(as_tuple=True)
+    assert torch.equal(support.rows, rows) and torch.equal(support.cols, cols)

@@ -112,3 +112,39 @@ def test_a_malformed_watch_list_is_refused_naming_the_setting():
 def test_a_watched_feature_beyond_the_dictionary_stops_the_server_with_the_setting_named():
     with pytest.raises(RuntimeError, match="MONOSEMANTIC_WATCH_FEATURES"):
         RunningServer(registry=reference_registry_path(), watch_features="5000")
+
+
+def test_a_fresh_server_has_counted_nothing_though_it_warmed_up_on_reads():
+    running = RunningServer(registry=reference_registry_path())
+    try:
+        assert value(running, "monosemantic_tokens_processed_total") == 0
+        assert value(running, "monosemantic_active_features_per_token_count") == 0
+    finally:
+        running.stop()
+
+
+def test_requests_read_in_one_batch_are_counted_each_as_alone(watching):
+    """The worker counts a batch's reads together: the totals are the sum of what each request read, its BOS left out."""
+    import asyncio
+
+    from monosemantic import api as schemas
+
+    texts = [TEXT, "x = 1\n", "def f(a, b):\n    return a + b\n", TEXT[:20]]
+    with RestClient(watching.http_url) as client:
+        alone = [client.activations(text=t, top_k=0, feature_ids=[3329]).tokens for t in texts]
+    before = {name: value(watching, name, **labels) for name, labels in [
+        ("monosemantic_tokens_processed_total", {}), ("monosemantic_active_features_per_token_count", {}),
+        ("monosemantic_active_features_per_token_sum", {}),
+        ("monosemantic_watched_feature_fires_total", {"feature": "3329", "name": "def", "dictionary_version": "1"})]}
+    batches = value(watching, "monosemantic_batch_requests_count")
+
+    async def together():
+        return await asyncio.gather(*(watching.engine.activations(schemas.ActivationsRequest(text=t, top_k=0)) for t in texts))
+
+    asyncio.run_coroutine_threadsafe(together(), watching.loop).result(60)
+    assert value(watching, "monosemantic_batch_requests_count") - batches < len(texts)  # some were read together
+    assert value(watching, "monosemantic_tokens_processed_total") - before["monosemantic_tokens_processed_total"] == sum(len(t) for t in alone)
+    assert value(watching, "monosemantic_active_features_per_token_count") - before["monosemantic_active_features_per_token_count"] == sum(len(t) - 1 for t in alone)
+    assert value(watching, "monosemantic_active_features_per_token_sum") - before["monosemantic_active_features_per_token_sum"] == sum(x.l0 for t in alone for x in t[1:])
+    fires = sum(x.values[0] > 0 for t in alone for x in t[1:])
+    assert value(watching, "monosemantic_watched_feature_fires_total", feature="3329", name="def", dictionary_version="1") - before["monosemantic_watched_feature_fires_total"] == fires
