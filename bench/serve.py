@@ -20,10 +20,11 @@ ceiling the CPU sets: with every core busy, the batched server can't pass cores 
 
 --shape gpt2 serves GPT-2 small's shape in bf16 (bench/gpt2_shape.py, random weights) with a random TopK dictionary
 of --d-sae features at blocks.6.hook_resid_post, published bound to it (bench/serve_scale.py); all three servers get
-it through MONOSEMANTIC_MODEL / _REGISTRY / _DICTIONARY, and the reference-only parts at the end are left out. The
-wait bound is off there unless MONOSEMANTIC_MAX_QUEUE_WAIT_S is set: a batch of 32 takes longer than its default 2 s on
-two cores, so part of the load would be refused, and wrk counts a 429 as a failed request (bench/serve_scale.py
-measures the bound itself).
+it through MONOSEMANTIC_MODEL / _REGISTRY / _DICTIONARY, and the reference-only parts at the end are left out.
+
+The wait bound is off unless MONOSEMANTIC_MAX_QUEUE_WAIT_S is set: at the GPT-2 shape a batch of 32 takes longer than
+its default 2 s on two cores, and on the reference the unbatched server at 128 clients queues ~2.7 s, so part of the
+load would be refused, and wrk counts a 429 as a failed request (bench/serve_scale.py measures the bound itself).
 """
 
 from __future__ import annotations
@@ -313,6 +314,30 @@ def generate_rate(url: str, streams: int, tokens: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+STEERING = [{"feature": 3329, "mode": "add", "value": 4.0}, {"feature": 2508, "mode": "clamp", "value": 0.0}]
+
+
+def stream_rate(server: ServerProcess, protocol: str, streams: int = 4, tokens: int = 64) -> dict:
+    """Steered streaming generation (REST server-sent events or gRPC GenerateStream, through the package's clients):
+    `streams` concurrent streams of `tokens` tokens each, reporting tokens/s and the server's tokens per CPU-second."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monosemantic import api
+    from monosemantic.client import GrpcClient, RestClient
+
+    def one(seed: int) -> int:
+        client = RestClient(server.url) if protocol == "rest" else GrpcClient(server.target)
+        with client:
+            events = client.generate_stream(prompt="def main():\n    ", max_new_tokens=tokens, seed=seed, steering=STEERING)
+            return sum(isinstance(event, api.GeneratedToken) for event in events)
+
+    cpu_before, started = server.cpu_seconds(), time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        count = sum(pool.map(one, range(streams)))
+    elapsed, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu_before
+    return {"tokens_per_s": count / elapsed, "tokens_per_cpu_s": count / cpu, "tokens": count}
+
+
 def worker_cost(texts: list[str], batch: int = 32, repeats: int = 15) -> tuple[float, float]:
     """Milliseconds the engine's worker spends on one 64-token activations request alone, and per request in a
     batch of `batch` (medians of `repeats`), run in this process with no server on the machine: how much of a
@@ -368,9 +393,9 @@ def main() -> None:
         model = gpt2_shaped(argparse.Namespace(layers=12, d_model=768, vocab=50257), "bfloat16")
         registry, _ = publish_bench_dictionary(model, args.d_sae, 6)
         os.environ.update(MONOSEMANTIC_MODEL=str(model), MONOSEMANTIC_REGISTRY=str(registry), MONOSEMANTIC_DICTIONARY="bench")
-        os.environ.setdefault("MONOSEMANTIC_MAX_QUEUE_WAIT_S", "0")
         print(f"GPT-2 shape (bf16) at {model}, {args.d_sae:,} TopK features at blocks.6.hook_resid_post", flush=True)
 
+    os.environ.setdefault("MONOSEMANTIC_MAX_QUEUE_WAIT_S", "0")  # throughput, not refusals: see the module's docstring
     levels = [int(c) for c in args.clients.split(",")]
     grpc_tool = "h2load" if args.grpc_load_generator == "h2load" else "python (grpc.aio)"
     print(f"REST load generator: {args.load_generator}; gRPC load generator: {grpc_tool}", flush=True)
@@ -383,6 +408,7 @@ def main() -> None:
     ]
     results: dict[tuple[str, str, int], dict] = {}
     gen = {}
+    streamed: dict[tuple[str, str], dict] = {}
     for name, kind, env, protocols in configs:
         server = ServerProcess(kind, env)
         try:
@@ -396,6 +422,11 @@ def main() -> None:
             if kind == "ours":
                 gen[name] = generate_rate(f"http://127.0.0.1:{server.http_port}", 4, 64)
                 print(f"{name:9s} generate: {gen[name]:.1f} tokens/s (4 streams x 64 tokens)", flush=True)
+                if args.shape == "reference":  # the steered features are the reference dictionary's
+                    for protocol in ("rest", "grpc"):
+                        g = streamed[(name, protocol)] = stream_rate(server, protocol)
+                        print(f"{name:9s} steered streaming over {protocol}: {g['tokens_per_s']:.1f} tokens/s, "
+                              f"{g['tokens_per_cpu_s']:.1f} tokens per server CPU-second (4 streams x 64 tokens)", flush=True)
         finally:
             server.stop()
 
