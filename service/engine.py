@@ -95,6 +95,16 @@ def _ref(entry: BoundDictionary) -> schemas.DictionaryRef:
     return schemas.DictionaryRef(name=entry.name, version=entry.version)
 
 
+def _joined(parts: list[tuple[SequenceReadout, int]]) -> SequenceReadout:
+    """The monitored series of several readouts as one, each from its own first counted position on."""
+    def cat(name: str) -> Tensor | None:
+        pieces = [(getattr(readout, name), start) for readout, start in parts]
+        return None if pieces[0][0] is None else torch.cat([piece[start:] for piece, start in pieces])
+
+    empty = torch.empty(0)
+    return SequenceReadout(cat("l0"), cat("recon_error"), empty, empty, None, cat("watched"), cat("squared_error"), cat("squared_norm"))
+
+
 class Engine:
     def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -292,14 +302,7 @@ class Engine:
                     merged.setdefault(id(read.dictionary), (read.dictionary, []))[1].append((readout, int(payload.skip_first)))
         for entry, parts in merged.values():
             self.metrics.tokens_processed.labels(entry.name).inc(sum(readout.l0.shape[0] for readout, _ in parts))
-
-            def joined(name: str) -> Tensor | None:
-                pieces = [getattr(readout, name) for readout, _ in parts]
-                return None if pieces[0] is None else torch.cat([piece[start:] for piece, (_, start) in zip(pieces, parts)])
-
-            empty = torch.empty(0)
-            whole = SequenceReadout(joined("l0"), joined("recon_error"), empty, empty, None, joined("watched"), joined("squared_error"), joined("squared_norm"))
-            self.metrics.monitor.record(entry.name, entry.version, whole, False, self.metrics.l0)
+            self.metrics.monitor.record(entry.name, entry.version, _joined(parts), False, self.metrics.l0)
 
     # ---- observe (monitoring only) ---------------------------------------------------------------------------
     async def observe(self, req: schemas.ObserveRequest, identity: Identity | None = None) -> schemas.ObserveResponse:
