@@ -1,5 +1,5 @@
-"""Peer SAE training steps timed on the bench's data: SAELens (standard ReLU/L1 and JumpReLU, through its own
-SAETrainer) and sparsify (TopK SparseCoder, one step of its Trainer mirrored line for line).
+"""Peer SAE training steps timed on the bench's data: SAELens (standard ReLU/L1, JumpReLU and BatchTopK, through
+its own SAETrainer) and sparsify (TopK SparseCoder, one step of its Trainer mirrored line for line).
 
 Both packages are optional (the `bench` extra). Nothing here imports them at module import time, so
 bench/train_sae.py keeps working in an environment without them; `installed()` says which are present.
@@ -31,7 +31,7 @@ class PeerRow:
     """One timed peer configuration."""
 
     package: str  # "SAELens" or "sparsify"
-    ours: str  # our architecture it is compared with: "relu", "jumprelu" or "topk"
+    ours: str  # our architecture it is compared with: "relu", "jumprelu", "batchtopk" or "topk"
     label: str  # the peer's own name for the step and its settings
     autocast: bool  # bf16 autocast around the forward (the peer's fp32 master weights either way)
     tokens_per_s: float
@@ -65,8 +65,8 @@ def _rate(step: Callable[[Tensor], object], batches: Iterator[Tensor], steps: in
 
 
 # ---- SAELens ------------------------------------------------------------------------------------------
-def saelens_rate(arch: Literal["standard", "jumprelu"], source: ActivationSource, d_sae: int, batch: int,
-                 steps: int, autocast: bool) -> float:
+def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk"], source: ActivationSource, d_sae: int, batch: int,
+                 steps: int, autocast: bool, k: int = 32) -> float:
     """SAELens' own training step, through its SAETrainer, at its fastest CPU settings.
 
     Each timed step is the body of `SAETrainer.fit()`'s loop minus wandb logging and the progress bar:
@@ -77,8 +77,8 @@ def saelens_rate(arch: Literal["standard", "jumprelu"], source: ActivationSource
     SAELens has no decoder-renormalisation step: the standard SAE weights its L1 by ‖W_dec‖ instead, and the
     JumpReLU SAE projects its threshold to ≥ 0 inside training_forward_pass.
     """
-    from sae_lens import (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, StandardTrainingSAE,
-                          StandardTrainingSAEConfig)
+    from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUTrainingSAE,
+                          JumpReLUTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig)
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -89,6 +89,8 @@ def saelens_rate(arch: Literal["standard", "jumprelu"], source: ActivationSource
               "normalize_activations": "expected_average_only_in"}
     if arch == "standard":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**common, l1_coefficient=5.0))  # our relu λ start
+    elif arch == "batchtopk":
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=k))  # AuxK on, as ours
     else:
         sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common))  # DeepMind "step" L0 loss, the default
     lr = 3e-4  # LanguageModelSAERunnerConfig's default; lr_end = lr / 10 as that config's __post_init__ sets it
@@ -222,7 +224,7 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
 
 # ---- all rows -----------------------------------------------------------------------------------------
 def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int,
-            archs: set[str] = frozenset({"relu", "jumprelu", "topk"})) -> tuple[list[PeerRow], list[str]]:
+            archs: set[str] = frozenset({"relu", "jumprelu", "topk", "batchtopk"})) -> tuple[list[PeerRow], list[str]]:
     """Every peer row available here for our architectures `archs`, and one line per package or row that could not
     be measured."""
     rows: list[PeerRow] = []
@@ -237,17 +239,17 @@ def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int
             notes.append(f"{package} {label} ({'bf16-autocast' if autocast else 'fp32'}) failed: "
                          f"{type(exc).__name__}: {exc}")
 
-    if not archs & {"relu", "jumprelu"}:
+    if not archs & {"relu", "jumprelu", "batchtopk"}:
         pass
     elif versions["SAELens"] is None:
         notes.append("SAELens not installed (pip install -e '.[bench]'): its steps are not measured")
     else:
-        for arch, ours in (("standard", "relu"), ("jumprelu", "jumprelu")):
+        for arch, ours in (("standard", "relu"), ("jumprelu", "jumprelu"), ("batchtopk", "batchtopk")):
             if ours not in archs:
                 continue
             for autocast in (False, True):
-                attempt("SAELens", ours, f"{versions['SAELens']} {arch}", autocast,
-                        lambda: saelens_rate(arch, source, d_sae, batch, steps, autocast))
+                attempt("SAELens", ours, f"{versions['SAELens']} {arch}" + (f" k={k}" if arch == "batchtopk" else ""), autocast,
+                        lambda: saelens_rate(arch, source, d_sae, batch, steps, autocast, k))
     if "topk" not in archs:
         pass
     elif versions["sparsify"] is None:

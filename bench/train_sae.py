@@ -30,7 +30,7 @@ from trainer.train import TrainConfig, Trainer  # noqa: E402
 
 # The shape under test; main() sets them from the command line (a harvest's rows fix D_IN).
 D_IN, D_SAE, BATCH = 512, 4096, 4096
-ARCH_OPTIONS = {"topk": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}
+ARCH_OPTIONS = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}
 
 
 def flop_per_token_dense() -> int:
@@ -62,7 +62,7 @@ DEAD_WINDOW = 10_000_000
 # to take the support step (b_enc moves at Adam's pace); JumpReLU starts calibrated near its target.
 # Settled means the support step is taken and L0 is within 2x its target (at 24,576 latents ReLU crosses the support
 # step's density, L0 983, long before its target of 20, and a step at L0 900 costs 2.6x one at L0 20).
-SETTLE_CAP = {"relu": 1000, "topk": 0, "jumprelu": 400}
+SETTLE_CAP = {"relu": 1000, "topk": 0, "batchtopk": 0, "jumprelu": 400}
 SETTLE_SHRINK = 8
 LAST_L0: dict[str, float | None] = {}  # each architecture's running L0 at the end of its last timed row
 
@@ -117,7 +117,7 @@ def report_peers(source: ActivationSource, steps: int, ours_best: dict[str, tupl
     for note in notes:
         print(f"  {note}")
     print(f"ours/peer at {D_IN} -> {D_SAE}, k {ARCH_OPTIONS['topk']['k']}, batch {BATCH}:")
-    for arch, package in (("relu", "SAELens"), ("jumprelu", "SAELens"), ("topk", "sparsify")):
+    for arch, package in (("relu", "SAELens"), ("jumprelu", "SAELens"), ("batchtopk", "SAELens"), ("topk", "sparsify")):
         candidates = [row for row in rows if row.ours == arch]
         if arch not in ours_best:
             continue
@@ -141,11 +141,11 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the SAELens / sparsify rows")
     parser.add_argument("--d-in", type=int, default=D_IN, help="activation width (synthetic rows; a harvest sets its own)")
     parser.add_argument("--d-sae", type=int, default=D_SAE, help="dictionary width")
-    parser.add_argument("--k", type=int, default=32, help="TopK's k (ReLU and JumpReLU target L0 20)")
-    parser.add_argument("--peer-archs", default="relu,topk,jumprelu", help="which peer rows to time")
+    parser.add_argument("--k", type=int, default=32, help="TopK's and BatchTopK's k (ReLU and JumpReLU target L0 20)")
+    parser.add_argument("--peer-archs", default="relu,topk,jumprelu,batchtopk", help="which peer rows to time")
     args = parser.parse_args()
     D_SAE = args.d_sae
-    ARCH_OPTIONS["topk"]["k"] = args.k
+    ARCH_OPTIONS["topk"]["k"] = ARCH_OPTIONS["batchtopk"]["k"] = args.k
     if args.harvest:
         from trainer.activations import open_harvest
 
@@ -173,7 +173,7 @@ def main() -> None:
                               key=lambda row: row[1])
         cap = SETTLE_CAP[arch]
         settled_l0 = LAST_L0.get(arch)
-        when = (f"support step after {settled16} steps of {BATCH // SETTLE_SHRINK} rows" if settled16 < cap or arch == "topk"
+        when = (f"support step after {settled16} steps of {BATCH // SETTLE_SHRINK} rows" if settled16 < cap or cap == 0
                 else f"not settled after {cap} steps") + (f", L0 {settled_l0:.0f}" if settled_l0 is not None else "")
         print(f"{arch:>8} settled ({when}): bf16-autocast {rate16:,.0f} tok/s (= {rate16 / dense16:.2f}x the dense bf16 step)")
         if args.quality_tokens:

@@ -157,6 +157,9 @@ class SparseAutoencoder(nn.Module):
     learned_threshold: ClassVar[bool] = False
     """It has a per-latent learned ``threshold`` [d_sae]: the trainer starts b_enc so that each latent clears it on
     ``initial_firing_rate`` of a data sample (an option the others refuse)."""
+    exports_as: ClassVar[str | None] = None
+    """The registered architecture whose maths the trained dictionary's inference is, when not its own (BatchTopK
+    serves as a JumpReLU): other tools' formats receive it under that name (monosemantic/interop/folding.py)."""
 
     def __init__(self, cfg: SAEConfig, seed: int | None = None) -> None:
         super().__init__()
@@ -306,6 +309,19 @@ class SparseAutoencoder(nn.Module):
     def tensors(self) -> dict[str, Tensor]:
         """The named tensors of the artifact format (SAELens names and orientation)."""
         return {name: getattr(self, name).detach().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+    def running_state(self) -> dict[str, Tensor]:
+        """The persistent buffers a run keeps beside its parameters (BatchTopK's running threshold): what a checkpoint
+        stores and a resume restores for training to continue exactly."""
+        parameters = {name for name, _ in self.named_parameters()}
+        return {name: value for name, value in self.state_dict().items() if name not in parameters}
+
+    @torch.no_grad()
+    def load_running_state(self, tensors: dict[str, Tensor]) -> None:
+        for name, value in self.running_state().items():
+            if name not in tensors:
+                raise ConfigError(f"the checkpoint holds no {name} (the {self.architecture} architecture's running state)")
+            value.copy_(tensors[name])
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -585,3 +601,8 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
             return updated
         median = updated
     return median
+
+
+# Architectures defined in their own modules register on import; imported here, after the classes they extend, so
+# that the registry is whole whenever monosemantic.sae is.
+from monosemantic import batchtopk  # noqa: E402,F401

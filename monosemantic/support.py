@@ -64,6 +64,13 @@ class Support:
         return cls(rows=word_rows[word], cols=word_cols[word] * lanes + lane % lanes, batch=values.shape[0], d_sae=values.shape[1])
 
     @classmethod
+    def from_flat(cls, positions: Tensor, batch: int, d_sae: int) -> "Support":
+        """Entries given by their positions in the flattened [batch, d_sae] matrix, in any order (BatchTopK's
+        selection across a batch): sorted, a few hundred thousand integers, instead of a dense mask to scan."""
+        ordered = positions.sort().values
+        return cls(rows=ordered // d_sae, cols=ordered % d_sae, batch=batch, d_sae=d_sae)
+
+    @classmethod
     def from_indices(cls, indices: Tensor, d_sae: int) -> "Support":
         """Fixed-width support, e.g. TopK's [batch, k] indices."""
         batch, width = indices.shape

@@ -9,7 +9,13 @@ from trainer.activations import ActivationSource
 from trainer.synthetic import make_sparse_data, mean_max_cosine
 from trainer.train import TrainConfig, Trainer
 
-ARCH_OPTIONS = {"relu": {"target_l0": 5}, "topk": {"k": 5}, "jumprelu": {"target_l0": 5}}
+def _sparsity(arch: str) -> dict:
+    """L0 5 as each architecture takes it: its k, or the target of its L0 controller."""
+    return {"k": 5} if SAE_REGISTRY[arch].takes_k else {"target_l0": 5}
+
+
+def _k(arch: str, k: int) -> int | None:
+    return k if SAE_REGISTRY[arch].takes_k else None
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +25,7 @@ def synthetic():
 
 def _train(data, arch, tokens=500_000, d_sae=128, **overrides):
     source = ActivationSource(parts=[data.activations.numpy()], dtype="float32")
-    options = {**ARCH_OPTIONS[arch], **overrides}
+    options = {**_sparsity(arch), **overrides}
     cfg = TrainConfig.build(architecture=arch, d_sae=d_sae, tokens=tokens, batch_size=512, lr=3e-3, seed=0, **options)
     return Trainer(cfg, source).run(progress=False)
 
@@ -66,7 +72,7 @@ def test_topk_sparse_decoder_equals_the_dense_product():
 @pytest.mark.parametrize("d_sae,dead_third", [(128, True), (4096, True), (4096, False)])
 @pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
 def test_the_support_step_has_the_same_loss_and_gradients_as_the_dense_step(arch, d_sae, dead_third):
-    cfg = SAEConfig.build(architecture=arch, d_in=32, d_sae=d_sae, k=8 if arch == "topk" else None, k_aux=16, bandwidth=0.5)
+    cfg = SAEConfig.build(architecture=arch, d_in=32, d_sae=d_sae, k=_k(arch, 8), k_aux=16, bandwidth=0.5)
     sae = build_sae(cfg, seed=1)
     with torch.no_grad():
         sae.b_enc.normal_(-0.3, 0.3)
@@ -88,9 +94,18 @@ def test_the_support_step_has_the_same_loss_and_gradients_as_the_dense_step(arch
         assert torch.allclose(grad, support_grads[name], rtol=1e-4, atol=1e-6 * float(grad.abs().max()) + 1e-6), name
 
 
+def _as_served(arch: str):
+    """A dictionary in eval mode after one training batch (which sets a running state such as BatchTopK's threshold)."""
+    sae = build_sae(SAEConfig.build(architecture=arch, d_in=8, d_sae=64, k=_k(arch, 6)), seed=0)
+    sae.train()
+    with torch.no_grad():
+        sae(torch.randn(256, 8))
+    return sae.eval()
+
+
 @pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
 def test_the_in_place_activation_equals_the_activation(arch):
-    sae = build_sae(SAEConfig.build(architecture=arch, d_in=8, d_sae=64, k=6 if arch == "topk" else None), seed=0)
+    sae = _as_served(arch)
     pre = torch.randn(32, 64)
     with torch.inference_mode():
         expected = sae.activate(pre)
@@ -100,14 +115,14 @@ def test_the_in_place_activation_equals_the_activation(arch):
 
 @pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
 def test_a_features_activation_from_its_own_columns_equals_the_full_encodes_where_the_architecture_allows(arch):
-    sae = build_sae(SAEConfig.build(architecture=arch, d_in=8, d_sae=64, k=6 if arch == "topk" else None), seed=0)
+    sae = _as_served(arch)
     x = torch.randn(5, 8)
     ids = torch.tensor([3, 17, 40])
     with torch.inference_mode():
         pre_at = sae.pre_activations_at(x, ids)
         assert torch.allclose(pre_at, sae.pre_activations(x)[:, ids], atol=1e-6)
         at = sae.activate_at(pre_at, ids)
-        if arch == "topk":
+        if arch == "topk":  # (BatchTopK serves at its threshold: per feature)
             assert at is None  # the k-th largest needs every pre-activation
         else:
             assert torch.allclose(at, sae.activate(sae.pre_activations(x))[:, ids], atol=1e-6)

@@ -69,7 +69,7 @@ def harvest_dir(tmp_path_factory) -> Path:
 # ---- 1. non-finite rows, losses and metrics ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", [["--arch", "topk", "--k", "4"], ["--arch", "jumprelu"], ["--arch", "relu"]])
+@pytest.mark.parametrize("arch", [["--arch", "topk", "--k", "4"], ["--arch", "batchtopk", "--k", "4"], ["--arch", "jumprelu"], ["--arch", "relu"]])
 def test_nan_rows_the_input_scale_sample_does_not_draw_are_refused_naming_the_row(tmp_path, rows, arch):
     bad = rows.copy()
     bad[[17_001, 17_002, 17_003, 17_004, 17_005], 3] = np.nan
@@ -290,8 +290,8 @@ def test_train_on_a_harvest_refuses_another_model_or_hook_than_the_harvests(tmp_
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--arch", "relu", "--k", "8"], ["k applies to topk only"]),
-    (["--arch", "jumprelu", "--k", "8"], ["k applies to topk only"]),
+    (["--arch", "relu", "--k", "8"], ["k applies to topk or batchtopk only"]),
+    (["--arch", "jumprelu", "--k", "8"], ["k applies to topk or batchtopk only"]),
     (["--arch", "topk", "--k", "8", "--l1", "2"], ["topk has no sparsity coefficient"]),
     (["--arch", "relu", "--initial-firing-rate", "0.1"], ["initial_firing_rate applies to jumprelu only"]),
     (["--target-l0", "500"], ["target_l0 (500) must be below d_sae (64)"]),

@@ -11,7 +11,7 @@ from monosemantic.artifact import HookRef, ModelRef, publish
 from monosemantic.errors import MonosemanticError
 from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae
 from trainer.checkpoint import Checkpoint, read_checkpoint
-from trainer.train import DIVERGED_FVU, TrainConfig, TrainResult
+from trainer.train import DIVERGED_FVU, TrainConfig, TrainResult, running_state_of
 
 UNSPECIFIED = "unspecified"
 
@@ -62,6 +62,7 @@ def result_from_checkpoint(checkpoint_dir: Path) -> tuple[TrainResult, Checkpoin
     with torch.no_grad():
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"param.{n}"])
+    sae.load_running_state(running_state_of(tensors))
     result = TrainResult(sae=sae.eval(), config=cfg, sparsity_coefficient=state.coefficient, tokens=state.step * cfg.batch_size,
                          seconds=0.0, history=state.history, input_scale=state.input_scale)
     return result, state

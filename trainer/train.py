@@ -134,9 +134,11 @@ class TrainConfig(BaseModel):
 
 
 def _names(predicate) -> str:
-    """The registered architectures with a property, for a message: "topk", or "batchtopk or topk"."""
+    """The registered architectures with a property, for a message: "topk", "topk or batchtopk", "a, b or c"."""
     names = architectures_where(predicate)
-    return " or ".join(names) if names else "no registered architecture"
+    if not names:
+        return "no registered architecture"
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 @dataclass
@@ -367,6 +369,7 @@ class Trainer:
                 if moment != "step":
                     tensors[f"adam.{n}.{moment}"] = value.contiguous()
         tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors.update({f"state.{n}": value.detach().contiguous() for n, value in self.sae.running_state().items()})
         adam_steps = {n: float(self.optimizer.state[p]["step"]) for n, p in params.items() if p in self.optimizer.state}
         write_checkpoint(self.checkpoint_dir, Checkpoint(
             step=self.step, planned_steps=self.cfg.steps, coefficient=self.coefficient, l0_ema=self.l0_ema,
@@ -395,6 +398,7 @@ class Trainer:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[f"param.{n}"])
+        self.sae.load_running_state(running_state_of(tensors))
         for n, p in params.items():
             if n in state.adam_steps:
                 self.optimizer.state[p] = {
@@ -438,6 +442,11 @@ class Trainer:
             seconds=time.perf_counter() - started, history=self.history, input_scale=self.input_scale,
             dead_fraction=last.get("dead_fraction", 0.0),
         )
+
+
+def running_state_of(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's ``state.*`` tensors by buffer name (SparseAutoencoder.running_state)."""
+    return {name.removeprefix("state."): value for name, value in tensors.items() if name.startswith("state.")}
 
 
 def train_sae(cfg: TrainConfig, source: ActivationSource, checkpoint_dir: Path | None = None,

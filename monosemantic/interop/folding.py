@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from monosemantic.errors import InteropError
-from monosemantic.sae import SAEConfig, SparseAutoencoder, sae_from_tensors
+from monosemantic.sae import SAEConfig, SparseAutoencoder, architecture_class, sae_from_tensors
 
 
 class AffineSAE(NamedTuple):
@@ -86,12 +86,15 @@ def export_tensors(sae: SparseAutoencoder) -> AffineSAE:
     without an input scale encodes and decodes exactly as monosemantic does on raw activations."""
     s = float(sae.cfg.input_scale)
     t = {name: value.detach().float() for name, value in sae.tensors().items()}
+    # Under the name of the maths it is served with (BatchTopK as the JumpReLU at its threshold), k only where that takes one.
+    architecture = sae.exports_as or sae.cfg.architecture
+    k = sae.cfg.k if architecture_class(architecture).takes_k else None
     if s == 1.0:
-        return AffineSAE(sae.cfg.architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"), sae.cfg.k)
+        return AffineSAE(architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"), k)
     return AffineSAE(
-        architecture=sae.cfg.architecture,
+        architecture=architecture,
         W_enc=t["W_enc"] * s, b_enc=t["b_enc"], W_dec=t["W_dec"] / s, b_dec=t["b_dec"] / s,
-        threshold=t.get("threshold"), k=sae.cfg.k,
+        threshold=t.get("threshold"), k=k,
     )
 
 

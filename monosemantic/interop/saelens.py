@@ -105,7 +105,7 @@ class SAELensFormat(Format):
         tensors = {"W_enc": affine.W_enc, "b_enc": affine.b_enc, "W_dec": affine.W_dec, "b_dec": affine.b_dec}
         if affine.threshold is not None:
             tensors["threshold"] = affine.threshold
-        architecture = {v: k for k, v in ARCHITECTURES.items()}[sae.cfg.architecture]
+        architecture = {v: k for k, v in ARCHITECTURES.items()}[affine.architecture]
         hook_name = about.hook_alias or about.hook_module_path
         cfg: dict[str, Any] = {
             "architecture": architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dtype": "float32", "device": "cpu",
@@ -118,7 +118,7 @@ class SAELensFormat(Format):
             },
         }
         if architecture == "topk":
-            cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
+            cfg.update(k=affine.k, rescale_acts_by_decoder_norm=False)
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
         (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
