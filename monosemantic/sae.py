@@ -65,6 +65,21 @@ def _known_architecture(name: str) -> str:
     return name
 
 
+def nested_widths_problem(widths: tuple[int, ...] | None, d_sae: int, arch: type["SparseAutoencoder"]) -> str | None:
+    """What is wrong with ``matryoshka_widths`` for this architecture and d_sae, or None."""
+    if not arch.nested_prefixes:
+        return None if widths is None else (
+            f"matryoshka_widths applies to {' or '.join(architectures_where(lambda c: c.nested_prefixes))} only, "
+            f"not {arch.architecture}")
+    if widths is None:
+        return f"matryoshka_widths is required for the {arch.architecture} architecture"
+    if not widths or any(w <= 0 for w in widths) or any(b <= a for a, b in zip(widths, widths[1:])):
+        return f"matryoshka_widths {list(widths)} must be positive and increasing"
+    if widths[-1] != d_sae:
+        return f"matryoshka_widths must end at d_sae ({d_sae}), not {widths[-1]}"
+    return None
+
+
 class _RegisteredNames:
     """JSON schema of an architecture name: an enum of the names registered when the schema is generated."""
 
@@ -91,14 +106,20 @@ class SAEConfig(BaseModel):
     k: int | None = Field(default=None, gt=0, description="TopK: active latents per token")
     k_aux: int | None = Field(default=None, gt=0, description="TopK: dead latents used by the AuxK loss")
     bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU: rectangle-kernel width of the STE")
+    matryoshka_widths: tuple[int, ...] | None = Field(
+        default=None, description="Matryoshka: the nested prefixes' widths, increasing, the last d_sae")
 
     @model_validator(mode="after")
     def _check_architecture_fields(self) -> "SAEConfig":
-        if SAE_REGISTRY[self.architecture].takes_k:
+        arch = SAE_REGISTRY[self.architecture]
+        if arch.takes_k:
             if self.k is None:
                 raise ValueError(f"k is required for the {self.architecture} architecture")
             if self.k > self.d_sae:
                 raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
+        problem = nested_widths_problem(self.matryoshka_widths, self.d_sae, arch)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @classmethod
@@ -157,6 +178,9 @@ class SparseAutoencoder(nn.Module):
     learned_threshold: ClassVar[bool] = False
     """It has a per-latent learned ``threshold`` [d_sae]: the trainer starts b_enc so that each latent clears it on
     ``initial_firing_rate`` of a data sample (an option the others refuse)."""
+    nested_prefixes: ClassVar[bool] = False
+    """Its loss also reconstructs from nested prefixes of the dictionary (Matryoshka): ``matryoshka_widths``
+    required in its config and refused in others'."""
     exports_as: ClassVar[str | None] = None
     """The registered architecture whose maths the trained dictionary's inference is, when not its own (BatchTopK
     serves as a JumpReLU): other tools' formats receive it under that name (monosemantic/interop/folding.py)."""
@@ -259,6 +283,10 @@ class SparseAutoencoder(nn.Module):
     def aux_loss_sparse(self, pre: Tensor, centred: Tensor, error: Tensor, dead_mask: Tensor | None) -> Tensor:
         return torch.zeros((), device=pre.device)
 
+    def extra_loss_support(self, values: Tensor, support: Support, x_n: Tensor) -> Tensor:
+        """Further loss terms read from the support's values (Matryoshka's nested reconstructions); 0 here."""
+        return torch.zeros((), device=values.device)
+
     def encode_support(self, x_n: Tensor) -> tuple[Tensor, Tensor, Support, Tensor]:
         """Dense pre-activations without autograd, the support, and its differentiable pre-activations."""
         with torch.no_grad():
@@ -284,7 +312,7 @@ class SparseAutoencoder(nn.Module):
                                             is_coalesced=True, check_invariants=False),
             mse=error.pow(2).sum(-1).mean(),
             sparsity=sparsity,
-            aux=self.aux_loss_sparse(pre, centred, error.detach(), dead_mask),
+            aux=self.aux_loss_sparse(pre, centred, error.detach(), dead_mask) + self.extra_loss_support(values, support, x_n),
             l0=(torch.count_nonzero(values.detach()) / max(1, batch)).float(),
             fired=support.fired(values.detach()),
         )
@@ -605,4 +633,4 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
 
 # Architectures defined in their own modules register on import; imported here, after the classes they extend, so
 # that the registry is whole whenever monosemantic.sae is.
-from monosemantic import batchtopk  # noqa: E402,F401
+from monosemantic import batchtopk, matryoshka  # noqa: E402,F401

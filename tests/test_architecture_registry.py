@@ -122,7 +122,7 @@ def test_the_trainer_takes_each_declaration_from_the_class(registered, source):
 
 
 def test_options_are_checked_against_the_class_and_messages_name_the_registered_architectures(registered):
-    with pytest.raises(ConfigError, match=f"k applies to topk, batchtopk or {BATCH_TOPK} only, not relu"):
+    with pytest.raises(ConfigError, match=f"k applies to topk, batchtopk, matryoshka or {BATCH_TOPK} only, not relu"):
         _config(architecture="relu", k=4)
     with pytest.raises(ConfigError, match=f"{BATCH_TOPK} has no sparsity coefficient"):
         _config(architecture=BATCH_TOPK, k=4, sparsity_coefficient=1.0)
@@ -136,10 +136,10 @@ def test_options_are_checked_against_the_class_and_messages_name_the_registered_
 
 
 def test_an_unregistered_name_is_refused_listing_the_registered_ones(registered):
-    with pytest.raises(ConfigError, match=f"architecture: Input should be 'relu', 'topk', 'jumprelu', 'batchtopk', '{BATCH_TOPK}' or "
+    with pytest.raises(ConfigError, match=f"architecture: Input should be 'relu', 'topk', 'jumprelu', 'batchtopk', 'matryoshka', '{BATCH_TOPK}' or "
                                           f"'{QUIET_RELU}' \\(got 'gated'\\)"):
         _config(architecture="gated")
-    with pytest.raises(ConfigError, match="unknown architecture 'gated'; known: batchtopk, jumprelu, relu, test-batchtopk"):
+    with pytest.raises(ConfigError, match="unknown architecture 'gated'; known: batchtopk, jumprelu, matryoshka, relu, test-batchtopk"):
         architecture_class("gated")
     assert TrainConfig.model_json_schema()["properties"]["architecture"]["enum"] == list(SAE_REGISTRY)
 
@@ -154,4 +154,5 @@ def test_the_shipped_architectures_declare_what_the_trainer_did_by_name():
         "topk": (0.0, True, False, False, True, False),
         "jumprelu": (1.0, False, True, False, False, True),
         "batchtopk": (0.0, True, False, False, True, False),
+        "matryoshka": (0.0, True, False, False, True, False),
     }

@@ -131,8 +131,9 @@ def test_it_exports_as_a_saelens_jumprelu_that_encodes_and_decodes_as_it_serves(
 TEXT = "import os\nfor name in sorted(os.listdir(path)):\n    print(name)\n"
 
 
-@pytest.fixture(scope="module")
-def served_batchtopk(tmp_path_factory):
+@pytest.fixture(scope="module", params=["batchtopk", "matryoshka"])
+def served_at_threshold(request, tmp_path_factory):
+    """BatchTopK, and Matryoshka (monosemantic/matryoshka.py) which serves as BatchTopK does."""
     model = load_model(str(reference_lm_path()))
     shipped = load_dictionary(reference_registry_path(), REFERENCE_DICTIONARY)
     hook = resolve_hook(model.lm, shipped.manifest.hook.alias)
@@ -141,7 +142,7 @@ def served_batchtopk(tmp_path_factory):
     ids = model.lm.tokenizer(text, return_tensors="pt").input_ids[0]
     contexts = ids[: (ids.numel() // 128) * 128].reshape(-1, 128)
     rows = torch.cat([read_activations(model.lm, contexts[i:i + 16], hook).reshape(-1, 512) for i in range(0, len(contexts), 16)])
-    cfg = TrainConfig.build(architecture="batchtopk", d_sae=1024, k=16, tokens=80 * 512, batch_size=512, lr=1e-3, seed=0)
+    cfg = TrainConfig.build(architecture=request.param, d_sae=1024, k=16, tokens=80 * 512, batch_size=512, lr=1e-3, seed=0)
     result = Trainer(cfg, ActivationSource(parts=[rows.numpy()], dtype="float32")).run(progress=False)
     registry = tmp_path_factory.mktemp("batchtopk")
     publish(registry, "batch", result.sae, model=shipped.manifest.model, hook=shipped.manifest.hook)
@@ -150,8 +151,8 @@ def served_batchtopk(tmp_path_factory):
     running.stop()
 
 
-def test_the_service_reads_a_batchtopk_dictionary_at_its_threshold(served_batchtopk):
-    running, sae, model, hook = served_batchtopk
+def test_the_service_reads_a_dictionary_at_its_shared_threshold(served_at_threshold):
+    running, sae, model, hook = served_at_threshold
     with RestClient(running.http_url) as client:
         result = client.activations(text=TEXT, top_k=5)
     expected = sae.encode(read_activations(model.lm, torch.tensor([[t.id for t in result.tokens]]), hook)[0])
@@ -162,8 +163,8 @@ def test_the_service_reads_a_batchtopk_dictionary_at_its_threshold(served_batcht
             assert entry.value == pytest.approx(float(expected[t, entry.feature]), abs=1e-4)
 
 
-def test_the_service_steers_a_batchtopk_feature_by_clamp_and_add(served_batchtopk):
-    running, *_ = served_batchtopk
+def test_the_service_steers_a_shared_threshold_feature_by_clamp_and_add(served_at_threshold):
+    running, *_ = served_at_threshold
     with RestClient(running.http_url) as client:
         feature = client.activations(text=TEXT, top_k=1).tokens[3].top[0].feature
         plain = client.generate(prompt="import", max_new_tokens=8, temperature=0)

@@ -18,6 +18,12 @@ def _k(arch: str, k: int) -> int | None:
     return k if SAE_REGISTRY[arch].takes_k else None
 
 
+def _shape(arch: str, d_sae: int, k: int) -> dict:
+    """The SAEConfig fields an architecture needs beyond its sizes: k, and nested widths for Matryoshka."""
+    widths = (d_sae // 8, d_sae // 2, d_sae) if SAE_REGISTRY[arch].nested_prefixes else None
+    return {"k": _k(arch, k), "matryoshka_widths": widths}
+
+
 @pytest.fixture(scope="module")
 def synthetic():
     return make_sparse_data(300_000, d=32, n_features=64, mean_active=5.0, seed=0)
@@ -72,7 +78,7 @@ def test_topk_sparse_decoder_equals_the_dense_product():
 @pytest.mark.parametrize("d_sae,dead_third", [(128, True), (4096, True), (4096, False)])
 @pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
 def test_the_support_step_has_the_same_loss_and_gradients_as_the_dense_step(arch, d_sae, dead_third):
-    cfg = SAEConfig.build(architecture=arch, d_in=32, d_sae=d_sae, k=_k(arch, 8), k_aux=16, bandwidth=0.5)
+    cfg = SAEConfig.build(architecture=arch, d_in=32, d_sae=d_sae, k_aux=16, bandwidth=0.5, **_shape(arch, d_sae, 8))
     sae = build_sae(cfg, seed=1)
     with torch.no_grad():
         sae.b_enc.normal_(-0.3, 0.3)
@@ -96,7 +102,7 @@ def test_the_support_step_has_the_same_loss_and_gradients_as_the_dense_step(arch
 
 def _as_served(arch: str):
     """A dictionary in eval mode after one training batch (which sets a running state such as BatchTopK's threshold)."""
-    sae = build_sae(SAEConfig.build(architecture=arch, d_in=8, d_sae=64, k=_k(arch, 6)), seed=0)
+    sae = build_sae(SAEConfig.build(architecture=arch, d_in=8, d_sae=64, **_shape(arch, 64, 6)), seed=0)
     sae.train()
     with torch.no_grad():
         sae(torch.randn(256, 8))

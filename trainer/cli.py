@@ -138,9 +138,10 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="dictionary name (published as its next version)")] = None,
     activations: Annotated[Optional[Path], typer.Option(help="a \\[rows, d_in] matrix: .npy or .safetensors")] = None,
     harvest: Annotated[Optional[Path], typer.Option(help="a harvest directory (from `harvest`)")] = None,
-    arch: Annotated[str, typer.Option(help="relu | topk | jumprelu | batchtopk, or any architecture registered in monosemantic/sae.py")] = "relu",
+    arch: Annotated[str, typer.Option(help="relu | topk | jumprelu | batchtopk | matryoshka, or any architecture registered in monosemantic/sae.py")] = "relu",
     d_sae: Annotated[int, typer.Option(min=1, help="number of features")] = 4096,
-    k: Annotated[Optional[int], typer.Option(min=1, help="TopK: active features per token; BatchTopK: per token on average over a batch")] = None,
+    k: Annotated[Optional[int], typer.Option(min=1, help="TopK: active features per token; BatchTopK, Matryoshka: per token on average over a batch")] = None,
+    matryoshka_widths: Annotated[Optional[str], typer.Option(help="matryoshka: nested prefix widths W1,W2,… ending at --d-sae (default d-sae/16, d-sae/4, d-sae)")] = None,
     l1: Annotated[Optional[float], typer.Option(help="sparsity coefficient λ (L1 for relu, L0 for jumprelu)")] = None,
     target_l0: Annotated[Optional[float], typer.Option(help="steer λ towards this L0 (default 20 unless --l1 is given)")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="training tokens")] = 20_000_000,
@@ -173,6 +174,12 @@ def train(
         _fail(MonosemanticError("--registry and --name go together"))
     if resume and checkpoint_dir is None:
         _fail(MonosemanticError("--resume needs --checkpoint-dir"))
+    widths = None
+    if matryoshka_widths is not None:
+        try:
+            widths = tuple(int(part) for part in matryoshka_widths.split(","))
+        except ValueError:
+            _fail(MonosemanticError(f"--matryoshka-widths {matryoshka_widths!r}: give integers separated by commas, e.g. 128,512,2048"))
     # The default target L0 is for the controller steering λ; an architecture without a λ (TopK: its k) gets none.
     # An unknown name is left to the training config to refuse, with the registered names.
     steers_l0 = getattr(SAE_REGISTRY.get(arch), "has_sparsity_coefficient", True)
@@ -183,7 +190,8 @@ def train(
             config=dict(architecture=arch, d_sae=d_sae, k=k, sparsity_coefficient=l1,
                         target_l0=target_l0 if (target_l0 is not None or l1 is not None or not steers_l0) else min(20.0, d_sae / 2),
                         tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
-                        sparse_step_density=sparse_step_density, initial_firing_rate=initial_firing_rate),
+                        sparse_step_density=sparse_step_density, initial_firing_rate=initial_firing_rate,
+                        matryoshka_widths=widths),
         )
     except MonosemanticError as exc:
         _fail(exc)

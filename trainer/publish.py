@@ -9,7 +9,7 @@ import torch
 
 from monosemantic.artifact import HookRef, ModelRef, publish
 from monosemantic.errors import MonosemanticError
-from monosemantic.sae import SAEConfig, SparseAutoencoder, build_sae
+from monosemantic.sae import SparseAutoencoder, build_sae
 from trainer.checkpoint import Checkpoint, read_checkpoint
 from trainer.train import DIVERGED_FVU, TrainConfig, TrainResult, running_state_of
 
@@ -57,8 +57,7 @@ def result_from_checkpoint(checkpoint_dir: Path) -> tuple[TrainResult, Checkpoin
     state, tensors = found
     cfg = TrainConfig.model_validate(state.config)
     d_in = tensors["param.W_enc"].shape[0]
-    sae = build_sae(SAEConfig.build(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, input_scale=state.input_scale,
-                                    k=cfg.resolved_k(), bandwidth=cfg.bandwidth))
+    sae = build_sae(cfg.sae_config(d_in, state.input_scale))
     with torch.no_grad():
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"param.{n}"])

@@ -19,7 +19,7 @@ from torch import Tensor
 from monosemantic.errors import ConfigError, MonosemanticError, TrainingDiverged, describe_validation_error
 from monosemantic.precision import fastest_dtype
 from monosemantic.sae import (Architecture, SAEConfig, SparseAutoencoder, architecture_class, architectures_where,
-                               build_sae, geometric_median)
+                               build_sae, geometric_median, nested_widths_problem)
 from trainer.activations import ActivationSource, DataError
 from trainer.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from trainer.progress import progress as progress_bar
@@ -55,6 +55,8 @@ class TrainConfig(BaseModel):
                                                   description="ReLU: when to resample dead features")
     dead_window_tokens: int | None = Field(default=None, gt=0, description="a feature unfired this long is dead")
     bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU STE bandwidth (normalised units)")
+    matryoshka_widths: tuple[int, ...] | None = Field(
+        default=None, description="Matryoshka: nested prefix widths ending at d_sae (default d_sae/16, d_sae/4, d_sae)")
     initial_firing_rate: float | None = Field(
         default=None, gt=0, lt=1,
         description="JumpReLU: b_enc starts where each feature fires on this share of a data sample "
@@ -84,6 +86,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"initial_firing_rate applies to {_names(lambda c: c.learned_threshold)} only, not {name}")
         if arch.takes_k and self.k is not None and self.k > self.d_sae:
             raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
+        problem = nested_widths_problem(self.resolved_widths(), self.d_sae, arch)
+        if problem:
+            raise ValueError(problem)
         if self.target_l0 is not None and self.target_l0 >= self.d_sae:
             raise ValueError(f"target_l0 ({self.target_l0:g}) must be below d_sae ({self.d_sae})")
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
@@ -126,6 +131,18 @@ class TrainConfig(BaseModel):
         parts += [show("tokens", f"{self.tokens:,}"), show("batch_size", self.batch_size), show("lr", self.lr), show("seed", self.seed),
                   f"bf16 {'on' if self.bf16 else 'off'}"]
         return ", ".join(parts)
+
+    def resolved_widths(self) -> tuple[int, ...] | None:
+        """The nested prefixes' widths: as given, or (for an architecture with them) d_sae/16, d_sae/4, d_sae — the
+        ladder of Bussmann et al. 2025's smallest runs, 4x apart."""
+        if self.matryoshka_widths is not None or not self.architecture_class.nested_prefixes:
+            return self.matryoshka_widths
+        return tuple(sorted({max(1, self.d_sae // 16), max(1, self.d_sae // 4), self.d_sae}))
+
+    def sae_config(self, d_in: int, input_scale: float) -> SAEConfig:
+        """The dictionary this run trains (and a checkpoint of it rebuilds)."""
+        return SAEConfig.build(architecture=self.architecture, d_in=d_in, d_sae=self.d_sae, input_scale=input_scale,
+                               k=self.resolved_k(), bandwidth=self.bandwidth, matryoshka_widths=self.resolved_widths())
 
     def resolved_k(self) -> int | None:
         if not self.architecture_class.takes_k:
@@ -173,11 +190,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         sample = source.sample(min(source.rows, 32_768), seed=cfg.seed)
         self.input_scale = estimate_input_scale(sample)
-        sae_cfg = SAEConfig.build(
-            architecture=cfg.architecture, d_in=source.d_in, d_sae=cfg.d_sae, input_scale=self.input_scale,
-            k=cfg.resolved_k(), bandwidth=cfg.bandwidth,
-        )
-        self.sae = build_sae(sae_cfg, seed=cfg.seed)
+        self.sae = build_sae(cfg.sae_config(source.d_in, self.input_scale), seed=cfg.seed)
         self.arch = type(self.sae)  # what this architecture needs of the trainer (its class's declarations)
         with torch.no_grad():
             # Bricken et al.: b_dec starts at the geometric median of the data (in normalised units here).
