@@ -38,7 +38,7 @@ def test_the_loss_adds_each_inner_prefixs_reconstruction_error_to_the_whole_ones
     features = out.features.detach()
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
     by_hand = sum(float((x - (features[:, :w] @ W_dec[:w] + b_dec)).pow(2).sum(-1).mean()) for w in WIDTHS[:-1])
-    assert float(out.aux) == pytest.approx(by_hand, rel=1e-5)  # no dead mask: the inner terms alone
+    assert float(out.aux.detach()) == pytest.approx(by_hand, rel=1e-5)  # no dead mask: the inner terms alone
     assert float(out.mse) == pytest.approx(float((x - out.x_hat).pow(2).sum(-1).mean()), rel=1e-5)  # the whole one
 
 
