@@ -1,4 +1,4 @@
-"""Peer SAE training steps timed on the bench's data: SAELens (standard ReLU/L1, JumpReLU and BatchTopK, through
+"""Peer SAE training steps timed on the bench's data: SAELens (standard ReLU/L1, JumpReLU, BatchTopK and Matryoshka BatchTopK, through
 its own SAETrainer) and sparsify (TopK SparseCoder, one step of its Trainer mirrored line for line).
 
 Both packages are optional (the `bench` extra). Nothing here imports them at module import time, so
@@ -65,7 +65,7 @@ def _rate(step: Callable[[Tensor], object], batches: Iterator[Tensor], steps: in
 
 
 # ---- SAELens ------------------------------------------------------------------------------------------
-def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk"], source: ActivationSource, d_sae: int, batch: int,
+def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk", "matryoshka"], source: ActivationSource, d_sae: int, batch: int,
                  steps: int, autocast: bool, k: int = 32) -> float:
     """SAELens' own training step, through its SAETrainer, at its fastest CPU settings.
 
@@ -78,7 +78,8 @@ def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk"], source: Act
     JumpReLU SAE projects its threshold to ≥ 0 inside training_forward_pass.
     """
     from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUTrainingSAE,
-                          JumpReLUTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig)
+                          JumpReLUTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAE,
+                          MatryoshkaBatchTopKTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig)
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -91,6 +92,9 @@ def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk"], source: Act
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**common, l1_coefficient=5.0))  # our relu λ start
     elif arch == "batchtopk":
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=k))  # AuxK on, as ours
+    elif arch == "matryoshka":  # the prefixes our trainer defaults to: d_sae/16, d_sae/4, d_sae
+        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            **common, k=k, matryoshka_widths=[d_sae // 16, d_sae // 4, d_sae]))
     else:
         sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common))  # DeepMind "step" L0 loss, the default
     lr = 3e-4  # LanguageModelSAERunnerConfig's default; lr_end = lr / 10 as that config's __post_init__ sets it
@@ -224,7 +228,7 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
 
 # ---- all rows -----------------------------------------------------------------------------------------
 def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int,
-            archs: set[str] = frozenset({"relu", "jumprelu", "topk", "batchtopk"})) -> tuple[list[PeerRow], list[str]]:
+            archs: set[str] = frozenset({"relu", "jumprelu", "topk", "batchtopk", "matryoshka"})) -> tuple[list[PeerRow], list[str]]:
     """Every peer row available here for our architectures `archs`, and one line per package or row that could not
     be measured."""
     rows: list[PeerRow] = []
@@ -239,16 +243,17 @@ def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int
             notes.append(f"{package} {label} ({'bf16-autocast' if autocast else 'fp32'}) failed: "
                          f"{type(exc).__name__}: {exc}")
 
-    if not archs & {"relu", "jumprelu", "batchtopk"}:
+    if not archs & {"relu", "jumprelu", "batchtopk", "matryoshka"}:
         pass
     elif versions["SAELens"] is None:
         notes.append("SAELens not installed (pip install -e '.[bench]'): its steps are not measured")
     else:
-        for arch, ours in (("standard", "relu"), ("jumprelu", "jumprelu"), ("batchtopk", "batchtopk")):
+        for arch, ours in (("standard", "relu"), ("jumprelu", "jumprelu"), ("batchtopk", "batchtopk"),
+                           ("matryoshka", "matryoshka")):
             if ours not in archs:
                 continue
             for autocast in (False, True):
-                attempt("SAELens", ours, f"{versions['SAELens']} {arch}" + (f" k={k}" if arch == "batchtopk" else ""), autocast,
+                attempt("SAELens", ours, f"{versions['SAELens']} {arch}" + (f" k={k}" if arch in ("batchtopk", "matryoshka") else ""), autocast,
                         lambda: saelens_rate(arch, source, d_sae, batch, steps, autocast, k))
     if "topk" not in archs:
         pass

@@ -30,7 +30,7 @@ from trainer.train import TrainConfig, Trainer  # noqa: E402
 
 # The shape under test; main() sets them from the command line (a harvest's rows fix D_IN).
 D_IN, D_SAE, BATCH = 512, 4096, 4096
-ARCH_OPTIONS = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}
+ARCH_OPTIONS = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "matryoshka": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}
 
 
 def flop_per_token_dense() -> int:
@@ -62,7 +62,7 @@ DEAD_WINDOW = 10_000_000
 # to take the support step (b_enc moves at Adam's pace); JumpReLU starts calibrated near its target.
 # Settled means the support step is taken and L0 is within 2x its target (at 24,576 latents ReLU crosses the support
 # step's density, L0 983, long before its target of 20, and a step at L0 900 costs 2.6x one at L0 20).
-SETTLE_CAP = {"relu": 1000, "topk": 0, "batchtopk": 0, "jumprelu": 400}
+SETTLE_CAP = {"relu": 1000, "topk": 0, "batchtopk": 0, "matryoshka": 0, "jumprelu": 400}
 SETTLE_SHRINK = 8
 LAST_L0: dict[str, float | None] = {}  # each architecture's running L0 at the end of its last timed row
 
@@ -117,16 +117,17 @@ def report_peers(source: ActivationSource, steps: int, ours_best: dict[str, tupl
     for note in notes:
         print(f"  {note}")
     print(f"ours/peer at {D_IN} -> {D_SAE}, k {ARCH_OPTIONS['topk']['k']}, batch {BATCH}:")
-    for arch, package in (("relu", "SAELens"), ("jumprelu", "SAELens"), ("batchtopk", "SAELens"), ("topk", "sparsify")):
+    for arch, package in (("relu", "SAELens"), ("jumprelu", "SAELens"), ("batchtopk", "SAELens"),
+                          ("matryoshka", "SAELens"), ("topk", "sparsify")):
         candidates = [row for row in rows if row.ours == arch]
         if arch not in ours_best:
             continue
         if not candidates:
-            print(f"  ours/peer {arch:>8}: not measured ({package} row missing)")
+            print(f"  ours/peer {arch:>10}: not measured ({package} row missing)")
             continue
         best = max(candidates, key=lambda row: row.tokens_per_s)
         label, rate = ours_best[arch]
-        print(f"  ours/peer {arch:>8}: {rate / best.tokens_per_s:.2f}x (ours {label} {rate:,.0f} tok/s vs {best.package} {best.label}, {'bf16-autocast' if best.autocast else 'fp32'} "
+        print(f"  ours/peer {arch:>10}: {rate / best.tokens_per_s:.2f}x (ours {label} {rate:,.0f} tok/s vs {best.package} {best.label}, {'bf16-autocast' if best.autocast else 'fp32'} "
               f"{best.tokens_per_s:,.0f} tok/s)")
 
 
@@ -141,11 +142,11 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the SAELens / sparsify rows")
     parser.add_argument("--d-in", type=int, default=D_IN, help="activation width (synthetic rows; a harvest sets its own)")
     parser.add_argument("--d-sae", type=int, default=D_SAE, help="dictionary width")
-    parser.add_argument("--k", type=int, default=32, help="TopK's and BatchTopK's k (ReLU and JumpReLU target L0 20)")
-    parser.add_argument("--peer-archs", default="relu,topk,jumprelu,batchtopk", help="which peer rows to time")
+    parser.add_argument("--k", type=int, default=32, help="the k of TopK, BatchTopK and Matryoshka (ReLU and JumpReLU target L0 20)")
+    parser.add_argument("--peer-archs", default="relu,topk,jumprelu,batchtopk,matryoshka", help="which peer rows to time")
     args = parser.parse_args()
     D_SAE = args.d_sae
-    ARCH_OPTIONS["topk"]["k"] = ARCH_OPTIONS["batchtopk"]["k"] = args.k
+    ARCH_OPTIONS["topk"]["k"] = ARCH_OPTIONS["batchtopk"]["k"] = ARCH_OPTIONS["matryoshka"]["k"] = args.k
     if args.harvest:
         from trainer.activations import open_harvest
 
