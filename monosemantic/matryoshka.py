@@ -39,7 +39,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             out.aux = out.aux + inner
         return out
 
-    def extra_loss_support(self, values: Tensor, support: Support, x_n: Tensor) -> Tensor:
+    def extra_loss_support(self, pre_values: Tensor, values: Tensor, support: Support, x_n: Tensor) -> Tensor:
         """The inner terms over the support: its entries split by prefix block, each block decoded once and the
         prefixes summed up block by block (the same entries as one full decode in all)."""
         inner = torch.zeros((), device=values.device)

@@ -1,4 +1,5 @@
-"""Sparse autoencoder architectures (ReLU+L1, TopK, JumpReLU) in a name → class registry.
+"""Sparse autoencoder architectures (ReLU+L1, TopK, JumpReLU here; BatchTopK, Matryoshka and gated in their own
+modules) in a name → class registry.
 
 An architecture is one ``@register``-ed subclass of ``SparseAutoencoder``: besides its maths it declares, as class
 attributes, how the trainer treats it (its default sparsity coefficient, whether it takes a fixed k, whether it has a
@@ -236,6 +237,12 @@ class SparseAutoencoder(nn.Module):
     def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
         return torch.zeros((), device=pre.device)
 
+    def pre_activation_for(self, values: Tensor, ids: Tensor) -> Tensor:
+        """The pre-activations at which features ``ids`` would take ``values`` > 0 (steering's clamp aims there):
+        the values themselves wherever a feature's activation passes its pre-activation through (ReLU, JumpReLU
+        above its threshold, TopK when selected)."""
+        return values
+
     def activate_with_sparsity(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """(features, sparsity penalty) for a batch of pre-activations; one pass where an architecture can fuse them."""
         features = self.activate(pre)
@@ -260,7 +267,7 @@ class SparseAutoencoder(nn.Module):
             features=features,
             mse=mse,
             sparsity=sparsity,
-            aux=torch.zeros((), device=x.device),
+            aux=self.extra_loss_dense(pre, features, x_n.float()),
             l0=(torch.count_nonzero(features.detach()) / max(1, features.numel() // features.shape[-1])).float(),
             fired=(features.detach() > 0).reshape(-1, self.cfg.d_sae).any(0),
         )
@@ -283,8 +290,14 @@ class SparseAutoencoder(nn.Module):
     def aux_loss_sparse(self, pre: Tensor, centred: Tensor, error: Tensor, dead_mask: Tensor | None) -> Tensor:
         return torch.zeros((), device=pre.device)
 
-    def extra_loss_support(self, values: Tensor, support: Support, x_n: Tensor) -> Tensor:
-        """Further loss terms read from the support's values (Matryoshka's nested reconstructions); 0 here."""
+    def extra_loss_dense(self, pre: Tensor, features: Tensor, x_n: Tensor) -> Tensor:
+        """Further loss terms of ``forward`` (gated's reconstruction through its gate); 0 here. ``x_n``: the
+        normalised input in float32."""
+        return torch.zeros((), device=pre.device)
+
+    def extra_loss_support(self, pre_values: Tensor, values: Tensor, support: Support, x_n: Tensor) -> Tensor:
+        """``extra_loss_dense`` over the support step's pre-activations and values (Matryoshka's nested
+        reconstructions, gated's reconstruction through its gate); 0 here."""
         return torch.zeros((), device=values.device)
 
     def encode_support(self, x_n: Tensor) -> tuple[Tensor, Tensor, Support, Tensor]:
@@ -312,7 +325,7 @@ class SparseAutoencoder(nn.Module):
                                             is_coalesced=True, check_invariants=False),
             mse=error.pow(2).sum(-1).mean(),
             sparsity=sparsity,
-            aux=self.aux_loss_sparse(pre, centred, error.detach(), dead_mask) + self.extra_loss_support(values, support, x_n),
+            aux=self.aux_loss_sparse(pre, centred, error.detach(), dead_mask) + self.extra_loss_support(pre_values, values, support, x_n),
             l0=(torch.count_nonzero(values.detach()) / max(1, batch)).float(),
             fired=support.fired(values.detach()),
         )
@@ -332,6 +345,19 @@ class SparseAutoencoder(nn.Module):
         # addcmul_ alone ~8 (profiled).
         parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec.data, dim=1)
         self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec.data, value=-1)
+
+    # ---- what training and folding do to an architecture's own tensors ---------------------------
+    @torch.no_grad()
+    def revive(self, dead: Tensor) -> list[tuple[nn.Parameter, tuple]]:
+        """Reset an architecture's own parameters of the resampled latents ``dead`` (the trainer resets W_enc, b_enc
+        and W_dec); returns (parameter, index) pairs whose Adam moments are then zeroed. None here."""
+        return []
+
+    @staticmethod
+    def shift_pre_activations(tensors: dict[str, Tensor], delta: Tensor) -> None:
+        """Rewrite float32 ``tensors`` so that ``z = (x − b_dec) W_enc`` may gain ``delta`` [d_sae] with every
+        activation unchanged (a change of variables, monosemantic/interop/folding.py): here b_enc absorbs it."""
+        tensors["b_enc"] = (tensors["b_enc"].double() + delta).float()
 
     # ---- tensors as stored in artifacts -----------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
@@ -633,4 +659,4 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
 
 # Architectures defined in their own modules register on import; imported here, after the classes they extend, so
 # that the registry is whole whenever monosemantic.sae is.
-from monosemantic import batchtopk, matryoshka  # noqa: E402,F401
+from monosemantic import batchtopk, gated, matryoshka  # noqa: E402,F401

@@ -5,7 +5,8 @@
 α = v − f (Templeton et al. 2024) pins the feature exactly only when the encoder reads its own decoder row with
 gain 1 (W_enc[:, i]·W_dec[i] = 1) and the feature was already active. We solve for α instead: with several
 clamped features C, the pre-activations move by G α, where G[i, j] = W_enc[:, i]·W_dec[j], so α = G⁻¹ (target −
-pre), after which every clamped feature's *pre-activation* is exactly v (up to rounding). A clamp to v ≤ 0 only
+pre), after which every clamped feature's *pre-activation* is exactly the one its activation maps to v (up to
+rounding). A clamp to v ≤ 0 only
 switches an active feature off (target pre-activation 0) and leaves an inactive one alone.
 
 What re-encoding x' then reports depends on the architecture's activation (tests/test_steering.py checks each):
@@ -14,6 +15,8 @@ What re-encoding x' then reports depends on the architecture's activation (tests
   between 0 and its threshold), though the activation still moved along its direction.
 - TopK: v when v is among the token's k largest pre-activations after the edit; otherwise 0 (the feature is not
   selected), and a large v can push the token's weakest selected feature out of its top k.
+- Gated: the target is the gate's pre-activation at which the magnitude path gives v (the class's
+  ``pre_activation_for``); v when that opens the gate, 0 where it would have to stay shut.
 `after` in the result is always the re-encoded value, so a caller sees which case it met.
 
 Direction edits (DirectionEdit) steer along a raw-space direction instead of a feature, as Neuronpedia's steer
@@ -74,7 +77,8 @@ def apply_steering(sae: SparseAutoencoder, x: Tensor, specs: list[SteeringSpec])
         values = torch.tensor([specs[i].value for i in clamps], dtype=x.dtype, device=x.device)
         active = before[..., clamps] > 0
         # v > 0: reach pre-activation v. v <= 0: an active feature goes to 0, an inactive one stays put.
-        target = torch.where(values > 0, values.expand_as(pre_now), torch.where(active, torch.zeros_like(pre_now), pre_now))
+        wanted = sae.pre_activation_for(values, clamp_ids)  # v itself but where the activation reshapes it (gated)
+        target = torch.where(values > 0, wanted.expand_as(pre_now), torch.where(active, torch.zeros_like(pre_now), pre_now))
         # Δpre = α Gᵀ, so α = Δpre (Gᵀ)⁻¹; pinv keeps a dead feature (gain ≈ 0) from blowing up the solve.
         alpha = (target - pre_now) @ torch.linalg.pinv(gains).T
         x_new = x_new + (alpha @ directions[clamps]).reshape(x_new.shape)

@@ -136,11 +136,11 @@ def test_options_are_checked_against_the_class_and_messages_name_the_registered_
 
 
 def test_an_unregistered_name_is_refused_listing_the_registered_ones(registered):
-    with pytest.raises(ConfigError, match=f"architecture: Input should be 'relu', 'topk', 'jumprelu', 'batchtopk', 'matryoshka', '{BATCH_TOPK}' or "
-                                          f"'{QUIET_RELU}' \\(got 'gated'\\)"):
-        _config(architecture="gated")
-    with pytest.raises(ConfigError, match="unknown architecture 'gated'; known: batchtopk, jumprelu, matryoshka, relu, test-batchtopk"):
-        architecture_class("gated")
+    with pytest.raises(ConfigError, match=f"architecture: Input should be 'relu', 'topk', 'jumprelu', 'batchtopk', 'gated', 'matryoshka', '{BATCH_TOPK}' or "
+                                          f"'{QUIET_RELU}' \\(got 'quantum'\\)"):
+        _config(architecture="quantum")
+    with pytest.raises(ConfigError, match="unknown architecture 'quantum'; known: batchtopk, gated, jumprelu, matryoshka, relu, test-batchtopk"):
+        architecture_class("quantum")
     assert TrainConfig.model_json_schema()["properties"]["architecture"]["enum"] == list(SAE_REGISTRY)
 
 
@@ -155,4 +155,5 @@ def test_the_shipped_architectures_declare_what_the_trainer_did_by_name():
         "jumprelu": (1.0, False, True, False, False, True),
         "batchtopk": (0.0, True, False, False, True, False),
         "matryoshka": (0.0, True, False, False, True, False),
+        "gated": (5.0, False, True, True, False, False),
     }

@@ -283,7 +283,7 @@ CORRUPTIONS = {
     "missing_sae_file": (lambda d: (d / SAE_FILE).unlink(), [SAE_FILE, "missing"]),
     "missing_manifest": (lambda d: (d / MANIFEST_FILE).unlink(), [MANIFEST_FILE, "missing"]),
     "format_version_2": (lambda d: _edit_manifest(d, format_version=2), ["format_version", "2"]),
-    "unknown_architecture": (lambda d: _edit_manifest(d, architecture="gated"), ["architecture", "gated"]),
+    "unknown_architecture": (lambda d: _edit_manifest(d, architecture="quantum"), ["architecture", "quantum"]),
     "manifest_not_json": (lambda d: _write_manifest(d, b"{not json"), [MANIFEST_FILE, "JSON"]),
     "manifest_not_utf8": (lambda d: _write_manifest(d, b"\xff\xfe\x00"), [MANIFEST_FILE, "JSON"]),
     "manifest_a_list": (lambda d: _write_manifest(d, b"[1, 2]"), [MANIFEST_FILE, "object"]),

@@ -1,9 +1,9 @@
 """Specifications of BatchTopK (monosemantic/batchtopk.py): k·batch activations across a training batch, a running
-threshold, served as the JumpReLU at that threshold — trained, checkpointed, published, served, and read by SAELens."""
+threshold, served as the JumpReLU at that threshold — trained, checkpointed, published and read by SAELens
+(served: tests/test_served_architectures.py)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -11,16 +11,12 @@ import torch
 from sae_lens import SAE, JumpReLUSAE as SAELensJumpReLU
 from sae_lens.saes.batchtopk_sae import BatchTopK as SAELensBatchTopK
 
-from conftest import RunningServer
 from monosemantic.artifact import load_dictionary, publish
 from monosemantic.batchtopk import BatchTopKSAE
-from monosemantic.client import RestClient
 from monosemantic.errors import ConfigError
 from monosemantic.interop import ExportAbout, get_format
-from monosemantic.lm import read_activations, resolve_hook
-from monosemantic.model import load_model
 from monosemantic.sae import SAEConfig, build_sae, sae_from_tensors
-from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
+from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 from trainer.activations import ActivationSource
 from trainer.synthetic import make_sparse_data, mean_max_cosine
 from trainer.train import TrainConfig, Trainer
@@ -124,53 +120,3 @@ def test_it_exports_as_a_saelens_jumprelu_that_encodes_and_decodes_as_it_serves(
     with torch.no_grad():
         assert float((theirs.encode(x) - ours).abs().max() / ours.abs().max()) <= 1e-4
     assert float((theirs.decode(ours) - trained.sae.decode(ours)).abs().max() / x.abs().max()) <= 1e-4
-
-
-# ---- served: trained on the shipped reference's MLP activations, read and steered over the service ---------------
-
-TEXT = "import os\nfor name in sorted(os.listdir(path)):\n    print(name)\n"
-
-
-@pytest.fixture(scope="module", params=["batchtopk", "matryoshka"])
-def served_at_threshold(request, tmp_path_factory):
-    """BatchTopK, and Matryoshka (monosemantic/matryoshka.py) which serves as BatchTopK does."""
-    model = load_model(str(reference_lm_path()))
-    shipped = load_dictionary(reference_registry_path(), REFERENCE_DICTIONARY)
-    hook = resolve_hook(model.lm, shipped.manifest.hook.alias)
-    # Real text the reference read in training (its corpus is the standard library's source).
-    text = "".join(inspect.getsource(module) for module in (json.decoder, json.encoder, inspect))
-    ids = model.lm.tokenizer(text, return_tensors="pt").input_ids[0]
-    contexts = ids[: (ids.numel() // 128) * 128].reshape(-1, 128)
-    rows = torch.cat([read_activations(model.lm, contexts[i:i + 16], hook).reshape(-1, 512) for i in range(0, len(contexts), 16)])
-    cfg = TrainConfig.build(architecture=request.param, d_sae=1024, k=16, tokens=80 * 512, batch_size=512, lr=1e-3, seed=0)
-    result = Trainer(cfg, ActivationSource(parts=[rows.numpy()], dtype="float32")).run(progress=False)
-    registry = tmp_path_factory.mktemp("batchtopk")
-    publish(registry, "batch", result.sae, model=shipped.manifest.model, hook=shipped.manifest.hook)
-    running = RunningServer(registry=registry, dictionaries=["batch"], sae_dtype="float32", max_new_tokens=8)
-    yield running, load_dictionary(registry, "batch").sae, model, hook
-    running.stop()
-
-
-def test_the_service_reads_a_dictionary_at_its_shared_threshold(served_at_threshold):
-    running, sae, model, hook = served_at_threshold
-    with RestClient(running.http_url) as client:
-        result = client.activations(text=TEXT, top_k=5)
-    expected = sae.encode(read_activations(model.lm, torch.tensor([[t.id for t in result.tokens]]), hook)[0])
-    assert [t.l0 for t in result.tokens] == [int(n) for n in (expected != 0).sum(-1)]
-    assert len({t.l0 for t in result.tokens}) > 1
-    for t, token in enumerate(result.tokens):
-        for entry in token.top:
-            assert entry.value == pytest.approx(float(expected[t, entry.feature]), abs=1e-4)
-
-
-def test_the_service_steers_a_shared_threshold_feature_by_clamp_and_add(served_at_threshold):
-    running, *_ = served_at_threshold
-    with RestClient(running.http_url) as client:
-        feature = client.activations(text=TEXT, top_k=1).tokens[3].top[0].feature
-        plain = client.generate(prompt="import", max_new_tokens=8, temperature=0)
-        clamped = client.generate(prompt="import", max_new_tokens=8, temperature=0,
-                                  steering=[{"feature": feature, "mode": "clamp", "value": 30.0}])
-        added = client.generate(prompt="import", max_new_tokens=8, temperature=0,
-                                steering=[{"feature": feature, "mode": "add", "value": 60.0}])
-    assert all(token.steered[0].after == pytest.approx(30.0, abs=1e-3) for token in clamped.tokens)
-    assert clamped.text != plain.text and added.text != plain.text

@@ -46,7 +46,7 @@ def test_evaluate_with_activations_prints_the_reconstruction_metrics_as_json(act
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--arch", "gated"], "architecture"),
+    (["--arch", "quantum"], "architecture"),
     (["--arch", "topk", "--k", "999"], "k"),
     (["--tokens", "0"], "tokens"),
 ])

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens import (SAE, GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
+                      TopKSAEConfig)
 from sae_lens.saes.sae import SAEMetadata
 from sparsify import SparseCoder, SparseCoderConfig
 
@@ -49,7 +50,7 @@ def _fill(module: torch.nn.Module, seed: int, *, threshold: float | None = None)
 def saelens_sae(architecture: str, dtype: str, **cfg) -> SAE:
     metadata = SAEMetadata(hook_name="blocks.0.hook_resid_post", model_name="tiny")
     classes = {"standard": (StandardSAE, StandardSAEConfig), "topk": (TopKSAE, TopKSAEConfig),
-               "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig)}
+               "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig), "gated": (GatedSAE, GatedSAEConfig)}
     sae_cls, cfg_cls = classes[architecture]
     sae = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, dtype=dtype, metadata=metadata, **cfg))
     _fill(sae, seed=len(architecture) + len(cfg), threshold=1.5)
@@ -63,6 +64,8 @@ SAELENS_CASES = {
     "topk-rescaled-by-decoder-norm": ("topk", {"k": K, "rescale_acts_by_decoder_norm": True}),
     "jumprelu": ("jumprelu", {}),
     "jumprelu-no-b_dec-subtraction": ("jumprelu", {"apply_b_dec_to_input": False}),
+    "gated": ("gated", {}),
+    "gated-no-b_dec-subtraction": ("gated", {"apply_b_dec_to_input": False}),
     "expected-average-only-in": ("standard", {"normalize_activations": "expected_average_only_in"}),
 }
 
@@ -121,7 +124,7 @@ def test_an_older_jumprelu_file_with_log_thresholds_imports(tmp_path, activation
     ("normalize_activations", "constant_norm_rescale", "normalize_activations"),
     ("reshape_activations", "hook_z", "hook_z"),
     ("hook_head_index", 3, "hook_head_index"),
-    ("architecture", "gated", "architecture 'gated'"),
+    ("architecture", "quantum", "architecture 'quantum'"),
     ("architecture", "transcoder", "transcoder"),
 ])
 def test_what_saelens_files_say_that_cannot_be_represented_is_refused_by_name(tmp_path, field, value, named):
@@ -246,6 +249,9 @@ def ours(architecture: str, *, input_scale: float = 2.7):
         sae.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
         if architecture == "jumprelu":
             sae.log_threshold.uniform_(-2, 0.5, generator=torch.Generator().manual_seed(4))
+        if architecture == "gated":  # a magnitude path unlike the gate's, so a mixed-up one shows
+            sae.r_mag.normal_(0, 0.7, generator=torch.Generator().manual_seed(5))
+            sae.b_mag.normal_(0, 0.3, generator=torch.Generator().manual_seed(6))
     return sae.eval()
 
 
@@ -253,7 +259,7 @@ def about(density=None) -> ExportAbout:
     return ExportAbout("d:v1", "tiny", "blocks.0.hook_resid_post", "transformer.h.0", "output", density, 64, None)
 
 
-@pytest.mark.parametrize("architecture", ["relu", "topk", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["relu", "topk", "jumprelu", "gated"])
 def test_an_export_loads_in_saelens_and_encodes_and_decodes_as_monosemantic_does(tmp_path, activations, architecture):
     sae = ours(architecture)
     get_format("saelens", writing=True).write(sae, tmp_path / "out", about(torch.rand(D_SAE)))
@@ -302,7 +308,8 @@ def test_the_shipped_reference_exports_to_saelens_within_tolerance_on_its_own_ac
 # ---- round trips: the library's file → monosemantic → the library -------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["standard-no-b_dec-subtraction", "topk-rescaled-by-decoder-norm", "jumprelu"])
+@pytest.mark.parametrize("case", ["standard-no-b_dec-subtraction", "topk-rescaled-by-decoder-norm", "jumprelu",
+                                  "gated-no-b_dec-subtraction"])
 def test_a_saelens_dictionary_round_trips_through_monosemantic_to_saelens(tmp_path, activations, case):
     architecture, cfg = SAELENS_CASES[case]
     saelens_sae(architecture, "float32", **cfg).save_model(tmp_path / "in")

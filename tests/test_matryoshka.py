@@ -39,7 +39,7 @@ def test_the_loss_adds_each_inner_prefixs_reconstruction_error_to_the_whole_ones
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
     by_hand = sum(float((x - (features[:, :w] @ W_dec[:w] + b_dec)).pow(2).sum(-1).mean()) for w in WIDTHS[:-1])
     assert float(out.aux.detach()) == pytest.approx(by_hand, rel=1e-5)  # no dead mask: the inner terms alone
-    assert float(out.mse) == pytest.approx(float((x - out.x_hat).pow(2).sum(-1).mean()), rel=1e-5)  # the whole one
+    assert float(out.mse.detach()) == pytest.approx(float((x - out.x_hat.detach()).pow(2).sum(-1).mean()), rel=1e-5)  # the whole one
 
 
 def test_the_loss_terms_equal_saelenss_own_matryoshka_on_the_same_weights_and_batch():
@@ -53,9 +53,9 @@ def test_the_loss_terms_equal_saelenss_own_matryoshka_on_the_same_weights_and_ba
                                                        is_logging_step=False))
     ours = sae(x)
     assert torch.allclose(ours.features, step.feature_acts, atol=1e-6)
-    assert float(ours.mse) == pytest.approx(float(step.losses["mse_loss"]), rel=1e-5)
-    inner = sum(float(step.losses[f"inner_mse_loss_{w}"]) for w in WIDTHS[:-1])
-    assert float(ours.aux) == pytest.approx(inner, rel=1e-5)
+    assert float(ours.mse.detach()) == pytest.approx(float(step.losses["mse_loss"].detach()), rel=1e-5)
+    inner = sum(float(step.losses[f"inner_mse_loss_{w}"].detach()) for w in WIDTHS[:-1])
+    assert float(ours.aux.detach()) == pytest.approx(inner, rel=1e-5)
 
 
 @pytest.mark.parametrize("widths, words", [

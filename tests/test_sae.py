@@ -187,7 +187,7 @@ def test_geometric_median_resists_outliers():
 @pytest.mark.parametrize("fields, named", [
     ({"architecture": "topk", "d_in": 8, "d_sae": 16}, "k"),
     ({"architecture": "relu", "d_in": 0, "d_sae": 16}, "d_in"),
-    ({"architecture": "gated", "d_in": 8, "d_sae": 16}, "architecture"),
+    ({"architecture": "quantum", "d_in": 8, "d_sae": 16}, "architecture"),
 ])
 def test_a_bad_sae_config_is_refused_with_the_field_named(fields, named):
     with pytest.raises(ConfigError, match=named):

@@ -112,7 +112,7 @@ def test_a_batch_larger_than_the_data_is_refused(source):
         Trainer(_config(batch_size=10_000_000), source)
 
 
-@pytest.mark.parametrize("field, value", [("tokens", 0), ("architecture", "gated"), ("lr", -1.0)])
+@pytest.mark.parametrize("field, value", [("tokens", 0), ("architecture", "quantum"), ("lr", -1.0)])
 def test_an_invalid_training_option_names_its_field(field, value):
     with pytest.raises(ConfigError, match=field):
         _config(**{field: value})

@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
     architecture: Architecture = "relu"
     d_sae: int = Field(default=4096, gt=0)
     k: int | None = Field(default=None, gt=0, description="TopK: active latents per token (default: target_l0 or 32)")
-    sparsity_coefficient: float | None = Field(default=None, ge=0, description="λ: L1 (relu) or L0 (jumprelu) coefficient")
+    sparsity_coefficient: float | None = Field(default=None, ge=0, description="λ: L1 (relu, gated) or L0 (jumprelu) coefficient")
     target_l0: float | None = Field(default=None, gt=0, description="steer λ so the running L0 approaches this")
     tokens: int = Field(default=20_000_000, gt=0, description="training tokens (activation rows) to consume")
     batch_size: int = Field(default=4096, gt=0)
@@ -360,7 +360,8 @@ class Trainer:
         sae.W_dec[dead] = directions
         sae.W_enc[:, dead] = (directions * 0.2 * alive_norm).t()
         sae.b_enc[dead] = 0.0
-        for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+        own = sae.revive(dead)  # the architecture's own parameters (gated's magnitude path)
+        for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,)), *own):
             state = self.optimizer.state.get(param, {})
             for moment in ("exp_avg", "exp_avg_sq"):
                 if moment in state:

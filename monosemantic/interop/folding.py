@@ -8,6 +8,8 @@ the pre-activations, and so σ's decisions (which features fire, which k are kep
   ``x W_enc + b_enc = (x − b_dec) W_enc + (b_enc + b_dec W_enc)``;
 - TopK selecting on pre-activations times decoder row norms ``n`` (SAELens ``rescale_acts_by_decoder_norm``) and
   decoding ``(f / n) W_dec``: ``W_enc·n, b_enc·n`` and ``W_dec / n`` give the same f and x̂ with unit decoder rows;
+- a gated dictionary's z shifted by δ: its gate's bias takes δ and its magnitude's bias exp(r_mag)·δ (each class's
+  ``shift_pre_activations``);
 - the input scale, on export: ``(s·x − b_dec) W_enc = (x − b_dec/s)(s·W_enc)`` and ``(f W_dec + b_dec)/s =
   f (W_dec/s) + b_dec/s``, so the exported decoder rows have norm 1/s where monosemantic's are unit.
 """
@@ -27,13 +29,19 @@ class AffineSAE(NamedTuple):
     """A dictionary as plain tensors in SAELens orientation (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``),
     encoding ``σ((x − b_dec) W_enc + b_enc)`` and decoding ``f W_dec + b_dec`` on raw activations."""
 
-    architecture: str  # monosemantic's: relu | topk | jumprelu
+    architecture: str  # monosemantic's: relu | topk | jumprelu | gated
     W_enc: Tensor
     b_enc: Tensor
     W_dec: Tensor
     b_dec: Tensor
     threshold: Tensor | None = None
     k: int | None = None
+    # The architecture's further tensors, acting on the pre-activations (gated's r_mag, b_mag): the input scale leaves
+    # them as they are; a shift of the pre-activations goes through the class's shift_pre_activations.
+    extra: dict[str, Tensor] | None = None
+
+
+SHARED = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")  # AffineSAE's own fields; the rest travel in ``extra``
 
 
 def build(source: AffineSAE, *, subtract_b_dec: bool = True, selection_scale: Tensor | None = None) -> tuple[SparseAutoencoder, bool]:
@@ -47,12 +55,17 @@ def build(source: AffineSAE, *, subtract_b_dec: bool = True, selection_scale: Te
     for name, shape in (("b_enc", (d_sae,)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,))):
         if tuple(t[name].shape) != shape:
             raise InteropError(f"{name} has shape {tuple(t[name].shape)}; with W_enc {tuple(t['W_enc'].shape)} it must be {shape}")
+    for name, value in (source.extra or {}).items():
+        t[name] = value.detach().to(torch.float32)
+        if tuple(t[name].shape) != (d_sae,):
+            raise InteropError(f"{name} has shape {tuple(value.shape)}, expected ({d_sae},)")
     for name, value in t.items():
         if not bool(torch.isfinite(value).all()):
             raise InteropError(f"{name} holds NaN or inf")
+    arch = architecture_class(source.architecture)
     folded = False
     if not subtract_b_dec and bool(t["b_dec"].any()):
-        t["b_enc"] = (t["b_enc"].double() + _times_columns(t["b_dec"], t["W_enc"])).float()
+        arch.shift_pre_activations(t, _times_columns(t["b_dec"], t["W_enc"]))
         folded = True
     if selection_scale is not None:
         n = selection_scale.detach().to(torch.float64)
@@ -89,12 +102,13 @@ def export_tensors(sae: SparseAutoencoder) -> AffineSAE:
     # Under the name of the maths it is served with (BatchTopK as the JumpReLU at its threshold), k only where that takes one.
     architecture = sae.exports_as or sae.cfg.architecture
     k = sae.cfg.k if architecture_class(architecture).takes_k else None
+    extra = {name: t[name] for name in t if name not in SHARED} or None
     if s == 1.0:
-        return AffineSAE(architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"), k)
+        return AffineSAE(architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"), k, extra)
     return AffineSAE(
         architecture=architecture,
         W_enc=t["W_enc"] * s, b_enc=t["b_enc"], W_dec=t["W_dec"] / s, b_dec=t["b_dec"] / s,
-        threshold=t.get("threshold"), k=k,
+        threshold=t.get("threshold"), k=k, extra=extra,
     )
 
 
@@ -117,6 +131,6 @@ def centre_inputs(sae: SparseAutoencoder) -> SparseAutoencoder:
     t = {name: value.detach().float() for name, value in sae.tensors().items()}
     w = t["W_enc"]
     column_sums = w.sum(0, dtype=torch.float64)
-    t["b_enc"] = (t["b_enc"].double() - t["b_dec"].double().mean() * column_sums).float()
+    type(sae).shift_pre_activations(t, -t["b_dec"].double().mean() * column_sums)
     t["W_enc"] = w - (column_sums / w.shape[0]).float()
     return sae_from_tensors(sae.cfg, t)

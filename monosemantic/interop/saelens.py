@@ -4,7 +4,7 @@ Read as SAELens 6.54 reads them (``SAE.load_from_disk``): a cfg without ``metada
 (flat, ``hook_point`` for ``hook_name``); ``standard`` encodes ``relu((x − b_dec·[apply_b_dec_to_input]) W_enc +
 b_enc)``, ``topk`` keeps the k largest (of the pre-activations times the decoder row norms when
 ``rescale_acts_by_decoder_norm``, decoding ``(f / ‖W_dec‖) W_dec``), ``jumprelu`` is ``relu(z)·1{z > threshold}``
-(older files store ``log_threshold``). ``normalize_activations: expected_average_only_in`` is the identity in an
+(older files store ``log_threshold``), ``gated`` is monosemantic/gated.py's (``b_gate`` there is our ``b_enc``). ``normalize_activations: expected_average_only_in`` is the identity in an
 inference SAE (SAELens folds the scale into the weights when training ends); per-token normalisations are refused.
 """
 
@@ -20,17 +20,20 @@ from safetensors.torch import save_file
 from monosemantic.interop import (
     ExportAbout, Format, Imported, Written, dtype_name, read_json, read_safetensors, refuse_pickles, register, require,
 )
-from monosemantic.interop.folding import AffineSAE, build, export_tensors
+from monosemantic.interop.folding import SHARED, AffineSAE, build, export_tensors
 from monosemantic.sae import SparseAutoencoder
 
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 # The SAELens release these files are proven against (tests/test_interop.py); written as metadata.sae_lens_version,
 # without which SAELens reads a v6 cfg as a pre-6 one and drops its hook and model names.
 SAELENS_VERSION = "6.54.12"
-ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 IDENTITY_NORMALISATIONS = (None, "none", "expected_average_only_in")
 TENSORS = {"relu": {"W_enc", "b_enc", "W_dec", "b_dec"}, "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
-           "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}}
+           "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+           "gated": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}}
+# SAELens's name for a tensor where it is not ours: a gated SAE's gate bias is our b_enc (monosemantic/gated.py).
+RENAMED = {"gated": {"b_gate": "b_enc"}}
 
 
 def _pre_6(cfg: dict[str, Any]) -> bool:
@@ -76,7 +79,7 @@ class SAELensFormat(Format):
             tensors["threshold"] = tensors.pop("log_threshold").float().exp()
         unknown = sorted(set(tensors) - TENSORS[ours])
         require(not unknown, f"{what}: tensors {', '.join(unknown)} cannot be represented by a {architecture} dictionary "
-                "(a skip connection or gate?)")
+                "(a skip connection?)")
         missing = sorted(TENSORS[ours] - set(tensors))
         require(not missing, f"{what}: tensors {', '.join(missing)} are missing from {WEIGHTS_FILE}")
         d_in, d_sae = tuple(tensors["W_enc"].shape)
@@ -88,8 +91,11 @@ class SAELensFormat(Format):
             require(isinstance(k, int) and 0 < k <= d_sae, f"{what}: k {k!r} must be an integer in 1..{d_sae}")
         rescale = ours == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm", False))
         apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
+        for theirs, mine in RENAMED.get(ours, {}).items():
+            tensors[mine] = tensors.pop(theirs)
+        extra = {name: tensors[name] for name in tensors if name not in SHARED} or None
         source = AffineSAE(ours, tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"],
-                           tensors.get("threshold"), k)
+                           tensors.get("threshold"), k, extra)
         sae, folded = build(source, subtract_b_dec=apply_b_dec,
                             selection_scale=tensors["W_dec"].float().norm(dim=1) if rescale else None)  # as SAELens computes it
         return Imported(
@@ -102,9 +108,12 @@ class SAELensFormat(Format):
 
     def write(self, sae: SparseAutoencoder, out: Path, about: ExportAbout) -> Written:
         affine = export_tensors(sae)
-        tensors = {"W_enc": affine.W_enc, "b_enc": affine.b_enc, "W_dec": affine.W_dec, "b_dec": affine.b_dec}
+        tensors = {"W_enc": affine.W_enc, "b_enc": affine.b_enc, "W_dec": affine.W_dec, "b_dec": affine.b_dec,
+                   **(affine.extra or {})}
         if affine.threshold is not None:
             tensors["threshold"] = affine.threshold
+        for theirs, mine in RENAMED.get(affine.architecture, {}).items():
+            tensors[theirs] = tensors.pop(mine)
         architecture = {v: k for k, v in ARCHITECTURES.items()}[affine.architecture]
         hook_name = about.hook_alias or about.hook_module_path
         cfg: dict[str, Any] = {
