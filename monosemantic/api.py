@@ -265,6 +265,8 @@ class ListFeaturesRequest(_OnDictionary):
     page: int = Field(1, ge=1)
     page_size: int = Field(20, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="order=random: the same seed gives the same sample")
+    below: int | None = Field(None, ge=1, description="only the features whose id is below this: a leading block of "
+                              "the dictionary, such as one of a Matryoshka dictionary's prefixes (its matryoshka_widths)")
 
 
 class FeatureSummary(BaseModel):
@@ -315,6 +317,8 @@ class DictionaryInfo(BaseModel):
     serving: bool
     default: bool = Field(False, description="the dictionary an operation uses when it names none")
     statistics: bool = Field(False, description="it has feature statistics: feature pages, lists and search work on it")
+    matryoshka_widths: list[int] = Field(default_factory=list, description="a Matryoshka dictionary's nested prefix "
+                                         "widths, the last d_sae (each prefix is a dictionary itself); empty for others")
     evaluations: list[EvaluationInfo] = Field(default_factory=list, description="evaluations run since publishing (monosemantic-train evaluate), oldest first")
     source: dict = Field(default_factory=dict, description="where an imported dictionary came from (format, location, "
                          "revision, the source's own config; monosemantic-train import); empty for one trained here")

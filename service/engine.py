@@ -492,6 +492,11 @@ class Engine:
         page_size = self.limits.page_size(req.page_size)
         self._with_statistics(entry)
         order = dashboards.feature_order(entry, req.order, req.seed if req.seed is not None else secrets.randbits(63))
+        if req.below is not None:
+            d_sae = entry.dictionary.manifest.sae.d_sae
+            if req.below > d_sae:
+                raise invalid("below", f"is {req.below}: dictionary {entry.dictionary.manifest.name} has {d_sae} features")
+            order = order[order < req.below]
         first = (req.page - 1) * page_size
         return schemas.ListFeaturesResponse.model_validate({
             "dictionary": _ref(entry).model_dump(), "order": req.order, "total": int(order.numel()), "page": req.page,
@@ -573,6 +578,7 @@ class Engine:
                 name=m.name, version=m.version, architecture=m.architecture, d_in=m.sae.d_in, d_sae=m.sae.d_sae,
                 hook=entry.hook.name, model_name=m.model.name, model_checksum=repository.model.checksum, metrics=m.metrics,
                 serving=True, default=i == 0, statistics=dashboards.has_statistics(entry),
+                matryoshka_widths=list(m.sae.matryoshka_widths or ()),
                 evaluations=[schemas.EvaluationInfo(**e.model_dump(exclude={"manifest_sha256"})) for e in evaluated],
                 source=(m.model_extra or {}).get("source") or {},
             ))

@@ -214,10 +214,13 @@ def create_app(engine: Engine) -> FastAPI:
         page: int = Query(1, ge=1),
         page_size: int = Query(20, ge=1),
         seed: int | None = Query(None, ge=0, le=2**63 - 1),
+        below: int | None = Query(None, ge=1, description="only features whose id is below this (a Matryoshka prefix's width)"),
     ) -> Response:
-        """A dictionary's features in a browsing order: by density, by label, by id, or a random sample of live ones."""
+        """A dictionary's features in a browsing order: by density, by label, by id, or a random sample of live ones;
+        `below` keeps a leading block (a Matryoshka prefix)."""
         def call() -> Any:
-            req = _query(schemas.ListFeaturesRequest, dictionary=dictionary, order=order, page=page, page_size=page_size, seed=seed)
+            req = _query(schemas.ListFeaturesRequest, dictionary=dictionary, order=order, page=page, page_size=page_size, seed=seed,
+                         below=below)
             return engine.list_features(req)
 
         return _json(await observed("list_features", _as_async(call)))

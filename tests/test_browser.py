@@ -369,3 +369,37 @@ def test_the_start_page_says_where_an_imported_dictionary_came_from(browser, tmp
         assert all(e["source"] == "network" and "/v1/features?dictionary=jb" in e["message"] and "409" in e["message"] for e in logged), logged
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="module")
+def nested_server(tmp_path_factory):
+    """A Matryoshka dictionary (prefixes of 64 and 256 of 1,024 features) with feature statistics, beside the shipped
+    reference (which has no prefixes)."""
+    from conftest import RunningServer
+    from test_served_architectures import publish_trained_on_reference
+
+    root = tmp_path_factory.mktemp("nested")
+    shutil.copytree(reference_registry_path() / REFERENCE_DICTIONARY, root / REFERENCE_DICTIONARY)
+    publish_trained_on_reference(root, "nested", "matryoshka", statistics=True, matryoshka_widths=(64, 256, 1024))
+    running = RunningServer(registry=root, dictionaries=["nested", "reference:1"])
+    yield running
+    running.stop()
+
+
+def test_the_feature_list_shows_one_prefix_of_a_matryoshka_dictionary(browser, nested_server):
+    browser.get_log("browser")
+    browser.get(nested_server.http_url + "/")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#feature-list tbody tr") or None)
+    prefixes = Select(browser.find_element(By.ID, "list-prefix"))
+    assert [o.get_attribute("value") for o in prefixes.options] == ["", "64", "256"]
+    prefixes.select_by_value("64")
+    wait_for(browser, lambda d: hash_params(d).get("prefix") == "64")
+    wait_for(browser, ready.text_to_be_present_in_element((By.ID, "list-status"), "64 features of the first 64"))
+    expected = get_json(nested_server, "/v1/features", dictionary="nested", order="density", below=64)["results"]
+    wait_for(browser, lambda d: [int(r.get_attribute("data-feature")) for r in d.find_elements(By.CSS_SELECTOR, "#feature-list tbody tr")]
+             == [f["feature"] for f in expected])
+    assert all(f["feature"] < 64 for f in expected)
+    Select(browser.find_element(By.ID, "dictionary")).select_by_value("reference")  # no prefixes: no picker
+    wait_for(browser, lambda d: hash_params(d).get("dictionary", "").startswith("reference") and "prefix" not in hash_params(d))
+    wait_for(browser, lambda d: not d.find_element(By.ID, "list-prefix").is_displayed())
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -155,7 +155,19 @@ function clearSearch() {
   $("#search-pages").replaceChildren();
 }
 
-async function listFeatures(order, page) {
+// A Matryoshka dictionary's prefixes: each leading block of features is itself a dictionary (its widths from the
+// service); "" is the whole dictionary.
+function showPrefixes(info, prefix) {
+  const widths = (info && info.matryoshka_widths) || [];
+  const select = $("#list-prefix");
+  select.hidden = widths.length < 2;
+  select.replaceChildren(el("option", { value: "" }, "all features"),
+    ...widths.slice(0, -1).map((w) => el("option", { value: String(w) }, `first ${w} (a prefix)`)));
+  select.value = widths.slice(0, -1).includes(Number(prefix)) ? prefix : "";
+  return select.value;
+}
+
+async function listFeatures(order, page, prefix = "") {
   const rows = $("#feature-list tbody");
   const info = loaded.find((d) => d.name === nameOf(current()));
   if (info && !info.statistics) {  // nothing to list: say how to compute them, without asking for a 409
@@ -167,11 +179,11 @@ async function listFeatures(order, page) {
   }
   try {
     const asked = location.hash;
-    const result = await api(`/v1/features?${query({ dictionary: current(), order, page, page_size: 20 })}`);
+    const result = await api(`/v1/features?${query({ dictionary: current(), order, page, page_size: 20, ...(prefix ? { below: prefix } : {}) })}`);
     if (location.hash !== asked) return;
     rows.replaceChildren(...result.results.map((f) => el("tr", { "data-feature": f.feature, "data-density": f.density, onclick: () => go(`feature/${f.feature}`) },
       el("td", {}, `#${f.feature}`), el("td", {}, f.label), el("td", {}, f.density.toExponential(2)), el("td", {}, f.max_activation.toFixed(2)))));
-    $("#list-status").textContent = `${result.total} features`;
+    $("#list-status").textContent = `${result.total} features${prefix ? ` of the first ${prefix}` : ""}`;
     pager($("#list-pages"), page, Math.ceil(result.total / result.page_size), (to) => update({ list_page: to }));
   } catch (error) {
     if (error.status !== 409) throw error;
@@ -220,7 +232,8 @@ async function showStart(params) {
   $("#search-q").value = q;
   $("#search-by").value = by;
   $("#list-order").value = order;
-  await Promise.all([listFeatures(order, Number(params.get("list_page")) || 1),
+  const prefix = showPrefixes(infoOf(current()), params.get("prefix") || "");
+  await Promise.all([listFeatures(order, Number(params.get("list_page")) || 1, prefix),
     q ? runSearch(q, by, Number(params.get("page")) || 1) : clearSearch()]);
 }
 
@@ -408,9 +421,10 @@ function guard(fn) {
   return (event) => { event.preventDefault(); showError(""); fn().catch((error) => showError(error.message)); };
 }
 
-$("#dictionary").addEventListener("change", (e) => update({ dictionary: e.target.value, page: "", list_page: "" }));
+$("#dictionary").addEventListener("change", (e) => update({ dictionary: e.target.value, page: "", list_page: "", prefix: "" }));
 $("#search-form").addEventListener("submit", (e) => { e.preventDefault(); update({ q: $("#search-q").value, by: $("#search-by").value, page: "" }, "search"); });
 $("#list-order").addEventListener("change", (e) => update({ order: e.target.value, list_page: "" }));
+$("#list-prefix").addEventListener("change", (e) => update({ prefix: e.target.value, list_page: "" }));
 $("#random-feature").addEventListener("click", guard(randomFeature));
 $("#goto-feature").addEventListener("change", (e) => { if (e.target.value !== "") go(`feature/${e.target.value}`); });
 $("#inspect-form").addEventListener("submit", guard(() => inspect($("#inspect-text").value)));
