@@ -1,4 +1,4 @@
-"""Peer SAE training steps timed on the bench's data: SAELens (standard ReLU/L1, JumpReLU, BatchTopK and Matryoshka BatchTopK, through
+"""Peer SAE training steps timed on the bench's data: SAELens (standard ReLU/L1, JumpReLU, BatchTopK, Matryoshka BatchTopK and gated, through
 its own SAETrainer) and sparsify (TopK SparseCoder, one step of its Trainer mirrored line for line).
 
 Both packages are optional (the `bench` extra). Nothing here imports them at module import time, so
@@ -65,7 +65,7 @@ def _rate(step: Callable[[Tensor], object], batches: Iterator[Tensor], steps: in
 
 
 # ---- SAELens ------------------------------------------------------------------------------------------
-def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk", "matryoshka"], source: ActivationSource, d_sae: int, batch: int,
+def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk", "matryoshka", "gated"], source: ActivationSource, d_sae: int, batch: int,
                  steps: int, autocast: bool, k: int = 32) -> float:
     """SAELens' own training step, through its SAETrainer, at its fastest CPU settings.
 
@@ -77,7 +77,8 @@ def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk", "matryoshka"
     SAELens has no decoder-renormalisation step: the standard SAE weights its L1 by ‖W_dec‖ instead, and the
     JumpReLU SAE projects its threshold to ≥ 0 inside training_forward_pass.
     """
-    from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUTrainingSAE,
+    from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedTrainingSAE, GatedTrainingSAEConfig,
+                          JumpReLUTrainingSAE,
                           JumpReLUTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAE,
                           MatryoshkaBatchTopKTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig)
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -92,6 +93,8 @@ def saelens_rate(arch: Literal["standard", "jumprelu", "batchtopk", "matryoshka"
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**common, l1_coefficient=5.0))  # our relu λ start
     elif arch == "batchtopk":
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=k))  # AuxK on, as ours
+    elif arch == "gated":
+        sae = GatedTrainingSAE(GatedTrainingSAEConfig(**common, l1_coefficient=5.0))  # our gated λ start, as standard's
     elif arch == "matryoshka":  # the prefixes our trainer defaults to: d_sae/16, d_sae/4, d_sae
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
             **common, k=k, matryoshka_widths=[d_sae // 16, d_sae // 4, d_sae]))
@@ -228,7 +231,7 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
 
 # ---- all rows -----------------------------------------------------------------------------------------
 def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int,
-            archs: set[str] = frozenset({"relu", "jumprelu", "topk", "batchtopk", "matryoshka"})) -> tuple[list[PeerRow], list[str]]:
+            archs: set[str] = frozenset({"relu", "jumprelu", "topk", "batchtopk", "matryoshka", "gated"})) -> tuple[list[PeerRow], list[str]]:
     """Every peer row available here for our architectures `archs`, and one line per package or row that could not
     be measured."""
     rows: list[PeerRow] = []
@@ -243,13 +246,13 @@ def measure(source: ActivationSource, d_sae: int, batch: int, steps: int, k: int
             notes.append(f"{package} {label} ({'bf16-autocast' if autocast else 'fp32'}) failed: "
                          f"{type(exc).__name__}: {exc}")
 
-    if not archs & {"relu", "jumprelu", "batchtopk", "matryoshka"}:
+    if not archs & {"relu", "jumprelu", "batchtopk", "matryoshka", "gated"}:
         pass
     elif versions["SAELens"] is None:
         notes.append("SAELens not installed (pip install -e '.[bench]'): its steps are not measured")
     else:
         for arch, ours in (("standard", "relu"), ("jumprelu", "jumprelu"), ("batchtopk", "batchtopk"),
-                           ("matryoshka", "matryoshka")):
+                           ("matryoshka", "matryoshka"), ("gated", "gated")):
             if ours not in archs:
                 continue
             for autocast in (False, True):

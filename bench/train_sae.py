@@ -30,7 +30,8 @@ from trainer.train import TrainConfig, Trainer  # noqa: E402
 
 # The shape under test; main() sets them from the command line (a harvest's rows fix D_IN).
 D_IN, D_SAE, BATCH = 512, 4096, 4096
-ARCH_OPTIONS = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "matryoshka": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20}}
+ARCH_OPTIONS = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "matryoshka": {"k": 32}, "relu": {"target_l0": 20}, "jumprelu": {"target_l0": 20},
+                "gated": {"target_l0": 20}}
 
 
 def flop_per_token_dense() -> int:
@@ -62,7 +63,7 @@ DEAD_WINDOW = 10_000_000
 # to take the support step (b_enc moves at Adam's pace); JumpReLU starts calibrated near its target.
 # Settled means the support step is taken and L0 is within 2x its target (at 24,576 latents ReLU crosses the support
 # step's density, L0 983, long before its target of 20, and a step at L0 900 costs 2.6x one at L0 20).
-SETTLE_CAP = {"relu": 1000, "topk": 0, "batchtopk": 0, "matryoshka": 0, "jumprelu": 400}
+SETTLE_CAP = {"relu": 1000, "topk": 0, "batchtopk": 0, "matryoshka": 0, "jumprelu": 400, "gated": 1000}
 SETTLE_SHRINK = 8
 LAST_L0: dict[str, float | None] = {}  # each architecture's running L0 at the end of its last timed row
 
@@ -118,7 +119,7 @@ def report_peers(source: ActivationSource, steps: int, ours_best: dict[str, tupl
         print(f"  {note}")
     print(f"ours/peer at {D_IN} -> {D_SAE}, k {ARCH_OPTIONS['topk']['k']}, batch {BATCH}:")
     for arch, package in (("relu", "SAELens"), ("jumprelu", "SAELens"), ("batchtopk", "SAELens"),
-                          ("matryoshka", "SAELens"), ("topk", "sparsify")):
+                          ("matryoshka", "SAELens"), ("gated", "SAELens"), ("topk", "sparsify")):
         candidates = [row for row in rows if row.ours == arch]
         if arch not in ours_best:
             continue
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--d-in", type=int, default=D_IN, help="activation width (synthetic rows; a harvest sets its own)")
     parser.add_argument("--d-sae", type=int, default=D_SAE, help="dictionary width")
     parser.add_argument("--k", type=int, default=32, help="the k of TopK, BatchTopK and Matryoshka (ReLU and JumpReLU target L0 20)")
-    parser.add_argument("--peer-archs", default="relu,topk,jumprelu,batchtopk,matryoshka", help="which peer rows to time")
+    parser.add_argument("--peer-archs", default="relu,topk,jumprelu,batchtopk,matryoshka,gated", help="which peer rows to time")
     args = parser.parse_args()
     D_SAE = args.d_sae
     ARCH_OPTIONS["topk"]["k"] = ARCH_OPTIONS["batchtopk"]["k"] = ARCH_OPTIONS["matryoshka"]["k"] = args.k
