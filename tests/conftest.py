@@ -186,3 +186,12 @@ def reference_dictionary(reference_model):
     from monosemantic.bound import load_bound
 
     return load_bound(reference_model, reference_registry_path(), REFERENCE_DICTIONARY, None)
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """128 known directions in 32 dimensions, about 4 active per row (trainer/synthetic.py): what a short training of
+    each architecture's tests recovers."""
+    from trainer.synthetic import make_sparse_data
+
+    return make_sparse_data(120_000, d=32, n_features=128, mean_active=4.0, seed=0)

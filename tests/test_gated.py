@@ -105,11 +105,6 @@ def test_resampling_starts_a_revived_latents_magnitude_path_at_its_gates():
 
 
 @pytest.fixture(scope="module")
-def planted():
-    return make_sparse_data(120_000, d=32, n_features=128, mean_active=4.0, seed=0)
-
-
-@pytest.fixture(scope="module")
 def trained(planted):
     source = ActivationSource(parts=[planted.activations.numpy()], dtype="float32")
     cfg = TrainConfig.build(architecture="gated", d_sae=256, target_l0=4.0, tokens=400 * 1024, batch_size=1024, lr=3e-3,

@@ -18,7 +18,7 @@ from monosemantic.matryoshka import MatryoshkaSAE
 from monosemantic.sae import SAEConfig, build_sae
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 from trainer.activations import ActivationSource
-from trainer.synthetic import make_sparse_data, mean_max_cosine
+from trainer.synthetic import mean_max_cosine
 from trainer.train import TrainConfig, Trainer
 
 WIDTHS = (8, 24, 64)
@@ -76,11 +76,6 @@ def test_widths_are_refused_for_an_architecture_without_prefixes_and_defaulted_f
     assert TrainConfig.build(architecture="matryoshka", d_sae=4096, k=4).resolved_widths() == (256, 1024, 4096)
     with pytest.raises(ConfigError, match="matryoshka_widths is required"):
         SAEConfig.build(architecture="matryoshka", d_in=16, d_sae=64, k=4)
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return make_sparse_data(120_000, d=32, n_features=128, mean_active=4.0, seed=0)
 
 
 @pytest.fixture(scope="module")
