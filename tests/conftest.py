@@ -195,3 +195,21 @@ def planted():
     from trainer.synthetic import make_sparse_data
 
     return make_sparse_data(120_000, d=32, n_features=128, mean_active=4.0, seed=0)
+
+
+def exported_to_saelens(sae, x, out):
+    """``sae`` written in SAELens's format to ``out`` and loaded by SAELens itself, after checking that SAELens encodes
+    ``x`` and decodes our features as ``sae`` does (max |a − b| / max |b| ≤ 1e-4); returns SAELens's SAE."""
+    import torch
+    from sae_lens import SAE
+
+    from monosemantic.interop import ExportAbout, get_format
+
+    about = ExportAbout("d:v1", "tiny", "blocks.0.hook_mlp_out", "transformer.h.0.mlp", "output", None, 64, None)
+    get_format("saelens", writing=True).write(sae, out, about)
+    theirs = SAE.load_from_disk(out)
+    with torch.no_grad():
+        ours = sae.encode(x)
+        assert float((theirs.encode(x) - ours).abs().max() / ours.abs().max()) <= 1e-4
+        assert float((theirs.decode(ours) - sae.decode(ours)).abs().max() / x.abs().max()) <= 1e-4
+    return theirs

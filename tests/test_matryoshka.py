@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from sae_lens import SAE, JumpReLUSAE as SAELensJumpReLU
+from sae_lens import JumpReLUSAE as SAELensJumpReLU
 from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
+from conftest import exported_to_saelens
 from monosemantic.artifact import load_dictionary, publish
 from monosemantic.errors import ConfigError
-from monosemantic.interop import ExportAbout, get_format
 from monosemantic.matryoshka import MatryoshkaSAE
 from monosemantic.sae import SAEConfig, build_sae
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
@@ -109,12 +109,5 @@ def test_the_manifest_records_the_widths_and_the_published_dictionary_loads_equa
 
 
 def test_it_exports_as_a_saelens_jumprelu_that_encodes_and_decodes_as_it_serves(trained, planted, tmp_path):
-    about = ExportAbout("nested:v1", "tiny", "blocks.0.hook_mlp_out", "transformer.h.0.mlp", "output", None, 64, None)
-    get_format("saelens", writing=True).write(trained.sae, tmp_path / "out", about)
-    theirs = SAE.load_from_disk(tmp_path / "out")
+    theirs = exported_to_saelens(trained.sae, planted.activations[:2048], tmp_path / "out")
     assert isinstance(theirs, SAELensJumpReLU)
-    x = planted.activations[:2048]
-    with torch.no_grad():
-        ours = trained.sae.encode(x)
-        assert float((theirs.encode(x) - ours).abs().max() / ours.abs().max()) <= 1e-4
-        assert float((theirs.decode(ours) - trained.sae.decode(ours)).abs().max() / x.abs().max()) <= 1e-4
