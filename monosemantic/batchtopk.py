@@ -101,20 +101,13 @@ class BatchTopKSAE(TopKSAE):
     def activate_at(self, pre_at: Tensor, ids: Tensor) -> Tensor:
         return pre_at.masked_fill(pre_at <= self.threshold[ids].to(pre_at.dtype), 0)
 
-    # ---- tensors as stored: SAELens's JumpReLU layout ---------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        return {**super().tensors(), "threshold": self.threshold.detach().clone()}
-
+    # ---- tensors as stored: SAELens's JumpReLU layout (tensor_names; the base class reads and writes them) ----
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super().load_tensors(tensors)
-        threshold = tensors["threshold"].float()
-        if threshold.numel() and not bool((threshold == threshold[0]).all()):
+        threshold = tensors.get("threshold")
+        if threshold is not None and threshold.numel() and not bool((threshold == threshold.reshape(-1)[0]).all()):
             raise ConfigError("tensor threshold differs between features: a batchtopk dictionary has one threshold "
                               "shared by every feature (load it as jumprelu)")
-        if bool((threshold < 0).any()) or not bool(torch.isfinite(threshold).all()):
+        if threshold is not None and (bool((threshold < 0).any()) or not bool(torch.isfinite(threshold).all())):
             raise ConfigError("tensor threshold must be finite and at least 0")
-        self.threshold.copy_(threshold)
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {**super().expected_shapes(), "threshold": (self.cfg.d_sae,)}
+        super().load_tensors(tensors)  # the shapes, then every tensor, the threshold buffer among them

@@ -11,7 +11,7 @@ serving encoder, monosemantic/encoder.py, computes only those) and the magnitude
 feature, ``exp(r_mag)·(π_gate − b_enc) + b_mag``: the activation acts on each feature alone. SAELens names the gate's
 bias ``b_gate`` (monosemantic/interop/saelens.py renames it both ways); its ``GatedTrainingSAE`` computes the same
 loss terms but does not freeze the decoder in the auxiliary one. ``r_mag`` and ``b_mag`` are stored beside the four
-shared tensors.
+shared tensors (``tensor_names``, which the base class stores and loads).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from monosemantic.support import Support, decode_support
 
 @register("gated")
 class GatedSAE(ReluSAE):
-    tensor_names = ("W_enc", "b_enc", "W_dec", "b_dec", "r_mag", "b_mag")
+    tensor_names = ("W_enc", "b_enc", "W_dec", "b_dec", "r_mag", "b_mag")  # SAELens's, b_enc as its b_gate
     # λ and resampling as ReLU's: the L1 of ReLU(π_gate) has the scale of ReLU's L1 at the start (r_mag = b_mag = 0
     # makes both paths the ReLU's), and the target-L0 controller steers λ from there.
 
@@ -36,8 +36,12 @@ class GatedSAE(ReluSAE):
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
     # ---- the activation: the gate's decision, the magnitude's value ----------------------------
+    def _paths(self, dtype: torch.dtype, ids: Tensor | slice = slice(None)) -> tuple[Tensor, Tensor, Tensor]:
+        """(b_gate, r_mag, b_mag) of features ``ids`` in ``dtype``: what maps a gate pre-activation to a magnitude."""
+        return tuple(p[ids].to(dtype) for p in (self.b_enc, self.r_mag, self.b_mag))  # type: ignore[return-value]
+
     def _gated(self, pre: Tensor, ids: Tensor | slice = slice(None)) -> Tensor:
-        b_gate, r_mag, b_mag = (p[ids].to(pre.dtype) for p in (self.b_enc, self.r_mag, self.b_mag))
+        b_gate, r_mag, b_mag = self._paths(pre.dtype, ids)
         magnitude = F.relu((pre - b_gate) * r_mag.exp() + b_mag)
         return magnitude.masked_fill(pre <= 0, 0)
 
@@ -46,7 +50,7 @@ class GatedSAE(ReluSAE):
 
     def activate_(self, pre: Tensor) -> Tensor:
         closed = pre <= 0
-        b_gate, r_mag, b_mag = (p.detach().to(pre.dtype) for p in (self.b_enc, self.r_mag, self.b_mag))
+        b_gate, r_mag, b_mag = self._paths(pre.dtype)
         return pre.sub_(b_gate).mul_(r_mag.exp()).add_(b_mag).relu_().masked_fill_(closed, 0)
 
     def activate_at(self, pre_at: Tensor, ids: Tensor) -> Tensor:
@@ -54,7 +58,7 @@ class GatedSAE(ReluSAE):
 
     def pre_activation_for(self, values: Tensor, ids: Tensor) -> Tensor:
         """The gate's pre-activation whose magnitude is ``values``: π_gate = b_gate + (v − b_mag)·exp(−r_mag)."""
-        b_gate, r_mag, b_mag = (p.detach()[ids].to(values.dtype) for p in (self.b_enc, self.r_mag, self.b_mag))
+        b_gate, r_mag, b_mag = (p.detach() for p in self._paths(values.dtype, ids))
         return b_gate + (values - b_mag) * (-r_mag).exp()
 
     def sparsity_penalty(self, pre: Tensor, features: Tensor) -> Tensor:
@@ -95,16 +99,3 @@ class GatedSAE(ReluSAE):
         magnitude path exp(r_mag)·δ (SAELens's fold_activation_whitening shifts b_mag so too)."""
         tensors["b_enc"] = (tensors["b_enc"].double() + delta).float()
         tensors["b_mag"] = (tensors["b_mag"].double() + tensors["r_mag"].double().exp() * delta).float()
-
-    # ---- tensors as stored in artifacts ----------------------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        return {**super().tensors(), "r_mag": self.r_mag.detach().contiguous(), "b_mag": self.b_mag.detach().contiguous()}
-
-    @torch.no_grad()
-    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super().load_tensors(tensors)
-        self.r_mag.data.copy_(tensors["r_mag"].to(self.r_mag.dtype))
-        self.b_mag.data.copy_(tensors["b_mag"].to(self.b_mag.dtype))
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {**super().expected_shapes(), "r_mag": (self.cfg.d_sae,), "b_mag": (self.cfg.d_sae,)}

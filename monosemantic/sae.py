@@ -159,6 +159,8 @@ class SparseAutoencoder(nn.Module):
 
     architecture: ClassVar[str]
     tensor_names: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec", "b_dec")
+    """The tensors an artifact stores, by attribute name: ``tensors()``, ``load_tensors()`` and ``expected_shapes()``
+    read this; an architecture adds its own per-feature ones (JumpReLU's threshold, gated's r_mag and b_mag)."""
 
     # ---- what the trainer does with this architecture ---------------------------------------------
     default_sparsity_coefficient: ClassVar[float] = 0.0
@@ -361,8 +363,9 @@ class SparseAutoencoder(nn.Module):
 
     # ---- tensors as stored in artifacts -----------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
-        """The named tensors of the artifact format (SAELens names and orientation)."""
-        return {name: getattr(self, name).detach().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        """The named tensors of the artifact format (SAELens names and orientation): ``tensor_names``, each an
+        attribute (a parameter, a buffer, or a property such as JumpReLU's threshold)."""
+        return {name: getattr(self, name).detach().contiguous() for name in self.tensor_names}
 
     def running_state(self) -> dict[str, Tensor]:
         """The persistent buffers a run keeps beside its parameters (BatchTopK's running threshold): what a checkpoint
@@ -387,12 +390,18 @@ class SparseAutoencoder(nn.Module):
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
                 raise ConfigError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(self, name).data.copy_(tensors[name].to(getattr(self, name).dtype))
+        # Into every named tensor the module holds as a parameter or buffer; one it derives (JumpReLU's threshold,
+        # stored as log θ) its class loads itself.
+        held = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        for name in self.tensor_names:
+            if name in held:
+                held[name].data.copy_(tensors[name].to(held[name].dtype))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The four shared tensors' shapes; every further one in ``tensor_names`` holds one value per feature."""
         d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
-        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        shared = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        return {**shared, **{name: (d_sae,) for name in self.tensor_names if name not in shared}}
 
 
 @register("relu")
@@ -612,11 +621,6 @@ class JumpReLUSAE(SparseAutoencoder):
     def activate_support_with_sparsity(self, pre_values: Tensor, support: Support) -> tuple[Tensor, Tensor]:
         return _JumpReLUWithL0.apply(pre_values, self.threshold[support.cols], self.cfg.bandwidth, support.batch)
 
-    def tensors(self) -> dict[str, Tensor]:
-        out = super().tensors()
-        out["threshold"] = self.threshold.detach().contiguous()
-        return out
-
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
         super().load_tensors(tensors)
@@ -625,9 +629,6 @@ class JumpReLUSAE(SparseAutoencoder):
             raise ConfigError("tensor threshold holds negative values (a JumpReLU threshold is at least 0)")
         self.log_threshold.data.copy_(threshold.clamp_min(1e-12).log())
         self.exact_threshold = threshold.clone()
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {**super().expected_shapes(), "threshold": (self.cfg.d_sae,)}
 
 
 def build_sae(cfg: SAEConfig, seed: int | None = None) -> SparseAutoencoder:

@@ -490,12 +490,12 @@ class Engine:
     def list_features(self, req: schemas.ListFeaturesRequest) -> schemas.ListFeaturesResponse:
         entry = self.loaded.get(req.dictionary)
         page_size = self.limits.page_size(req.page_size)
+        d_sae = entry.dictionary.manifest.sae.d_sae
+        if req.below is not None and req.below > d_sae:
+            raise invalid("below", f"is {req.below}: dictionary {entry.dictionary.manifest.name} has {d_sae} features")
         self._with_statistics(entry)
         order = dashboards.feature_order(entry, req.order, req.seed if req.seed is not None else secrets.randbits(63))
         if req.below is not None:
-            d_sae = entry.dictionary.manifest.sae.d_sae
-            if req.below > d_sae:
-                raise invalid("below", f"is {req.below}: dictionary {entry.dictionary.manifest.name} has {d_sae} features")
             order = order[order < req.below]
         first = (req.page - 1) * page_size
         return schemas.ListFeaturesResponse.model_validate({
