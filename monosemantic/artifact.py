@@ -75,6 +75,7 @@ class Manifest(BaseModel):
     dtype: str
     model: ModelRef
     hook: HookRef
+    hook_out: HookRef | None = None  # a transcoder's: where it writes (``hook`` is where it reads)
     input_scale: float
     training: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)

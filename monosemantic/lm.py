@@ -267,6 +267,7 @@ _GPT2 = _Layout(
         "hook_resid_pre": ("", "input"),
         "hook_resid_post": ("", "output"),
         "hook_attn_out": ("attn", "output"),
+        "ln2.hook_normalized": ("mlp", "input"),  # the MLP's input (after ln_2): where a transcoder reads
         "mlp.hook_pre": ("mlp.c_fc", "output"),
         "mlp.hook_post": ("mlp.act", "output"),
         "hook_mlp_out": ("mlp", "output"),
@@ -281,6 +282,7 @@ _NEOX = _Layout(
         "hook_resid_pre": ("", "input"),
         "hook_resid_post": ("", "output"),
         "hook_attn_out": ("attention", "output"),
+        "ln2.hook_normalized": ("mlp", "input"),
         "mlp.hook_pre": ("mlp.dense_h_to_4h", "output"),
         "mlp.hook_post": ("mlp.act", "output"),
         "hook_mlp_out": ("mlp", "output"),
@@ -297,6 +299,7 @@ _LLAMA = _Layout(
         "hook_resid_pre": ("", "input"),
         "hook_resid_post": ("", "output"),
         "hook_attn_out": ("self_attn", "output"),
+        "ln2.hook_normalized": ("mlp", "input"),
         "mlp.hook_pre": ("mlp.gate_proj", "output"),
         "mlp.hook_post": ("mlp.down_proj", "input"),
         "hook_mlp_out": ("mlp", "output"),
@@ -509,7 +512,8 @@ def resolve_hook(model: nn.Module | LoadedLM, name: str) -> HookPoint:
     """Resolve an HF module path (optionally suffixed ":input" or ":output") or a TransformerLens alias.
 
     Aliases: blocks.{L}.hook_resid_pre, blocks.{L}.hook_resid_post, blocks.{L}.hook_attn_out,
-    blocks.{L}.mlp.hook_pre, blocks.{L}.mlp.hook_post, blocks.{L}.hook_mlp_out, for GPT-2, GPT-NeoX and
+    blocks.{L}.ln2.hook_normalized (the MLP's input), blocks.{L}.mlp.hook_pre, blocks.{L}.mlp.hook_post,
+    blocks.{L}.hook_mlp_out, for GPT-2, GPT-NeoX and
     Llama-style models. An HF path that some alias means gets that alias filled in.
     """
     model = _unwrap(model)

@@ -109,6 +109,10 @@ class SAEConfig(BaseModel):
     bandwidth: float = Field(default=0.05, gt=0, description="JumpReLU: rectangle-kernel width of the STE")
     matryoshka_widths: tuple[int, ...] | None = Field(
         default=None, description="Matryoshka: the nested prefixes' widths, increasing, the last d_sae")
+    d_out: int | None = Field(default=None, gt=0, description="transcoders: the width of the activation reconstructed "
+                                                               "(the output hook's); None: d_in")
+    output_scale: float | None = Field(default=None, gt=0, description="transcoders: raw targets are multiplied by "
+                                                                       "this; None: input_scale")
 
     @model_validator(mode="after")
     def _check_architecture_fields(self) -> "SAEConfig":
@@ -121,6 +125,12 @@ class SAEConfig(BaseModel):
         problem = nested_widths_problem(self.matryoshka_widths, self.d_sae, arch)
         if problem:
             raise ValueError(problem)
+        if not arch.reads_pairs:
+            if self.d_out not in (None, self.d_in):
+                raise ValueError(f"d_out ({self.d_out}) differs from d_in ({self.d_in}): only a transcoder "
+                                 f"({' or '.join(architectures_where(lambda c: c.reads_pairs))}) reconstructs another width")
+            if self.output_scale not in (None, self.input_scale):
+                raise ValueError("output_scale applies to transcoders only (a dictionary reconstructs its own input)")
         return self
 
     @classmethod
@@ -184,6 +194,10 @@ class SparseAutoencoder(nn.Module):
     nested_prefixes: ClassVar[bool] = False
     """Its loss also reconstructs from nested prefixes of the dictionary (Matryoshka): ``matryoshka_widths``
     required in its config and refused in others'."""
+    reads_pairs: ClassVar[bool] = False
+    """A transcoder: it reads one activation and reconstructs another (``d_out`` wide, from ``output_scale``), trained
+    on paired rows (a harvest at ``--hook-in`` and ``--hook-out``); ``forward`` then takes the ``target``. Its encoder
+    subtracts no decoder bias (``input_bias`` is zero: b_dec lives in the output's space)."""
     exports_as: ClassVar[str | None] = None
     """The registered architecture whose maths the trained dictionary's inference is, when not its own (BatchTopK
     serves as a JumpReLU): other tools' formats receive it under that name (monosemantic/interop/folding.py)."""
@@ -203,6 +217,27 @@ class SparseAutoencoder(nn.Module):
         self._dense_encoder = DenseEncoder()  # the support step's buffers (empty until it first runs)
 
     # ---- the maths -------------------------------------------------------------------------------
+    @property
+    def input_bias(self) -> Tensor:
+        """What the encoder subtracts from the normalised input: b_dec, tied (Bricken et al. 2023); a transcoder's
+        zeros."""
+        return self.b_dec
+
+    @property
+    def d_out(self) -> int:
+        """The width of the reconstruction: d_in, or a transcoder's output width."""
+        return self.cfg.d_out or self.cfg.d_in
+
+    @property
+    def output_scale(self) -> float:
+        """Reconstructions are divided by this: input_scale, or a transcoder's own scale of its targets."""
+        return self.cfg.output_scale or self.cfg.input_scale
+
+    def skip(self, x_normalised: Tensor) -> Tensor | None:
+        """A linear path from input to output added to the reconstruction (a skip transcoder's x W_skipᵀ, normalised
+        units), or None."""
+        return None
+
     def pre_activations(self, x_normalised: Tensor) -> Tensor:
         _, pre = self._centred_pre_activations(x_normalised.reshape(-1, self.cfg.d_in))
         return pre.reshape(*x_normalised.shape[:-1], self.cfg.d_sae)
@@ -214,19 +249,19 @@ class SparseAutoencoder(nn.Module):
 
     def pre_activations_at(self, x_normalised: Tensor, ids: Tensor) -> Tensor:
         """`pre_activations` of the features `ids` only [..., len(ids)]: their encoder columns, not all d_sae."""
-        rows = x_normalised.reshape(-1, self.cfg.d_in) - self.b_dec
+        rows = x_normalised.reshape(-1, self.cfg.d_in) - self.input_bias
         pre = encoder_matmul(rows, self.W_enc[:, ids], self.b_enc[ids])
         return pre.reshape(*x_normalised.shape[:-1], ids.numel())
 
     def _centred_pre_activations(self, x_normalised: Tensor) -> tuple[Tensor, Tensor]:
         """(x − b_dec, W_enc(x − b_dec) + b_enc) for rows [n, d_in]."""
-        centred = x_normalised - self.b_dec
+        centred = x_normalised - self.input_bias
         return centred, encoder_matmul(centred, self.W_enc, self.b_enc)
 
     def centre(self, x: Tensor) -> Tensor:
         """Raw activations → the encoder's input, x·input_scale − b_dec: what encoder_matmul multiplies (a serving
         encoder casts it to its own dtype in between, monosemantic/encoder.py)."""
-        return x * self.cfg.input_scale - self.b_dec
+        return x * self.cfg.input_scale - self.input_bias
 
     def activate(self, pre: Tensor) -> Tensor:
         raise NotImplementedError
@@ -255,21 +290,45 @@ class SparseAutoencoder(nn.Module):
         return self.activate(self.pre_activations(x * self.cfg.input_scale))
 
     def decode(self, features: Tensor) -> Tensor:
-        """Feature activations [..., d_sae] → reconstruction in raw units [..., d_in]."""
-        return (features @ self.W_dec + self.b_dec) / self.cfg.input_scale
+        """Feature activations [..., d_sae] → reconstruction in raw units [..., d_out] (without a skip path: see
+        ``reconstruct``)."""
+        return (features @ self.W_dec + self.b_dec) / self.output_scale
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+    def reconstruct(self, x: Tensor, features: Tensor | None = None) -> Tensor:
+        """The dictionary's reconstruction of (a transcoder's: prediction from) raw activations x, in raw units:
+        decode(encode(x)) plus the skip path where there is one. ``features``: encode(x), when already computed."""
+        features = self.encode(x) if features is None else features
+        out = self.decode(features)
+        if (skipped := self.skip(x * self.cfg.input_scale)) is not None:
+            out = out + skipped / self.output_scale
+        return out
+
+    def with_skip(self, x_hat_n: Tensor, x_n: Tensor) -> Tensor:
+        """A normalised reconstruction plus the skip path, where there is one."""
+        skipped = self.skip(x_n)
+        return x_hat_n if skipped is None else x_hat_n + skipped
+
+    def target_of(self, x_n: Tensor, target: Tensor | None) -> Tensor:
+        """What a forward reconstructs, normalised: the input itself, or a transcoder's paired target."""
+        if target is None:
+            if self.reads_pairs:
+                raise ConfigError(f"a {self.architecture} reconstructs another activation: pass its target")
+            return x_n
+        return target * self.output_scale
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
         x_n = x * self.cfg.input_scale
+        y_n = self.target_of(x_n, target)
         pre = self.pre_activations(x_n)
         features, sparsity = self.activate_with_sparsity(pre)
-        x_hat_n = features @ self.W_dec + self.b_dec
-        mse = (x_hat_n.float() - x_n.float()).pow(2).sum(-1).mean()
+        x_hat_n = self.with_skip(features @ self.W_dec + self.b_dec, x_n)
+        mse = (x_hat_n.float() - y_n.float()).pow(2).sum(-1).mean()
         return SAEOutput(
-            x_hat=x_hat_n / self.cfg.input_scale,
+            x_hat=x_hat_n / self.output_scale,
             features=features,
             mse=mse,
             sparsity=sparsity,
-            aux=self.extra_loss_dense(pre, features, x_n.float()),
+            aux=self.extra_loss_dense(pre, features, y_n.float()),
             l0=(torch.count_nonzero(features.detach()) / max(1, features.numel() // features.shape[-1])).float(),
             fired=(features.detach() > 0).reshape(-1, self.cfg.d_sae).any(0),
         )
@@ -294,7 +353,7 @@ class SparseAutoencoder(nn.Module):
 
     def extra_loss_dense(self, pre: Tensor, features: Tensor, x_n: Tensor) -> Tensor:
         """Further loss terms of ``forward`` (gated's reconstruction through its gate); 0 here. ``x_n``: the
-        normalised input in float32."""
+        normalised target (the input itself but for a transcoder) in float32."""
         return torch.zeros((), device=pre.device)
 
     def extra_loss_support(self, pre_values: Tensor, values: Tensor, support: Support, x_n: Tensor) -> Tensor:
@@ -305,29 +364,30 @@ class SparseAutoencoder(nn.Module):
     def encode_support(self, x_n: Tensor) -> tuple[Tensor, Tensor, Support, Tensor]:
         """Dense pre-activations without autograd, the support, and its differentiable pre-activations."""
         with torch.no_grad():
-            centred = x_n - self.b_dec
+            centred = x_n - self.input_bias
             device = centred.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.W_enc.dtype
             pre = self._dense_encoder(centred, self.W_enc, self.b_enc, dtype)
             support = self.support(pre)
-        return pre, centred, support, support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.b_dec)
+        return pre, centred, support, support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.input_bias)
 
-    def forward_sparse(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward_sparse(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
         """``forward`` for a training batch [batch, d_in], with the decoder and every backward matmul restricted to
         the support: the same loss and gradients (to rounding), far cheaper once L0 ≪ d_sae."""
         x_n = x.float() * self.cfg.input_scale
+        y_n = self.target_of(x_n, None if target is None else target.float())
         pre, centred, support, pre_values = self.encode_support(x_n)
         values, sparsity = self.activate_support_with_sparsity(pre_values, support)
-        x_hat_n = decode_support(values, support, self.W_dec) + self.b_dec
-        error = x_n - x_hat_n.float()
+        x_hat_n = self.with_skip(decode_support(values, support, self.W_dec) + self.b_dec, x_n)
+        error = y_n - x_hat_n.float()
         batch = x.shape[0]
         return SAEOutput(
-            x_hat=x_hat_n / self.cfg.input_scale,
+            x_hat=x_hat_n / self.output_scale,
             features=torch.sparse_coo_tensor(torch.stack([support.rows, support.cols]), values.detach(), (batch, self.cfg.d_sae),
                                             is_coalesced=True, check_invariants=False),
             mse=error.pow(2).sum(-1).mean(),
             sparsity=sparsity,
-            aux=self.aux_loss_sparse(pre, centred, error.detach(), dead_mask) + self.extra_loss_support(pre_values, values, support, x_n),
+            aux=self.aux_loss_sparse(pre, centred, error.detach(), dead_mask) + self.extra_loss_support(pre_values, values, support, y_n),
             l0=(torch.count_nonzero(values.detach()) / max(1, batch)).float(),
             fired=support.fired(values.detach()),
         )
@@ -398,10 +458,15 @@ class SparseAutoencoder(nn.Module):
                 held[name].data.copy_(tensors[name].to(held[name].dtype))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The four shared tensors' shapes; every further one in ``tensor_names`` holds one value per feature."""
+        """The four shared tensors' shapes; every further one in ``tensor_names`` holds one value per feature but
+        where ``own_shapes`` says otherwise (a skip transcoder's W_skip)."""
         d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
-        shared = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        shared = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, self.d_out), "b_dec": (self.d_out,), **self.own_shapes()}
         return {**shared, **{name: (d_sae,) for name in self.tensor_names if name not in shared}}
+
+    def own_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of an architecture's tensors that are not one value per feature; none here."""
+        return {}
 
 
 @register("relu")
@@ -473,20 +538,21 @@ class TopKSAE(SparseAutoencoder):
         flat_idx = indices.reshape(-1, indices.shape[-1])
         flat_val = values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype)
         out = F.embedding_bag(flat_idx, self.W_dec, per_sample_weights=flat_val, mode="sum")
-        return out.reshape(*indices.shape[:-1], self.cfg.d_in) + self.b_dec
+        return out.reshape(*indices.shape[:-1], self.d_out) + self.b_dec
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
         x_n = x * self.cfg.input_scale
+        y_n = self.target_of(x_n, target)
         pre = self.pre_activations(x_n)
         values, indices = self.top_k(pre)
-        x_hat_n = self.decode_sparse(values, indices)
-        error = x_n.float() - x_hat_n.float()
+        x_hat_n = self.with_skip(self.decode_sparse(values, indices), x_n)
+        error = y_n.float() - x_hat_n.float()
         features = torch.zeros_like(pre).scatter_(-1, indices, values.to(pre.dtype))
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None and bool(dead_mask.any()):
             aux = self.AUX_COEFFICIENT * self._aux_loss(pre, error.detach(), dead_mask)
         return SAEOutput(
-            x_hat=x_hat_n / self.cfg.input_scale,
+            x_hat=x_hat_n / self.output_scale,
             features=features,
             mse=error.pow(2).sum(-1).mean(),
             sparsity=torch.zeros((), device=x.device),
@@ -509,17 +575,17 @@ class TopKSAE(SparseAutoencoder):
         """``_aux_loss`` with the dead latents' encoder gradient taken on their top-k_aux support only."""
         if dead_mask is None or not bool(dead_mask.any()):
             return torch.zeros((), device=pre.device)
-        k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
+        k_aux = min(self.cfg.k_aux or self.d_out // 2, int(dead_mask.sum()))
         with torch.no_grad():
             _, indices = self.dead_top_k(pre, dead_mask, k_aux)
         support = Support.from_indices(indices, self.cfg.d_sae)
-        values = F.relu(support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.b_dec))
+        values = F.relu(support_pre_activations(pre, centred, support, self.W_enc, self.b_enc, self.input_bias))
         return self.AUX_COEFFICIENT * self._normalised_residual(decode_support(values, support, self.W_dec), error)
 
     def _aux_loss(self, pre: Tensor, error: Tensor, dead_mask: Tensor) -> Tensor:
         # AuxK (Gao et al. 2024 §2.4, App. A.2): the top-k_aux *dead* latents model the main residual error,
         # normalised by the error's variance as openai/sparse_autoencoder does, so a dead latent gets gradient.
-        k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
+        k_aux = min(self.cfg.k_aux or self.d_out // 2, int(dead_mask.sum()))
         values, indices = self.dead_top_k(pre, dead_mask, k_aux)
         error_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values).to(self.W_dec.dtype), mode="sum")
         return self._normalised_residual(error_hat, error)
@@ -660,4 +726,4 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
 
 # Architectures defined in their own modules register on import; imported here, after the classes they extend, so
 # that the registry is whole whenever monosemantic.sae is.
-from monosemantic import batchtopk, gated, matryoshka  # noqa: E402,F401
+from monosemantic import batchtopk, gated, matryoshka, transcoder  # noqa: E402,F401

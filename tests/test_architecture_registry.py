@@ -122,7 +122,7 @@ def test_the_trainer_takes_each_declaration_from_the_class(registered, source):
 
 
 def test_options_are_checked_against_the_class_and_messages_name_the_registered_architectures(registered):
-    with pytest.raises(ConfigError, match=f"k applies to topk, batchtopk, matryoshka or {BATCH_TOPK} only, not relu"):
+    with pytest.raises(ConfigError, match=f"k applies to topk, batchtopk, matryoshka, transcoder, skip-transcoder or {BATCH_TOPK} only, not relu"):
         _config(architecture="relu", k=4)
     with pytest.raises(ConfigError, match=f"{BATCH_TOPK} has no sparsity coefficient"):
         _config(architecture=BATCH_TOPK, k=4, sparsity_coefficient=1.0)
@@ -136,10 +136,10 @@ def test_options_are_checked_against_the_class_and_messages_name_the_registered_
 
 
 def test_an_unregistered_name_is_refused_listing_the_registered_ones(registered):
-    with pytest.raises(ConfigError, match=f"architecture: Input should be 'relu', 'topk', 'jumprelu', 'batchtopk', 'gated', 'matryoshka', '{BATCH_TOPK}' or "
+    with pytest.raises(ConfigError, match=f"architecture: Input should be 'relu', 'topk', 'jumprelu', 'batchtopk', 'gated', 'matryoshka', 'transcoder', 'skip-transcoder', '{BATCH_TOPK}' or "
                                           f"'{QUIET_RELU}' \\(got 'quantum'\\)"):
         _config(architecture="quantum")
-    with pytest.raises(ConfigError, match="unknown architecture 'quantum'; known: batchtopk, gated, jumprelu, matryoshka, relu, test-batchtopk"):
+    with pytest.raises(ConfigError, match="unknown architecture 'quantum'; known: batchtopk, gated, jumprelu, matryoshka, relu, skip-transcoder, test-batchtopk"):
         architecture_class("quantum")
     assert TrainConfig.model_json_schema()["properties"]["architecture"]["enum"] == list(SAE_REGISTRY)
 
@@ -156,4 +156,6 @@ def test_the_shipped_architectures_declare_what_the_trainer_did_by_name():
         "batchtopk": (0.0, True, False, False, True, False),
         "matryoshka": (0.0, True, False, False, True, False),
         "gated": (5.0, False, True, True, False, False),
+        "transcoder": (0.0, True, False, False, True, False),
+        "skip-transcoder": (0.0, True, False, False, True, False),
     }

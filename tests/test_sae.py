@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from monosemantic.errors import ConfigError
-from monosemantic.sae import SAE_REGISTRY, SAEConfig, build_sae, geometric_median, sae_from_tensors
+from monosemantic.sae import SAE_REGISTRY, SAEConfig, SparseAutoencoder, build_sae, geometric_median, sae_from_tensors
 from trainer.activations import ActivationSource
+from trainer.paired import PairedSource
 from trainer.synthetic import make_sparse_data, mean_max_cosine
 from trainer.train import TrainConfig, Trainer
 
@@ -19,9 +20,24 @@ def _k(arch: str, k: int) -> int | None:
 
 
 def _shape(arch: str, d_sae: int, k: int) -> dict:
-    """The SAEConfig fields an architecture needs beyond its sizes: k, and nested widths for Matryoshka."""
+    """The SAEConfig fields an architecture needs beyond its sizes: k, nested widths for Matryoshka, and a transcoder's
+    output width (other than its input's, so that a mix-up of the two shows)."""
     widths = (d_sae // 8, d_sae // 2, d_sae) if SAE_REGISTRY[arch].nested_prefixes else None
-    return {"k": _k(arch, k), "matryoshka_widths": widths}
+    paired = {"d_out": D_OUT, "output_scale": 0.7} if SAE_REGISTRY[arch].reads_pairs else {}
+    return {"k": _k(arch, k), "matryoshka_widths": widths, **paired}
+
+
+D_OUT = 24  # a transcoder's output width in these tests
+PAIRING = torch.randn(D_OUT, 32, generator=torch.Generator().manual_seed(5)) / 32 ** 0.5
+
+
+def _target(arch: str, x: torch.Tensor) -> dict:
+    """forward's target for a transcoder (a fixed linear map of the input, then a ReLU, so it is not linear); {}
+    for a dictionary, which reconstructs its input."""
+    if not SAE_REGISTRY[arch].reads_pairs:
+        return {}
+    pairing = torch.randn(D_OUT, x.shape[-1], generator=torch.Generator().manual_seed(5)) / x.shape[-1] ** 0.5
+    return {"target": torch.relu(x @ pairing.T)}
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +47,17 @@ def synthetic():
 
 def _train(data, arch, tokens=500_000, d_sae=128, **overrides):
     source = ActivationSource(parts=[data.activations.numpy()], dtype="float32")
+    if SAE_REGISTRY[arch].reads_pairs:  # a transcoder's targets: the rows mapped linearly into another width
+        targets = (data.activations @ PAIRING.T).numpy()
+        source = PairedSource(source, ActivationSource(parts=[targets], dtype="float32"), {})
     options = {**_sparsity(arch), **overrides}
     cfg = TrainConfig.build(architecture=arch, d_sae=d_sae, tokens=tokens, batch_size=512, lr=3e-3, seed=0, **options)
     return Trainer(cfg, source).run(progress=False)
 
 
-@pytest.mark.parametrize("arch", sorted(SAE_REGISTRY))
+# Transcoders' recovery needs planted input-output pairs (its ground truth is what the features write, or for a skip
+# transcoder what fires): tests/test_transcoder.py.
+@pytest.mark.parametrize("arch", sorted(a for a, cls in SAE_REGISTRY.items() if not cls.reads_pairs))
 @pytest.mark.slow
 def test_each_architecture_recovers_the_true_directions_of_synthetic_sparse_data(synthetic, arch):
     result = _train(synthetic, arch)
@@ -88,7 +109,7 @@ def test_the_support_step_has_the_same_loss_and_gradients_as_the_dense_step(arch
     results = []
     for forward in (sae.forward, sae.forward_sparse):
         sae.zero_grad()
-        out = forward(x, dead_mask=dead)
+        out = forward(x, dead_mask=dead, **_target(arch, x))
         (out.mse + 0.7 * out.sparsity + out.aux).backward()
         results.append((out, {name: p.grad.clone() for name, p in sae.named_parameters()}))
     (dense, dense_grads), (support, support_grads) = results
@@ -105,7 +126,8 @@ def _as_served(arch: str):
     sae = build_sae(SAEConfig.build(architecture=arch, d_in=8, d_sae=64, **_shape(arch, 64, 6)), seed=0)
     sae.train()
     with torch.no_grad():
-        sae(torch.randn(256, 8))
+        x = torch.randn(256, 8)
+        sae(x, **_target(arch, x))
     return sae.eval()
 
 
@@ -128,8 +150,8 @@ def test_a_features_activation_from_its_own_columns_equals_the_full_encodes_wher
         pre_at = sae.pre_activations_at(x, ids)
         assert torch.allclose(pre_at, sae.pre_activations(x)[:, ids], atol=1e-6)
         at = sae.activate_at(pre_at, ids)
-        if arch == "topk":  # (BatchTopK serves at its threshold: per feature)
-            assert at is None  # the k-th largest needs every pre-activation
+        if SAE_REGISTRY[arch].activate_at is SparseAutoencoder.activate_at:  # TopK's and the transcoders' selection
+            assert at is None  # the k-th largest needs every pre-activation (BatchTopK serves at a per-feature threshold)
         else:
             assert torch.allclose(at, sae.activate(sae.pre_activations(x))[:, ids], atol=1e-6)
 

@@ -153,9 +153,19 @@ class ActivationSource:
             self.digest = h.hexdigest()
         return {"sha256": self.digest, "rows": self.rows, "d_in": self.d_in, "dtype": self.dtype}
 
+    paired = False  # rows of one activation (trainer/paired.py's PairedSource holds input-target pairs)
+
     @property
     def d_in(self) -> int:
         return int(self.parts[0].shape[1])
+
+    @property
+    def d_out(self) -> int:
+        return self.d_in
+
+    def split(self, rows: Tensor) -> tuple[Tensor, None]:
+        """(inputs, targets) of a batch: a dictionary reconstructs its own input, so no targets."""
+        return rows, None
 
     @property
     def rows(self) -> int:

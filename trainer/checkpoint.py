@@ -31,6 +31,7 @@ class Checkpoint(BaseModel):
     l0_slow: float | None
     input_scale: float
     variance: float
+    output_scale: float | None = None  # a transcoder's, of its targets
     adam_steps: dict[str, float]
     config: dict[str, Any]
     source: dict[str, Any]

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from monosemantic.errors import MonosemanticError
+from monosemantic.errors import ConfigError, MonosemanticError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
     "Train, evaluate and publish sparse autoencoders.\n\n"
@@ -111,23 +111,32 @@ def harvest_cmd(
     exclude_special_tokens: Annotated[bool, typer.Option(
         help="keep every BOS/EOS/PAD position out of the rows, not only each context's first")] = False,
     model_dtype: ModelDtype = _ModelDtype.auto,
+    hook_in: Annotated[Optional[str], typer.Option(help="a transcoder's input hook (with --hook-out): paired rows, both "
+                                                   "hooks in one forward (e.g. blocks.0.ln2.hook_normalized)")] = None,
+    hook_out: Annotated[Optional[str], typer.Option(help="a transcoder's output hook (with --hook-in), e.g. "
+                                                    "blocks.0.hook_mlp_out")] = None,
 ) -> None:
     """Run the model over training contexts and store the activations at one or several hooks (the forward runs
-    once, up to the deepest hook)."""
+    once, up to the deepest hook); with --hook-in and --hook-out, a transcoder's paired rows."""
     from monosemantic.shipped import REFERENCE_HOOK
     from trainer.pipeline import harvest_corpus
 
     try:
+        if (hook_in is None) != (hook_out is None):
+            raise ConfigError("--hook-in and --hook-out go together: a transcoder's rows pair an input with an output")
+        if hook_in is not None and hook:
+            raise ConfigError("--hook cannot go with --hook-in/--hook-out: a paired harvest reads exactly those two hooks")
         manifest = harvest_corpus(model, out, hook=hook or [REFERENCE_HOOK], contexts=contexts,
                                   context_length=context_length, dtype=dtype, max_chars=max_chars, seed=seed,
                                   text=_text(dataset, text_field, split, revision), exclude_special_tokens=exclude_special_tokens,
-                                  model_dtype=model_dtype.value)
+                                  model_dtype=model_dtype.value, pair=(hook_in, hook_out) if hook_in is not None else None)
     except MonosemanticError as exc:
         _fail(exc)
     summary = ("tokens", "contexts_done", "hook", "dtype", "complete")
     if "hooks" in manifest:
         _print_json({"contexts_requested": manifest["contexts_requested"],
-                     "hooks": {name: {k: m[k] for k in (*summary, "directory")} for name, m in manifest["hooks"].items()}})
+                     "hooks": {name: {k: m[k] for k in (*summary, "directory")} for name, m in manifest["hooks"].items()},
+                     **({"paired": manifest["paired"]} if "paired" in manifest else {})})
     else:
         _print_json({k: manifest[k] for k in (*summary, "contexts_requested")})
 

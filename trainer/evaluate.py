@@ -9,6 +9,7 @@ neither spliced nor counted, as in SAEBench, since the dictionary is not trained
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from monosemantic.feature_stats import FeatureStatistics
 from monosemantic.lm import LoadedLM, hooked_replacement, resolve_hook
 from monosemantic.sae import SparseAutoencoder
+from trainer.paired import split_pair
 from trainer.progress import progress as progress_bar
 
 DENSE_THRESHOLD = 0.10  # SAEBench freq_over_10_percent; Bricken: many features > 1% means λ too low
@@ -87,11 +89,13 @@ class ReconstructionAccumulator:
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    """Reconstruction metrics over activation batches (no model needed)."""
+    """Reconstruction metrics over activation batches (no model needed); a transcoder's batches are paired rows
+    (trainer/paired.py) and its FVU is of the output it predicts."""
     acc = ReconstructionAccumulator(sae.cfg.d_sae)
-    for x in batches:
-        features = sae.encode(x.float())
-        acc.add(x, features, sae.decode(features))
+    for rows in batches:
+        x, y = split_pair(rows.float(), sae.cfg.d_in) if sae.reads_pairs else (rows.float(), rows)
+        features = sae.encode(x)
+        acc.add(y, features, sae.reconstruct(x, features))
     return acc.metrics(), acc.feature_statistics()
 
 
@@ -104,20 +108,29 @@ def _cross_entropy(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:
 
 @torch.no_grad()
 def model_metrics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Tensor, batch_size: int = 16,
-                  progress: bool = True) -> tuple[dict, dict[str, Tensor]]:
-    """Everything ``evaluate`` reports, on held-out contexts [n, ctx] starting with BOS."""
+                  progress: bool = True, hook_out: str | None = None) -> tuple[dict, dict[str, Tensor]]:
+    """Everything ``evaluate`` reports, on held-out contexts [n, ctx] starting with BOS. A transcoder reads at
+    ``hook`` and replaces ``hook_out`` (the MLP's output by its prediction: the loss recovered with the transcoder
+    standing in for the MLP, zero-ablation there too)."""
     hook_point = resolve_hook(lm.model, hook)
+    written = resolve_hook(lm.model, hook_out) if hook_out is not None else hook_point
     acc = ReconstructionAccumulator(sae.cfg.d_sae)
     ce = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0}
     count = 0
+    read: list[Tensor] = []  # a transcoder's input, seen at hook before its output is replaced at hook_out
 
-    def splice(x: Tensor) -> Tensor:
-        flat = x[:, 1:].reshape(-1, x.shape[-1]).float()
-        features = sae.encode(flat)
-        x_hat = sae.decode(features)
-        acc.add(flat, features, x_hat)
-        out = x.clone()
-        out[:, 1:] = x_hat.reshape(x.shape[0], -1, x.shape[-1]).to(x.dtype)
+    def capture(x: Tensor) -> Tensor:
+        read[:] = [x[:, 1:].reshape(-1, x.shape[-1]).float()]
+        return x
+
+    def splice(y: Tensor) -> Tensor:
+        target = y[:, 1:].reshape(-1, y.shape[-1]).float()
+        x = read[0] if hook_out is not None else target
+        features = sae.encode(x)
+        y_hat = sae.reconstruct(x, features)
+        acc.add(target, features, y_hat)
+        out = y.clone()
+        out[:, 1:] = y_hat.reshape(y.shape[0], -1, y.shape[-1]).to(y.dtype)
         return out
 
     def zero(x: Tensor) -> Tensor:
@@ -130,7 +143,10 @@ def model_metrics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Ten
         loss, n = _cross_entropy(lm.model(input_ids=ids, use_cache=False).logits, ids)
         ce["clean"] += loss
         for key, fn in (("spliced", splice), ("zero_ablated", zero)):
-            with hooked_replacement(lm.model, hook_point, fn):
+            with ExitStack() as hooks:
+                if hook_out is not None:
+                    hooks.enter_context(hooked_replacement(lm.model, hook_point, capture))
+                hooks.enter_context(hooked_replacement(lm.model, written, fn))
                 loss, _ = _cross_entropy(lm.model(input_ids=ids, use_cache=False).logits, ids)
             ce[key] += loss
         count += n

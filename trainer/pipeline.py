@@ -27,6 +27,7 @@ from trainer.checkpoint import Checkpoint, write_checkpoint
 from trainer.corpus import build_corpus, token_contexts
 from trainer.evaluate import model_metrics, reconstruction_metrics
 from trainer.harvest import harvest_hooks, hook_directory
+from trainer.paired import open_training_data, split_paired_tail, write_pairing
 from trainer.publish import UNSPECIFIED, publish_trained, result_from_checkpoint
 from trainer.text import TextSpec, packed_contexts
 from trainer.train import TrainConfig, Trainer
@@ -62,10 +63,15 @@ def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: 
 
 def harvest_corpus(model: str | Path | None, out: Path, *, hook: str | list[str], contexts: int, context_length: int,
                    dtype: str, max_chars: int | None, seed: int, lm: LoadedLM | None = None, text: TextSpec | None = None,
-                   exclude_special_tokens: bool = False, model_dtype: str = "auto") -> dict:
+                   exclude_special_tokens: bool = False, model_dtype: str = "auto", pair: tuple[str, str] | None = None) -> dict:
     """``harvest`` on the built-in corpus or the user's text, at one hook (the manifest) or several in one pass
     (``{"hooks": {name: manifest}}``, each in ``hook_directory(out, name)``). Asking for more contexts than the text
-    holds harvests them all and says so in the manifest (``contexts_requested``) and on stderr."""
+    holds harvests them all and says so in the manifest (``contexts_requested``) and on stderr. ``pair`` (input hook,
+    output hook) harvests a transcoder's paired rows: the two hooks in one pass, recorded in OUT/paired.json."""
+    if pair is not None:
+        if len({*pair}) < 2:
+            raise ConfigError(f"--hook-in and --hook-out are both {pair[0]}: a transcoder reads one hook and writes another")
+        hook = list(pair)
     if contexts < 1 or context_length < 2:
         raise ConfigError(f"contexts ({contexts}) must be at least 1 and context_length ({context_length}) at least 2")
     if dtype not in SHARD_DTYPES:
@@ -81,8 +87,14 @@ def harvest_corpus(model: str | Path | None, out: Path, *, hook: str | list[str]
               f"{contexts:,} asked; all of them were harvested", file=sys.stderr)
     if len(hooks) == 1:
         return {**next(iter(manifests.values())), "contexts_requested": contexts}
-    return {"hooks": {name: {**m, "directory": str(hook_directory(out, name))} for name, m in manifests.items()},
-            "contexts_requested": contexts}
+    described = {name: {**m, "directory": str(hook_directory(out, name))} for name, m in manifests.items()}
+    result: dict[str, Any] = {"hooks": described, "contexts_requested": contexts}
+    if pair is not None:
+        (name_in, read), (name_out, written) = described.items()
+        write_pairing(out, {"hook": name_in, "directory": Path(read["directory"]).name},
+                      {"hook": name_out, "directory": Path(written["directory"]).name})
+        result["paired"] = {"input": name_in, "output": name_out}
+    return result
 
 
 def _data_description(text: TextSpec | None, max_chars: int | None = None) -> dict:
@@ -219,18 +231,21 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
     if registry is not None and name is not None:
         check_name(name)
+    written: dict[str, Any] = {}  # a transcoder's output hook, for its manifest
     if activations is not None:
         source, heldout = split_tail(open_activation_file(activations))
         model_ref, hook_ref = _bound_to_model(model, hook, source.d_in, None)
         data = {"kind": "file", "file": Path(activations).name, "rows": source.rows + heldout.rows}
     else:
-        whole = open_harvest(harvest_dir)
+        whole = open_training_data(harvest_dir)
         info = whole.description
         if not info["complete"] and not allow_partial:
             raise ConfigError(f"the harvest in {harvest_dir} is incomplete ({info['contexts_done']} of {info['contexts']} "
                               "contexts): finish it with the same harvest command, or pass --allow-partial")
-        source, heldout = split_tail(whole)
+        source, heldout = split_paired_tail(whole) if whole.paired else split_tail(whole)
         model_ref, hook_ref = _bound_to_model(model, hook, source.d_in, info)
+        if whole.paired:  # a transcoder writes where the pair's targets were read
+            written = {"hook_out": HookRef(name=info["hook_out"], module_path=info["module_path_out"])}
         data = {"kind": "harvest", "tokens": info["tokens"], "complete": info["complete"],
                 "harvested_fraction": (info["contexts_done"] or 0) / max(1, info["contexts"] or 1),
                 "text": info.get("data"), "fingerprint": info.get("data_fingerprint")}
@@ -250,7 +265,8 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
         try:
             path = publish_trained(registry, name, result.sae, config=cfg, sparsity_coefficient=result.sparsity_coefficient,
                                    tokens=result.tokens, model=model_ref, hook=hook_ref, metrics=metrics, features=statistics,
-                                   data=data, dtype=dtype, extra={"progress": {"steps": cfg.steps, "planned_steps": cfg.steps, "fraction": 1.0}})
+                                   data=data, dtype=dtype, extra={"progress": {"steps": cfg.steps, "planned_steps": cfg.steps, "fraction": 1.0},
+                                                                  **written})
         except WriteFailed as exc:
             kept = checkpoint_dir if checkpoint_dir is not None else _keep_unpublished(result, source, cfg, name)
             raise WriteFailed(f"{exc}; the trained weights are kept in {kept}: publish them with "
@@ -315,9 +331,12 @@ def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | N
         dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
         hook = dictionary.manifest.hook.name
         require_width(lm, hook, dictionary.sae.cfg.d_in, f"dictionary {dictionary.ref}")
+        hook_out = dictionary.manifest.hook_out.name if dictionary.manifest.hook_out is not None else None
+        if hook_out is not None:  # a transcoder: its predictions replace the activation there
+            require_width(lm, hook_out, dictionary.sae.d_out, f"the output of transcoder {dictionary.ref}")
         n_contexts = max(1, tokens // (context_length - 1))
         contexts, fingerprint = corpus_contexts(lm.tokenizer, "heldout", context_length, max_chars, n_contexts, text=text)
-        metrics, _ = model_metrics(lm, dictionary.sae, hook, contexts)
+        metrics, _ = model_metrics(lm, dictionary.sae, hook, contexts, hook_out=hook_out)
         metrics["data"] = {**_data_description(text, max_chars), "split": "heldout", "fingerprint": fingerprint,
                            "model_dtype": weights_dtype(lm)}
         checksum = lm.checksum

@@ -56,12 +56,13 @@ def result_from_checkpoint(checkpoint_dir: Path) -> tuple[TrainResult, Checkpoin
         raise MonosemanticError(f"no training checkpoint in {checkpoint_dir} (state.safetensors missing)")
     state, tensors = found
     cfg = TrainConfig.model_validate(state.config)
-    d_in = tensors["param.W_enc"].shape[0]
-    sae = build_sae(cfg.sae_config(d_in, state.input_scale))
+    d_in, d_out = tensors["param.W_enc"].shape[0], tensors["param.W_dec"].shape[1]
+    paired = cfg.architecture_class.reads_pairs
+    sae = build_sae(cfg.sae_config(d_in, state.input_scale, d_out if paired else None, state.output_scale))
     with torch.no_grad():
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"param.{n}"])
     sae.load_running_state(running_state_of(tensors))
     result = TrainResult(sae=sae.eval(), config=cfg, sparsity_coefficient=state.coefficient, tokens=state.step * cfg.batch_size,
-                         seconds=0.0, history=state.history, input_scale=state.input_scale)
+                         seconds=0.0, history=state.history, input_scale=state.input_scale, output_scale=state.output_scale)
     return result, state

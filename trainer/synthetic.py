@@ -96,3 +96,51 @@ def absorption(data: HierarchicalData, features: Tensor, learned_rows: Tensor) -
         child_tokens = (data.codes[:, children] > 0).any(1)
         shares.append(float((features[child_tokens, latent] == 0).float().mean()))
     return sum(shares) / len(shares)
+
+
+@dataclass
+class PairedData:
+    """A transcoder's ground truth: each sample's features write ``inputs`` along ``reads`` and ``targets`` along
+    ``writes``; with a skip, the inputs also carry dense noise in dimensions no feature reads, mapped linearly into the
+    targets by ``skip``."""
+
+    inputs: Tensor  # [n, d_in]
+    targets: Tensor  # [n, d_out]
+    reads: Tensor  # [features, d_in], unit rows
+    writes: Tensor  # [features, d_out], unit rows: what a transcoder's decoder should find
+    skip: Tensor | None  # [d_out, d_in]: zero on the features' dimensions
+    codes: Tensor  # [n, features] the true coefficients
+
+
+def make_paired_data(n: int, d_in: int = 32, d_out: int = 24, n_features: int = 128, mean_active: float = 4.0,
+                     decay: float = 0.99, skip_dims: int = 0, seed: int = 0) -> PairedData:
+    """Planted input-output pairs: the codes of ``make_sparse_data`` read through one set of unit directions and
+    written through another (an MLP that is a sparse sum of features, the transcoder's premise). With ``skip_dims``
+    the last that many input dimensions hold dense Gaussian noise that no feature reads, and the targets add a linear
+    map of it (y = c·writes + x·Sᵀ with S zero outside those dimensions): a linear path no sparse code can stand in
+    for."""
+    gen = torch.Generator().manual_seed(seed)
+    reads = torch.randn(n_features, d_in, generator=gen)
+    reads[:, d_in - skip_dims:] = 0
+    reads /= reads.norm(dim=1, keepdim=True)
+    writes = torch.randn(n_features, d_out, generator=gen)
+    writes /= writes.norm(dim=1, keepdim=True)
+    codes = _power_law_codes(n, n_features, mean_active, decay, gen)
+    inputs, targets = codes @ reads, codes @ writes
+    linear = None
+    if skip_dims:
+        inputs[:, d_in - skip_dims:] = 0.5 * torch.randn(n, skip_dims, generator=gen)
+        linear = torch.zeros(d_out, d_in)
+        linear[:, d_in - skip_dims:] = torch.randn(d_out, skip_dims, generator=gen) / skip_dims ** 0.5
+        targets = targets + inputs @ linear.T
+    return PairedData(inputs, targets, reads, writes, linear, codes)
+
+
+def code_recovery(codes: Tensor, features: Tensor) -> float:
+    """For every true feature, the best Pearson correlation of its coefficients [n] with any learned latent's
+    activations [n], averaged: recovery judged on what fires, for a transcoder whose skip path makes its decoder rows
+    differ from the planted writes."""
+    def standardised(a: Tensor) -> Tensor:
+        a = a.float() - a.float().mean(0)
+        return a / a.norm(dim=0).clamp_min(1e-8)
+    return float((standardised(codes).T @ standardised(features)).max(dim=1).values.mean())

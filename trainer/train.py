@@ -139,10 +139,12 @@ class TrainConfig(BaseModel):
             return self.matryoshka_widths
         return tuple(sorted({max(1, self.d_sae // 16), max(1, self.d_sae // 4), self.d_sae}))
 
-    def sae_config(self, d_in: int, input_scale: float) -> SAEConfig:
-        """The dictionary this run trains (and a checkpoint of it rebuilds)."""
+    def sae_config(self, d_in: int, input_scale: float, d_out: int | None = None, output_scale: float | None = None) -> SAEConfig:
+        """The dictionary this run trains (and a checkpoint of it rebuilds); ``d_out`` and ``output_scale`` for a
+        transcoder."""
         return SAEConfig.build(architecture=self.architecture, d_in=d_in, d_sae=self.d_sae, input_scale=input_scale,
-                               k=self.resolved_k(), bandwidth=self.bandwidth, matryoshka_widths=self.resolved_widths())
+                               k=self.resolved_k(), bandwidth=self.bandwidth, matryoshka_widths=self.resolved_widths(),
+                               d_out=d_out, output_scale=output_scale)
 
     def resolved_k(self) -> int | None:
         if not self.architecture_class.takes_k:
@@ -168,10 +170,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     input_scale: float = 1.0
     dead_fraction: float = 0.0
+    output_scale: float | None = None  # a transcoder's scale of its targets
 
 
 def estimate_input_scale(sample: Tensor) -> float:
-    """√d_in / E‖x‖: the SAELens ActivationScaler convention (Anthropic, Apr 2024 update)."""
+    """√d / E‖x‖: the SAELens ActivationScaler convention (Anthropic, Apr 2024 update); a transcoder's targets get
+    their own."""
     mean_norm = sample.float().norm(dim=1).mean().item()
     if not math.isfinite(mean_norm) or mean_norm <= 0:
         raise MonosemanticError("activation data is all zeros or not finite; nothing to train on")
@@ -184,22 +188,31 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, source: ActivationSource, checkpoint_dir: Path | None = None) -> None:
         if cfg.batch_size > source.rows:
             raise ConfigError(f"batch_size ({cfg.batch_size}) exceeds the {source.rows} rows of activation data")
+        if cfg.architecture_class.reads_pairs != source.paired:
+            raise ConfigError(
+                f"{cfg.architecture} reconstructs another hook's activation: train it on a paired harvest (harvest "
+                "--hook-in HOOK --hook-out HOOK)" if cfg.architecture_class.reads_pairs else
+                f"these activations are input-output pairs (a harvest at --hook-in and --hook-out): they train a "
+                f"transcoder ({_names(lambda c: c.reads_pairs)}), not {cfg.architecture}")
         source.require_finite()
         self.cfg, self.source = cfg, source
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         torch.manual_seed(cfg.seed)
-        sample = source.sample(min(source.rows, 32_768), seed=cfg.seed)
+        sample, targets = source.split(source.sample(min(source.rows, 32_768), seed=cfg.seed))
         self.input_scale = estimate_input_scale(sample)
-        self.sae = build_sae(cfg.sae_config(source.d_in, self.input_scale), seed=cfg.seed)
+        self.output_scale = estimate_input_scale(targets) if targets is not None else None
+        self.sae = build_sae(cfg.sae_config(source.d_in, self.input_scale, source.d_out if targets is not None else None,
+                                            self.output_scale), seed=cfg.seed)
         self.arch = type(self.sae)  # what this architecture needs of the trainer (its class's declarations)
+        reconstructed = (sample if targets is None else targets) * self.sae.output_scale  # normalised, as the loss sees it
         with torch.no_grad():
-            # Bricken et al.: b_dec starts at the geometric median of the data (in normalised units here).
-            head = sample[:8192] * self.input_scale
-            self.sae.b_dec.copy_(geometric_median(head))
+            # Bricken et al.: b_dec starts at the geometric median of the data (in normalised units here); a
+            # transcoder's, of its targets.
+            self.sae.b_dec.copy_(geometric_median(reconstructed[:8192]))
             if self.arch.learned_threshold:
-                self._calibrate_encoder_bias(head)
-        self.variance = float((sample * self.input_scale).var(0, unbiased=False).sum())  # for the live FVU
-        if not self.variance > 1e-12 * sample.shape[1]:
+                self._calibrate_encoder_bias(sample[:8192] * self.input_scale)
+        self.variance = float(reconstructed.var(0, unbiased=False).sum())  # for the live FVU
+        if not self.variance > 1e-12 * reconstructed.shape[1]:
             raise DataError(f"the activation data has no variance ({source.rows} rows, all alike): there is nothing "
                             "for a dictionary to learn")
         # The fused kernel does Adam's whole update in one pass per tensor: 11× faster than the foreach one on this
@@ -251,7 +264,7 @@ class Trainer:
         """
         sae, rows = self.sae, x_normalised.shape[0]
         keep = max(1, math.ceil(self.initial_firing_rate() * rows))
-        centred = x_normalised - sae.b_dec
+        centred = x_normalised - sae.input_bias
         for start in range(0, sae.cfg.d_sae, 4096):  # [rows, 4096] at a time: bounded memory for any d_sae
             columns = slice(start, start + 4096)
             pre_bias = centred @ sae.W_enc[:, columns]
@@ -271,8 +284,10 @@ class Trainer:
         dead_mask = (self.tokens_since_fired >= self.dead_window) if self.arch.uses_dead_mask else None
         sparse = self.sparse_step()
         forward = sae.forward_sparse if sparse else sae.forward
+        inputs, targets = self.source.split(batch)
+        paired = {} if targets is None else {"target": targets}  # a transcoder's output rows
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = forward(batch, dead_mask=dead_mask)
+            out = forward(inputs, dead_mask=dead_mask, **paired)
         coefficient = self.coefficient * self.sparsity_warmup(self.step)
         loss = out.mse + coefficient * out.sparsity + out.aux
         self.optimizer.zero_grad(set_to_none=True)
@@ -387,7 +402,7 @@ class Trainer:
         adam_steps = {n: float(self.optimizer.state[p]["step"]) for n, p in params.items() if p in self.optimizer.state}
         write_checkpoint(self.checkpoint_dir, Checkpoint(
             step=self.step, planned_steps=self.cfg.steps, coefficient=self.coefficient, l0_ema=self.l0_ema,
-            l0_slow=self.l0_slow, input_scale=self.input_scale, variance=self.variance, adam_steps=adam_steps,
+            l0_slow=self.l0_slow, input_scale=self.input_scale, output_scale=self.output_scale, variance=self.variance, adam_steps=adam_steps,
             config=self.cfg.model_dump(mode="json"), source=self.source.description, data=self.source.identity(),
             history=self.history, last=last or (self.history[-1] if self.history else {}),
         ), tensors)
@@ -423,7 +438,8 @@ class Trainer:
         self.tokens_since_fired = tensors["tokens_since_fired"].clone()
         self.step, self.coefficient, self.l0_ema, self.l0_slow = state.step, state.coefficient, state.l0_ema, state.l0_slow
         self.input_scale, self.variance, self.history = state.input_scale, state.variance, state.history
-        self.sae.cfg = self.sae.cfg.model_copy(update={"input_scale": self.input_scale})
+        self.output_scale = state.output_scale
+        self.sae.cfg = self.sae.cfg.model_copy(update={"input_scale": self.input_scale, "output_scale": self.output_scale})
         return True
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -454,7 +470,7 @@ class Trainer:
         return TrainResult(
             sae=self.sae, config=cfg, sparsity_coefficient=self.coefficient, tokens=self.step * cfg.batch_size,
             seconds=time.perf_counter() - started, history=self.history, input_scale=self.input_scale,
-            dead_fraction=last.get("dead_fraction", 0.0),
+            dead_fraction=last.get("dead_fraction", 0.0), output_scale=self.output_scale,
         )
 
 
