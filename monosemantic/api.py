@@ -93,7 +93,7 @@ class TokenActivations(BaseModel):
     start: int = Field(description="character offset of the token in the text (0 for BOS and token-id input)")
     end: int
     l0: int = Field(description="features active at this token")
-    recon_error: float = Field(description="relative reconstruction error ||x - x_hat|| / ||x||")
+    recon_error: float = Field(description="relative reconstruction error ||x - x_hat|| / ||x|| (a transcoder's: of the output it predicts)")
     top: list[FeatureValue]
     values: list[float] = Field(default_factory=list, description="values of the requested feature_ids, in that order (empty if none were requested)")
 
@@ -319,6 +319,9 @@ class DictionaryInfo(BaseModel):
     statistics: bool = Field(False, description="it has feature statistics: feature pages, lists and search work on it")
     matryoshka_widths: list[int] = Field(default_factory=list, description="a Matryoshka dictionary's nested prefix "
                                          "widths, the last d_sae (each prefix is a dictionary itself); empty for others")
+    hook_out: str = Field("", description="a transcoder's output hook: it reads its features at hook and writes (is "
+                          "steered, spliced in) here; empty for others")
+    d_out: int = Field(0, description="the width it writes: d_in but for a transcoder")
     evaluations: list[EvaluationInfo] = Field(default_factory=list, description="evaluations run since publishing (monosemantic-train evaluate), oldest first")
     source: dict = Field(default_factory=dict, description="where an imported dictionary came from (format, location, "
                          "revision, the source's own config; monosemantic-train import); empty for one trained here")

@@ -7,11 +7,15 @@ the path from the hook to the logits is linear wherever nothing non-linear lies 
 block, see monosemantic.lm.linear_to_logits). `rest` is measured, not inferred: a second forward with the hook
 holding only b (every feature off, no error) under the same frozen scale. In the linear case
 value = features + error + rest up to rounding; elsewhere the difference is reported as the remainder.
+
+A transcoder reads its features at its input hook and is spliced in at its output hook (the MLP replaced by it: y =
+Σ_i f_i d_i + b + x W_skipᵀ + e), so everything from the output hook to the logit is the model's; its skip path, linear
+and no feature, is part of `rest`, and the result is exact where the output hook's path to the logits is linear.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -80,6 +84,7 @@ def _supported_norm(module: nn.Module | None) -> bool:
 def attribute(model: Model, dictionary: BoundDictionary, ids: list[int], position: int, target: int, contrast: int | None) -> Attribution:
     """Decompose logit(target) [− logit(contrast)] at `position` into `dictionary`'s features, its error and the rest."""
     net, sae, hook = model.lm.model, dictionary.sae, dictionary.hook
+    written = dictionary.hook_out or hook  # where the dictionary's reconstruction is spliced in
     device = next(net.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     mask = torch.ones_like(input_ids)
@@ -88,33 +93,54 @@ def attribute(model: Model, dictionary: BoundDictionary, ids: list[int], positio
     store: dict = {}
     leaves: dict[str, Tensor] = {}
 
-    def splice(x: Tensor) -> Tensor:
-        x = x.float()
+    read: list[Tensor] = []  # a transcoder's input, as the model ran on it
+
+    def capture(x: Tensor) -> Tensor:
+        read[:] = [x.detach().float()]
+        return x
+
+    def linear_part(x: Tensor) -> Tensor:
+        """What the dictionary writes whatever its features: b_dec, and a skip transcoder's x W_skipᵀ (raw units)."""
+        skipped = sae.skip(x * sae.cfg.input_scale)
+        return (sae.b_dec + (0 if skipped is None else skipped)) / sae.output_scale
+
+    def splice(y: Tensor) -> Tensor:
+        y = y.float()
+        x = read[0] if dictionary.hook_out is not None else y
         features = sae.encode(x).detach().requires_grad_(True)
-        error = (x - sae.decode(features)).detach().requires_grad_(True)
+        fixed = linear_part(x).detach()
+        written_by_features = (features @ sae.W_dec) / sae.output_scale
+        error = (y - written_by_features - fixed).detach().requires_grad_(True)
         leaves["features"], leaves["error"] = features, error
-        return sae.decode(features) + error
+        return written_by_features + fixed + error
 
     def objective(logits: Tensor) -> Tensor:
         row = logits[0, position].float()
         return row[target] - (row[contrast] if contrast is not None else 0.0)
 
+    def spliced(fn):
+        """The forward's hooks: a transcoder's input read at its hook, ``fn`` where the dictionary writes."""
+        hooks = ExitStack()
+        hooks.enter_context(frozen_norm_scale(norm if freeze else None, store))
+        if dictionary.hook_out is not None:
+            hooks.enter_context(hooked_replacement(net, hook, capture))
+        hooks.enter_context(hooked_replacement(net, written, fn))
+        return hooks
+
     with torch.inference_mode(False), torch.enable_grad():
-        with frozen_norm_scale(norm if freeze else None, store), hooked_replacement(net, hook, splice):
+        with spliced(splice):
             value_spliced = objective(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits)
         grad_features, grad_error = torch.autograd.grad(value_spliced, [leaves["features"], leaves["error"]])
     with torch.no_grad():
-        bias_only = (sae.b_dec / sae.cfg.input_scale).float()
-        with frozen_norm_scale(norm if freeze else None, store), hooked_replacement(
-            net, hook, lambda x: bias_only.expand_as(x).to(x.dtype)
-        ):
+        # Every feature off and no error: the activation holds only what the dictionary writes regardless.
+        with spliced(lambda y: linear_part(read[0] if dictionary.hook_out is not None else y.float()).expand_as(y).to(y.dtype)):
             rest = float(objective(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))
         value = float(objective(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))  # the plain model, no SAE
         features = leaves["features"][0].detach()
         scores = features * grad_features[0]
         features_total = float(scores.double().sum())
         error = float((leaves["error"][0].detach() * grad_error[0]).double().sum())
-    exact = freeze and linear_to_logits(net, hook)
+    exact = freeze and linear_to_logits(net, written)
     return Attribution(
         value=value,
         exact=exact,

@@ -43,6 +43,7 @@ class BoundDictionary:
     encoder: FastEncoder
     statistics: FeatureStatistics | None = None  # checked against the layout when bound; None without them
     loaded_at: float = field(default_factory=time.time)
+    hook_out: HookPoint | None = None  # a transcoder's: it reads at `hook` and writes (steers, is spliced) here
 
     @property
     def name(self) -> str:
@@ -76,16 +77,23 @@ def bind(model: Model, dictionary: Dictionary, device: str = "cpu", sae_dtype: s
 
     check_width runs a one-token forward: only from the thread that owns the model (a service's worker)."""
     m = dictionary.manifest
+    if dictionary.sae.reads_pairs and m.hook_out is None:
+        raise ArtifactMismatch(f"transcoder {dictionary.ref} records no output hook (manifest hook_out): it cannot be "
+                               "served where it writes")
     hook = resolve_hook(model.lm, m.hook.module_path + ":" + m.hook.kind)
+    hook_out = resolve_hook(model.lm, m.hook_out.module_path + ":" + m.hook_out.kind) if m.hook_out is not None else None
     if check_width:
         require_width(model.lm, hook, dictionary.sae.cfg.d_in, f"dictionary {dictionary.ref}")
+        if hook_out is not None:
+            require_width(model.lm, hook_out, dictionary.sae.d_out, f"the output of transcoder {dictionary.ref}")
     statistics = dictionary.statistics  # a file off the layout is refused here, at load, not on a feature page
     dictionary.sae.eval().requires_grad_(False)
     with torch.no_grad():
         dictionary.sae.float()
     cfg = dictionary.sae.cfg
     dtype = fastest_dtype(cfg.d_in, cfg.d_sae, device) if sae_dtype == "auto" else getattr(torch, sae_dtype)
-    return BoundDictionary(dictionary=dictionary, hook=hook, encoder=FastEncoder(dictionary.sae, dtype), statistics=statistics)
+    return BoundDictionary(dictionary=dictionary, hook=hook, encoder=FastEncoder(dictionary.sae, dtype), statistics=statistics,
+                           hook_out=hook_out)
 
 
 def load_bound(model: Model, registry: Path, name: str, version: int | None, device: str = "cpu", sae_dtype: str = "float32",

@@ -70,14 +70,18 @@ class FastEncoder:
             self._scratch = torch.empty(rows, self.W_enc.shape[1], dtype=self.dtype, device=self.W_enc.device)
         return self._scratch[:rows]
 
-    def sparse_readout(self, features: Tensor) -> "SparseFeatures":
+    def sparse_readout(self, features: Tensor, inputs: Tensor | None = None) -> "SparseFeatures":
         """The active entries of `features` [tokens, d_sae], found in one scan, and what is read from them: each
         token's L0 and its exact fp32 reconstruction, a bag-sum of only the active decoder rows (an L0 of ~30 out
         of 4,096) with the training step's own sparse decoder (monosemantic/support.py): 3.6× faster here than
-        torch.sparse.mm on the same entries (2.3 ms against 8.3 ms for 2,048 tokens at L0 57)."""
+        torch.sparse.mm on the same entries (2.3 ms against 8.3 ms for 2,048 tokens at L0 57). ``inputs``: the raw rows
+        encoded, for a skip transcoder's linear path (a transcoder's reconstruction is its prediction of the output)."""
         support = Support.from_values(features)  # a word at a time: no [tokens, d_sae] bool mask to allocate
         values = features[support.rows, support.cols].float()
-        reconstruction = (decode_support(values, support, self.sae.W_dec) + self.sae.b_dec) / self.scale
+        decoded = decode_support(values, support, self.sae.W_dec) + self.sae.b_dec
+        if inputs is not None and (skipped := self.sae.skip(inputs.float() * self.scale)) is not None:
+            decoded = decoded + skipped
+        reconstruction = decoded / self.sae.output_scale
         return SparseFeatures(support, values, torch.bincount(support.rows, minlength=support.batch), reconstruction)
 
 
@@ -86,7 +90,7 @@ class SparseFeatures:
     support: Support  # the active (token, feature) pairs, row-major
     values: Tensor  # [nnz] their values, fp32
     l0: Tensor  # [tokens] active features per token
-    reconstruction: Tensor  # [tokens, d_in] in raw units
+    reconstruction: Tensor  # [tokens, d_out] in raw units (d_in but for a transcoder)
 
     def top_k(self, k: int) -> tuple[Tensor, Tensor]:
         """(values, feature ids) [tokens, min(k, max L0)] of each token's strongest features, strongest first (ties

@@ -22,7 +22,8 @@ from monosemantic.bound import BoundDictionary
 from monosemantic.errors import MonosemanticError
 from monosemantic.lm import HookPoint, hooked_replacement
 from monosemantic.model import Model
-from monosemantic.steering import DirectionEdit, Steer, SteeringSpec, apply_direction_edits, steer_at_hook
+from monosemantic.steering import (DirectionEdit, Steer, SteeringSpec, apply_direction_edits, apply_transcoder_steering,
+                                   steer_at_hook)
 
 
 class NonFiniteOutput(MonosemanticError):
@@ -165,36 +166,62 @@ class Generation:
     def _hooks(self, steer_here: bool, seen: "_Seen") -> list[tuple[HookPoint, Callable[[Tensor], Tensor]]]:
         """One replacement per hook that is steered or read: it steers (at the last position's view of the cache,
         every new position), records each steered feature before and after, and reads the reader's features."""
-        at: dict[str, list[int]] = {}  # hook key -> indices into self.steering
+        at: dict[str, list[int]] = {}  # hook key -> indices into self.steering (a transcoder's: at its output hook)
         points: dict[str, HookPoint] = {self.reader.hook.key: self.reader.hook}
+        inputs: dict[str, Tensor] = {}  # a steering transcoder's input hook -> the activation the model ran on there
         for i, entry in enumerate(self.steering):
-            at.setdefault(entry.dictionary.hook.key, []).append(i)
-            points.setdefault(entry.dictionary.hook.key, entry.dictionary.hook)
+            written = entry.dictionary.hook_out or entry.dictionary.hook
+            at.setdefault(written.key, []).append(i)
+            points.setdefault(written.key, written)
+            if entry.dictionary.hook_out is not None:
+                points.setdefault(entry.dictionary.hook.key, entry.dictionary.hook)
+                inputs[entry.dictionary.hook.key] = torch.empty(0)
         edits: dict[str, list[DirectionEdit]] = {}
         for group in self.directions:
             edits.setdefault(group.hook.key, []).extend(group.edits)
             points.setdefault(group.hook.key, group.hook)
 
+        def input_of(i: int) -> Tensor:
+            """A steering transcoder's input, as the model ran on it at its input hook in this forward."""
+            seen_input = inputs[self.steering[i].dictionary.hook.key]
+            if seen_input.numel() == 0:
+                raise MonosemanticError(f"transcoder {self.steering[i].dictionary.ref} writes at a hook the model runs "
+                                        "before the one it reads: it cannot steer")
+            return seen_input
+
         def at_hook(key: str) -> Callable[[Tensor], Tensor]:
             def replace(x: Tensor) -> Tensor:
                 x_float, indices = x.float(), at.get(key, [])
+                dictionaries = [i for i in indices if self.steering[i].dictionary.hook_out is None]
+                transcoders = [i for i in indices if self.steering[i].dictionary.hook_out is not None]
                 read: Tensor | None = None  # the reader's features of what the model runs on, where steering encoded them
-                if indices and steer_here:
-                    result = steer_at_hook(x_float, [Steer(self.steering[i].dictionary.sae, self.steering[i].specs) for i in indices])
-                    for i, before, after, full in zip(indices, result.before, result.after, result.features_after):
+                x_out = x
+                if dictionaries and steer_here:
+                    result = steer_at_hook(x_float, [Steer(self.steering[i].dictionary.sae, self.steering[i].specs) for i in dictionaries])
+                    for i, before, after, full in zip(dictionaries, result.before, result.after, result.features_after):
                         seen.steered[i] = (before[0, -1], after[0, -1])
                         if self.steering[i].dictionary is self.reader:
                             read = full[0, -1]
                     x_out, x_float = result.activation, result.activation
-                else:
-                    x_out = x
-                    for i in indices:  # generated-only steering, prompt positions: the features as they are
+                elif dictionaries:
+                    for i in dictionaries:  # generated-only steering, prompt positions: the features as they are
                         ids = [s.feature for s in self.steering[i].specs]
                         now = self.steering[i].dictionary.sae.encode(x_float[0, -1])[ids]
+                        seen.steered[i] = (now, now)
+                for i in transcoders:  # their output edits, after the dictionaries' at the same hook
+                    entry = self.steering[i]
+                    if steer_here:
+                        result = apply_transcoder_steering(entry.dictionary.sae, input_of(i), x_float, entry.specs)
+                        seen.steered[i] = (result.before[0, -1], result.after[0, -1])
+                        x_out, x_float = result.activation, result.activation
+                    else:
+                        now = entry.dictionary.sae.encode(input_of(i)[0, -1])[[s.feature for s in entry.specs]]
                         seen.steered[i] = (now, now)
                 if steer_here and key in edits:
                     x_float = apply_direction_edits(x_float, edits[key])
                     x_out, read = x_float, None
+                if key in inputs:  # a steering transcoder reads here: what the model runs on, after this hook's edits
+                    inputs[key] = x_float
                 if key == self.reader.hook.key:
                     # Otherwise one float32 row: its matvec (3.1 ms at 768 x 24,576 here) beats the serving encoder's
                     # bf16 (7.5 ms: bf16 pays off from tens of rows, monosemantic/precision.py probes 64).

@@ -82,6 +82,8 @@ def read_features(
     for wanted in reads:
         for read in wanted:
             hooks.setdefault(read.dictionary.hook.key, read.dictionary.hook)
+            if (written := read.dictionary.hook_out) is not None:  # a transcoder's error is of what it predicts
+                hooks.setdefault(written.key, written)
     order = list(hooks)
     acts = dict(zip(order, hook_activations(model, sequences, [hooks[k] for k in order])))
     # Every dictionary once, over the rows of the sequences that read it.
@@ -92,19 +94,24 @@ def read_features(
     out: list[list[SequenceReadout | None]] = [[None] * len(wanted) for wanted in reads]
     for dictionary, places in users.values():
         rows = [acts[dictionary.hook.key][s] for s, _ in places]
+        targets = [acts[dictionary.hook_out.key][s] for s, _ in places] if dictionary.hook_out is not None else None
         for (s, slot), readout in zip(places, _read_one(dictionary, rows, [reads[s][slot] for s, slot in places],
-                                                         (watch or {}).get(dictionary.name))):
+                                                         (watch or {}).get(dictionary.name), targets)):
             out[s][slot] = readout
     return out  # type: ignore[return-value]
 
 
-def _read_one(dictionary: BoundDictionary, acts: list[Tensor], reads: list[Read], watch: list[int] | None) -> list[SequenceReadout]:
+def _read_one(dictionary: BoundDictionary, acts: list[Tensor], reads: list[Read], watch: list[int] | None,
+              targets: list[Tensor] | None = None) -> list[SequenceReadout]:
+    """One dictionary's readouts of its rows; ``targets``: a transcoder's rows at its output hook, which its
+    reconstruction error is measured against."""
     encoder = dictionary.encoder
     flat = torch.cat(acts)
     features = encoder.encode(flat)
-    active = encoder.sparse_readout(features)
-    squared_error = (flat - active.reconstruction).pow(2).sum(-1)
-    squared_norm = flat.pow(2).sum(-1)
+    active = encoder.sparse_readout(features, flat)
+    reconstructed = flat if targets is None else torch.cat(targets)
+    squared_error = (reconstructed - active.reconstruction).pow(2).sum(-1)
+    squared_norm = reconstructed.pow(2).sum(-1)
     rel_error = (squared_error / squared_norm.clamp_min(1e-24)).sqrt()
     watched = features[:, watch].float() if watch else None
     top_values, top_ids = active.top_k(max((r.top_k for r in reads), default=0))

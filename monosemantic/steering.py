@@ -19,6 +19,8 @@ What re-encoding x' then reports depends on the architecture's activation (tests
   ``pre_activation_for``); v when that opens the gate, 0 where it would have to stay shut.
 `after` in the result is always the re-encoded value, so a caller sees which case it met.
 
+A transcoder reads at one hook and writes at another: its steering edits the output (``apply_transcoder_steering``).
+
 Direction edits (DirectionEdit) steer along a raw-space direction instead of a feature, as Neuronpedia's steer
 methods do: add, orthogonal decomposition, projection cap.
 """
@@ -84,6 +86,29 @@ def apply_steering(sae: SparseAutoencoder, x: Tensor, specs: list[SteeringSpec])
         x_new = x_new + (alpha @ directions[clamps]).reshape(x_new.shape)
     features_after = sae.activate(encode_pre(sae, x_new))
     return SteeringResult(x_new, before, features_after[..., ids], features_after)
+
+
+def apply_transcoder_steering(sae: SparseAutoencoder, x: Tensor, y: Tensor, specs: list[SteeringSpec]) -> SteeringResult:
+    """A transcoder's steering: it reads x [..., d_in] at its input hook and edits the output y [..., d_out] at its
+    output hook (monosemantic/transcoder.py). With d the feature's decoder row in raw units:
+    - add moves the output along d: y' = y + v·d;
+    - clamp replaces the output by the transcoder's prediction with the feature pinned, y' = ŷ(x) + (v⁺ − f)·d (the
+      MLP replaced by the transcoder: the transcoder's error is dropped, so even a clamp to the feature's own value
+      changes y to ŷ). With several specs the clamps share the one replacement, and adds apply on top.
+    Nothing re-encodes at the input (the edit is downstream of it), so ``after`` is the value the output now
+    carries along each feature: v⁺ = max(v, 0) for clamp, f + v for add; ``features_after`` is f with those values."""
+    ids = torch.tensor([s.feature for s in specs], dtype=torch.long, device=x.device)
+    features = sae.encode(x)
+    before = features[..., ids]
+    directions = sae.W_dec[ids] / sae.output_scale  # [n, d_out] raw units
+    values = torch.tensor([s.value for s in specs], dtype=y.dtype, device=y.device)
+    clamp = torch.tensor([s.mode == "clamp" for s in specs], device=y.device)
+    after = torch.where(clamp, values.clamp_min(0).expand_as(before), before + values)
+    y_new = sae.reconstruct(x, features).to(y.dtype) if bool(clamp.any()) else y.clone()
+    y_new = y_new + torch.where(clamp, after - before, values.expand_as(before)) @ directions
+    features_after = features.clone()
+    features_after[..., ids] = after
+    return SteeringResult(y_new, before, after, features_after)
 
 
 class Steer(NamedTuple):

@@ -579,6 +579,7 @@ class Engine:
                 hook=entry.hook.name, model_name=m.model.name, model_checksum=repository.model.checksum, metrics=m.metrics,
                 serving=True, default=i == 0, statistics=dashboards.has_statistics(entry),
                 matryoshka_widths=list(m.sae.matryoshka_widths or ()),
+                hook_out=entry.hook_out.name if entry.hook_out is not None else "", d_out=entry.sae.d_out,
                 evaluations=[schemas.EvaluationInfo(**e.model_dump(exclude={"manifest_sha256"})) for e in evaluated],
                 source=(m.model_extra or {}).get("source") or {},
             ))
@@ -622,6 +623,8 @@ class Engine:
     def _check_width(self, jobs: list[Job]) -> list:
         entry: BoundDictionary = jobs[0].payload
         problem = width_mismatch(self.repository.model.lm, entry.hook, entry.sae.cfg.d_in, f"dictionary {entry.ref}")
+        if problem is None and entry.hook_out is not None:
+            problem = width_mismatch(self.repository.model.lm, entry.hook_out, entry.sae.d_out, f"the output of transcoder {entry.ref}")
         if problem is not None:
             raise ServiceError(ErrorKind.FAILED_PRECONDITION, problem, "name")
         return [None]

@@ -180,6 +180,12 @@ def test_a_paired_harvest_trains_a_transcoder_whose_manifest_names_both_hooks(tm
     assert evaluated.exit_code == 0, evaluated.output
     recovered = float(evaluated.output.split("loss_recovered:")[1].split()[0])
     assert 0.3 < recovered <= 1.0
+    # Dashboards from the paired harvest's input side, logit effects from where it writes; the new version keeps hook_out.
+    pages = runner.invoke(app, ["features", "--registry", str(tmp_path / "reg"), "--dictionary", "tc", "--tokens", "4000",
+                                "--harvest", str(tmp_path / "h")])
+    assert pages.exit_code == 0, pages.output
+    paged = load_dictionary(tmp_path / "reg", "tc")
+    assert paged.manifest.hook_out == m.hook_out and paged.statistics is not None and "logit_up_ids" in paged.features
     refused = runner.invoke(app, ["train", "--harvest", str(tmp_path / "h"), "--arch", "topk", "--k", "8",
                                   "--d-sae", "256", "--tokens", "40000", "--batch-size", "512"])
     assert refused.exit_code == 2 and "they train a transcoder" in refused.output

@@ -320,9 +320,16 @@ def open_harvest(directory: Path, check: bool = True) -> ActivationSource:
     digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
     description = {"kind": "harvest", **{k: manifest.get(k) for k in ("hook", "module_path", "model_checksum", "tokens",
                                                                        "data", "data_fingerprint", "model_source")},
+                   "hook_kind": manifest.get("hook_kind") or _kind_of(str(manifest.get("hook"))),
                    "complete": bool(manifest.get("complete")), "contexts_done": manifest.get("contexts_done"),
                    "contexts": manifest.get("contexts")}
     return ActivationSource(parts=parts, dtype=manifest["dtype"], description=description, digest=digest, checked=check)
+
+
+def _kind_of(hook_name: str) -> str:
+    """A harvest's hook kind where its manifest predates ``hook_kind``: an HF key says ":input"; an alias meant an
+    output then for every hook this project has served from a harvest."""
+    return "input" if hook_name.endswith(":input") else "output"
 
 
 def open_activation_file(path: Path) -> ActivationSource:

@@ -145,10 +145,12 @@ def _merge_top(values: Tensor, carried: tuple[Tensor, ...], new_values: Tensor, 
 @torch.no_grad()
 def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts: Tensor | None = None,
                        cfg: FeatureStatsConfig | None = None, progress: bool = True,
-                       activations: ModelActivations | HarvestActivations | None = None) -> tuple[dict[str, Tensor], list[str]]:
+                       activations: ModelActivations | HarvestActivations | None = None,
+                       hook_out: str | None = None) -> tuple[dict[str, Tensor], list[str]]:
     """Everything a feature page shows, as tensors for features.safetensors (monosemantic/feature_stats.py's
     layout), plus one label per feature: over `contexts` [n, T] read from the model at `hook`, or over the
-    contexts of `activations` (a harvest's shards) when given."""
+    contexts of `activations` (a harvest's shards) when given. ``hook_out``: where a transcoder writes, so its
+    decoder rows' logit effects are taken from there."""
     cfg = cfg or FeatureStatsConfig()
     if activations is None:
         activations = ModelActivations(lm, hook, contexts, progress)
@@ -243,7 +245,7 @@ def feature_statistics(lm: LoadedLM, sae: SparseAutoencoder, hook: str, contexts
 
     # Chunked over features: the whole [d_sae, vocab] matrix was 4.9 GB at GPT-2's shape (24,576 × 50,257) and could
     # not be allocated at Gemma-2's (16,384 × 256,000). Ranked in the encoder's dtype, the values exact in float32.
-    extremes = direct_logit_extremes(lm.model, hook, sae.W_dec.detach(), cfg.logit_k, screen_dtype=encoder.dtype)
+    extremes = direct_logit_extremes(lm.model, hook_out or hook, sae.W_dec.detach(), cfg.logit_k, screen_dtype=encoder.dtype)
     logits: dict[str, Tensor] = {}
     if extremes is not None:
         logits = {"logit_up_ids": extremes.up_ids.int(), "logit_up_values": extremes.up_values,

@@ -142,7 +142,8 @@ class _ShardSet:
             if any("sha256" not in shard for shard in manifest.get("shards", [])):
                 raise MonosemanticError(f"{directory} holds a harvest by an earlier release (shards without checksums); use an empty directory")
         else:
-            manifest = {**identity, "model_source": model_source(lm.source), "data": settings["data"], "shards": [],
+            # hook_kind beside the identity, not in it: a harvest from before it existed resumes as it is.
+            manifest = {**identity, "hook_kind": point.kind, "model_source": model_source(lm.source), "data": settings["data"], "shards": [],
                         "contexts_done": 0, "tokens": 0, "complete": False}
             write_json_atomic(path, manifest)
         if not (directory / HARVEST_CONTEXTS).exists():  # the token ids, for dashboards from the shards (a resumed

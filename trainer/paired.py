@@ -94,18 +94,23 @@ def is_paired(directory: Path) -> bool:
     return (Path(directory) / PAIRED_MANIFEST).exists()
 
 
-def open_paired(directory: Path, check: bool = True) -> PairedSource:
+def side_directory(directory: Path, side: str) -> Path:
+    """The shard set of one side ("input" or "output") of a paired harvest, as its paired.json names it."""
     directory = Path(directory)
-    pairing = read_json(directory / PAIRED_MANIFEST, "paired harvest")
-    sides = []
-    for side in ("input", "output"):
-        entry = pairing.get(side)
-        if not isinstance(entry, dict) or not isinstance(entry.get("directory"), str):
-            raise DataError(f"paired harvest at {directory}: {PAIRED_MANIFEST} names no {side} directory (edited or truncated)")
-        sides.append(open_harvest(directory / Path(entry["directory"]).name, check=check))
-    inputs, targets = sides
+    entry = read_json(directory / PAIRED_MANIFEST, "paired harvest").get(side)
+    if not isinstance(entry, dict) or not isinstance(entry.get("directory"), str):
+        raise DataError(f"paired harvest at {directory}: {PAIRED_MANIFEST} names no {side} directory (edited or truncated)")
+    return directory / Path(entry["directory"]).name
+
+
+def input_directory(directory: Path) -> Path:
+    return side_directory(directory, "input")
+
+
+def open_paired(directory: Path, check: bool = True) -> PairedSource:
+    inputs, targets = (open_harvest(side_directory(directory, side), check=check) for side in ("input", "output"))
     description = {**inputs.description, "hook_out": targets.description.get("hook"),
-                   "module_path_out": targets.description.get("module_path"),
+                   "module_path_out": targets.description.get("module_path"), "hook_kind_out": targets.description["hook_kind"],
                    "complete": inputs.description["complete"] and targets.description["complete"],
                    "contexts_done": min(inputs.description["contexts_done"] or 0, targets.description["contexts_done"] or 0)}
     return PairedSource(inputs, targets, description)

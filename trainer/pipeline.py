@@ -27,7 +27,7 @@ from trainer.checkpoint import Checkpoint, write_checkpoint
 from trainer.corpus import build_corpus, token_contexts
 from trainer.evaluate import model_metrics, reconstruction_metrics
 from trainer.harvest import harvest_hooks, hook_directory
-from trainer.paired import open_training_data, split_paired_tail, write_pairing
+from trainer.paired import input_directory, is_paired, open_training_data, split_paired_tail, write_pairing
 from trainer.publish import UNSPECIFIED, publish_trained, result_from_checkpoint
 from trainer.text import TextSpec, packed_contexts
 from trainer.train import TrainConfig, Trainer
@@ -157,7 +157,7 @@ def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harve
                 raise ConfigError(f"--hook {hook} is {point.module_path}, but the harvest was taken at {harvest_info['module_path']}")
         source = model_source(model) if model is not None else harvest_info.get("model_source")
         return (ModelRef(name=str(model) if model else "harvest", checksum=checksum, source=source),
-                HookRef(name=harvest_info["hook"], module_path=harvest_info["module_path"]))
+                HookRef(name=harvest_info["hook"], module_path=harvest_info["module_path"], kind=harvest_info["hook_kind"]))
     if model is None:
         if hook is not None:
             raise ConfigError("--hook needs --model: a hook is resolved on the model the activations came from")
@@ -202,7 +202,7 @@ def _republish(registry: Path, dictionary: Any, *, model: ModelRef, hook: HookRe
                features: dict | None = None, labels: list[str] | None = None) -> Path:
     """The same weights and training record as the next version of the dictionary, with what changed."""
     m = dictionary.manifest
-    keep = {k: getattr(m, k) for k in ("training", "data", "seed", "tokens", "metrics", "sparsity_coefficient")}
+    keep = {k: getattr(m, k) for k in ("training", "data", "seed", "tokens", "metrics", "sparsity_coefficient", "hook_out")}
     if features is None and "feature_statistics" in (m.model_extra or {}):  # the statistics travel with the weights
         keep["feature_statistics"] = m.model_extra["feature_statistics"]
     if "source" in (m.model_extra or {}):  # so does an imported dictionary's source
@@ -245,7 +245,7 @@ def train_and_publish(*, activations: Path | None, harvest_dir: Path | None, reg
         source, heldout = split_paired_tail(whole) if whole.paired else split_tail(whole)
         model_ref, hook_ref = _bound_to_model(model, hook, source.d_in, info)
         if whole.paired:  # a transcoder writes where the pair's targets were read
-            written = {"hook_out": HookRef(name=info["hook_out"], module_path=info["module_path_out"])}
+            written = {"hook_out": HookRef(name=info["hook_out"], module_path=info["module_path_out"], kind=info["hook_kind_out"])}
         data = {"kind": "harvest", "tokens": info["tokens"], "complete": info["complete"],
                 "harvested_fraction": (info["contexts_done"] or 0) / max(1, info["contexts"] or 1),
                 "text": info.get("data"), "fingerprint": info.get("data_fingerprint")}
@@ -305,10 +305,12 @@ def publish_checkpoint(checkpoint_dir: Path, registry: Path, name: str, dtype: s
     return publish_trained(registry, name, result.sae, config=result.config, sparsity_coefficient=result.sparsity_coefficient,
                            tokens=result.tokens, model=ModelRef(name="checkpoint", checksum=source.get("model_checksum") or UNSPECIFIED,
                                                                  source=source.get("model_source")),
-                           hook=HookRef(name=hook, module_path=module_path),
+                           hook=HookRef(name=hook, module_path=module_path, kind=source.get("hook_kind") or "output"),
                            metrics={"training_l0": last.get("l0"), "training_fvu": last.get("fvu"), "training_step": state.step},
                            data={**source, "identity": state.data}, dtype=dtype,
-                           extra={"progress": {"steps": state.step, "planned_steps": state.planned_steps, "fraction": state.fraction}})
+                           extra={"progress": {"steps": state.step, "planned_steps": state.planned_steps, "fraction": state.fraction},
+                                  **({"hook_out": HookRef(name=source["hook_out"], module_path=source["module_path_out"],
+                                                          kind=source.get("hook_kind_out") or "output")} if source.get("hook_out") else {})})
 
 
 def evaluate_dictionary(registry: Path, reference: str, *, model: str | Path | None = None, activations: Path | None = None,
@@ -378,16 +380,19 @@ def features_and_publish(registry: Path, reference: str, *, model: str | Path | 
     dictionary = load_dictionary(registry, name, version, expected_model_checksum=lm.checksum)
     m = dictionary.manifest
     hook = m.hook.module_path + ":" + m.hook.kind
+    written = m.hook_out.module_path + ":" + m.hook_out.kind if m.hook_out is not None else None  # a transcoder's logit effects start there
     _require_writable(out_registry or registry, _dictionary_bytes(m.sae.d_in, m.sae.d_sae, m.dtype) + 4 * m.sae.d_sae * 1024, "the registry")
     if harvest is not None:
+        if is_paired(harvest):  # a transcoder's paired harvest: its features are read from the input side
+            harvest = input_directory(harvest)
         activations = HarvestActivations(harvest, tokens=tokens)
         check_harvest_matches(activations, lm, hook)
-        tensors, labels = feature_statistics(lm, dictionary.sae, hook, cfg=cfg, activations=activations)
+        tensors, labels = feature_statistics(lm, dictionary.sae, hook, cfg=cfg, activations=activations, hook_out=written)
         described = {"corpus_fingerprint": activations.data_fingerprint,
                      "text": {"kind": "harvest", "directory": str(harvest), "data": activations.manifest.get("data")}}
     else:
         contexts, fingerprint = dashboard_contexts(lm.tokenizer, tokens, context_length, max_chars, text)
-        tensors, labels = feature_statistics(lm, dictionary.sae, hook, contexts, cfg)
+        tensors, labels = feature_statistics(lm, dictionary.sae, hook, contexts, cfg, hook_out=written)
         described = {"corpus_fingerprint": fingerprint, "text": _data_description(text, max_chars)}
     return _republish(out_registry or registry, dictionary, model=m.model, hook=m.hook, features=tensors, labels=labels,
                       extra={"feature_statistics": {"tokens": int(tensors["stats_tokens"]), "model_dtype": weights_dtype(lm), **described}})

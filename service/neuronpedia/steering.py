@@ -69,8 +69,9 @@ class NeuronpediaSteering:
             if method == "add" and not req.normalize_steering:
                 groups.setdefault(entry.name, DictionarySteering(entry, [])).specs.append(SteeringSpec(feature.index, "add", c))
             else:
-                row = (entry.sae.W_dec[feature.index].detach().float() / entry.sae.cfg.input_scale).clone()
-                self._edit(directions, entry.hook, row, method, c, req.normalize_steering, f"features[{i}].index")
+                # The feature's direction where the dictionary writes: its hook, or a transcoder's output hook.
+                row = (entry.sae.W_dec[feature.index].detach().float() / entry.sae.output_scale).clone()
+                self._edit(directions, entry.hook_out or entry.hook, row, method, c, req.normalize_steering, f"features[{i}].index")
         return list(groups.values()), list(directions.values())
 
     def _edit(self, directions: dict[str, HookDirections], hook: HookPoint, vector, method: str, c: float, normalize: bool, field: str) -> None:
