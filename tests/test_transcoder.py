@@ -172,8 +172,9 @@ def test_a_paired_harvest_trains_a_transcoder_whose_manifest_names_both_hooks(tm
                                   "--registry", str(tmp_path / "reg"), "--name", "tc"])
     assert trained.exit_code == 0, trained.output
     m = load_dictionary(tmp_path / "reg", "tc").manifest
-    assert (m.hook.name, m.hook.module_path) == ("blocks.0.ln2.hook_normalized", "transformer.h.0.mlp")
-    assert (m.hook_out.name, m.hook_out.module_path) == ("blocks.0.hook_mlp_out", "transformer.h.0.mlp")
+    # One module, its input read and its output written: the harvest records each hook's kind.
+    assert (m.hook.name, m.hook.module_path, m.hook.kind) == ("blocks.0.ln2.hook_normalized", "transformer.h.0.mlp", "input")
+    assert (m.hook_out.name, m.hook_out.module_path, m.hook_out.kind) == ("blocks.0.hook_mlp_out", "transformer.h.0.mlp", "output")
     assert m.sae.d_out == m.sae.d_in == 128 and 0 < m.metrics["fvu"] < 1
     # Loss recovered with the transcoder standing in for the MLP (its zero-ablation: the MLP's output set to 0).
     evaluated = runner.invoke(app, ["evaluate", "--registry", str(tmp_path / "reg"), "--dictionary", "tc", "--tokens", "4000"])
@@ -201,3 +202,17 @@ def test_a_paired_harvest_is_refused_without_exactly_two_different_hooks(tmp_pat
     result = runner.invoke(app, ["harvest", "--out", str(tmp_path / "h"), *flags, "--contexts", "4", "--context-length", "16"])
     assert result.exit_code == 2 and words in result.output, result.output
     assert not (tmp_path / "h").exists()
+
+
+def test_a_transcoder_that_records_no_output_hook_is_refused_when_bound(tmp_path):
+    from monosemantic.artifact import HookRef, ModelRef
+    from monosemantic.bound import bind
+    from monosemantic.errors import ArtifactMismatch
+    from monosemantic.model import load_model
+    from monosemantic.shipped import reference_lm_path
+
+    sae = _transcoder("transcoder", d_in=128, d_out=128).eval()
+    publish(tmp_path, "tc", sae, model=ModelRef(name="m", checksum="c"),
+            hook=HookRef(name="blocks.0.ln2.hook_normalized", module_path="transformer.h.0.mlp", kind="input"))
+    with pytest.raises(ArtifactMismatch, match="records no output hook"):
+        bind(load_model(str(reference_lm_path())), load_dictionary(tmp_path, "tc"))
