@@ -28,16 +28,17 @@ def _shape(arch: str, d_sae: int, k: int) -> dict:
 
 
 D_OUT = 24  # a transcoder's output width in these tests
-PAIRING = torch.randn(D_OUT, 32, generator=torch.Generator().manual_seed(5)) / 32 ** 0.5
+
+
+def _pairing(d_in: int) -> torch.Tensor:
+    """A fixed map [D_OUT, d_in] from a transcoder's input to its output in these tests."""
+    return torch.randn(D_OUT, d_in, generator=torch.Generator().manual_seed(5)) / d_in ** 0.5
 
 
 def _target(arch: str, x: torch.Tensor) -> dict:
-    """forward's target for a transcoder (a fixed linear map of the input, then a ReLU, so it is not linear); {}
-    for a dictionary, which reconstructs its input."""
-    if not SAE_REGISTRY[arch].reads_pairs:
-        return {}
-    pairing = torch.randn(D_OUT, x.shape[-1], generator=torch.Generator().manual_seed(5)) / x.shape[-1] ** 0.5
-    return {"target": torch.relu(x @ pairing.T)}
+    """forward's target for a transcoder (the map of the input, then a ReLU, so it is not linear); {} for a
+    dictionary, which reconstructs its input."""
+    return {"target": torch.relu(x @ _pairing(x.shape[-1]).T)} if SAE_REGISTRY[arch].reads_pairs else {}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def synthetic():
 def _train(data, arch, tokens=500_000, d_sae=128, **overrides):
     source = ActivationSource(parts=[data.activations.numpy()], dtype="float32")
     if SAE_REGISTRY[arch].reads_pairs:  # a transcoder's targets: the rows mapped linearly into another width
-        targets = (data.activations @ PAIRING.T).numpy()
+        targets = (data.activations @ _pairing(data.activations.shape[1]).T).numpy()
         source = PairedSource(source, ActivationSource(parts=[targets], dtype="float32"), {})
     options = {**_sparsity(arch), **overrides}
     cfg = TrainConfig.build(architecture=arch, d_sae=d_sae, tokens=tokens, batch_size=512, lr=3e-3, seed=0, **options)

@@ -35,6 +35,7 @@ class PairedSource:
     inputs: ActivationSource
     targets: ActivationSource
     description: dict
+    paired = True  # (ActivationSource's is False)
 
     def __post_init__(self) -> None:
         ins, outs = [p.shape[0] for p in self.inputs.parts], [p.shape[0] for p in self.targets.parts]
@@ -42,8 +43,6 @@ class PairedSource:
             raise DataError(f"paired harvest: the input and output shard sets hold different rows ({sum(ins)} in "
                             f"{len(ins)} shards against {sum(outs)} in {len(outs)}); harvest them together with "
                             "--hook-in and --hook-out")
-
-    paired = True
 
     @property
     def d_in(self) -> int:
