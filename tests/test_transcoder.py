@@ -216,3 +216,34 @@ def test_a_transcoder_that_records_no_output_hook_is_refused_when_bound(tmp_path
             hook=HookRef(name="blocks.0.ln2.hook_normalized", module_path="transformer.h.0.mlp", kind="input"))
     with pytest.raises(ArtifactMismatch, match="records no output hook"):
         bind(load_model(str(reference_lm_path())), load_dictionary(tmp_path, "tc"))
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder"])
+def test_an_exported_transcoder_predicts_in_sparsify_as_it_does_here(tmp_path, arch):
+    from sparsify import SparseCoder
+
+    from monosemantic.interop import ExportAbout, get_format
+
+    sae, x = _transcoder(arch, d_in=12, d_out=12, input_scale=2.0, output_scale=0.5).eval(), torch.randn(32, 12)
+    about = ExportAbout("tc:v1", "tiny", None, "transformer.h.0.mlp", "input", None, 64, None)
+    get_format("sparsify", writing=True).write(sae, tmp_path / "h.0.mlp", about)
+    theirs = SparseCoder.load_from_disk(tmp_path / "h.0.mlp", "cpu")
+    assert theirs.cfg.transcode and theirs.cfg.skip_connection == (arch == "skip-transcoder")
+    with torch.no_grad():
+        ours = sae.reconstruct(x)
+        out = theirs(x)
+        encoded = theirs.encode(x)
+    assert float((out.sae_out - ours).abs().max() / ours.abs().max()) <= 1e-4
+    dense = torch.zeros(32, 48).scatter_(1, encoded.top_indices, encoded.top_acts)
+    assert float((dense - sae.encode(x)).abs().max() / sae.encode(x).abs().max()) <= 1e-4
+
+
+def test_a_transcoder_is_refused_where_its_format_cannot_hold_it(tmp_path):
+    from monosemantic.errors import InteropError
+    from monosemantic.interop import ExportAbout, get_format
+
+    about = ExportAbout("tc:v1", "tiny", None, "transformer.h.0.mlp", "input", None, 64, None)
+    with pytest.raises(InteropError, match="SAELens's transcoders are ReLU or JumpReLU"):
+        get_format("saelens", writing=True).write(_transcoder(d_in=12, d_out=12), tmp_path / "a", about)
+    with pytest.raises(InteropError, match="sparsify's transcoders keep one width"):
+        get_format("sparsify", writing=True).write(_transcoder(d_in=12, d_out=8), tmp_path / "b", about)

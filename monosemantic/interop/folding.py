@@ -96,18 +96,21 @@ def _times_columns(v: Tensor, w: Tensor, block: int = 8192) -> Tensor:
 
 def export_tensors(sae: SparseAutoencoder) -> AffineSAE:
     """``sae`` with its input scale folded in (float32; each element one correctly rounded product): what a tool
-    without an input scale encodes and decodes exactly as monosemantic does on raw activations."""
-    s = float(sae.cfg.input_scale)
+    without an input scale encodes and decodes exactly as monosemantic does on raw activations. A transcoder's
+    decoder takes its output scale, and its skip path ``(s_in·x) W_skipᵀ / s_out`` becomes ``x (W_skip·s_in/s_out)ᵀ``."""
+    s, s_out = float(sae.cfg.input_scale), float(sae.output_scale)
     t = {name: value.detach().float() for name, value in sae.tensors().items()}
     # Under the name of the maths it is served with (BatchTopK as the JumpReLU at its threshold), k only where that takes one.
     architecture = sae.exports_as or sae.cfg.architecture
     k = sae.cfg.k if architecture_class(architecture).takes_k else None
     extra = {name: t[name] for name in t if name not in SHARED} or None
-    if s == 1.0:
+    if s == 1.0 and s_out == 1.0:
         return AffineSAE(architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"), k, extra)
+    if extra and "W_skip" in extra:
+        extra = {**extra, "W_skip": (extra["W_skip"].double() * (s / s_out)).float()}
     return AffineSAE(
         architecture=architecture,
-        W_enc=t["W_enc"] * s, b_enc=t["b_enc"], W_dec=t["W_dec"] / s, b_dec=t["b_dec"] / s,
+        W_enc=t["W_enc"] * s, b_enc=t["b_enc"], W_dec=t["W_dec"] / s_out, b_dec=t["b_dec"] / s_out,
         threshold=t.get("threshold"), k=k, extra=extra,
     )
 

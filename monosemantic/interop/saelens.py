@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from monosemantic.errors import InteropError
 from monosemantic.interop import (
     ExportAbout, Format, Imported, Written, dtype_name, read_json, read_safetensors, refuse_pickles, register, require,
 )
@@ -107,6 +108,9 @@ class SAELensFormat(Format):
         )
 
     def write(self, sae: SparseAutoencoder, out: Path, about: ExportAbout) -> Written:
+        if sae.reads_pairs:
+            raise InteropError(f"{about.reference} is a TopK {sae.cfg.architecture}; SAELens's transcoders are ReLU or "
+                               "JumpReLU, so it has no SAELens architecture: export it --to sparsify")
         affine = export_tensors(sae)
         tensors = {"W_enc": affine.W_enc, "b_enc": affine.b_enc, "W_dec": affine.W_dec, "b_dec": affine.b_dec,
                    **(affine.extra or {})}

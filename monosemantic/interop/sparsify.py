@@ -20,7 +20,7 @@ from monosemantic.interop import (
     ExportAbout, Format, Imported, Written, dtype_name, read_json, read_safetensors, refuse_pickles, register, require,
 )
 from monosemantic.interop.folding import AffineSAE, build, export_tensors, rows_are_unit_norm
-from monosemantic.sae import SparseAutoencoder
+from monosemantic.sae import SparseAutoencoder, TopKSAE
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae.safetensors"
 TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
@@ -57,27 +57,35 @@ class SparsifyFormat(Format):
         )
 
     def write(self, sae: SparseAutoencoder, out: Path, about: ExportAbout) -> Written:
-        if sae.cfg.architecture != "topk":
-            raise InteropError(f"sparsify has only TopK dictionaries; {about.reference} is {sae.cfg.architecture}")
+        if not isinstance(sae, TopKSAE) or sae.exports_as is not None:  # TopK and its transcoders, not BatchTopK
+            raise InteropError(f"sparsify has only TopK dictionaries and transcoders; {about.reference} is {sae.cfg.architecture}")
+        if sae.reads_pairs and sae.d_out != sae.cfg.d_in:
+            raise InteropError(f"{about.reference} writes {sae.d_out} dimensions from {sae.cfg.d_in}; sparsify's transcoders "
+                               "keep one width (their b_dec and W_skip are d_in wide)")
         affine = export_tensors(sae)
         unit = rows_are_unit_norm(affine.W_dec)
+        skip = "W_skip" in (affine.extra or {})
         cfg: dict[str, Any] = {
             "activation": "topk", "expansion_factor": max(1, sae.cfg.d_sae // sae.cfg.d_in), "normalize_decoder": unit,
-            "num_latents": sae.cfg.d_sae, "k": sae.cfg.k, "multi_topk": False, "skip_connection": False,
-            "transcode": False, "d_in": sae.cfg.d_in,
+            "num_latents": sae.cfg.d_sae, "k": sae.cfg.k, "multi_topk": False, "skip_connection": skip,
+            "transcode": sae.reads_pairs, "d_in": sae.cfg.d_in,
         }
         out.mkdir(parents=True, exist_ok=True)
         save_file({"encoder.weight": affine.W_enc.T.contiguous(), "encoder.bias": affine.b_enc.contiguous(),
-                   "W_dec": affine.W_dec.contiguous(), "b_dec": affine.b_dec.contiguous()}, str(out / WEIGHTS_FILE))
+                   "W_dec": affine.W_dec.contiguous(), "b_dec": affine.b_dec.contiguous(),
+                   **({"W_skip": affine.extra["W_skip"].contiguous()} if skip else {})}, str(out / WEIGHTS_FILE))
         (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
         hookpoint = _hookpoint(about.hook_module_path)
         notes = [f"sparsify names a dictionary's folder after its hookpoint: {hookpoint} (a module path under the "
                  "model's base_model)"]
-        if about.hook_kind != "output":
+        if sae.reads_pairs:
+            notes.append(f"a sparsify transcoder at {hookpoint} reads that module's input and predicts its output; this one "
+                         f"reads the {about.hook_kind} of {about.hook_module_path} (and writes where its manifest's hook_out says)")
+        elif about.hook_kind != "output":
             notes.append(f"this dictionary reads the input of {about.hook_module_path}; sparsify hooks read module outputs")
         if not unit:
-            notes.append(f"the input scale {sae.cfg.input_scale:.6g} is folded into the weights: decoder rows have norm "
-                         f"{1 / sae.cfg.input_scale:.6g}, so normalize_decoder is false (training on would rescale them)")
+            notes.append(f"the scales are folded into the weights: decoder rows have norm {1 / sae.output_scale:.6g}, "
+                         "so normalize_decoder is false (training on would rescale them)")
         return Written(out, [CFG_FILE, WEIGHTS_FILE], notes)
 
 
