@@ -99,16 +99,11 @@ def attribute(model: Model, dictionary: BoundDictionary, ids: list[int], positio
         read[:] = [x.detach().float()]
         return x
 
-    def linear_part(x: Tensor) -> Tensor:
-        """What the dictionary writes whatever its features: b_dec, and a skip transcoder's x W_skipᵀ (raw units)."""
-        skipped = sae.skip(x * sae.cfg.input_scale)
-        return (sae.b_dec + (0 if skipped is None else skipped)) / sae.output_scale
-
     def splice(y: Tensor) -> Tensor:
         y = y.float()
         x = read[0] if dictionary.hook_out is not None else y
         features = sae.encode(x).detach().requires_grad_(True)
-        fixed = linear_part(x).detach()
+        fixed = sae.offset(x).detach()
         written_by_features = (features @ sae.W_dec) / sae.output_scale
         error = (y - written_by_features - fixed).detach().requires_grad_(True)
         leaves["features"], leaves["error"] = features, error
@@ -133,7 +128,7 @@ def attribute(model: Model, dictionary: BoundDictionary, ids: list[int], positio
         grad_features, grad_error = torch.autograd.grad(value_spliced, [leaves["features"], leaves["error"]])
     with torch.no_grad():
         # Every feature off and no error: the activation holds only what the dictionary writes regardless.
-        with spliced(lambda y: linear_part(read[0] if dictionary.hook_out is not None else y.float()).expand_as(y).to(y.dtype)):
+        with spliced(lambda y: sae.offset(read[0] if dictionary.hook_out is not None else y.float()).expand_as(y).to(y.dtype)):
             rest = float(objective(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))
         value = float(objective(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits))  # the plain model, no SAE
         features = leaves["features"][0].detach()

@@ -78,10 +78,8 @@ class FastEncoder:
         encoded, for a skip transcoder's linear path (a transcoder's reconstruction is its prediction of the output)."""
         support = Support.from_values(features)  # a word at a time: no [tokens, d_sae] bool mask to allocate
         values = features[support.rows, support.cols].float()
-        decoded = decode_support(values, support, self.sae.W_dec) + self.sae.b_dec
-        if inputs is not None and (skipped := self.sae.skip(inputs.float() * self.scale)) is not None:
-            decoded = decoded + skipped
-        reconstruction = decoded / self.sae.output_scale
+        decoded = decode_support(values, support, self.sae.W_dec) / self.sae.output_scale
+        reconstruction = decoded + (self.sae.offset(inputs.float()) if inputs is not None else self.sae.b_dec / self.sae.output_scale)
         return SparseFeatures(support, values, torch.bincount(support.rows, minlength=support.batch), reconstruction)
 
 

@@ -168,14 +168,14 @@ class Generation:
         every new position), records each steered feature before and after, and reads the reader's features."""
         at: dict[str, list[int]] = {}  # hook key -> indices into self.steering (a transcoder's: at its output hook)
         points: dict[str, HookPoint] = {self.reader.hook.key: self.reader.hook}
-        inputs: dict[str, Tensor] = {}  # a steering transcoder's input hook -> the activation the model ran on there
+        inputs: dict[str, Tensor | None] = {}  # a steering transcoder's input hook -> the activation the model ran on there
         for i, entry in enumerate(self.steering):
             written = entry.dictionary.hook_out or entry.dictionary.hook
             at.setdefault(written.key, []).append(i)
             points.setdefault(written.key, written)
             if entry.dictionary.hook_out is not None:
                 points.setdefault(entry.dictionary.hook.key, entry.dictionary.hook)
-                inputs[entry.dictionary.hook.key] = torch.empty(0)
+                inputs[entry.dictionary.hook.key] = None  # until the forward passes it
         edits: dict[str, list[DirectionEdit]] = {}
         for group in self.directions:
             edits.setdefault(group.hook.key, []).extend(group.edits)
@@ -184,7 +184,7 @@ class Generation:
         def input_of(i: int) -> Tensor:
             """A steering transcoder's input, as the model ran on it at its input hook in this forward."""
             seen_input = inputs[self.steering[i].dictionary.hook.key]
-            if seen_input.numel() == 0:
+            if seen_input is None:
                 raise MonosemanticError(f"transcoder {self.steering[i].dictionary.ref} writes at a hook the model runs "
                                         "before the one it reads: it cannot steer")
             return seen_input

@@ -298,10 +298,13 @@ class SparseAutoencoder(nn.Module):
         """The dictionary's reconstruction of (a transcoder's: prediction from) raw activations x, in raw units:
         decode(encode(x)) plus the skip path where there is one. ``features``: encode(x), when already computed."""
         features = self.encode(x) if features is None else features
-        out = self.decode(features)
-        if (skipped := self.skip(x * self.cfg.input_scale)) is not None:
-            out = out + skipped / self.output_scale
-        return out
+        return (features @ self.W_dec) / self.output_scale + self.offset(x)
+
+    def offset(self, x: Tensor) -> Tensor:
+        """What the dictionary writes for raw inputs x whatever its features, in raw units: b_dec, plus a skip
+        transcoder's linear path (attribution's `rest`, the readout's sparse reconstruction add it to the features')."""
+        skipped = self.skip(x * self.cfg.input_scale)
+        return (self.b_dec if skipped is None else self.b_dec + skipped) / self.output_scale
 
     def with_skip(self, x_hat_n: Tensor, x_n: Tensor) -> Tensor:
         """A normalised reconstruction plus the skip path, where there is one."""
