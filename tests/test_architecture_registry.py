@@ -128,7 +128,7 @@ def test_options_are_checked_against_the_class_and_messages_name_the_registered_
         _config(architecture=BATCH_TOPK, k=4, sparsity_coefficient=1.0)
     with pytest.raises(ConfigError, match=f"{BATCH_TOPK} takes k or target_l0"):
         _config(architecture=BATCH_TOPK, k=4, target_l0=4)
-    with pytest.raises(ConfigError, match=f"initial_firing_rate applies to jumprelu only, not {BATCH_TOPK}"):
+    with pytest.raises(ConfigError, match=f"initial_firing_rate applies to jumprelu, jumprelu-transcoder or jumprelu-skip-transcoder only, not {BATCH_TOPK}"):
         _config(architecture=BATCH_TOPK, k=4, initial_firing_rate=0.1)
     with pytest.raises(ConfigError, match=f"k is required for the {BATCH_TOPK} architecture"):
         SAEConfig.build(architecture=BATCH_TOPK, d_in=4, d_sae=8)
@@ -136,10 +136,11 @@ def test_options_are_checked_against_the_class_and_messages_name_the_registered_
 
 
 def test_an_unregistered_name_is_refused_listing_the_registered_ones(registered):
-    with pytest.raises(ConfigError, match=f"architecture: Input should be 'relu', 'topk', 'jumprelu', 'batchtopk', 'gated', 'matryoshka', 'transcoder', 'skip-transcoder', '{BATCH_TOPK}' or "
+    with pytest.raises(ConfigError, match=f"architecture: Input should be 'relu', 'topk', 'jumprelu', 'batchtopk', 'gated', 'matryoshka', 'transcoder', 'skip-transcoder', 'relu-transcoder', "
+                                          f"'relu-skip-transcoder', 'jumprelu-transcoder', 'jumprelu-skip-transcoder', '{BATCH_TOPK}' or "
                                           f"'{QUIET_RELU}' \\(got 'quantum'\\)"):
         _config(architecture="quantum")
-    with pytest.raises(ConfigError, match="unknown architecture 'quantum'; known: batchtopk, gated, jumprelu, matryoshka, relu, skip-transcoder, test-batchtopk"):
+    with pytest.raises(ConfigError, match="unknown architecture 'quantum'; known: batchtopk, gated, jumprelu, jumprelu-skip-transcoder, jumprelu-transcoder, matryoshka, relu, relu-skip-transcoder, relu-transcoder, skip-transcoder, test-batchtopk"):
         architecture_class("quantum")
     assert TrainConfig.model_json_schema()["properties"]["architecture"]["enum"] == list(SAE_REGISTRY)
 
@@ -158,4 +159,8 @@ def test_the_shipped_architectures_declare_what_the_trainer_did_by_name():
         "gated": (5.0, False, True, True, False, False),
         "transcoder": (0.0, True, False, False, True, False),
         "skip-transcoder": (0.0, True, False, False, True, False),
+        "relu-transcoder": (5.0, False, True, True, False, False),
+        "relu-skip-transcoder": (5.0, False, True, True, False, False),
+        "jumprelu-transcoder": (1.0, False, True, False, False, True),
+        "jumprelu-skip-transcoder": (1.0, False, True, False, False, True),
     }

@@ -125,7 +125,7 @@ def test_an_older_jumprelu_file_with_log_thresholds_imports(tmp_path, activation
     ("reshape_activations", "hook_z", "hook_z"),
     ("hook_head_index", 3, "hook_head_index"),
     ("architecture", "quantum", "architecture 'quantum'"),
-    ("architecture", "transcoder", "transcoder"),
+    ("architecture", "transcoder", "apply_b_dec_to_input is true for a transcoder"),
 ])
 def test_what_saelens_files_say_that_cannot_be_represented_is_refused_by_name(tmp_path, field, value, named):
     saelens_sae("standard", "float32").save_model(tmp_path / "sae")
@@ -171,7 +171,7 @@ def test_a_sparsify_dictionary_imports_encoding_and_decoding_as_sparsify_does(tm
     assert imported.dtype == str(dtype).removeprefix("torch.")
 
 
-@pytest.mark.parametrize("cfg, named", [({"transcode": True}, "transcode"), ({"skip_connection": True}, "skip_connection"),
+@pytest.mark.parametrize("cfg, named", [({"skip_connection": True}, "skip_connection is set without transcode"),
                                         ({"activation": "groupmax"}, "groupmax")])
 def test_what_sparsify_files_say_that_cannot_be_represented_is_refused_by_name(tmp_path, cfg, named):
     sparsify_sae(torch.float32, **cfg).save_to_disk(tmp_path / "layers.0")

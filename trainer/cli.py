@@ -374,6 +374,9 @@ def import_cmd(
     model: Annotated[Optional[str], typer.Option(help="the model it reads: a directory or hub id (default: the shipped reference LM)")] = None,
     hook: Annotated[Optional[str], typer.Option(help="where on the model (default: the hook the source records: SAELens "
                                                 "metadata.hook_name, a sparsify folder's hookpoint, a Gemma Scope path)")] = None,
+    hook_out: Annotated[Optional[str], typer.Option(help="a transcoder's: where on the model it writes (default: the hook the "
+                                                    "source records: SAELens metadata.hook_name_out, a sparsify "
+                                                    "transcoder's hookpoint, whose input it reads)")] = None,
     revision: Annotated[Optional[str], typer.Option(help="the hub revision of a hub SRC")] = None,
     sae_id: Annotated[Optional[str], typer.Option(help="with --from saelens: SRC is a SAELens release (gpt2-small-res-jb) and "
                                                   "this the SAE's id in it (blocks.8.hook_resid_pre), found through SAELens's "
@@ -384,8 +387,8 @@ def import_cmd(
     from trainer.interchange import import_dictionary
 
     try:
-        result = import_dictionary(from_, source, model=model, hook=hook, registry=registry, name=name, revision=revision,
-                                   sae_id=sae_id)
+        result = import_dictionary(from_, source, model=model, hook=hook, hook_out=hook_out, registry=registry, name=name,
+                                   revision=revision, sae_id=sae_id)
     except MonosemanticError as exc:
         _fail(exc)
     _print_json(result)

@@ -93,9 +93,9 @@ def locate_release(release: str, sae_id: str, revision: str | None = None) -> Re
 
 
 def import_dictionary(fmt: str, source: str, *, model: str | None, hook: str | None, registry: Path, name: str,
-                      revision: str | None = None, sae_id: str | None = None) -> dict[str, Any]:
+                      revision: str | None = None, sae_id: str | None = None, hook_out: str | None = None) -> dict[str, Any]:
     """Read ``source`` in format ``fmt`` (with ``sae_id``: ``source`` is a SAELens release) and publish it as the
-    next version of ``name``, bound to ``model``."""
+    next version of ``name``, bound to ``model`` (a transcoder at ``hook`` and ``hook_out``)."""
     found = None
     if sae_id is not None:
         if fmt != "saelens":
@@ -110,8 +110,16 @@ def import_dictionary(fmt: str, source: str, *, model: str | None, hook: str | N
     if hook_name is None:
         raise ConfigError(f"the {fmt} source records no hook: give --hook (a TransformerLens name or an HF module path)")
     if hook is None and imported.hook_relative_to_base_model:
-        prefix = getattr(lm.model, "base_model_prefix", "")
-        hook_name = f"{prefix}.{hook_name}" if prefix and hasattr(lm.model, prefix) else hook_name
+        hook_name = _under_base_model(lm, hook_name)
+    pairs = imported.sae.reads_pairs
+    if hook_out is not None and not pairs:
+        raise ConfigError(f"--hook-out is a transcoder's output hook; this {fmt} dictionary ({imported.sae.cfg.architecture}) "
+                          "reads and reconstructs one hook")
+    out_name = hook_out or imported.hook_out
+    if pairs and out_name is None:
+        raise ConfigError(f"the {fmt} transcoder records no output hook: give --hook-out (where its predictions are written)")
+    if hook_out is None and out_name is not None and imported.hook_relative_to_base_model:
+        out_name = _under_base_model(lm, out_name)
     sae, folded = imported.sae, list(imported.source.get("folded", []))
     if found is not None and found.centred and hook_name.endswith(RESIDUAL_WRITES):
         sae, folded = centre_inputs(sae), [*folded, "center_writing_weights: inputs centred in the encoder"]
@@ -123,13 +131,24 @@ def import_dictionary(fmt: str, source: str, *, model: str | None, hook: str | N
     d_in = sae.cfg.d_in
     model_ref, hook_ref = _model_and_hook(model or str(_model_or_reference(None)), hook_name, d_in,
                                           f"the {fmt} dictionary's inputs (d_in)", lm=lm)
+    written = {}
+    if pairs:  # resolved on the model with the transcoder's output width, as a paired harvest records it
+        _, written["hook_out"] = _model_and_hook(model or str(_model_or_reference(None)), out_name, sae.d_out,
+                                                 f"the {fmt} transcoder's outputs (d_out)", lm=lm, option="--hook-out")
     dtype = "float32" if sae is not imported.sae else imported.dtype
     _require_writable(registry, _dictionary_bytes(d_in, sae.cfg.d_sae, dtype), "the registry")
     source_record = {**imported.source, **where, "folded": folded, "model_name": imported.model_name, "hook_given": hook is not None}
     path = publish(registry, name, sae, model=model_ref, hook=hook_ref, dtype=dtype,
-                   extra={"source": source_record, "training": {"imported": fmt}})
+                   extra={"source": source_record, "training": {"imported": fmt}, **written})
     return {"published": str(path), "architecture": sae.cfg.architecture, "d_in": d_in, "d_sae": sae.cfg.d_sae,
-            "hook": hook_ref.name, "dtype": dtype, "folded": folded}
+            "hook": hook_ref.name, **({"hook_out": written["hook_out"].name, "d_out": sae.d_out} if pairs else {}),
+            "dtype": dtype, "folded": folded}
+
+
+def _under_base_model(lm: Any, hook: str) -> str:
+    """A sparsify hookpoint (a module path under the model's base_model) as a path from the model itself."""
+    prefix = getattr(lm.model, "base_model_prefix", "")
+    return f"{prefix}.{hook}" if prefix and hasattr(lm.model, prefix) else hook
 
 
 def export_dictionary(fmt: str, *, registry: Path, dictionary: str, out: Path) -> dict[str, Any]:
@@ -144,7 +163,7 @@ def export_dictionary(fmt: str, *, registry: Path, dictionary: str, out: Path) -
     about = ExportAbout(
         reference=f"{m.name}:v{m.version}", model_name=m.model.source or m.model.name, hook_alias=m.hook.alias,
         hook_module_path=m.hook.module_path, hook_kind=m.hook.kind, density=loaded.features.get("density"),
-        context_length=m.data.get("context_length"), dataset=text.get("dataset"),
+        context_length=m.data.get("context_length"), dataset=text.get("dataset"), hook_out=m.hook_out,
     )
     # Written beside and renamed: a failed export leaves no half-written directory that a tool might load.
     out.parent.mkdir(parents=True, exist_ok=True)

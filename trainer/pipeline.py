@@ -167,13 +167,15 @@ def _bound_to_model(model: str | Path | None, hook: str | None, d_in: int, harve
     return _model_and_hook(model, hook, d_in, "the activations")
 
 
-def _model_and_hook(model: str | Path, hook: str, d_in: int, what: str, lm: LoadedLM | None = None) -> tuple[ModelRef, HookRef]:
+def _model_and_hook(model: str | Path, hook: str, d_in: int, what: str, lm: LoadedLM | None = None,
+                    option: str = "--hook") -> tuple[ModelRef, HookRef]:
     """``model`` and ``hook`` as a manifest records them: the hook resolved on the model (in the form serving
-    resolves), with the width ``d_in`` of ``what``. ``lm``: the model already loaded from ``model``."""
+    resolves), with the width ``d_in`` of ``what``. ``lm``: the model already loaded from ``model``; ``option``: the
+    flag a problem is reported against."""
     lm = lm if lm is not None else load_lm(_model_or_reference(model), dtype="auto")
     point = resolve_hook(lm.model, hook)
     if (problem := width_mismatch(lm, point, d_in, what)) is not None:
-        raise ConfigError(f"--hook {hook}: {problem}")
+        raise ConfigError(f"{option} {hook}: {problem}")
     return (ModelRef(name=str(model), checksum=lm.checksum, source=model_source(model)),
             HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
 

@@ -354,25 +354,27 @@ class Trainer:
         if dead.numel() == 0:
             return 0
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        inputs = self.source.sample(min(self.source.rows, 64 * cfg.batch_size), seed=cfg.seed + self.step)
+        inputs, targets = self.source.split(self.source.sample(min(self.source.rows, 64 * cfg.batch_size), seed=cfg.seed + self.step))
+        wanted = inputs if targets is None else targets  # what the dictionary reconstructs: a transcoder's targets
         losses = []
-        for chunk in inputs.split(cfg.batch_size):
-            x_n = chunk * self.input_scale
-            x_hat_n = sae.decode(sae.encode(chunk)) * self.input_scale
-            losses.append((x_n - x_hat_n).pow(2).sum(-1))
+        for x, y in zip(inputs.split(cfg.batch_size), wanted.split(cfg.batch_size)):
+            losses.append(((y - sae.reconstruct(x)) * sae.output_scale).pow(2).sum(-1))
         weights = torch.cat(losses).pow(2)  # sampling probability ∝ squared loss
         if not bool(torch.isfinite(weights).all()):
             raise TrainingDiverged(f"training stopped at step {self.step}: reconstruction losses are not finite at the resample")
         if float(weights.sum()) <= 0:
             return 0
         picked = torch.multinomial(weights, dead.numel(), replacement=True, generator=generator)
-        # The encoder sees x − b_dec, so that centred input is the direction a revived feature should detect.
-        directions = inputs[picked] * self.input_scale - sae.b_dec
+        # The encoder sees x − b_dec, so that centred input is the direction a revived feature should detect; it writes
+        # the centred target (for a dictionary the same vector; for a transcoder the output it was paired with).
+        directions = inputs[picked] * self.input_scale - sae.input_bias
         directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        writes = wanted[picked] * sae.output_scale - sae.b_dec
+        writes /= writes.norm(dim=1, keepdim=True).clamp_min(1e-8)
         alive = torch.ones(cfg.d_sae, dtype=torch.bool)
         alive[dead] = False
         alive_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-        sae.W_dec[dead] = directions
+        sae.W_dec[dead] = writes
         sae.W_enc[:, dead] = (directions * 0.2 * alive_norm).t()
         sae.b_enc[dead] = 0.0
         own = sae.revive(dead)  # the architecture's own parameters (gated's magnitude path)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
+from monosemantic.artifact import HookRef
 from monosemantic.errors import InteropError
 from monosemantic.sae import SparseAutoencoder
 
@@ -32,6 +33,7 @@ class Imported(NamedTuple):
     hook_relative_to_base_model: bool  # sparsify: a module path under the model's base_model (GPT-2: h.0.mlp.act)
     model_name: str | None  # the model the source says it was trained on (for the manifest; the checksum decides)
     source: dict[str, Any]  # format, location and the source's own config, recorded in the manifest
+    hook_out: str | None = None  # a transcoder's: the hook it writes (``hook`` is the one it reads), as the source records it
 
 
 class ExportAbout(NamedTuple):
@@ -45,6 +47,7 @@ class ExportAbout(NamedTuple):
     density: Tensor | None  # per-feature firing fraction, from the dictionary's statistics
     context_length: int | None
     dataset: str | None
+    hook_out: HookRef | None = None  # a transcoder's: where it writes (the manifest's hook_out)
 
 
 class Written(NamedTuple):

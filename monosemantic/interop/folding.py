@@ -27,9 +27,11 @@ from monosemantic.sae import SAEConfig, SparseAutoencoder, architecture_class, s
 
 class AffineSAE(NamedTuple):
     """A dictionary as plain tensors in SAELens orientation (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``),
-    encoding ``σ((x − b_dec) W_enc + b_enc)`` and decoding ``f W_dec + b_dec`` on raw activations."""
+    encoding ``σ((x − b_dec) W_enc + b_enc)`` and decoding ``f W_dec + b_dec`` on raw activations; a transcoder
+    encodes ``σ(x W_enc + b_enc)`` and decodes ``f W_dec + b_dec (+ x W_skipᵀ)`` into its own width (``W_dec [d_sae,
+    d_out]``, ``W_skip [d_out, d_in]``)."""
 
-    architecture: str  # monosemantic's: relu | topk | jumprelu | gated
+    architecture: str  # monosemantic's registered name: relu | topk | jumprelu | gated | a transcoder
     W_enc: Tensor
     b_enc: Tensor
     W_dec: Tensor
@@ -37,7 +39,8 @@ class AffineSAE(NamedTuple):
     threshold: Tensor | None = None
     k: int | None = None
     # The architecture's further tensors, acting on the pre-activations (gated's r_mag, b_mag): the input scale leaves
-    # them as they are; a shift of the pre-activations goes through the class's shift_pre_activations.
+    # them as they are; a shift of the pre-activations goes through the class's shift_pre_activations. A skip
+    # transcoder's W_skip travels here too.
     extra: dict[str, Tensor] | None = None
 
 
@@ -51,20 +54,23 @@ def build(source: AffineSAE, *, subtract_b_dec: bool = True, selection_scale: Te
     The matrices stay float32 (a half source widens exactly); the one product a fold needs, ``b_dec W_enc``, is
     accumulated in float64 a block of columns at a time, so a 2304 × 65536 import holds no float64 copy of W_enc."""
     t = {name: getattr(source, name).detach().to(torch.float32) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    arch = architecture_class(source.architecture)
     d_in, d_sae = t["W_enc"].shape
-    for name, shape in (("b_enc", (d_sae,)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,))):
+    # A transcoder's decoder writes its own width (W_dec [d_sae, d_out]); a dictionary's, its input's.
+    d_out = t["W_dec"].shape[-1] if arch.reads_pairs and t["W_dec"].dim() == 2 else d_in
+    for name, shape in (("b_enc", (d_sae,)), ("W_dec", (d_sae, d_out)), ("b_dec", (d_out,))):
         if tuple(t[name].shape) != shape:
             raise InteropError(f"{name} has shape {tuple(t[name].shape)}; with W_enc {tuple(t['W_enc'].shape)} it must be {shape}")
+    own = {"W_skip": (d_out, d_in)}  # the one further tensor that is not one value per feature (a skip transcoder's)
     for name, value in (source.extra or {}).items():
         t[name] = value.detach().to(torch.float32)
-        if tuple(t[name].shape) != (d_sae,):
-            raise InteropError(f"{name} has shape {tuple(value.shape)}, expected ({d_sae},)")
+        if tuple(t[name].shape) != own.get(name, (d_sae,)):
+            raise InteropError(f"{name} has shape {tuple(value.shape)}, expected {own.get(name, (d_sae,))}")
     for name, value in t.items():
         if not bool(torch.isfinite(value).all()):
             raise InteropError(f"{name} holds NaN or inf")
-    arch = architecture_class(source.architecture)
     folded = False
-    if not subtract_b_dec and bool(t["b_dec"].any()):
+    if not subtract_b_dec and not arch.reads_pairs and bool(t["b_dec"].any()):  # a transcoder's encoder subtracts nothing
         arch.shift_pre_activations(t, _times_columns(t["b_dec"], t["W_enc"]))
         folded = True
     if selection_scale is not None:
@@ -75,9 +81,9 @@ def build(source: AffineSAE, *, subtract_b_dec: bool = True, selection_scale: Te
         t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n32, (t["b_enc"].double() * n).float(), t["W_dec"] / n32[:, None]
         folded = True
     tensors = dict(t)
-    if source.architecture == "jumprelu":
+    if arch.learned_threshold:
         if source.threshold is None:
-            raise InteropError("a JumpReLU dictionary needs a threshold")
+            raise InteropError(f"a {source.architecture} dictionary needs a threshold")
         threshold = source.threshold.detach().to(torch.float32).reshape(-1)
         if threshold.numel() == 1:
             threshold = threshold.expand(d_sae).clone()  # one threshold for every feature (Llama Scope's form)
@@ -85,7 +91,8 @@ def build(source: AffineSAE, *, subtract_b_dec: bool = True, selection_scale: Te
             raise InteropError(f"threshold has shape {tuple(source.threshold.shape)}, expected ({d_sae},)")
         # relu(z)·1{z > θ} (SAELens, Gemma Scope) is z·1{z > max(θ, 0)}: a threshold below 0 acts as 0.
         tensors["threshold"] = threshold.clamp_min(0)
-    cfg = SAEConfig.build(architecture=source.architecture, d_in=d_in, d_sae=d_sae, k=source.k)
+    cfg = SAEConfig.build(architecture=source.architecture, d_in=d_in, d_sae=d_sae, k=source.k,
+                          d_out=d_out if arch.reads_pairs else None)
     return sae_from_tensors(cfg, tensors), folded
 
 
@@ -131,6 +138,9 @@ def centre_inputs(sae: SparseAutoencoder) -> SparseAutoencoder:
     read of the residual stream goes through a norm that removes the mean, so the model's outputs are unchanged."""
     if sae.cfg.input_scale != 1.0:
         raise InteropError("centring is folded into an imported dictionary, before any input scale")
+    if sae.reads_pairs:
+        raise InteropError(f"a {sae.cfg.architecture} from a release loaded with center_writing_weights reads centred "
+                           "residual activations; monosemantic folds that centring into dictionaries only")
     t = {name: value.detach().float() for name, value in sae.tensors().items()}
     w = t["W_enc"]
     column_sums = w.sum(0, dtype=torch.float64)

@@ -2,7 +2,8 @@
 
 sparsify encodes ``topk(relu((x − b_dec) Eᵀ + e))`` with ``encoder.weight`` E ``[d_sae, d_in]`` (the transpose of
 SAELens's ``W_enc``) and decodes ``f W_dec + b_dec``; a training run is laid out as ``<run>/<hookpoint>/``, the
-hookpoint a module path under the model's ``base_model`` (GPT-2: ``h.0.mlp.act``) whose output is read. ReLU before
+hookpoint a module path under the model's ``base_model`` (GPT-2: ``h.0.mlp.act``) whose output is read; a transcoder
+(``transcode``, with ``skip_connection`` its ``W_skip [d_in, d_in]``) reads the hookpoint's input and predicts its output. ReLU before
 the top-k equals monosemantic's top-k then ReLU (both keep max(z, 0) of the k largest). SAELens's own sparsify loader
 transposes ``W_dec`` for these files, so it is not a reference for them; sparsify itself is.
 """
@@ -35,14 +36,16 @@ class SparsifyFormat(Format):
         refuse_pickles(location)
         what = f"sparsify dictionary {location.name}"
         cfg = read_json(location / CFG_FILE, what)
-        require(not cfg.get("transcode"), f"{what}: transcode is set: a transcoder maps one activation to another, not a "
-                "dictionary of one hook")
-        require(not cfg.get("skip_connection"), f"{what}: skip_connection is set: a linear skip path cannot be represented")
+        transcode, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
+        require(transcode or not skip, f"{what}: skip_connection is set without transcode: a dictionary of one hook with a "
+                "linear skip path cannot be represented")
         activation = cfg.get("activation", "topk")
         require(activation == "topk", f"{what}: activation {activation!r} cannot be represented (monosemantic reads topk)")
         tensors = read_safetensors(location / WEIGHTS_FILE, what)
-        unknown, missing = sorted(set(tensors) - TENSORS), sorted(TENSORS - set(tensors))
-        require(not unknown, f"{what}: tensors {', '.join(unknown)} cannot be represented")
+        expected = TENSORS | ({"W_skip"} if skip else set())
+        unknown, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        require(not unknown, f"{what}: tensors {', '.join(unknown)} cannot be represented"
+                f"{' (W_skip without skip_connection)' if 'W_skip' in unknown else ''}")
         require(not missing, f"{what}: tensors {', '.join(missing)} are missing from {WEIGHTS_FILE} (saved without a decoder?)")
         d_sae, d_in = tuple(tensors["encoder.weight"].shape)
         require(cfg.get("d_in") in (None, d_in), f"{what}: cfg.json says d_in {cfg.get('d_in')}; encoder.weight is [{d_sae}, {d_in}]")
@@ -50,10 +53,17 @@ class SparsifyFormat(Format):
         require(latents == d_sae, f"{what}: cfg.json gives {latents} latents (num_latents / expansion_factor); encoder.weight has {d_sae}")
         k = cfg.get("k", 32)
         require(isinstance(k, int) and 0 < k <= d_sae, f"{what}: k {k!r} must be an integer in 1..{d_sae}")
-        sae, _ = build(AffineSAE("topk", tensors["encoder.weight"].T, tensors["encoder.bias"], tensors["W_dec"], tensors["b_dec"], k=k))
+        # A transcoder at hookpoint H reads H's input and predicts H's output (sparsify's trainer hooks both); its
+        # encoder subtracts no b_dec, as ours (monosemantic/transcoder.py).
+        architecture = "skip-transcoder" if skip else "transcoder" if transcode else "topk"
+        extra = {"W_skip": tensors["W_skip"]} if skip else None
+        sae, _ = build(AffineSAE(architecture, tensors["encoder.weight"].T, tensors["encoder.bias"], tensors["W_dec"],
+                                 tensors["b_dec"], k=k, extra=extra))
         return Imported(
-            sae=sae, dtype=dtype_name(tensors), hook=location.name, hook_relative_to_base_model=True, model_name=None,
+            sae=sae, dtype=dtype_name(tensors), hook=f"{location.name}:input" if transcode else location.name,
+            hook_relative_to_base_model=True, model_name=None,
             source={"format": self.name, "config": cfg, "dtype": dtype_name(tensors), "hookpoint": location.name},
+            hook_out=location.name if transcode else None,
         )
 
     def write(self, sae: SparseAutoencoder, out: Path, about: ExportAbout) -> Written:
