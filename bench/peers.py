@@ -1,5 +1,6 @@
 """Peer SAE training steps timed on the bench's data: SAELens (standard ReLU/L1, JumpReLU, BatchTopK, Matryoshka BatchTopK and gated, through
-its own SAETrainer) and sparsify (TopK SparseCoder, one step of its Trainer mirrored line for line).
+its own SAETrainer) and sparsify (TopK SparseCoder, autoencoding or transcoding, one step of its Trainer mirrored line
+for line).
 
 Both packages are optional (the `bench` extra). Nothing here imports them at module import time, so
 bench/train_sae.py keeps working in an environment without them; `installed()` says which are present.
@@ -14,7 +15,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -143,10 +144,20 @@ def sparsify_decoder() -> str:
     return "triton embedding_bag" if utils.decoder_impl is utils.triton_decode else "eager embedding_bag"
 
 
-def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, steps: int, autocast: bool,
-                  optimizer: Literal["signum", "adam"]) -> float:
+class SparsifyRun(NamedTuple):
+    """sparsify's training step on one (input, target) batch, its SparseCoder, and ``finish`` (the schedule-free
+    optimizer's averaged weights swapped in, as sparsify's Trainer does before it saves)."""
+
+    step: Callable[[Tensor, Tensor], None]
+    sae: object  # sparsify.SparseCoder
+    finish: Callable[[], None]
+
+
+def sparsify_run(d_in: int, d_sae: int, k: int, total_steps: int, autocast: bool, optimizer: Literal["signum", "adam"],
+                 transcode: bool = False, skip: bool = False) -> SparsifyRun:
     """One sparsify training step, mirroring sparsify/trainer.py (Trainer.__init__ and fit()) for loss_fn="fvu",
-    one hookpoint, one seed, grad_acc_steps = micro_acc_steps = 1, autoencoding (not transcoding).
+    one hookpoint, one seed, grad_acc_steps = micro_acc_steps = 1; autoencoding, or with ``transcode`` (and ``skip``,
+    its skip_connection) transcoding, the step then taking the hookpoint's input and output rows.
 
     sparsify's Trainer only runs on a language model through forward hooks, so its step cannot be called on
     activation rows directly; the LM plumbing (hooks, input_ids masks, the copy of the hooked output) is left
@@ -154,7 +165,7 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
 
     sparsify wraps SparseCoder.forward in bf16 autocast only on CUDA (`enabled=torch.cuda.is_bf16_supported()`),
     so on CPU its own step is fp32; `autocast=True` wraps the same forward in `torch.autocast("cpu", bfloat16)`,
-    the scope its CUDA decorator has.
+    the scope its CUDA decorator has. ``total_steps`` is the length of its LR schedule (len(dataset) // batch_size).
     """
     with contextlib.redirect_stdout(io.StringIO()):  # sparsify.utils prints its decoder choice on import
         from schedulefree import ScheduleFreeWrapper
@@ -165,11 +176,10 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
 
     # auxk_alpha is 0 by default in sparsify, which would skip the dead-latent bookkeeping altogether; 1/32 is the
     # paper's AuxK weight and the one our TopK trainer uses, so both steps carry the same dead_mask path.
-    cfg = TrainConfig(SparseCoderConfig(k=k, num_latents=d_sae), optimizer=optimizer, auxk_alpha=1 / 32,
-                      log_to_wandb=False)
+    cfg = TrainConfig(SparseCoderConfig(k=k, num_latents=d_sae, transcode=transcode, skip_connection=skip),
+                      optimizer=optimizer, auxk_alpha=1 / 32, log_to_wandb=False)
     torch.manual_seed(cfg.init_seeds[0])
-    sae = SparseCoder(source.d_in, cfg.sae, "cpu", dtype=torch.float32)
-    num_batches = WARMUP_STEPS + steps  # len(dataset) // batch_size: the length of its LR schedule
+    sae = SparseCoder(d_in, cfg.sae, "cpu", dtype=torch.float32)
 
     # ---- Trainer.__init__: the optimizer block, verbatim for one SAE ----
     lr_schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
@@ -180,7 +190,7 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
             from torch.optim import Adam
         adam = Adam([{"params": sae.parameters(), "lr": cfg.lr or 2e-4 / (sae.num_latents / (2**14)) ** 0.5}])
         optimizers: list = [adam]
-        lr_schedulers = [get_linear_schedule_with_warmup(adam, cfg.lr_warmup_steps, num_batches)]
+        lr_schedulers = [get_linear_schedule_with_warmup(adam, cfg.lr_warmup_steps, total_steps)]
     else:  # "signum", sparsify's default optimizer
         opt = ScheduleFreeWrapper(
             SignSGD([{"params": sae.parameters(), "lr": cfg.lr or 5e-3 / (sae.num_latents / (2**14)) ** 0.5}]),
@@ -192,17 +202,19 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
     global_step = 0
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
-    def step(x: Tensor) -> None:
+    def step(x: Tensor, y: Tensor) -> None:
         nonlocal global_step
         # ---- the forward hook ----
-        if global_step == 0:
-            sae.b_dec.data = x.mean(0).to(sae.dtype)  # "ensure the preactivations are centered at initialization"
-        if sae.cfg.normalize_decoder:
+        if global_step == 0:  # "ensure the preactivations are centered at initialization"
+            if cfg.sae.transcode:
+                sae.encoder.bias.data = -x.mean(0).to(sae.dtype) @ sae.encoder.weight.data.T
+            sae.b_dec.data = y.mean(0).to(sae.dtype)
+        if sae.cfg.normalize_decoder and not cfg.sae.transcode:
             sae.set_decoder_norm_to_unit_norm()
         dead_mask = num_tokens_since_fired > cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
-        total_variance = (x - x.mean(0)).pow(2).sum()
+        total_variance = (y - y.mean(0)).pow(2).sum()
         with precision:
-            out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+            out = sae(x=x, y=y, dead_mask=dead_mask, total_variance=total_variance)
         did_fire[out.latent_indices.flatten()] = True
         # The hook reads these metrics back every step (a synchronisation point), so the mirror does too.
         float(out.fvu.detach())
@@ -224,6 +236,23 @@ def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, step
             num_tokens_since_fired[did_fire] = 0
             did_fire.zero_()
         global_step += 1
+
+    def finish() -> None:
+        for optim in optimizers:
+            if isinstance(optim, ScheduleFreeWrapper):
+                optim.eval()
+
+    return SparsifyRun(step, sae, finish)
+
+
+def sparsify_rate(source: ActivationSource, d_sae: int, k: int, batch: int, steps: int, autocast: bool,
+                  optimizer: Literal["signum", "adam"], skip: bool = False) -> float:
+    """Tokens/s of sparsify's step on ``source``'s rows: autoencoding them, or on a paired source transcoding."""
+    run = sparsify_run(source.d_in, d_sae, k, WARMUP_STEPS + steps, autocast, optimizer, transcode=source.paired, skip=skip)
+
+    def step(rows: Tensor) -> None:
+        x, y = source.split(rows)
+        run.step(x, x if y is None else y)
 
     with _float32_matmul_precision("high"):  # as fit() sets it ("high" is TF32, a no-op on CPUs without it)
         return _rate(step, source.batches(batch, seed=0), steps)

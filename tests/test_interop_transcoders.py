@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from monosemantic.artifact import HookRef, load_dictionary
 from monosemantic.errors import InteropError
 from monosemantic.interop import ExportAbout, get_format
-from monosemantic.sae import SAEConfig, build_sae
+from monosemantic.sae import SAE_REGISTRY, SAEConfig, build_sae
 from test_interop import TOLERANCE, close
 from trainer.cli import app
 
@@ -57,7 +57,7 @@ def saelens_transcoder(architecture: str, d_out: int = D_OUT):
 def ours(architecture: str, d_out: int = D_OUT):
     """One of our transcoders with every tensor away from its start and input and output scales other than 1."""
     cfg = SAEConfig.build(architecture=architecture, d_in=D_IN, d_sae=D_SAE, d_out=d_out, input_scale=2.7, output_scale=0.6,
-                          k=K if "relu" not in architecture else None)
+                          k=K if SAE_REGISTRY[architecture].takes_k else None)
     sae = build_sae(cfg, seed=1)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
