@@ -149,10 +149,15 @@ def test_on_a_map_with_a_linear_path_the_skip_transcoder_recovers_the_features_a
     assert skip_fvu < 0.5 * plain_fvu
 
 
-def test_a_published_skip_transcoder_loads_with_its_output_width_scales_and_skip_path(tmp_path):
+@pytest.mark.parametrize("arch", sorted(a for a, cls in SAE_REGISTRY.items() if cls.reads_pairs))
+def test_a_published_transcoder_loads_with_its_output_width_scales_threshold_and_skip_path(tmp_path, arch):
     from monosemantic.artifact import HookRef, ModelRef
 
-    sae = _transcoder(input_scale=2.0, output_scale=0.5).eval()
+    sae = _transcoder(arch, input_scale=2.0, output_scale=0.5)
+    if hasattr(sae, "log_threshold"):
+        with torch.no_grad():
+            sae.log_threshold.uniform_(-2, 0.5, generator=torch.Generator().manual_seed(3))
+    sae = sae.eval()
     path = publish(tmp_path, "tc", sae, model=ModelRef(name="m", checksum="c"), hook=HookRef(name="a", module_path="a"),
                    extra={"hook_out": HookRef(name="b", module_path="b")})
     loaded = load_dictionary(tmp_path, "tc")
