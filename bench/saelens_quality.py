@@ -1,7 +1,12 @@
 """Benchmark: the dictionary each trainer makes of the same activations, ours against SAELens's own training, at the
-same k (so the same mean L0) and the same budget of rows.
+same mean L0 and the same budget of rows.
 
     python bench/saelens_quality.py --harvest runs/harvest [--tokens 2000000] [--archs topk,batchtopk,matryoshka]
+    python bench/saelens_quality.py --harvest runs/harvest --archs relu,jumprelu,gated [--coefficient 1.0]
+
+The TopK family shares k (so the mean L0). ReLU, JumpReLU and gated have no k: SAELens trains first at its
+coefficient (``--coefficient``, its default 1.0: ``l1_coefficient``, JumpReLU's ``l0_coefficient``), and ours is then
+steered to SAELens's served L0 (``target_l0``), so the two FVUs are read at (about) one L0.
 
 For each architecture both sides train on the same rows in the same order (batch 4,096, d_sae 4,096, k 24), each
 at its own defaults (ours: trainer/train.py's; SAELens: ``SAETrainer.fit()`` at LanguageModelSAERunnerConfig's lr
@@ -28,7 +33,11 @@ from trainer.train import TrainConfig, Trainer
 HELD_OUT, BATCH, D_SAE, K = 16_384, 4096, 4096, 24
 SAELENS_CLASSES = {"topk": ("TopKTrainingSAE", "TopKTrainingSAEConfig"),
                    "batchtopk": ("BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig"),
-                   "matryoshka": ("MatryoshkaBatchTopKTrainingSAE", "MatryoshkaBatchTopKTrainingSAEConfig")}
+                   "matryoshka": ("MatryoshkaBatchTopKTrainingSAE", "MatryoshkaBatchTopKTrainingSAEConfig"),
+                   "relu": ("StandardTrainingSAE", "StandardTrainingSAEConfig"),
+                   "jumprelu": ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"),
+                   "gated": ("GatedTrainingSAE", "GatedTrainingSAEConfig")}
+COEFFICIENT_FIELD = {"relu": "l1_coefficient", "jumprelu": "l0_coefficient", "gated": "l1_coefficient"}  # SAELens's names
 
 
 def score(encode, decode, held: torch.Tensor) -> tuple[float, float]:
@@ -38,15 +47,17 @@ def score(encode, decode, held: torch.Tensor) -> tuple[float, float]:
         return fvu, float((features != 0).sum(-1).float().mean())
 
 
-def ours(arch: str, source: ActivationSource, tokens: int, held: torch.Tensor) -> tuple[float, float, float]:
+def ours(arch: str, source: ActivationSource, tokens: int, held: torch.Tensor, l0: float | None = None) -> tuple[float, float, float]:
+    """Ours at k, or (an architecture without one) steered to the mean L0 ``l0``."""
     started = time.perf_counter()
-    sae = Trainer(TrainConfig.build(architecture=arch, d_sae=D_SAE, k=K, tokens=tokens, batch_size=BATCH, seed=0),
+    sparsity = {"k": K} if arch not in COEFFICIENT_FIELD else {"target_l0": l0}
+    sae = Trainer(TrainConfig.build(architecture=arch, d_sae=D_SAE, tokens=tokens, batch_size=BATCH, seed=0, **sparsity),
                   source).run(progress=False).sae
     seconds = time.perf_counter() - started
     return (*score(sae.encode, sae.decode, held), seconds)
 
 
-def saelens(arch: str, source: ActivationSource, tokens: int, held: torch.Tensor) -> tuple[float, float, float]:
+def saelens(arch: str, source: ActivationSource, tokens: int, held: torch.Tensor, coefficient: float = 1.0) -> tuple[float, float, float]:
     import sae_lens
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -55,7 +66,8 @@ def saelens(arch: str, source: ActivationSource, tokens: int, held: torch.Tensor
     torch.manual_seed(0)
     sae_cls, cfg_cls = (getattr(sae_lens, name) for name in SAELENS_CLASSES[arch])
     options = {"matryoshka_widths": [D_SAE // 16, D_SAE // 4, D_SAE]} if arch == "matryoshka" else {}
-    sae = sae_cls(cfg_cls(d_in=source.d_in, d_sae=D_SAE, k=K, dtype="float32", device="cpu",
+    options.update({COEFFICIENT_FIELD[arch]: coefficient} if arch in COEFFICIENT_FIELD else {"k": K})
+    sae = sae_cls(cfg_cls(d_in=source.d_in, d_sae=D_SAE, dtype="float32", device="cpu",
                           normalize_activations="expected_average_only_in", **options))
     lr = 3e-4
     cfg = SAETrainerConfig(total_training_samples=tokens, train_batch_size_samples=BATCH, lr=lr, lr_end=lr / 10,
@@ -78,6 +90,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2_000_000, help="training rows per run")
     parser.add_argument("--rows", type=int, default=400_000, help="distinct rows read from the harvest (cycled)")
     parser.add_argument("--archs", default="topk,batchtopk,matryoshka")
+    parser.add_argument("--coefficient", type=float, default=1.0, help="SAELens's sparsity coefficient for relu, jumprelu, gated")
     args = parser.parse_args()
     rows = open_harvest(args.harvest).sample(args.rows + HELD_OUT, seed=0)
     held = rows[-HELD_OUT:]
@@ -86,9 +99,12 @@ def main() -> None:
           f"({args.tokens // BATCH} steps of {BATCH}), d_sae {D_SAE}, k {K}; scored on {HELD_OUT:,} held-out rows")
     print("| architecture | trainer | held-out FVU | served L0 | train s |")
     print("| --- | --- | --- | --- | --- |")
+    peer = f"SAELens {__import__('sae_lens').__version__}"
     for arch in args.archs.split(","):
-        for name, run in (("monosemantic", ours), (f"SAELens {__import__('sae_lens').__version__}", saelens)):
-            fvu, l0, seconds = run(arch, source, args.tokens, held)
+        theirs = saelens(arch, source, args.tokens, held, args.coefficient)
+        mine = ours(arch, source, args.tokens, held, l0=theirs[1])  # at SAELens's L0 where there is no k
+        how = f" ({COEFFICIENT_FIELD[arch]} {args.coefficient:g})" if arch in COEFFICIENT_FIELD else ""
+        for name, (fvu, l0, seconds) in (("monosemantic", mine), (peer + how, theirs)):
             print(f"| {arch} | {name} | {fvu:.4f} | {l0:.2f} | {seconds:.0f} |", flush=True)
 
 
