@@ -142,7 +142,7 @@ class SAELensFormat(Format):
             "apply_b_dec_to_input": not sae.reads_pairs, "normalize_activations": "none", "reshape_activations": "none",
             "metadata": {
                 "sae_lens_version": SAELENS_VERSION, "model_name": about.model_name, "hook_name": hook_name,
-                "hf_hook_name": about.hook_module_path if about.hook_kind == "output" else f"{about.hook_module_path}:input",
+                "hf_hook_name": _hf_hook_name(about.hook_module_path, about.hook_kind),
                 "hook_head_index": None, "prepend_bos": True, "context_size": about.context_length,
                 "dataset_path": about.dataset, "neuronpedia_id": None, "exported_from": f"monosemantic {about.reference}",
             },
@@ -154,8 +154,7 @@ class SAELensFormat(Format):
             out_hook = about.hook_out
             cfg["metadata"].update(
                 hook_name_out=None if out_hook is None else out_hook.alias or out_hook.module_path,
-                hf_hook_name_out=None if out_hook is None else
-                out_hook.module_path if out_hook.kind == "output" else f"{out_hook.module_path}:input")
+                hf_hook_name_out=None if out_hook is None else _hf_hook_name(out_hook.module_path, out_hook.kind))
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
         (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
@@ -171,6 +170,11 @@ class SAELensFormat(Format):
         if about.hook_alias is None:
             notes.append(f"hook {about.hook_module_path} has no TransformerLens name; metadata.hook_name holds the HF module path")
         return Written(out, files, notes)
+
+
+def _hf_hook_name(module_path: str, kind: str) -> str:
+    """The HF module path as monosemantic resolves it: suffixed ``:input`` where the module's input is read."""
+    return module_path if kind == "output" else f"{module_path}:input"
 
 
 def _pre_6_architecture(cfg: dict[str, Any]) -> str:
