@@ -189,8 +189,10 @@ class SparseAutoencoder(nn.Module):
     """The forward pass takes the trainer's mask of dead latents (``dead_mask``), for an auxiliary loss on them
     (AuxK for TopK); others are passed None."""
     learned_threshold: ClassVar[bool] = False
-    """It has a per-latent learned ``threshold`` [d_sae]: the trainer starts b_enc so that each latent clears it on
-    ``initial_firing_rate`` of a data sample (an option the others refuse)."""
+    """It has a per-latent learned ``threshold`` [d_sae] (what ``firing_threshold`` returns)."""
+    calibrated_start: ClassVar[bool] = False
+    """The trainer starts b_enc so that each latent's pre-activation clears its ``firing_threshold`` on
+    ``initial_firing_rate`` of a data sample (an option the others refuse), so a run starts near its target L0."""
     nested_prefixes: ClassVar[bool] = False
     """Its loss also reconstructs from nested prefixes of the dictionary (Matryoshka): ``matryoshka_widths``
     required in its config and refused in others'."""
@@ -265,6 +267,10 @@ class SparseAutoencoder(nn.Module):
 
     def activate(self, pre: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def firing_threshold(self) -> Tensor:
+        """The pre-activation above which each latent fires [d_sae]: 0 for a ReLU, JumpReLU's learned θ."""
+        return torch.zeros(self.cfg.d_sae, device=self.b_enc.device)
 
     def activate_(self, pre: Tensor) -> Tensor:
         """`activate` for inference, free to write the result over `pre`: a server reading a batch of 2,048 tokens
@@ -480,6 +486,10 @@ class ReluSAE(SparseAutoencoder):
     # the target-L0 controller steers it).
     default_sparsity_coefficient = 5.0
     resamples_dead_features = True
+    # From b_enc = 0 half the latents fire and L0 falls only at Adam's pace (reference harvest, 244 steps of 4,096,
+    # target L0 28: L0 1,970 at step 25, 26 at the end, FVU 0.79, λ never moved); calibrated, FVU 0.31 at L0 29
+    # (bench/RESULTS.md).
+    calibrated_start = True
 
     def activate(self, pre: Tensor) -> Tensor:
         return F.relu(pre)
@@ -641,6 +651,7 @@ class JumpReLUSAE(SparseAutoencoder):
     # λ_L0: of the same order as ReLU's λ_L1 once the target-L0 controller has settled; with a target only a start.
     default_sparsity_coefficient = 1.0
     learned_threshold = True
+    calibrated_start = True
     # In normalised units (E‖x‖ = √d_in). The trainer then sets b_enc so that each feature fires on a chosen share
     # of the data (trainer/train.py). Measured on the reference harvest, 2M tokens, target L0 20: θ₀ 0.5 left L0 at
     # 62 (still falling), 1.0 reached 30 at FVU 0.160, and 2.0 undershot to 13.5 with 1% dead. A threshold well
@@ -660,6 +671,9 @@ class JumpReLUSAE(SparseAutoencoder):
         if self.exact_threshold is not None and not self.training:
             return self.exact_threshold
         return self.log_threshold.exp()
+
+    def firing_threshold(self) -> Tensor:
+        return self.threshold
 
     def train(self, mode: bool = True) -> "JumpReLUSAE":
         if mode:

@@ -161,7 +161,7 @@ def train(
     sparse_step_density: Annotated[Optional[float], typer.Option(
         help="take the support-only step while L0 < this share of d_sae (default 0.04; 0: always dense)")] = None,
     initial_firing_rate: Annotated[Optional[float], typer.Option(
-        help="jumprelu: each feature starts firing on this share of the data (default 2·target-l0/d-sae)")] = None,
+        help="relu, jumprelu (and their transcoders): each feature starts firing on this share of the data (default 2·target-l0/d-sae, or 1%)")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoints (enables --resume)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from --checkpoint-dir")] = False,
     model: Annotated[Optional[str], typer.Option(help="the model the activations came from: a directory or hub id (recorded in the manifest)")] = None,

@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
         default=None, description="Matryoshka: nested prefix widths ending at d_sae (default d_sae/16, d_sae/4, d_sae)")
     initial_firing_rate: float | None = Field(
         default=None, gt=0, lt=1,
-        description="JumpReLU: b_enc starts where each feature fires on this share of a data sample "
+        description="ReLU, JumpReLU: b_enc starts where each feature fires on this share of a data sample "
                     "(default: 2·target_l0/d_sae, or 1% without a target)")
     bf16: bool = Field(default=True, description="bf16 autocast for the matmuls (fp32 master weights)")
     sparse_step_density: float = Field(
@@ -82,8 +82,8 @@ class TrainConfig(BaseModel):
         if not arch.has_sparsity_coefficient and self.sparsity_coefficient is not None:
             raise ValueError(f"{name} has no sparsity coefficient"
                              + (" (its sparsity is k)" if arch.takes_k else ""))
-        if self.initial_firing_rate is not None and not arch.learned_threshold:
-            raise ValueError(f"initial_firing_rate applies to {_names(lambda c: c.learned_threshold)} only, not {name}")
+        if self.initial_firing_rate is not None and not arch.calibrated_start:
+            raise ValueError(f"initial_firing_rate applies to {_names(lambda c: c.calibrated_start)} only, not {name}")
         if arch.takes_k and self.k is not None and self.k > self.d_sae:
             raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
         problem = nested_widths_problem(self.resolved_widths(), self.d_sae, arch)
@@ -209,7 +209,7 @@ class Trainer:
             # Bricken et al.: b_dec starts at the geometric median of the data (in normalised units here); a
             # transcoder's, of its targets.
             self.sae.b_dec.copy_(geometric_median(reconstructed[:8192]))
-            if self.arch.learned_threshold:
+            if self.arch.calibrated_start:
                 self._calibrate_encoder_bias(sample[:8192] * self.input_scale)
         self.variance = float(reconstructed.var(0, unbiased=False).sum())  # for the live FVU
         if not self.variance > 1e-12 * reconstructed.shape[1]:
@@ -254,23 +254,23 @@ class Trainer:
 
     @torch.no_grad()
     def _calibrate_encoder_bias(self, x_normalised: Tensor) -> None:
-        """An architecture with a learned threshold (JumpReLU): set b_enc so that each feature's pre-activation
-        clears its threshold on `initial_firing_rate` of the sample (the data-dependent initialisation of
-        Anthropic's January 2025 update).
+        """An architecture with a calibrated start (ReLU, JumpReLU): set b_enc so that each feature's pre-activation
+        clears its firing threshold (0, or JumpReLU's θ) on `initial_firing_rate` of the sample (the data-dependent
+        initialisation of Anthropic's January 2025 update).
 
-        From a fixed b_enc = 0, half the latents fire at first, and L0 can only fall as fast as the log-thresholds
-        move, at Adam's pace: on the reference harvest L0 was still 1,027 of 4,096 after 4M tokens with a target of
+        From a fixed b_enc = 0, half the latents fire at first, and L0 can only fall as fast as b_enc or the
+        log-thresholds move, at Adam's pace: on the reference harvest L0 was still 1,027 of 4,096 after 4M tokens with a target of
         20. Calibrated, a run starts near its target, sparse, and takes the support step (3.6× the dense step's rate in bench/train_sae.py) from the start.
         """
         sae, rows = self.sae, x_normalised.shape[0]
         keep = max(1, math.ceil(self.initial_firing_rate() * rows))
-        centred = x_normalised - sae.input_bias
+        centred, threshold = x_normalised - sae.input_bias, sae.firing_threshold()
         for start in range(0, sae.cfg.d_sae, 4096):  # [rows, 4096] at a time: bounded memory for any d_sae
             columns = slice(start, start + 4096)
             pre_bias = centred @ sae.W_enc[:, columns]
             # The keep-th largest value per feature: exactly `keep` rows lie at or above it.
             kth_largest = pre_bias.topk(keep, dim=0).values[-1]
-            sae.b_enc[columns] = sae.threshold[columns] - kth_largest + 1e-6
+            sae.b_enc[columns] = threshold[columns] - kth_largest + 1e-6
 
     def sparsity_warmup(self, step: int) -> float:
         warm = int(self.cfg.sparsity_warmup_fraction * self.cfg.steps)
