@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from monosemantic.artifact import HookRef, load_dictionary
 from monosemantic.errors import InteropError
 from monosemantic.interop import ExportAbout, get_format
-from monosemantic.sae import SAE_REGISTRY, SAEConfig, build_sae
 from test_interop import TOLERANCE, close
+from test_transcoder import _transcoder
 from trainer.cli import app
 
 D_IN, D_OUT, D_SAE, K = 40, 24, 160, 10
@@ -54,20 +54,9 @@ def saelens_transcoder(architecture: str, d_out: int = D_OUT):
     return sae
 
 
-def ours(architecture: str, d_out: int = D_OUT):
+def ours(architecture: str):
     """One of our transcoders with every tensor away from its start and input and output scales other than 1."""
-    cfg = SAEConfig.build(architecture=architecture, d_in=D_IN, d_sae=D_SAE, d_out=d_out, input_scale=2.7, output_scale=0.6,
-                          k=K if SAE_REGISTRY[architecture].takes_k else None)
-    sae = build_sae(cfg, seed=1)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.3, generator=g)
-        sae.b_dec.normal_(0, 0.3, generator=g)
-        if hasattr(sae, "W_skip"):
-            sae.W_skip.normal_(0, 0.2, generator=g)
-        if hasattr(sae, "log_threshold"):
-            sae.log_threshold.uniform_(-2, 0.5, generator=g)
-    return sae.eval()
+    return _transcoder(architecture, d_in=D_IN, d_out=D_OUT, d_sae=D_SAE, k=K, input_scale=2.7, output_scale=0.6).eval()
 
 
 def about(hook_out: bool = True) -> ExportAbout:

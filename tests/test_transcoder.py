@@ -26,7 +26,7 @@ runner = CliRunner()
 
 def _transcoder(arch: str = "skip-transcoder", d_in: int = 12, d_out: int = 8, d_sae: int = 48, k: int = 5,
                 input_scale: float = 1.0, output_scale: float = 1.0):
-    """Every tensor away from its start (b_dec and W_skip too), so that a term left out or mixed up shows."""
+    """Every tensor away from its start (b_dec, W_skip and thresholds too), so that a term left out or mixed up shows."""
     sae = build_sae(SAEConfig.build(architecture=arch, d_in=d_in, d_sae=d_sae, k=k if SAE_REGISTRY[arch].takes_k else None,
                                     d_out=d_out, input_scale=input_scale, output_scale=output_scale), seed=0)
     g = torch.Generator().manual_seed(1)
@@ -35,6 +35,8 @@ def _transcoder(arch: str = "skip-transcoder", d_in: int = 12, d_out: int = 8, d
         sae.b_dec.normal_(0, 0.3, generator=g)
         if hasattr(sae, "W_skip"):
             sae.W_skip.normal_(0, 0.2, generator=g)
+        if hasattr(sae, "log_threshold"):  # thresholds of a JumpReLU transcoder between e^-2 and e^0.5
+            sae.log_threshold.uniform_(-2, 0.5, generator=g)
     return sae
 
 
@@ -153,11 +155,7 @@ def test_on_a_map_with_a_linear_path_the_skip_transcoder_recovers_the_features_a
 def test_a_published_transcoder_loads_with_its_output_width_scales_threshold_and_skip_path(tmp_path, arch):
     from monosemantic.artifact import HookRef, ModelRef
 
-    sae = _transcoder(arch, input_scale=2.0, output_scale=0.5)
-    if hasattr(sae, "log_threshold"):
-        with torch.no_grad():
-            sae.log_threshold.uniform_(-2, 0.5, generator=torch.Generator().manual_seed(3))
-    sae = sae.eval()
+    sae = _transcoder(arch, input_scale=2.0, output_scale=0.5).eval()
     path = publish(tmp_path, "tc", sae, model=ModelRef(name="m", checksum="c"), hook=HookRef(name="a", module_path="a"),
                    extra={"hook_out": HookRef(name="b", module_path="b")})
     loaded = load_dictionary(tmp_path, "tc")
