@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (bench/peers.py: sparsify's step)
 
+from monosemantic.sae import SAE_REGISTRY  # noqa: E402
 from trainer.activations import ActivationSource  # noqa: E402
 from trainer.allocator import keep_freed_memory  # noqa: E402
 from trainer.paired import PairedSource  # noqa: E402
@@ -65,7 +66,14 @@ def fvu(predict, held: PairedSource) -> float:
 
 
 def options(arch: str, k: int) -> dict:
-    return {"k": k} if arch in ("transcoder", "skip-transcoder") else {"target_l0": float(k)}
+    """k for the TopK transcoders; the ReLU and JumpReLU ones steered to an L0 of k."""
+    return {"k": k} if SAE_REGISTRY[arch].takes_k else {"target_l0": float(k)}
+
+
+def sparsify_peer(arch: str) -> bool | None:
+    """Which sparsify transcoder ours is compared with (skip_connection or not); None where sparsify has none."""
+    cls = SAE_REGISTRY[arch]
+    return "W_skip" in cls.tensor_names if cls.takes_k else None
 
 
 def ours_quality(arch: str, train: PairedSource, held: PairedSource, d_sae: int, k: int, tokens: int,
@@ -76,10 +84,14 @@ def ours_quality(arch: str, train: PairedSource, held: PairedSource, d_sae: int,
                                        **({"lr": lr} if lr else {})), train).run(progress=False)
     seconds = time.perf_counter() - start
     sae = result.sae.eval()
-    x, _ = held.split(held.sample(held.rows, seed=0))
-    with torch.no_grad():
-        l0 = float((sae.encode(x) > 0).sum(-1).float().mean())
-    return fvu(sae.reconstruct, held), l0, seconds
+    fired: list[float] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:  # the held-out L0 from the same encoding the FVU uses
+        features = sae.encode(x)
+        fired.append(float((features > 0).sum(-1).float().mean()))
+        return sae.reconstruct(x, features)
+
+    return fvu(predict, held), fired[0], seconds
 
 
 def sparsify_quality(skip: bool, train: PairedSource, held: PairedSource, d_sae: int, k: int, tokens: int) -> tuple[float, float]:
@@ -134,15 +146,14 @@ def main() -> None:
         for lr in (None if text == "default" else float(text) for text in args.lrs.split(",")):
             for arch in archs:
                 value, l0, seconds = ours_quality(arch, train, held, args.d_sae, args.k, args.tokens, lr)
-                peer = {"transcoder": False, "skip-transcoder": True}.get(arch)
+                peer = sparsify_peer(arch)
                 versus = f", ours/sparsify FVU {value / theirs[peer][0]:.2f}x" if peer is not None else " (no peer trains it)"
                 print(f"  ours {arch}, lr {lr or TrainConfig.model_fields['lr'].default:g}: FVU {value:.4f} at L0 {l0:.1f} "
                       f"({seconds:.0f} s){versus}")
     if args.steps:
         print(f"training step, tokens/s ({WARMUP} warm-up steps, then {args.steps} timed):")
-        for skip, arch in ((False, "transcoder"), (True, "skip-transcoder")):
-            if arch not in archs:
-                continue
+        for arch in (a for a in archs if sparsify_peer(a) is not None):
+            skip = sparsify_peer(arch)
             mine = {bf16: ours_rate(arch, train, args.d_sae, args.k, args.steps, bf16) for bf16 in (False, True)}
             rates = {(optimizer, autocast): peers.sparsify_rate(train, args.d_sae, args.k, BATCH, args.steps, autocast, optimizer, skip=skip)
                      for optimizer in ("signum", "adam") for autocast in (False, True)}
