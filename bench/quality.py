@@ -1,6 +1,7 @@
 """Benchmark: what each architecture recovers of a known ground truth, at the same budget and the same mean L0.
 
-    python bench/quality.py [--tokens 2000000] [--archs topk,batchtopk,matryoshka] [--cases all]
+    python bench/quality.py [--tokens 1000000,2000000,8000000] [--archs topk,batchtopk,matryoshka] [--cases all]
+                            [--lr 4e-4 --controller-gain 0.005]  # the fixed defaults before the budget rules
 
 Every case is data of our own making (trainer/synthetic.py), trained with the trainer's defaults at batch 4,096 (so
 ~490 steps at 2M rows), k = the data's mean number of active features:
@@ -48,10 +49,11 @@ CASES = [
 HELD_OUT = 16_384
 
 
-def run(case: Case, arch: str, data, tokens: int, lr: float | None = None) -> dict:
+def run(case: Case, arch: str, data, tokens: int, lr: float | None = None, controller_gain: float | None = None) -> dict:
     train_rows = data.activations[:-HELD_OUT]
     source = ActivationSource(parts=[train_rows.numpy()], dtype="float32")
     cfg = TrainConfig.build(architecture=arch, d_sae=case.d_sae, tokens=tokens, batch_size=4096, seed=0, lr=lr,
+                            controller_gain=controller_gain,
                             **({"k": case.k} if SAE_REGISTRY[arch].takes_k else {"target_l0": float(case.k)}))
     started = time.perf_counter()
     result = Trainer(cfg, source).run(progress=False)
@@ -75,23 +77,26 @@ def run(case: Case, arch: str, data, tokens: int, lr: float | None = None) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=2_000_000, help="training rows per run (batch 4,096)")
+    parser.add_argument("--tokens", default="2000000", help="training rows per run (batch 4,096); several, comma-separated")
     parser.add_argument("--rows", type=int, default=400_000, help="distinct rows generated per case (cycled)")
     parser.add_argument("--archs", default="topk,batchtopk,matryoshka")
     parser.add_argument("--cases", default="all", help="comma-separated case names, or all")
-    parser.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the trainer's)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the trainer's rule)")
+    parser.add_argument("--controller-gain", type=float, default=None, help="the L0 controller's gain (default: the trainer's rule)")
     args = parser.parse_args()
     cases = CASES if args.cases == "all" else [c for c in CASES if c.name in args.cases.split(",")]
-    print(f"{args.tokens:,} training rows per run, batch 4096 ({args.tokens // 4096} steps), lr {args.lr or 'default'}, defaults otherwise")
-    print("| case | arch | MMCS | served L0 (k) | held-out FVU | absorption | train s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    budgets = [int(t) for t in args.tokens.split(",")]
+    print(f"batch 4096, lr {args.lr or 'by rule'}, controller gain {args.controller_gain or 'by rule'}, defaults otherwise")
+    print("| case | arch | rows (steps) | MMCS | served L0 (k) | held-out FVU | absorption | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in cases:
         data = case.make(args.rows + HELD_OUT)
-        for arch in args.archs.split(","):
-            r = run(case, arch, data, args.tokens, args.lr)
-            absorbed = f"{r['absorption']:.3f}" if "absorption" in r else "–"
-            print(f"| {case.name} | {arch} | {r['mmcs']:.3f} | {r['l0']:.2f} ({case.k}) | {r['fvu']:.4f} | {absorbed} | {r['seconds']:.0f} |",
-                  flush=True)
+        for tokens in budgets:
+            for arch in args.archs.split(","):
+                r = run(case, arch, data, tokens, args.lr, args.controller_gain)
+                absorbed = f"{r['absorption']:.3f}" if "absorption" in r else "–"
+                print(f"| {case.name} | {arch} | {tokens:,} ({tokens // 4096}) | {r['mmcs']:.3f} | {r['l0']:.2f} ({case.k}) | "
+                      f"{r['fvu']:.4f} | {absorbed} | {r['seconds']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

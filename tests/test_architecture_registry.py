@@ -128,7 +128,7 @@ def test_options_are_checked_against_the_class_and_messages_name_the_registered_
         _config(architecture=BATCH_TOPK, k=4, sparsity_coefficient=1.0)
     with pytest.raises(ConfigError, match=f"{BATCH_TOPK} takes k or target_l0"):
         _config(architecture=BATCH_TOPK, k=4, target_l0=4)
-    with pytest.raises(ConfigError, match=f"initial_firing_rate applies to relu, jumprelu, relu-transcoder, relu-skip-transcoder, jumprelu-transcoder, "
+    with pytest.raises(ConfigError, match=f"initial_firing_rate applies to relu, jumprelu, batchtopk, matryoshka, relu-transcoder, relu-skip-transcoder, jumprelu-transcoder, "
                                           f"jumprelu-skip-transcoder or {QUIET_RELU} only, not {BATCH_TOPK}"):
         _config(architecture=BATCH_TOPK, k=4, initial_firing_rate=0.1)
     with pytest.raises(ConfigError, match=f"k is required for the {BATCH_TOPK} architecture"):

@@ -14,6 +14,7 @@ from monosemantic.lm import load_lm, read_activations, resolve_hook
 from monosemantic.shipped import reference_lm_path
 from trainer.cli import app
 from trainer.synthetic import make_sparse_data
+from trainer.train import default_lr
 
 runner = CliRunner()
 
@@ -47,7 +48,8 @@ def test_train_says_every_default_that_decides_the_result(activations):
     result = runner.invoke(app, ["train", "--activations", str(activations), "--arch", "topk", "--d-sae", "64",
                                  "--tokens", "20480", "--batch-size", "512"])
     assert result.exit_code == 0, result.output
-    assert "k 32 (default)" in result.stderr and "lr 0.0004 (default)" in result.stderr
+    lr = default_lr(64, 20480 // 512)  # the budget rule's value, resolved and shown (trainer/train.py)
+    assert "k 32 (default)" in result.stderr and f"lr {lr:.3g} (default)" in result.stderr
 
 
 @pytest.mark.slow

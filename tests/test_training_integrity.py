@@ -293,7 +293,7 @@ def test_train_on_a_harvest_refuses_another_model_or_hook_than_the_harvests(tmp_
     (["--arch", "relu", "--k", "8"], ["k applies to topk, batchtopk, matryoshka, transcoder or skip-transcoder only"]),
     (["--arch", "jumprelu", "--k", "8"], ["k applies to topk, batchtopk, matryoshka, transcoder or skip-transcoder only"]),
     (["--arch", "topk", "--k", "8", "--l1", "2"], ["topk has no sparsity coefficient"]),
-    (["--arch", "topk", "--k", "8", "--initial-firing-rate", "0.1"], ["initial_firing_rate applies to relu, jumprelu, relu-transcoder, relu-skip-transcoder, jumprelu-transcoder or jumprelu-skip-transcoder only"]),
+    (["--arch", "topk", "--k", "8", "--initial-firing-rate", "0.1"], ["initial_firing_rate applies to relu, jumprelu, batchtopk, matryoshka, relu-transcoder, relu-skip-transcoder, jumprelu-transcoder or jumprelu-skip-transcoder only"]),
     (["--target-l0", "500"], ["target_l0 (500) must be below d_sae (64)"]),
     (["--seed", "-1"], ["--seed"]),
 ])

@@ -155,13 +155,13 @@ def train(
     target_l0: Annotated[Optional[float], typer.Option(help="steer λ towards this L0 (default 20 unless --l1 is given)")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="training tokens")] = 20_000_000,
     batch_size: Annotated[int, typer.Option(min=1)] = 4096,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: 2e-4·√(16384/d-sae)·√(8000/steps), at most 1.6e-3)")] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 mixed precision (default: on where this machine multiplies bf16 faster than fp32)")] = None,
     sparse_step_density: Annotated[Optional[float], typer.Option(
         help="take the support-only step while L0 < this share of d_sae (default 0.04; 0: always dense)")] = None,
     initial_firing_rate: Annotated[Optional[float], typer.Option(
-        help="relu, jumprelu (and their transcoders): each feature starts firing on this share of the data (default 2·target-l0/d-sae, or 1%)")] = None,
+        help="relu, jumprelu, batchtopk, matryoshka (and the relu/jumprelu transcoders): each feature starts firing on this share of the data (default 2·target-l0/d-sae or 2k/d-sae, or 1%)")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoints (enables --resume)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from --checkpoint-dir")] = False,
     model: Annotated[Optional[str], typer.Option(help="the model the activations came from: a directory or hub id (recorded in the manifest)")] = None,

@@ -24,6 +24,35 @@ from trainer.activations import ActivationSource, DataError
 from trainer.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from trainer.progress import progress as progress_bar
 
+# The default learning rate: sparsify's (and Gao et al. 2024's) width rule, 2e-4 at 2^14 latents scaled by
+# 1/sqrt(latents), times 1/sqrt(steps / 8,000). The second factor is the horizon: the best Adam lr falls with the length of the run
+# (Bjorck et al. 2024, "Scaling Optimal LR Across Token Horizons"), and at a fixed number of rows 1/sqrt(steps) is
+# sqrt(batch / rows), the square-root batch rule for Adam (Malladi et al. 2022). 8,000 steps and the cap are measured
+# (bench/RESULTS.md, "The learning rate from the width and the budget"): a fixed 4e-4 was 4-8x too low at ~500
+# steps (reference harvest, TopK k 24, 244 steps: FVU 0.214 at 4e-4, 0.141 at 1.6e-3), and the cap is where more
+# stopped paying: at 3.2e-3 that run reached 0.131 with 16% of latents dead (2% at 1.6e-3), and a ReLU's L0 swung
+# around its controller's target (2.2 at the end for 5, 36% dead, on bench/quality.py's gt-64 case).
+LR_AT_2_14_LATENTS, LR_REFERENCE_STEPS, LR_CAP = 2e-4, 8_000, 1.6e-3
+
+
+def default_lr(d_sae: int, steps: int) -> float:
+    """Adam's learning rate for a dictionary of ``d_sae`` latents trained for ``steps`` steps (see LR_REFERENCE_STEPS)."""
+    return min(LR_CAP, LR_AT_2_14_LATENTS * math.sqrt(2**14 / d_sae) * math.sqrt(LR_REFERENCE_STEPS / max(1, steps)))
+
+
+# The L0 controller's gain: fast enough that λ can move e-fold (at the largest error it acts on, 0.5 in log L0) within a
+# third of the steps it steers (after the sparsity warm-up, before the decay), never slower than 0.005 a step, the
+# gain a 9,765-step run (the shipped reference) settles with. At a fixed 0.005, a 244-step run moved λ by at most
+# 0.25% a step over ~180 steps, so its L0 was set by its start and λ's default, not by its target (bench/RESULTS.md,
+# "ReLU, JumpReLU and gated, trained by us and by SAELens").
+CONTROLLER_FLOOR_GAIN, CONTROLLER_EFOLDS_PER_THIRD = 0.005, 1.0
+
+
+def default_controller_gain(cfg: "TrainConfig") -> float:
+    steered = max(1.0, (1 - cfg.lr_decay_fraction - cfg.sparsity_warmup_fraction) * cfg.steps)
+    return max(CONTROLLER_FLOOR_GAIN, CONTROLLER_EFOLDS_PER_THIRD / (0.5 * steered / 3))
+
+
 # A reconstruction error this many times the data's variance is a run that has diverged (a learning rate far too
 # high: --lr 1e6 reached FVU 2e30), not one still learning: an untrained dictionary starts near FVU 1.
 DIVERGED_FVU = 1e3
@@ -41,12 +70,15 @@ class TrainConfig(BaseModel):
     target_l0: float | None = Field(default=None, gt=0, description="steer λ so the running L0 approaches this")
     tokens: int = Field(default=20_000_000, gt=0, description="training tokens (activation rows) to consume")
     batch_size: int = Field(default=4096, gt=0)
-    lr: float = Field(default=4e-4, gt=0)
+    lr: float | None = Field(default=None, gt=0, description="Adam's learning rate (default: default_lr's rule, from "
+                                                                   "d_sae and the number of steps; recorded resolved)")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_warmup_fraction: float = Field(default=0.01, ge=0, le=1)
     lr_decay_fraction: float = Field(default=0.2, ge=0, le=1, description="linear decay to 0 over this final share")
     sparsity_warmup_fraction: float = Field(default=0.05, ge=0, le=1)
-    controller_gain: float = Field(default=0.005, ge=0, description="per-step log-λ change per unit log L0 error")
+    controller_gain: float | None = Field(
+        default=None, ge=0, description="per-step log-λ change per unit log L0 error (default: default_controller_gain, "
+                                        "from the number of steps; recorded resolved)")
     grad_clip: float = Field(default=1.0, gt=0)
     # Every 5% of the run until 75%: on the reference harvest (4M tokens) this left 23% of features dead at the end
     # against 64% with resampling at 10-50% only, and a lower FVU (0.24 against 0.25); features that die after the
@@ -59,8 +91,8 @@ class TrainConfig(BaseModel):
         default=None, description="Matryoshka: nested prefix widths ending at d_sae (default d_sae/16, d_sae/4, d_sae)")
     initial_firing_rate: float | None = Field(
         default=None, gt=0, lt=1,
-        description="ReLU, JumpReLU: b_enc starts where each feature fires on this share of a data sample "
-                    "(default: 2·target_l0/d_sae, or 1% without a target)")
+        description="ReLU, JumpReLU, BatchTopK: b_enc starts where each feature fires on this share of a data sample "
+                    "(default: 2·target_l0/d_sae or 2k/d_sae, or 1% without a target)")
     bf16: bool = Field(default=True, description="bf16 autocast for the matmuls (fp32 master weights)")
     sparse_step_density: float = Field(
         default=0.04, ge=0, le=1,
@@ -93,6 +125,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"target_l0 ({self.target_l0:g}) must be below d_sae ({self.d_sae})")
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
             raise ValueError("lr_warmup_fraction + lr_decay_fraction must not exceed 1")
+        if self.lr is None:
+            # Resolved here so the manifest and a checkpoint record the value used; written past pydantic's
+            # __setattr__ so it stays out of model_fields_set (the summary marks it a default).
+            self.__dict__["lr"] = default_lr(self.d_sae, self.steps)
+        if self.controller_gain is None:
+            self.__dict__["controller_gain"] = default_controller_gain(self)
         return self
 
     @classmethod
@@ -128,7 +166,7 @@ class TrainConfig(BaseModel):
             parts.append(show("sparsity_coefficient", self.sparsity_coefficient))
         else:
             parts.append(show("target_l0", self.target_l0))
-        parts += [show("tokens", f"{self.tokens:,}"), show("batch_size", self.batch_size), show("lr", self.lr), show("seed", self.seed),
+        parts += [show("tokens", f"{self.tokens:,}"), show("batch_size", self.batch_size), show("lr", f"{self.lr:.3g}"), show("seed", self.seed),
                   f"bf16 {'on' if self.bf16 else 'off'}"]
         return ", ".join(parts)
 
@@ -250,7 +288,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.initial_firing_rate is not None:
             return cfg.initial_firing_rate
-        return min(0.5, 2 * cfg.target_l0 / cfg.d_sae) if cfg.target_l0 else 0.01
+        wanted = cfg.target_l0 or cfg.resolved_k()  # a TopK-family architecture's L0 is its k
+        return min(0.5, 2 * wanted / cfg.d_sae) if wanted else 0.01
 
     @torch.no_grad()
     def _calibrate_encoder_bias(self, x_normalised: Tensor) -> None:
@@ -338,13 +377,15 @@ class Trainer:
         cfg = self.cfg
         if cfg.target_l0 is None or not self.arch.has_sparsity_coefficient or self.sparsity_warmup(self.step) < 1.0:
             return
-        if self.step >= int((1 - cfg.lr_decay_fraction) * cfg.steps):
-            return  # hold λ fixed while the learning rate anneals, so the end point is a fixed objective
+        # While the learning rate anneals, λ's step shrinks with it, so λ settles as the weights do and the end point
+        # is a fixed objective. Holding λ outright from the decay's start (as before) left L0 drifting down for the
+        # last fifth of a short run: 4.05 for a target of 5, 7.05 for 8, against 4.25 and 7.30 steered (bench/quality.py).
         error = math.log(max(l0, 1e-3) / cfg.target_l0)
         trend = math.log(max(l0, 1e-3) / max(slow_l0, 1e-3))
         if error * trend < 0:
             return
-        self.coefficient *= math.exp(cfg.controller_gain * max(-0.5, min(0.5, error)))
+        annealed = self.lr_at(self.step) / cfg.lr
+        self.coefficient *= math.exp(cfg.controller_gain * annealed * max(-0.5, min(0.5, error)))
 
     # ---- Bricken et al. 2023, "Neuron Resampling" appendix -----------------------------------------
     @torch.no_grad()
