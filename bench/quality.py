@@ -13,7 +13,9 @@ Every case is data of our own making (trainer/synthetic.py), trained with the tr
   = the share of child tokens on which the parent's latent is silent (Bussmann et al. 2025 show Matryoshka lowers it).
 
 For each run: MMCS, the served mean L0 (the threshold architectures vary it per token), FVU on held-out rows.
-Prints the table; nothing here is a pass/fail bound.
+With ``--peers``, sparsify's own TopK training (bench/peers.py's mirror of its Trainer step: schedule-free signum at
+its default lr, its averaged weights evaluated) runs beside ours on the same rows in the same order. Prints the
+table; nothing here is a pass/fail bound.
 """
 
 from __future__ import annotations
@@ -75,6 +77,28 @@ def run(case: Case, arch: str, data, tokens: int, lr: float | None = None, contr
     return row
 
 
+def sparsify_topk(case: Case, data, tokens: int) -> dict:
+    """sparsify's TopK at its defaults on the rows ours trains on, scored as ours is."""
+    import peers  # bench/peers.py: imports sparsify only when called
+
+    train_rows = data.activations[:-HELD_OUT]
+    source = ActivationSource(parts=[train_rows.numpy()], dtype="float32")
+    steps = max(1, tokens // 4096)
+    run_ = peers.sparsify_run(source.d_in, case.d_sae, case.k, steps, autocast=False, optimizer="signum")
+    batches = source.batches(4096, seed=0)
+    started = time.perf_counter()
+    for _ in range(steps):
+        x = next(batches)
+        run_.step(x, x)
+    run_.finish()
+    seconds = time.perf_counter() - started
+    held = data.activations[-HELD_OUT:]
+    with torch.no_grad():
+        error = (run_.sae(held).sae_out - held).pow(2).sum()
+    return {"mmcs": mean_max_cosine(data.directions, run_.sae.W_dec.detach()), "l0": float(case.k),
+            "fvu": float(error / (held - held.mean(0)).pow(2).sum()), "seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", default="2000000", help="training rows per run (batch 4,096); several, comma-separated")
@@ -82,6 +106,7 @@ def main() -> None:
     parser.add_argument("--archs", default="topk,batchtopk,matryoshka")
     parser.add_argument("--cases", default="all", help="comma-separated case names, or all")
     parser.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the trainer's rule)")
+    parser.add_argument("--peers", action="store_true", help="also sparsify's own TopK training (the bench extra)")
     parser.add_argument("--controller-gain", type=float, default=None, help="the L0 controller's gain (default: the trainer's rule)")
     args = parser.parse_args()
     cases = CASES if args.cases == "all" else [c for c in CASES if c.name in args.cases.split(",")]
@@ -97,6 +122,10 @@ def main() -> None:
                 absorbed = f"{r['absorption']:.3f}" if "absorption" in r else "–"
                 print(f"| {case.name} | {arch} | {tokens:,} ({tokens // 4096}) | {r['mmcs']:.3f} | {r['l0']:.2f} ({case.k}) | "
                       f"{r['fvu']:.4f} | {absorbed} | {r['seconds']:.0f} |", flush=True)
+            if args.peers:
+                r = sparsify_topk(case, data, tokens)
+                print(f"| {case.name} | sparsify topk | {tokens:,} ({tokens // 4096}) | {r['mmcs']:.3f} | {r['l0']:.2f} ({case.k}) | "
+                      f"{r['fvu']:.4f} | – | {r['seconds']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
