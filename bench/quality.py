@@ -51,6 +51,10 @@ CASES = [
 HELD_OUT = 16_384
 
 
+def held_out_fvu(predicted: torch.Tensor, held: torch.Tensor) -> float:
+    return float((predicted - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+
+
 def run(case: Case, arch: str, data, tokens: int, lr: float | None = None, controller_gain: float | None = None) -> dict:
     train_rows = data.activations[:-HELD_OUT]
     source = ActivationSource(parts=[train_rows.numpy()], dtype="float32")
@@ -63,11 +67,11 @@ def run(case: Case, arch: str, data, tokens: int, lr: float | None = None, contr
     held = data.activations[-HELD_OUT:]
     with torch.no_grad():
         features = result.sae.encode(held)
-        error = (result.sae.decode(features) - held).pow(2).sum()
+        predicted = result.sae.decode(features)
     row = {
         "mmcs": mean_max_cosine(data.directions, result.sae.W_dec.detach()),
         "l0": float((features != 0).sum(-1).float().mean()),
-        "fvu": float(error / (held - held.mean(0)).pow(2).sum()),
+        "fvu": held_out_fvu(predicted, held),
         "seconds": seconds,
     }
     if hasattr(data, "parents"):
@@ -94,9 +98,9 @@ def sparsify_topk(case: Case, data, tokens: int) -> dict:
     seconds = time.perf_counter() - started
     held = data.activations[-HELD_OUT:]
     with torch.no_grad():
-        error = (run_.sae(held).sae_out - held).pow(2).sum()
+        predicted = run_.sae(held).sae_out
     return {"mmcs": mean_max_cosine(data.directions, run_.sae.W_dec.detach()), "l0": float(case.k),
-            "fvu": float(error / (held - held.mean(0)).pow(2).sum()), "seconds": seconds}
+            "fvu": held_out_fvu(predicted, held), "seconds": seconds}
 
 
 def main() -> None:
