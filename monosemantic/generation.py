@@ -11,9 +11,10 @@ can report each step's log-probabilities.
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Hashable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -125,9 +126,28 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator,
         drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    if not (torch.isfinite(probs).all() and float(probs.sum()) > 0):
-        return greedy
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(probs, generator, greedy)
+
+
+def draw(probs: Tensor, generator: torch.Generator, fallback: int) -> int:
+    """One token from unnormalized probabilities by inverse transform: the first whose cumulative mass passes
+    u·total for one uniform u from the request's own generator. torch.multinomial draws a whole exponential vector
+    per call (its Gumbel trick), 83 µs at a 4,096 vocabulary and 942 µs at GPT-2's 50,257 against 9 and 40 µs here,
+    which at 32 rows a step was a fifth of the worker's time; the draw depends only on the row's own generator, so
+    a seed gives the same text alone or in a batch. Zero-probability tokens are never drawn (the cumulative mass
+    does not pass u·total on them). Not finite or no mass: `fallback`."""
+    cumulative = probs.cumsum(-1)
+    total = float(cumulative[-1])  # NaN or inf if any probability is
+    if not (math.isfinite(total) and total > 0):
+        return fallback
+    u = float(torch.rand((), dtype=torch.float64, generator=generator))
+    token = int(torch.searchsorted(cumulative, torch.tensor([u * total], dtype=cumulative.dtype), right=True))
+    if token >= probs.numel():  # u·total rounded up to the total: the last token with mass
+        token = int(probs.nonzero()[-1])
+    return token
+
+
+_IN_A_BATCH = object()  # a Generation's _cache once a DecodeBatch holds its rows of the batched cache
 
 
 @dataclass
@@ -137,6 +157,8 @@ class _Seen:
 
     features: Tensor | None = None
     steered: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    steered_here: bool = False  # this step steers (a steered output that is not finite is refused)
+    read_input: Tensor | None = None  # the activation the reader encodes, where steering did not encode it already
 
 
 @dataclass
@@ -163,9 +185,11 @@ class Generation:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def _hooks(self, steer_here: bool, seen: "_Seen") -> list[tuple[HookPoint, Callable[[Tensor], Tensor]]]:
-        """One replacement per hook that is steered or read: it steers (at the last position's view of the cache,
-        every new position), records each steered feature before and after, and reads the reader's features."""
+    def hooks(self, seens: list["_Seen"]) -> list[tuple[HookPoint, Callable[[Tensor], Tensor]]]:
+        """One replacement per hook that is steered or read, for a batch of rows that all steer as this generation
+        does (the same `signature`), row r recording into seens[r]: it steers (at the last position's view of the
+        cache, every new position), records each steered feature before and after, and keeps what the reader reads."""
+        steer_here = seens[0].steered_here
         at: dict[str, list[int]] = {}  # hook key -> indices into self.steering (a transcoder's: at its output hook)
         points: dict[str, HookPoint] = {self.reader.hook.key: self.reader.hook}
         inputs: dict[str, Tensor | None] = {}  # a steering transcoder's input hook -> the activation the model ran on there
@@ -199,50 +223,79 @@ class Generation:
                 if dictionaries and steer_here:
                     result = steer_at_hook(x_float, [Steer(self.steering[i].dictionary.sae, self.steering[i].specs) for i in dictionaries])
                     for i, before, after, full in zip(dictionaries, result.before, result.after, result.features_after):
-                        seen.steered[i] = (before[0, -1], after[0, -1])
+                        for r, seen in enumerate(seens):
+                            seen.steered[i] = (before[r, -1], after[r, -1])
                         if self.steering[i].dictionary is self.reader:
-                            read = full[0, -1]
+                            read = full[:, -1]
                     x_out, x_float = result.activation, result.activation
                 elif dictionaries:
                     for i in dictionaries:  # generated-only steering, prompt positions: the features as they are
                         ids = [s.feature for s in self.steering[i].specs]
-                        now = self.steering[i].dictionary.sae.encode(x_float[0, -1])[ids]
-                        seen.steered[i] = (now, now)
+                        now = self.steering[i].dictionary.sae.encode(x_float[:, -1])[:, ids]
+                        for r, seen in enumerate(seens):
+                            seen.steered[i] = (now[r], now[r])
                 for i in transcoders:  # their output edits, after the dictionaries' at the same hook
                     entry = self.steering[i]
                     if steer_here:
                         result = apply_transcoder_steering(entry.dictionary.sae, input_of(i), x_float, entry.specs)
-                        seen.steered[i] = (result.before[0, -1], result.after[0, -1])
+                        for r, seen in enumerate(seens):
+                            seen.steered[i] = (result.before[r, -1], result.after[r, -1])
                         x_out, x_float = result.activation, result.activation
                     else:
-                        now = entry.dictionary.sae.encode(input_of(i)[0, -1])[[s.feature for s in entry.specs]]
-                        seen.steered[i] = (now, now)
+                        now = entry.dictionary.sae.encode(input_of(i)[:, -1])[:, [s.feature for s in entry.specs]]
+                        for r, seen in enumerate(seens):
+                            seen.steered[i] = (now[r], now[r])
                 if steer_here and key in edits:
                     x_float = apply_direction_edits(x_float, edits[key])
                     x_out, read = x_float, None
                 if key in inputs:  # a steering transcoder reads here: what the model runs on, after this hook's edits
                     inputs[key] = x_float
                 if key == self.reader.hook.key:
-                    # Otherwise one float32 row: its matvec (3.1 ms at 768 x 24,576 here) beats the serving encoder's
-                    # bf16 (7.5 ms: bf16 pays off from tens of rows, monosemantic/precision.py probes 64).
-                    seen.features = read if read is not None else self.reader.sae.encode(x_float[0, -1])
+                    # Encoded after the forward (Generation.conclude), so a batch of rows reading one dictionary is
+                    # one encode (monosemantic/decode_batch.py) rather than one matvec per row.
+                    for r, seen in enumerate(seens):
+                        seen.features, seen.read_input = (None, x_float[r, -1]) if read is None else (read[r], None)
                 return x_out
             return replace
 
         return [(points[key], at_hook(key)) for key in points]
 
+    @property
+    def prefilled(self) -> bool:
+        """Its prompt has run (the first step): every later step feeds one token."""
+        return bool(self.generated)
+
+    def prepare(self) -> tuple[list[int], "_Seen"]:
+        """The next step's input ids (the whole prompt first, then the last token) and the record its hooks fill."""
+        first = not self.prefilled
+        steer_here = bool(self.steering or self.directions) and (self.steer_prompt or not first)
+        return (self.prompt_ids if first else [self.generated[-1]]), _Seen(steered_here=steer_here)
+
+    def signature(self, steer_here: bool) -> Hashable:
+        """Generations with equal signatures steer and read identically, so one set of hooks serves all their rows
+        (monosemantic/decode_batch.py): the same reader, the same dictionaries with the same entries. Direction
+        edits carry tensors: a generation with them batches only with itself."""
+        if self.directions:
+            return id(self)
+        return (id(self.reader), steer_here, tuple((id(e.dictionary), tuple(e.specs)) for e in self.steering))
+
+    @property
+    def position(self) -> int:
+        """The position of the token the next decode step feeds (the last generated one)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
     def step(self) -> StepResult:
         """Run one forward (the whole prompt on the first call, one token after) and sample the next token."""
+        if self._cache is _IN_A_BATCH:
+            raise MonosemanticError("this generation's cache is held by a DecodeBatch: step it there")
         net = self.model.lm.model
         device = next(net.parameters()).device
-        first = self._cache is None
-        new_ids = self.prompt_ids if first else [self.generated[-1]]
-        steer_here = bool(self.steering or self.directions) and (self.steer_prompt or not first)
-        seen = _Seen()
+        new_ids, seen = self.prepare()
+        hooked = self.hooks([seen])
         total = len(self.prompt_ids) + len(self.generated)
         cache_name = _cache_kwarg(net)
         with torch.inference_mode(), ExitStack() as hooks:
-            for point, replace in self._hooks(steer_here, seen):
+            for point, replace in hooked:
                 hooks.enter_context(hooked_replacement(net, point, replace))
             out = net(
                 input_ids=torch.tensor([new_ids], dtype=torch.long, device=device),
@@ -250,12 +303,20 @@ class Generation:
                 use_cache=True,
                 **{cache_name: self._cache},
             )
-        if steer_here and not torch.isfinite(out.logits[0, -1]).all():
+        self._cache = out[cache_name]
+        return self.conclude(out.logits[0, -1], seen)
+
+    def conclude(self, logits: Tensor, seen: "_Seen", finite: bool | None = None) -> StepResult:
+        """The step after its forward: `logits` at this row's last position, `seen` what its hooks recorded;
+        `finite` whether the logits are all finite, where the caller checked a batch's at once."""
+        if seen.steered_here and not (finite if finite is not None else bool(torch.isfinite(logits).all())):
             # The bound on steering values keeps float32 finite in the steered activation itself; a model can still
             # overflow downstream of it. Refuse rather than sample from NaN (which answered 200 with an empty text).
             raise NonFiniteOutput("the steered model's output is not finite (inf or NaN): use smaller steering values")
-        self._cache = out[cache_name]
-        logits = out.logits[0, -1]
+        if seen.features is None:
+            # One float32 row: its matvec (3.1 ms at 768 x 24,576 here) beats the serving encoder's bf16 (7.5 ms:
+            # bf16 pays off from tens of rows, monosemantic/precision.py probes 64).
+            seen.features = self.reader.sae.encode(seen.read_input)
         cfg = self.cfg
         if self._counts is None and (cfg.frequency_penalty or cfg.presence_penalty):
             self._counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
@@ -290,12 +351,12 @@ class Generation:
         features = seen.features
         k = min(self.cfg.features_top_k, features.numel())
         values, ids = features.topk(k) if k else (features[:0], features[:0].long())
-        top = [(int(i), float(v)) for i, v in zip(ids, values) if v > 0]
+        top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v > 0]
         steered = []
         for i, entry in enumerate(self.steering):
             before, after = seen.steered[i]
-            steered.extend(SteeredFeature(entry.dictionary.name, s.feature, float(b), float(a))
-                           for s, b, a in zip(entry.specs, before, after))
+            steered.extend(SteeredFeature(entry.dictionary.name, s.feature, b, a)
+                           for s, b, a in zip(entry.specs, before.tolist(), after.tolist()))
         delta = self._advance_emitted(full, reason is not None)
         return StepResult(len(self.generated) - 1, token, delta, top, steered, reason)
 

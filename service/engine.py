@@ -35,6 +35,7 @@ from monosemantic.steering import SteeringSpec
 from service.access import AccessControl, Identity
 from service.admission import Admission
 from service.batcher import Job, Worker
+from service.decoder import Decoder
 from service.blocking_io import BlockingIO
 from service.errors import ErrorKind, ServiceError, invalid, not_found, over_limit
 from service.keys import KeyFileWatcher
@@ -131,6 +132,8 @@ class Engine:
             on_idle=self._release_buffers,
         )
         self.admission = Admission(self._worker, self.metrics)
+        self.decoder = Decoder(self._worker, settings.max_batch_requests, settings.max_batch_tokens, self.metrics.generation_rows.observe)
+        self.metrics.generations_running.set_function(lambda: self.decoder.rows)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -430,29 +433,38 @@ class Engine:
         tokens: list[schemas.GeneratedToken] = []
         unsteered = None
         with self.admission.admitted():  # held for the whole stream; a client that leaves closes the generator and frees it
-            async for token in self._run_generation(steered, order, deadline):
-                tokens.append(token)
-                yield token
-            if req.compare_unsteered:
+            plain, comparing = None, None
+            if req.compare_unsteered:  # a second row of the same batch, beside the steered one
                 plain = await self.new_generation(model, reader, req, [], seed)
-                plain_tokens = [t async for t in self._run_generation(plain, order, deadline)]
-                unsteered = schemas.Continuation(text=plain.text, tokens=plain_tokens, finish_reason=plain.finish_reason)
+                comparing = asyncio.ensure_future(self._collect(self._run_generation(plain, order, deadline)))
+            try:
+                async for token in self._run_generation(steered, order, deadline):
+                    tokens.append(token)
+                    yield token
+                if comparing is not None:
+                    plain_tokens = await comparing
+                    unsteered = schemas.Continuation(text=plain.text, tokens=plain_tokens, finish_reason=plain.finish_reason)
+            finally:
+                if comparing is not None:
+                    if not comparing.done():
+                        comparing.cancel()
+                    elif not comparing.cancelled():
+                        comparing.exception()  # retrieved: the steered stream's own error is the one raised
         yield schemas.GenerateResponse(
             dictionary=_ref(reader), text=steered.text, tokens=tokens, finish_reason=steered.finish_reason,
             unsteered=unsteered, seed=seed,
         )
 
     async def steps(self, generation: Generation, deadline: float | None, field: str = "steering") -> AsyncIterator[StepResult]:
-        """A generation's steps on the worker, one job each (interleaved with every other job), until it is done;
-        the caller holds an admission slot for the whole of it. A steered output that is not finite is the
+        """A generation's steps, batched with every other running generation (service/decoder.py), until it is
+        done; the caller holds an admission slot for the whole of it. A steered output that is not finite is the
         steering's fault: INVALID_ARGUMENT on `field`."""
-        while not generation.done:
-            try:
-                step = await self.admission.submit(Job(run=self._run_step, payload=generation, deadline=deadline))
-            except NonFiniteOutput as exc:
-                raise invalid(field, str(exc)) from None
-            self.metrics.tokens_generated.inc()
-            yield step
+        try:
+            async for step in self.decoder.steps(generation, deadline):
+                self.metrics.tokens_generated.inc()
+                yield step
+        except NonFiniteOutput as exc:
+            raise invalid(field, str(exc)) from None
 
     async def _run_generation(self, generation: Generation, order: dict, deadline: float | None) -> AsyncIterator[schemas.GeneratedToken]:
         async for step in self.steps(generation, deadline):
@@ -464,8 +476,8 @@ class Engine:
             )
 
     @staticmethod
-    def _run_step(jobs: list[Job]) -> list:
-        return [jobs[0].payload.step()]
+    async def _collect(tokens: AsyncIterator[schemas.GeneratedToken]) -> list[schemas.GeneratedToken]:
+        return [t async for t in tokens]
 
     async def generate(self, req: schemas.GenerateRequest, deadline: float | None = None) -> schemas.GenerateResponse:
         final = None

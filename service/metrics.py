@@ -43,6 +43,9 @@ class Metrics:
         self.batch_tokens = Histogram("monosemantic_batch_tokens", "Tokens per forward.", buckets=(16, 64, 256, 1024, 4096, 16384), registry=r)
         self.tokens_processed = Counter("monosemantic_tokens_processed", "Tokens read by a dictionary in activations and attributions.", ("dictionary",), registry=r)
         self.tokens_generated = Counter("monosemantic_tokens_generated", "Tokens generated.", registry=r)
+        self.generation_rows = Histogram("monosemantic_generation_batch_rows", "Generations stepped together in one decode step (continuous batching).",
+                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.generations_running = Gauge("monosemantic_generations_running", "Generations running or waiting to join the decode batch.", registry=r)
         self.l0 = BulkHistogram("monosemantic_active_features_per_token", "Features active per served token (L0).", ("dictionary",), buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
         self.dictionary_info = Gauge("monosemantic_dictionary_info", "A loaded dictionary (value 1; default=\"true\" for the default one).", ("name", "version", "architecture", "model_checksum", "hook", "default"), registry=r)
         self.dictionary_loaded = Gauge("monosemantic_dictionary_loaded_timestamp_seconds", "When a loaded dictionary was loaded.", ("name",), registry=r)

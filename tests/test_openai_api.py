@@ -29,7 +29,7 @@ READ_KEY, STEER_KEY = "read-only-key-0123456789", "steering-key-0123456789"
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("openai")
     (root / "template.jinja").write_text(TEMPLATE)
-    running = RunningServer(dictionary=REFERENCE_DICTIONARY, sae_dtype="float32", max_new_tokens=48)
+    running = RunningServer(dictionary=REFERENCE_DICTIONARY, sae_dtype="float32", max_new_tokens=200)
     yield running
     running.stop()
 
@@ -272,7 +272,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(served, client):
 
 
 def test_an_error_after_the_stream_started_is_an_in_band_error_frame_then_done(served):
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 48, "temperature": 0.9, "seed": 1, "stream": True, "n": 8}
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "temperature": 0.9, "seed": 1, "stream": True, "n": 8}
     with httpx.stream("POST", f"{served.http_url}/openai/v1/completions", json=body, headers={"X-Request-Timeout": "0.3"}, timeout=30) as response:
         assert response.status_code == 200
         frames = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
@@ -283,7 +283,7 @@ def test_an_error_after_the_stream_started_is_an_in_band_error_frame_then_done(s
 
 def test_the_sdk_raises_on_an_in_band_error(served, client):
     with pytest.raises(openai.APIError):
-        for _ in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0.9, seed=1, n=8, stream=True,
+        for _ in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, temperature=0.9, seed=1, n=8, stream=True,
                                            extra_headers={"X-Request-Timeout": "0.3"}):
             pass
 
