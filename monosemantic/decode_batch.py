@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from monosemantic.generation import _IN_A_BATCH, Generation, StepResult, _cache_kwarg
+from monosemantic.generation import _IN_A_BATCH, Generation, StepResult, _cache_kwarg, strongest
+from monosemantic.sampling import sample_rows
 from monosemantic.lm import HookPoint, hooked_replacement
 
 
@@ -35,6 +36,14 @@ class RowResult(NamedTuple):
     generation: Generation
     result: StepResult | None
     error: BaseException | None
+
+
+class Forwarded(NamedTuple):
+    """A step between its halves (DecodeBatch.forward, then .finish)."""
+
+    done: list[RowResult]  # the rows already stepped whole (alone)
+    seens: list | None  # the batched rows' records of their hooks; None: no batched row
+    logits: Tensor | None  # [rows, vocab] at each batched row's new position
 
 
 def batchable(cache: object) -> bool:
@@ -125,21 +134,33 @@ class DecodeBatch:
 
     def step(self) -> list[RowResult]:
         """One decode step for every row: one forward for the batched rows, one each for the others."""
-        results = [self._one(g) for g in self._alone + ([self._solo] if self._solo is not None else [])]
-        if self.rows:
-            before = [(layer.keys, layer.values) for layer in self._cache.layers], self._mask
-            try:
-                results.extend(self._batched())
-            except Exception:
-                # A forward that raised for the batch (one row's hook refusing its steering) is retried row by
-                # row from the cache as it was, so the error reaches only the rows it belongs to.
-                for layer, (keys, values) in zip(self._cache.layers, before[0]):
-                    layer.keys, layer.values = keys, values
-                self._mask = before[1]
-                moved = self._unbatch()
-                self._alone.extend(moved)
-                results.extend(self._one(g) for g in moved)
-        return results
+        return self.finish(self.forward())
+
+    def forward(self) -> "Forwarded":
+        """A step's first half: the forward (the rows stepped alone, whole). A caller that interleaves other work
+        with the batch (the service's worker) runs the halves as separate jobs; no row joins or leaves between."""
+        done = [self._one(g) for g in self._alone + ([self._solo] if self._solo is not None else [])]
+        if not self.rows:
+            return Forwarded(done, None, None)
+        before = [(layer.keys, layer.values) for layer in self._cache.layers], self._mask
+        try:
+            seens, logits = self._forward_rows()
+        except Exception:
+            # A forward that raised for the batch (one row's hook refusing its steering) is retried row by row
+            # from the cache as it was, so the error reaches only the rows it belongs to.
+            for layer, (keys, values) in zip(self._cache.layers, before[0]):
+                layer.keys, layer.values = keys, values
+            self._mask = before[1]
+            moved = self._unbatch()
+            self._alone.extend(moved)
+            return Forwarded(done + [self._one(g) for g in moved], None, None)
+        return Forwarded(done, seens, logits)
+
+    def finish(self, forwarded: "Forwarded") -> list[RowResult]:
+        """A step's second half: every batched row checked, sampled and its step result made."""
+        if forwarded.seens is None:
+            return forwarded.done
+        return forwarded.done + self._conclude_rows(forwarded.seens, forwarded.logits)
 
     def _unbatch(self) -> list[Generation]:
         """Give every batched row its own cache again (its real positions), out of the batch."""
@@ -161,7 +182,7 @@ class DecodeBatch:
         except Exception as exc:  # this row's failure (a non-finite steered output) is its own
             return RowResult(generation, None, exc)
 
-    def _batched(self) -> list[RowResult]:
+    def _forward_rows(self) -> tuple[list, Tensor]:
         net = self.rows[0].model.lm.model
         device = self._mask.device
         prepared = [g.prepare() for g in self.rows]
@@ -184,12 +205,29 @@ class DecodeBatch:
                       **{cache_name: self._cache})
         self._cache = out[cache_name]
         self._read_together(seens)
-        logits = out.logits[:, -1]
+        return seens, out.logits[:, -1]
+
+    def _conclude_rows(self, seens: list, logits: Tensor) -> list[RowResult]:
         finite = torch.isfinite(logits).all(1).tolist()
-        results = []
+        failed: dict[int, BaseException] = {}
         for row, generation in enumerate(self.rows):
             try:
-                results.append(RowResult(generation, generation.conclude(logits[row], seens[row], finite[row]), None))
+                generation.check(logits[row], seens[row], finite[row])
+            except Exception as exc:
+                failed[row] = exc
+        self._rank_together(seens, [r for r in range(len(self.rows)) if r not in failed])
+        sampled = [r for r in range(len(self.rows)) if r not in failed]
+        rows = [self.rows[r] for r in sampled]
+        tokens = dict(zip(sampled, sample_rows(
+            logits if len(sampled) == len(self.rows) else logits[sampled], [g.cfg for g in rows], [g.generator for g in rows],
+            [g.penalty_counts(logits.shape[-1], logits.device) for g in rows])))
+        results = []
+        for row, generation in enumerate(self.rows):
+            if row in failed:
+                results.append(RowResult(generation, None, failed[row]))
+                continue
+            try:
+                results.append(RowResult(generation, generation.conclude(logits[row], seens[row], finite[row], tokens[row]), None))
             except Exception as exc:
                 results.append(RowResult(generation, None, exc))
         return results
@@ -206,6 +244,16 @@ class DecodeBatch:
             features = self.rows[rows[0]].reader.sae.encode(torch.stack([seens[r].read_input for r in rows]))
             for r, f in zip(rows, features):
                 seens[r].features = f
+
+    def _rank_together(self, seens: list, rows: list[int]) -> None:
+        """Each row's strongest features, one topk for the rows of one reader and one k."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r in rows:
+            if seens[r].features is not None:
+                groups.setdefault((id(self.rows[r].reader), self.rows[r].cfg.features_top_k), []).append(r)
+        for (_, k), members in groups.items():
+            for r, top in zip(members, strongest(torch.stack([seens[m].features for m in members]), k)):
+                seens[r].top = top
 
 
 def _by_group(groups: list[tuple[list[int], Callable[[Tensor], Tensor]]], rows: int) -> Callable[[Tensor], Tensor]:

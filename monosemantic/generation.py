@@ -11,7 +11,6 @@ can report each step's log-probabilities.
 from __future__ import annotations
 
 import inspect
-import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, NamedTuple
@@ -23,6 +22,7 @@ from monosemantic.bound import BoundDictionary
 from monosemantic.errors import MonosemanticError
 from monosemantic.lm import HookPoint, hooked_replacement
 from monosemantic.model import Model
+from monosemantic.sampling import SamplingConfig, sample_rows
 from monosemantic.steering import (DirectionEdit, Steer, SteeringSpec, apply_direction_edits, apply_transcoder_steering,
                                    steer_at_hook)
 
@@ -65,23 +65,6 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
-    stop: tuple[str, ...]
-    features_top_k: int
-    # OpenAI's penalties (https://platform.openai.com/docs/advanced-usage, "frequency and presence penalties"):
-    # logit[t] -= frequency_penalty·count[t] + presence_penalty·(count[t] > 0), over the tokens generated so far.
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logprobs: int = 0  # candidates reported per step with their log-probabilities; 0: none
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to its logit before sampling (OpenAI's logit_bias)
-
-
 @dataclass
 class StepResult:
     index: int
@@ -91,60 +74,6 @@ class StepResult:
     steered: list[SteeredFeature]  # every steered feature there, grouped by dictionary in the order of `steering`
     finish_reason: str | None  # set on the last step
     logprobs: TokenLogprobs | None = None  # with cfg.logprobs
-
-
-def penalized(logits: Tensor, cfg: SamplingConfig, counts: Tensor | None) -> Tensor:
-    """The logits with the logit bias added and the frequency and presence penalties (SamplingConfig) taken off
-    for the tokens counted so far."""
-    if cfg.logit_bias:
-        ids = torch.tensor([t for t, _ in cfg.logit_bias], dtype=torch.long, device=logits.device)
-        logits = logits.index_add(0, ids, torch.tensor([b for _, b in cfg.logit_bias], dtype=logits.dtype, device=logits.device))
-    if counts is None or not (cfg.frequency_penalty or cfg.presence_penalty):
-        return logits
-    return logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).to(logits.dtype)
-
-
-def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator, counts: Tensor | None = None) -> int:
-    """The penalties, then temperature, then top-k, then nucleus (top-p) filtering; temperature 0 is greedy.
-    Extreme settings degrade to greedy rather than to an invalid distribution: a temperature so small that the
-    scaled logits overflow, or a top_p so small that float32 rounds it to 0 (the most likely token is always kept)."""
-    logits = penalized(logits.float(), cfg, counts)
-    greedy = int(logits.argmax())
-    if cfg.temperature == 0:
-        return greedy
-    logits = logits / cfg.temperature
-    if not torch.isfinite(logits).all():
-        return greedy
-    if cfg.top_k:
-        kth = logits.topk(min(cfg.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if cfg.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays in)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p
-        drop[0] = False
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return draw(probs, generator, greedy)
-
-
-def draw(probs: Tensor, generator: torch.Generator, fallback: int) -> int:
-    """One token from unnormalized probabilities by inverse transform: the first whose cumulative mass passes
-    u·total for one uniform u from the request's own generator. torch.multinomial draws a whole exponential vector
-    per call (its Gumbel trick), 83 µs at a 4,096 vocabulary and 942 µs at GPT-2's 50,257 against 9 and 40 µs here,
-    which at 32 rows a step was a fifth of the worker's time; the draw depends only on the row's own generator, so
-    a seed gives the same text alone or in a batch. Zero-probability tokens are never drawn (the cumulative mass
-    does not pass u·total on them). Not finite or no mass: `fallback`."""
-    cumulative = probs.cumsum(-1)
-    total = float(cumulative[-1])  # NaN or inf if any probability is
-    if not (math.isfinite(total) and total > 0):
-        return fallback
-    u = float(torch.rand((), dtype=torch.float64, generator=generator))
-    token = int(torch.searchsorted(cumulative, torch.tensor([u * total], dtype=cumulative.dtype), right=True))
-    if token >= probs.numel():  # u·total rounded up to the total: the last token with mass
-        token = int(probs.nonzero()[-1])
-    return token
 
 
 _IN_A_BATCH = object()  # a Generation's _cache once a DecodeBatch holds its rows of the batched cache
@@ -159,6 +88,16 @@ class _Seen:
     steered: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     steered_here: bool = False  # this step steers (a steered output that is not finite is refused)
     read_input: Tensor | None = None  # the activation the reader encodes, where steering did not encode it already
+    top: list[tuple[int, float]] | None = None  # the strongest features, where a batch ranked its rows at once
+
+
+def strongest(features: Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Per row of `features` [rows, d_sae], its k strongest active features (id, value), strongest first."""
+    k = min(k, features.shape[-1])
+    if not k:
+        return [[] for _ in range(features.shape[0])]
+    values, ids = features.topk(k, dim=-1)
+    return [[(i, v) for i, v in zip(row_ids, row_values) if v > 0] for row_ids, row_values in zip(ids.tolist(), values.tolist())]
 
 
 @dataclass
@@ -306,23 +245,37 @@ class Generation:
         self._cache = out[cache_name]
         return self.conclude(out.logits[0, -1], seen)
 
-    def conclude(self, logits: Tensor, seen: "_Seen", finite: bool | None = None) -> StepResult:
-        """The step after its forward: `logits` at this row's last position, `seen` what its hooks recorded;
-        `finite` whether the logits are all finite, where the caller checked a batch's at once."""
+    def check(self, logits: Tensor, seen: "_Seen", finite: bool | None = None) -> None:
+        """Refuse a steered step whose logits are not finite (`finite`: where the caller checked a batch's at once).
+        The bound on steering values keeps float32 finite in the steered activation itself; a model can still
+        overflow downstream of it. Refuse rather than sample from NaN (which answered 200 with an empty text)."""
         if seen.steered_here and not (finite if finite is not None else bool(torch.isfinite(logits).all())):
-            # The bound on steering values keeps float32 finite in the steered activation itself; a model can still
-            # overflow downstream of it. Refuse rather than sample from NaN (which answered 200 with an empty text).
             raise NonFiniteOutput("the steered model's output is not finite (inf or NaN): use smaller steering values")
+
+    def penalty_counts(self, vocab: int, device: torch.device) -> Tensor | None:
+        """[vocab] times each token was generated, kept once a penalty needs it; None otherwise."""
+        if self._counts is None and (self.cfg.frequency_penalty or self.cfg.presence_penalty):
+            self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        return self._counts
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self._generator
+
+    def conclude(self, logits: Tensor, seen: "_Seen", finite: bool | None = None, token: int | None = None) -> StepResult:
+        """The step after its forward: `logits` at this row's last position, `seen` what its hooks recorded;
+        `token` where the caller sampled a batch's rows at once (monosemantic/sampling.py)."""
+        self.check(logits, seen, finite)
         if seen.features is None:
             # One float32 row: its matvec (3.1 ms at 768 x 24,576 here) beats the serving encoder's bf16 (7.5 ms:
             # bf16 pays off from tens of rows, monosemantic/precision.py probes 64).
             seen.features = self.reader.sae.encode(seen.read_input)
         cfg = self.cfg
-        if self._counts is None and (cfg.frequency_penalty or cfg.presence_penalty):
-            self._counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
-        token = sample_next(logits, cfg, self._generator, self._counts)
-        if self._counts is not None:
-            self._counts[token] += 1
+        counts = self.penalty_counts(logits.shape[-1], logits.device)
+        if token is None:
+            token = sample_rows(logits[None], [cfg], [self._generator], [counts])[0]
+        if counts is not None:
+            counts[token] += 1
         self.generated.append(token)
         result = self._finish_step(token, seen)
         if cfg.logprobs:
@@ -348,10 +301,7 @@ class Generation:
             elif len(self.prompt_ids) + len(self.generated) >= self.model.max_positions:
                 reason = "length"
         self.text, self.finish_reason = full, reason
-        features = seen.features
-        k = min(self.cfg.features_top_k, features.numel())
-        values, ids = features.topk(k) if k else (features[:0], features[:0].long())
-        top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v > 0]
+        top = seen.top if seen.top is not None else strongest(seen.features[None], self.cfg.features_top_k)[0]
         steered = []
         for i, entry in enumerate(self.steering):
             before, after = seen.steered[i]

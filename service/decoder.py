@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import AsyncIterator, Callable
 
-from monosemantic.decode_batch import DecodeBatch
+from monosemantic.decode_batch import DecodeBatch, Forwarded
 from monosemantic.generation import Generation, StepResult
 from service.batcher import Job, Worker
 from service.errors import ErrorKind, ServiceError
@@ -58,6 +58,7 @@ class Decoder:
         self._rows: dict[int, _Row] = {}  # id(generation) -> row, for the rows in a batch (the worker's alone)
         self._batches: dict[int, DecodeBatch] = {}  # id(model) -> its batch (a reload may bring another model)
         self._outbox: list[tuple[_Row, StepResult | BaseException]] = []  # a step's deliveries (the worker's)
+        self._forwarded: dict[int, Forwarded] | None = None  # between a step's halves: each batch's forward
 
     @property
     def rows(self) -> int:
@@ -90,14 +91,23 @@ class Decoder:
 
     # ---- on the worker thread ------------------------------------------------------------------------------
     def _step(self, jobs: list[Job]) -> list[None]:
-        """One decode step of every batch and the prompts that join; then the next step queued while rows remain."""
+        """Half a decode step of every batch: the forward, or (the next job) the sampling and the prompts that
+        join; then the next job queued while rows remain. In halves, a cheap request that arrives during a step
+        waits for the half in progress, not the whole (the forward is ~60% of a step at 32 rows on the reference)."""
         try:
-            self._advance()
+            if self._forwarded is None:
+                self._forwarded = self._forward_all()
+            else:
+                forwarded, self._forwarded = self._forwarded, None
+                self._finish_all(forwarded)
+                self._join_waiting()
         except Exception as exc:  # a bug in a step: end every stream with it rather than leave them waiting
+            self._forwarded = None
             self._fail_all(exc)
         with self._lock:
             more = bool(self._rows or self._joining)
             if more and not self._worker.enqueue(self._job()):
+                self._forwarded = None
                 self._fail_all(ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
                 more = False
             self._scheduled = more
@@ -113,26 +123,42 @@ class Decoder:
         self._batches.clear()
         self._outbox.extend((row, exc) for row in rows)
 
-    def _advance(self) -> None:
-        """Decode one step of the running rows (finished, failed, late and abandoned ones leave), then prefill the
-        prompts waiting to join, within the step's token budget (always at least one when no row runs)."""
+    def _forward_all(self) -> dict[int, Forwarded]:
+        """The first half of a step: finished, late and abandoned rows leave, then every batch's forward."""
         now = time.monotonic()
+        forwarded = {}
         for key, batch in list(self._batches.items()):
             gone = {id(g) for g in batch.generations if not self._live(self._rows[id(g)], now)}
             batch.leave(gone)
-            if len(batch):
-                if self._on_step is not None:
-                    self._on_step(len(batch))
-                for outcome in batch.step():
-                    row = self._rows[id(outcome.generation)]
-                    self._outbox.append((row, outcome.error if outcome.error is not None else outcome.result))
-                    if outcome.error is not None or outcome.generation.done:
-                        gone.add(id(outcome.generation))
-                batch.leave(gone)
             for g in gone:
                 self._rows.pop(g, None)
             if not len(batch):
                 del self._batches[key]
+                continue
+            if self._on_step is not None:
+                self._on_step(len(batch))
+            forwarded[key] = batch.forward()
+        return forwarded
+
+    def _finish_all(self, forwarded: dict[int, Forwarded]) -> None:
+        """The second half: each row's token delivered; rows that finished or failed leave."""
+        for key, half in forwarded.items():
+            batch = self._batches[key]
+            gone = set()
+            for outcome in batch.finish(half):
+                row = self._rows[id(outcome.generation)]
+                self._outbox.append((row, outcome.error if outcome.error is not None else outcome.result))
+                if outcome.error is not None or outcome.generation.done:
+                    gone.add(id(outcome.generation))
+            batch.leave(gone)
+            for g in gone:
+                self._rows.pop(g, None)
+            if not len(batch):
+                del self._batches[key]
+
+    def _join_waiting(self) -> None:
+        """Prefill the prompts waiting to join, within the step's token budget (at least one when no row runs)."""
+        now = time.monotonic()
         budget = self.max_tokens - len(self._rows)
         while len(self._rows) < self.max_rows:
             with self._lock:
