@@ -10,6 +10,7 @@ can report each step's log-probabilities.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -62,7 +63,12 @@ class SteeredFeature(NamedTuple):
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """transformers ≥ 5.2x names the KV cache `cache` (in and out); earlier releases say `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_kwarg_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls: type) -> str:  # per class: inspect.signature took 2.5% of a batched step's time
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 @dataclass

@@ -97,13 +97,20 @@ class Decoder:
         try:
             if self._forwarded is None:
                 self._forwarded = self._forward_all()
-            else:
-                forwarded, self._forwarded = self._forwarded, None
-                self._finish_all(forwarded)
-                self._join_waiting()
+                if any(half.seens is not None for half in self._forwarded.values()):
+                    return [None]  # (the finally queues the second half)
+            forwarded, self._forwarded = self._forwarded, None  # rows stepped alone are whole already: no second job
+            self._finish_all(forwarded)
+            self._join_waiting()
         except Exception as exc:  # a bug in a step: end every stream with it rather than leave them waiting
             self._forwarded = None
             self._fail_all(exc)
+        finally:
+            self._next()
+        return [None]
+
+    def _next(self) -> None:
+        """Queue the next job while rows remain, and hand this one's deliveries over."""
         with self._lock:
             more = bool(self._rows or self._joining)
             if more and not self._worker.enqueue(self._job()):
@@ -112,7 +119,6 @@ class Decoder:
                 more = False
             self._scheduled = more
         self._send()
-        return [None]
 
     def _fail_all(self, exc: BaseException) -> None:
         rows = list(self._rows.values())

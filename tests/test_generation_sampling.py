@@ -1,5 +1,6 @@
 """Direction edits (monosemantic/steering.py) and the sampling options of monosemantic/generation.py: OpenAI's
-frequency and presence penalties, reported log-probabilities, raw-direction steering inside a generation."""
+frequency and presence penalties, reported log-probabilities, raw-direction steering inside a generation; and the
+sampler over a batch of rows (monosemantic/sampling.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from monosemantic.bound import load_bound
 from monosemantic.generation import DictionarySteering, Generation, HookDirections, SamplingConfig
 from monosemantic.model import load_model
+from monosemantic.sampling import sample_rows
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
 from monosemantic.steering import DirectionEdit, SteeringSpec, apply_direction_edits
 
@@ -118,3 +120,41 @@ def test_logprobs_are_the_model_s_own_log_softmax_for_each_step(model, dictionar
 def test_without_logprobs_none_are_reported(model, dictionary):
     _, results = _run(model, dictionary, steps=2)
     assert all(r.logprobs is None for r in results)
+
+
+# ---- the sampler over a batch of rows (monosemantic/sampling.py) ------------------------------------------------
+def _cfg(temperature=1.0, top_p=1.0, top_k=0, **extra):
+    return SamplingConfig(1, temperature, top_p, top_k, 0, (), 0, **extra)
+
+
+def test_a_row_samples_the_same_token_alone_as_among_rows_with_other_settings():
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3
+    cfgs = [_cfg(), _cfg(0.0), _cfg(0.7, top_p=0.9), _cfg(1.3, top_k=20), _cfg(frequency_penalty=0.5), _cfg(0.7, top_p=0.9)]
+    counts = [None, None, None, None, torch.arange(300.0) % 3, None]
+    for seed in range(20):
+        together = sample_rows(logits, cfgs, [torch.Generator().manual_seed(seed + r) for r in range(6)], counts)
+        alone = [sample_rows(logits[r:r + 1], [cfgs[r]], [torch.Generator().manual_seed(seed + r)], [counts[r]])[0] for r in range(6)]
+        assert together == alone
+
+
+def test_draws_follow_the_distribution():
+    logits = torch.tensor([0.5, 0.3, 0.2, 1e-20]).log()  # finite: a -inf logit makes the row greedy
+    generator = torch.Generator().manual_seed(0)
+    draws = [sample_rows(logits[None], [_cfg()], [generator], [None])[0] for _ in range(20_000)]
+    frequencies = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    assert frequencies.tolist() == pytest.approx([0.5, 0.3, 0.2, 0.0], abs=0.015)
+
+
+def test_top_k_and_top_p_never_draw_a_token_they_cut():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 2)
+    generator = torch.Generator().manual_seed(3)
+    seen = set()
+    for _ in range(2_000):
+        seen.update(sample_rows(logits, [_cfg(5.0, top_k=2), _cfg(5.0, top_p=0.3)], [generator, generator], [None, None]))
+    assert seen <= {0, 1}
+
+
+def test_temperature_zero_and_unusable_distributions_are_greedy():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [float("nan"), 1.0, 0.0], [0.0, 5.0, 1.0]])
+    tokens = sample_rows(logits, [_cfg(0.0), _cfg(), _cfg(1e-45)], [torch.Generator()] * 3, [None] * 3)
+    assert tokens[0] == 1 and tokens[2] == 1
