@@ -119,3 +119,22 @@ def test_a_stream_holds_one_admission_slot_for_its_life_and_other_requests_get_t
             assert int(refused.headers["Retry-After"]) >= 1
     finally:
         running.stop()
+
+
+def test_a_row_past_its_deadline_ends_alone_and_the_others_finish_as_alone(served):
+    with RestClient(served.http_url) as client:
+        alone = [_texts(client.generate(**r)) for r in REQUESTS[1:4]]
+
+    def one(request: dict) -> tuple:
+        with RestClient(served.http_url) as client:
+            return _texts(client.generate(**request))
+
+    def late() -> int:
+        body = {"prompt": PROMPT, "max_new_tokens": 240, "temperature": 0.9, "seed": 9}
+        return httpx.post(f"{served.http_url}/v1/generate", json=body, headers={"X-Request-Timeout": "0.1"}, timeout=30).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        refused = pool.submit(late)
+        together = list(pool.map(one, REQUESTS[1:4]))
+        assert refused.result() == 504
+    assert together == alone
