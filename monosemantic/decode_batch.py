@@ -62,7 +62,9 @@ def _left_pad(t: Tensor, length: int) -> Tensor:
 class DecodeBatch:
     """The running rows of one model and their padded cache. Not thread-safe: one caller (the service's worker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, padded: bool = True) -> None:
+        """padded=False: every row steps its own forward (batching off), in the one call to `step`."""
+        self.padded = padded
         self.rows: list[Generation] = []
         self._cache: DynamicCache | None = None
         self._mask: Tensor | None = None  # [rows, length] long: 1 where a row has a real position
@@ -82,7 +84,7 @@ class DecodeBatch:
         """Take a prefilled generation's cache into the batch (it steps here from now on)."""
         if not generation.prefilled or generation.done:
             raise ValueError("a generation joins a DecodeBatch after its first step and before its last")
-        if not batchable(generation._cache):
+        if not (self.padded and batchable(generation._cache)):
             self._alone.append(generation)
         elif not self.rows and self._solo is None:
             self._solo = generation

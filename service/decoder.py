@@ -38,7 +38,6 @@ class _Row:
         self.abandoned = False  # the caller stopped reading (cancelled, disconnected)
 
 
-
 def _put_all(items: list[tuple[_Row, StepResult | BaseException]]) -> None:
     for row, item in items:
         row.queue.put_nowait(item)
@@ -50,7 +49,10 @@ class Decoder:
     def __init__(self, worker: Worker, max_rows: int, max_tokens: int, on_step: Callable[[int], None] | None = None) -> None:
         self._worker = worker
         self._on_step = on_step  # (rows decoded) of every step that decoded any, for metrics
-        self.max_rows = max_rows  # rows in one forward (MONOSEMANTIC_MAX_BATCH_REQUESTS); more wait to join
+        # Rows in one forward (MONOSEMANTIC_MAX_BATCH_REQUESTS); more wait to join. 1 turns batching off: then every
+        # row steps its own forward, all of them still interleaved step by step (none waits for another to finish).
+        self.padded = max_rows > 1
+        self.max_rows = max_rows if self.padded else 1 << 30
         self.max_tokens = max_tokens  # a step's tokens (MONOSEMANTIC_MAX_BATCH_TOKENS): its rows plus the prompts prefilled
         self._lock = threading.RLock()  # _joining and _scheduled, between the loop and the worker (re-entered by _fail_all)
         self._joining: deque[_Row] = deque()
@@ -181,7 +183,7 @@ class Decoder:
                 continue
             self._outbox.append((row, first))
             if not row.generation.done:
-                self._batches.setdefault(id(row.generation.model), DecodeBatch()).join(row.generation)
+                self._batches.setdefault(id(row.generation.model), DecodeBatch(self.padded)).join(row.generation)
                 self._rows[id(row.generation)] = row
 
     def _send(self) -> None:

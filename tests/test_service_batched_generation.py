@@ -138,3 +138,24 @@ def test_a_row_past_its_deadline_ends_alone_and_the_others_finish_as_alone(serve
         together = list(pool.map(one, REQUESTS[1:4]))
         assert refused.result() == 504
     assert together == alone
+
+
+def test_with_batching_off_streams_still_interleave_step_by_step_and_each_gets_its_text_alone():
+    running = RunningServer(dictionary="reference", max_batch_requests=1)
+    try:
+        with RestClient(running.http_url) as client:
+            alone = [_texts(client.generate(**r)) for r in REQUESTS[1:4]]
+
+        def one(request: dict) -> tuple:
+            with RestClient(running.http_url) as client:
+                return _texts(client.generate(**request))
+
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(one, REQUESTS[1:4]))
+        assert together == alone
+        family = running.engine.metrics.generation_rows.collect()[0]
+        alone_steps = next(s.value for s in family.samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+        total = next(s.value for s in family.samples if s.name.endswith("_count"))
+        assert total > alone_steps  # some steps advanced more than one stream (each by its own forward)
+    finally:
+        running.stop()
