@@ -182,3 +182,28 @@ def test_a_generation_in_a_batch_cannot_be_stepped_on_its_own(reference_model, r
         batch.join(g)
     with pytest.raises(Exception, match="DecodeBatch"):
         first.step()
+
+
+def test_rows_steering_through_two_dictionaries_at_two_hooks_batch_exactly(reference_model, reference_dictionary, tmp_path):
+    # a second dictionary, at the residual stream after the block, beside the shipped one at the MLP
+    point = resolve_hook(reference_model.lm, "blocks.0.hook_resid_post")
+    sae = build_sae(SAEConfig.build(architecture="relu", d_in=128, d_sae=256), seed=3)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+    publish(tmp_path, "residual", sae, model=reference_dictionary.dictionary.manifest.model,
+            hook=HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
+    residual = load_bound(reference_model, tmp_path, "residual", None)
+
+    def row(i: int, both: bool) -> Generation:
+        g = _generation(reference_model, reference_dictionary, i, STEERINGS[i])
+        if both:
+            g.steering.append(DictionarySteering(residual, [SteeringSpec(5, "clamp", 3.0), SteeringSpec(17, "add", 2.0)]))
+        return g
+
+    plan = [(1, True), (2, False), (3, True), (5, True), (0, False)]
+    alone = [_alone(row(i, both)) for i, both in plan]
+    batched, errors = _batched([row(i, both) for i, both in plan])
+    assert not errors
+    for k in range(len(plan)):
+        _assert_same(alone[k], batched[k])
+    assert {s.dictionary for s in alone[0][0].steered} == {"reference", "residual"}
