@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from monosemantic.generation import _IN_A_BATCH, Generation, StepResult, _cache_kwarg, strongest
+from monosemantic.generation import Generation, StepResult, cache_kwarg, strongest
 from monosemantic.sampling import sample_rows
 from monosemantic.lm import HookPoint, hooked_replacement
 
@@ -84,7 +84,7 @@ class DecodeBatch:
         """Take a prefilled generation's cache into the batch (it steps here from now on)."""
         if not generation.prefilled or generation.done:
             raise ValueError("a generation joins a DecodeBatch after its first step and before its last")
-        if not (self.padded and batchable(generation._cache)):
+        if not (self.padded and batchable(generation.own_cache)):
             self._alone.append(generation)
         elif not self.rows and self._solo is None:
             self._solo = generation
@@ -96,7 +96,7 @@ class DecodeBatch:
 
     def _merge(self, generation: Generation) -> None:
         """Its cache into the padded one, left-padding whichever is shorter."""
-        cache = generation._cache
+        cache = generation.hand_over_cache()
         mask = torch.ones((1, cache.layers[0].keys.shape[-2]), dtype=torch.long, device=cache.layers[0].keys.device)
         if self._cache is None:
             self._cache, self._mask = cache, mask
@@ -106,7 +106,6 @@ class DecodeBatch:
                 mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
                 mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
             self._mask = torch.cat([_left_pad(self._mask[..., None], length), _left_pad(mask[..., None], length)])[..., 0]
-        generation._cache = _IN_A_BATCH
         self.rows.append(generation)
 
     def leave(self, gone: set[int]) -> None:
@@ -119,7 +118,7 @@ class DecodeBatch:
             return
         for i, g in enumerate(self.rows):
             if id(g) in gone:
-                g._cache = None
+                g.take_back_cache(None)
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self._cache = self._mask = None
@@ -173,7 +172,7 @@ class DecodeBatch:
             cache.layers = [copy.copy(layer) for layer in self._cache.layers]
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:]
-            generation._cache = cache
+            generation.take_back_cache(cache)
         self.rows, self._cache, self._mask = [], None, None
         return moved
 
@@ -199,7 +198,7 @@ class DecodeBatch:
         for rows in groups.values():
             for point, replace in self.rows[rows[0]].hooks([seens[r] for r in rows]):
                 by_key.setdefault(point.key, (point, []))[1].append((rows, replace))
-        cache_name = _cache_kwarg(net)
+        cache_name = cache_kwarg(net)
         with torch.inference_mode(), ExitStack() as hooks:
             for point, replaces in by_key.values():
                 hooks.enter_context(hooked_replacement(net, point, _by_group(replaces, len(self.rows))))

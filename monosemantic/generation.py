@@ -1,8 +1,8 @@
 """Token-by-token generation with the SAE reading (and optionally steering) the hook at every position.
 
 A Generation holds one request's state (token ids, KV cache, its own random generator) and advances one
-decode step per call, so a service's worker can interleave the steps of many streams with other work and a
-client that goes away simply stops asking for steps. Several dictionaries may steer at once, each at its own
+decode step per call; monosemantic/decode_batch.py steps many in one forward, each through this class's own
+hooks (`prepare`, `hooks`) and sampling (`conclude`), so a row's text is the same alone or in a batch. Several dictionaries may steer at once, each at its own
 hook (or several at one hook, applied in order), and raw-direction edits may follow them at any hook; one
 dictionary's features are reported at every step. Sampling takes OpenAI's frequency and presence penalties and
 can report each step's log-probabilities.
@@ -61,7 +61,7 @@ class SteeredFeature(NamedTuple):
     after: float
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
+def cache_kwarg(model: torch.nn.Module) -> str:
     """transformers ≥ 5.2x names the KV cache `cache` (in and out); earlier releases say `past_key_values`."""
     return _cache_kwarg_of(type(model))
 
@@ -205,6 +205,21 @@ class Generation:
 
         return [(points[key], at_hook(key)) for key in points]
 
+    def hand_over_cache(self) -> Any:
+        """Its KV cache, for a DecodeBatch to hold (monosemantic/decode_batch.py); until `take_back_cache` this
+        generation steps only through the batch."""
+        cache, self._cache = self._cache, _IN_A_BATCH
+        return cache
+
+    def take_back_cache(self, cache: Any) -> None:
+        """Its own cache again (its rows of the batch's), or None once the batch has dropped it."""
+        self._cache = cache
+
+    @property
+    def own_cache(self) -> Any:
+        """The cache it steps with alone (None before its first step, or while a batch holds it)."""
+        return None if self._cache is _IN_A_BATCH else self._cache
+
     @property
     def prefilled(self) -> bool:
         """Its prompt has run (the first step): every later step feeds one token."""
@@ -238,7 +253,7 @@ class Generation:
         new_ids, seen = self.prepare()
         hooked = self.hooks([seen])
         total = len(self.prompt_ids) + len(self.generated)
-        cache_name = _cache_kwarg(net)
+        cache_name = cache_kwarg(net)
         with torch.inference_mode(), ExitStack() as hooks:
             for point, replace in hooked:
                 hooks.enter_context(hooked_replacement(net, point, replace))

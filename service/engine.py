@@ -3,7 +3,7 @@ worker thread and answered in the API's shapes. No HTTP and no gRPC here: servic
 adapters over Engine, so both transports give the same results and the same errors.
 
 Its parts live beside it: the repository of loaded dictionaries (service/repository.py), admission to the worker's
-queue (service/admission.py), request checks (service/validation.py), key-file reloads (service/keys.py); the maths
+queue (service/admission.py), generations batched across requests (service/decoder.py), request checks (service/validation.py), key-file reloads (service/keys.py); the maths
 is the core's (monosemantic/readout.py, steering.py, attribution.py, generation.py, dashboards.py).
 """
 

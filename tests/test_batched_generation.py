@@ -165,7 +165,7 @@ def test_a_sliding_window_cache_is_not_padded_and_its_rows_still_step_exactly(tm
     model, bound = _tiny_bound(lm, "blocks.0.hook_resid_post", 48, tmp_path / "registry")
     probe = _generation(model, bound, 0, (), steps=2)
     probe.step()
-    assert not batchable(probe._cache)
+    assert not batchable(probe.own_cache)
     steering = [(), (SteeringSpec(3, "add", 2.0),), ()]
     alone = [_alone(_generation(model, bound, i, s, steps=16)) for i, s in enumerate(steering)]
     batched, errors = _batched([_generation(model, bound, i, s, steps=16) for i, s in enumerate(steering)])
