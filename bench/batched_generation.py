@@ -8,6 +8,7 @@ two cores the server also uses); the probe is a `/v1/activations` request for a 
 other, alone first and then while the streams run.
 
     python bench/batched_generation.py [--streams 32] [--tokens 64] [--shape reference|gpt2] [--before <worktree>]
+    python bench/batched_generation.py --in-process   # the core alone: a DecodeBatch of --streams rows against one row
 
 --shape gpt2 serves GPT-2 small's shape in bf16 (random weights, bench/gpt2_shape.py) with a random TopK dictionary
 of --d-sae features (bench/serve_scale.py), as bench/serve.py --shape gpt2 does.
@@ -95,6 +96,45 @@ async def measure(url: str, streams: int, tokens: int, text: str, rounds: int) -
             "busy_p50": statistics.median(busy) if busy else float("nan"), "probes": len(busy)}
 
 
+def in_process(streams: int, tokens: int) -> None:
+    """The core alone, no server: one Generation stepped by itself against `streams` rows of one DecodeBatch (the
+    reference model, the same steering and sampling as the streams), tokens/s and milliseconds per step."""
+    from monosemantic.bound import load_bound
+    from monosemantic.decode_batch import DecodeBatch
+    from monosemantic.generation import DictionarySteering, Generation, SamplingConfig
+    from monosemantic.model import load_model
+    from monosemantic.shipped import REFERENCE_DICTIONARY, reference_lm_path, reference_registry_path
+    from monosemantic.steering import SteeringSpec
+
+    model = load_model(str(reference_lm_path()))
+    reference = load_bound(model, reference_registry_path(), REFERENCE_DICTIONARY, None)
+    specs = [SteeringSpec(s["feature"], s["mode"], s["value"]) for s in STEERING]
+    ids = [model.bos_id, *model.tokenize(PROMPT, prepend_bos=False).ids]
+
+    def generation(seed: int) -> Generation:
+        return Generation(model, reference, ids, SamplingConfig(tokens, 1.0, 1.0, 0, seed, (), 5), [DictionarySteering(reference, specs)], False)
+
+    alone = []
+    for seed in range(3):
+        g, started = generation(seed), time.perf_counter()
+        while not g.done:
+            g.step()
+        alone.append(len(g.generated) / (time.perf_counter() - started))
+    batch, rows = DecodeBatch(), [generation(s) for s in range(streams)]
+    for g in rows:
+        g.step()
+        batch.join(g)
+    started, steps = time.perf_counter(), 0
+    while len(batch):
+        outcomes = batch.step()
+        steps += 1
+        batch.leave({id(o.generation) for o in outcomes if o.generation.done})
+    elapsed = time.perf_counter() - started
+    together = sum(len(g.generated) - 1 for g in rows) / elapsed
+    print(f"in-process: one generation alone {statistics.median(alone):.0f} tokens/s; {streams} rows of one DecodeBatch "
+          f"{together:.0f} tokens/s ({elapsed / steps * 1000:.1f} ms a step), {together / statistics.median(alone):.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--streams", type=int, default=32)
@@ -102,8 +142,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=("reference", "gpt2"), default="reference")
     parser.add_argument("--d-sae", type=int, default=24_576, help="the dictionary's width at --shape gpt2")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each measurement; medians reported")
+    parser.add_argument("--in-process", action="store_true", help="the core alone (DecodeBatch against one Generation), no server")
     parser.add_argument("--before", type=Path, help="an older checkout (a git worktree) whose server is measured first")
     args = parser.parse_args()
+    if args.in_process:
+        return in_process(args.streams, args.tokens)
     if args.shape == "gpt2":
         from gpt2_shape import gpt2_shaped
         from serve_scale import publish_bench_dictionary
