@@ -144,27 +144,43 @@ class NeuronpediaSteering:
         return last
 
     async def _frames(self, req: np.SteerCompletionRequest, generation, deadline: float | None) -> AsyncIterator[dict]:
-        """The answer after every generated token, STEERED and DEFAULT in the order asked (one not started yet
-        reads as empty), the last being the whole answer; one admission slot for all of it."""
+        """The answer after every generated token, STEERED and DEFAULT in the order asked, the last being the whole
+        answer; one admission slot for all of it. The types run side by side, rows of one decode batch
+        (service/decoder.py): a frame follows each token of either, taken in turn."""
         outputs: dict[np.SteerType, dict] = {kind: {"type": kind.value, "output": ""} for kind in req.types}
         if req.n_logprobs:
             for out in outputs.values():
                 out["logprobs"] = []
         model = self.engine.loaded.model
+        field = "features" if req.features is not None else "vectors"
         with self.engine.admission.admitted():
+            running = []
             for kind in req.types:
                 run = generation(kind)
-                async for step in self.engine.steps(run, deadline, field="features" if req.features is not None else "vectors"):
-                    out = outputs[kind]
-                    out["output"] = run.text
-                    if step.logprobs is not None:
-                        lp = step.logprobs
-                        out["logprobs"].append({
-                            "token": model.token_text(lp.token_id), "logprob": lp.logprob,
-                            "top_logprobs": [{"token": model.token_text(t), "logprob": v} for t, v in lp.top],
-                        })
-                    yield {"outputs": [dict(o) for o in outputs.values()]}
-                outputs[kind]["output"] = run.text
+                running.append((kind, run, self.engine.steps(run, deadline, field=field)))
+            try:
+                while running:
+                    still = []
+                    for kind, run, steps in running:
+                        try:
+                            step = await anext(steps)
+                        except StopAsyncIteration:
+                            outputs[kind]["output"] = run.text
+                            continue
+                        still.append((kind, run, steps))
+                        out = outputs[kind]
+                        out["output"] = run.text
+                        if step.logprobs is not None:
+                            lp = step.logprobs
+                            out["logprobs"].append({
+                                "token": model.token_text(lp.token_id), "logprob": lp.logprob,
+                                "top_logprobs": [{"token": model.token_text(t), "logprob": v} for t, v in lp.top],
+                            })
+                        yield {"outputs": [dict(o) for o in outputs.values()]}
+                    running = still
+            finally:
+                for _, _, steps in running:
+                    await steps.aclose()
 
 
 def _hook_width(jobs: list[Job]) -> list[int]:
