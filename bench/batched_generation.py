@@ -71,20 +71,25 @@ def _latencies(process: subprocess.Popen) -> list[float]:
     return json.loads(out)
 
 
-async def measure(url: str, streams: int, tokens: int, text: str, rounds: int) -> dict:
+async def measure(server: ServerProcess, streams: int, tokens: int, text: str, rounds: int) -> dict:
     """One stream alone, then `streams` together (tokens/s, each the median of `rounds`), then the streams again
     with the probe running beside them (from 0.3 s in to 80% of the streams' expected time): its p50 against its
-    p50 idle."""
+    p50 idle; and the server's CPU per generated token at each concurrency."""
+    url = server.url
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     idle = _latencies(_probe_process(url, text, 0.0, 2.0))
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        per_cpu: dict[int, list[float]] = {1: [], streams: []}
+
         async def rate(n: int, seed: int) -> float:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), server.cpu_seconds()
             counts = await asyncio.gather(*(_stream(http, seed + s, tokens) for s in range(n)))
+            per_cpu.setdefault(n, []).append(sum(counts) / (server.cpu_seconds() - cpu))
             return sum(counts) / (time.perf_counter() - started)
 
         alone = statistics.median([await rate(1, r) for r in range(rounds)])
         together = statistics.median([await rate(streams, 100 * r) for r in range(rounds)])
+        cpu_alone, cpu_together = statistics.median(per_cpu[1]), statistics.median(per_cpu[streams])
         busy: list[float] = []
         expected = streams * tokens / together
         for r in range(rounds):
@@ -92,7 +97,7 @@ async def measure(url: str, streams: int, tokens: int, text: str, rounds: int) -
             await asyncio.sleep(0.5)  # its interpreter and connection up before the streams start (warm-up, not timed)
             await rate(streams, 1000 + 100 * r)
             busy.extend(await asyncio.to_thread(_latencies, prober))
-    return {"alone": alone, "together": together, "idle_p50": statistics.median(idle),
+    return {"alone": alone, "together": together, "idle_p50": statistics.median(idle), "cpu_alone": cpu_alone, "cpu_together": cpu_together,
             "busy_p50": statistics.median(busy) if busy else float("nan"), "probes": len(busy)}
 
 
@@ -161,17 +166,18 @@ def main() -> None:
     trees = ([("before", args.before)] if args.before else []) + [("now", ROOT)]
     print(f"{args.streams} concurrent steered streams x {args.tokens} tokens (REST SSE), against one alone; "
           "activations p50 (64 tokens) idle and while they run", flush=True)
-    print("| build | one stream alone (tok/s) | together (tok/s) | ratio | activations p50 idle (ms) | while streaming (ms) | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| build | one stream alone (tok/s) | together (tok/s) | ratio | activations p50 idle (ms) | while streaming (ms) | ratio "
+          "| tokens per server CPU-s, alone / together |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, tree in trees:
         server = ServerProcess("ours", {**env, "PYTHONPATH": str(tree)}, tree=tree)
         try:
-            r = asyncio.run(measure(server.url, args.streams, args.tokens, text, args.rounds))
+            r = asyncio.run(measure(server, args.streams, args.tokens, text, args.rounds))
         finally:
             server.stop()
         print(f"| {name} | {r['alone']:.0f} | {r['together']:.0f} | **{r['together'] / r['alone']:.2f}x** | "
               f"{r['idle_p50'] * 1000:.1f} | {r['busy_p50'] * 1000:.1f} ({r['probes']} probes) | "
-              f"**{r['busy_p50'] / r['idle_p50']:.2f}x** |", flush=True)
+              f"**{r['busy_p50'] / r['idle_p50']:.2f}x** | {r['cpu_alone']:.0f} / {r['cpu_together']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
