@@ -44,6 +44,12 @@ def _texts(response: api.GenerateResponse) -> tuple:
             None if plain is None else (plain.text, [t.id for t in plain.tokens]))
 
 
+def _row_steps(running) -> float:
+    """Rows stepped so far, summed over decode steps (monosemantic_generation_batch_rows' sum)."""
+    family = running.engine.metrics.generation_rows.collect()[0]
+    return next(sample.value for sample in family.samples if sample.name.endswith("_sum"))
+
+
 def test_concurrent_requests_with_different_steering_get_exactly_their_answers_alone(served):
     with RestClient(served.http_url) as client:
         alone = [_texts(client.generate(**r)) for r in REQUESTS]
@@ -89,6 +95,7 @@ def test_a_stream_that_leaves_mid_batch_leaves_the_others_intact(served):
         with RestClient(served.http_url) as client:
             return client.generate(**long, seed=seed).text
 
+    stepped = _row_steps(served)
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(stay, s) for s in (0, 2)]
         with httpx.stream("POST", f"{served.http_url}/v1/generate", json={**long, "seed": 1, "stream": True}, timeout=30) as response:
@@ -99,6 +106,32 @@ def test_a_stream_that_leaves_mid_batch_leaves_the_others_intact(served):
     while served.engine.decoder.rows and time.time() < deadline:  # the one that left is dropped at a step
         time.sleep(0.02)
     assert served.engine.decoder.rows == 0
+    assert _row_steps(served) - stepped < 2 * 119 + 60  # the two that stayed (119 decode steps each), and not all of the third
+
+
+def test_a_grpc_stream_cancelled_mid_batch_leaves_the_others_intact(served):
+    long = dict(prompt=PROMPT, max_new_tokens=120, temperature=0.9, steering=[{"feature": 7, "mode": "add", "value": 8.0}])
+    with RestClient(served.http_url) as client:
+        alone = [client.generate(**long, seed=s).text for s in (0, 2)]
+
+    def stay(seed: int) -> str:
+        with GrpcClient(served.grpc_target) as client:
+            return next(e for e in client.generate_stream(**long, seed=seed) if isinstance(e, api.GenerateResponse)).text
+
+    stepped = _row_steps(served)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(stay, s) for s in (0, 2)]
+        with GrpcClient(served.grpc_target) as client:
+            events = client.generate_stream(**long, seed=1)
+            assert isinstance(next(events), api.GeneratedToken)
+            events.close()  # cancels the call on the server
+        texts = [f.result() for f in futures]
+    assert texts == alone
+    deadline = time.time() + 10
+    while served.engine.decoder.rows and time.time() < deadline:
+        time.sleep(0.02)
+    assert served.engine.decoder.rows == 0
+    assert _row_steps(served) - stepped < 2 * 119 + 60  # the two that stayed (119 decode steps each), and not all of the third
 
 
 def test_a_stream_holds_one_admission_slot_for_its_life_and_other_requests_get_the_rest():
