@@ -7,7 +7,8 @@ on a CPU) and leave when they finish or their caller goes. The KV cache is one p
 mask hides the padding and each row's position ids are its own. That is the layout the model's own batched
 `generate` uses, so every architecture whose cache is transformers' plain DynamicCache batches without an
 attention kernel of ours; a paged cache (vLLM's) needs such a kernel, and on this CPU the copy of a padded cache
-per step is small beside the forward (bench/RESULTS.md, "Generation batched across requests"). A model whose cache
+per step is small beside the forward (bench/RESULTS.md, "Generation batched across requests"); a position is
+written into spare room in the buffer (_GrowingLayer), not appended by concatenating the whole cache. A model whose cache
 is anything else (sliding-window layers, Gemma-2's) steps its rows one forward each, in the same call.
 
 Each hook's replacement splits the batch into rows and gives every row its own Generation's replacement, so
@@ -59,6 +60,46 @@ def _left_pad(t: Tensor, length: int) -> Tensor:
     return torch.cat([t.new_zeros(*t.shape[:-2], missing, t.shape[-1]), t], dim=-2)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A batch's keys and values for one layer in buffers with room to grow: a step writes its position into the
+    spare room, where DynamicLayer concatenates the whole cache every step (26% of a step at GPT-2's shape with 32
+    rows of ~600 positions). The buffer doubles when full, so each position is copied O(1) times on average."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.is_initialized, self.device = True, keys.device
+        self._grow_to(keys, values)
+
+    def _grow_to(self, keys: Tensor, values: Tensor) -> None:
+        length = keys.shape[-2]
+        capacity = 2 * length + 16
+        self._keys = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
+        self._values = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
+        self._keys[..., :length, :] = keys
+        self._values[..., :length, :] = values
+        self._length = length
+        self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        new = key_states.shape[-2]
+        if self._length + new > self._keys.shape[-2]:
+            self._grow_to(self.keys, self.values)
+        end = self._length + new
+        self._keys[..., self._length:end, :] = key_states
+        self._values[..., self._length:end, :] = value_states
+        self._length = end
+        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
+        return self.keys, self.values
+
+
+def _plain(keys: Tensor, values: Tensor) -> DynamicLayer:
+    """A lone generation's layer of its own (a copy: a view would keep the whole batch's buffer alive)."""
+    layer = DynamicLayer()
+    layer.is_initialized, layer.device = True, keys.device
+    layer.keys, layer.values = keys.clone(), values.clone()
+    return layer
+
+
 class DecodeBatch:
     """The running rows of one model and their padded cache. Not thread-safe: one caller (the service's worker)."""
 
@@ -100,11 +141,13 @@ class DecodeBatch:
         mask = torch.ones((1, cache.layers[0].keys.shape[-2]), dtype=torch.long, device=cache.layers[0].keys.device)
         if self._cache is None:
             self._cache, self._mask = cache, mask
+            cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in cache.layers]
         else:
             length = max(self._mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
-                mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
+            self._cache.layers = [
+                _GrowingLayer(torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)]),
+                              torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]))
+                for mine, theirs in zip(self._cache.layers, cache.layers)]
             self._mask = torch.cat([_left_pad(self._mask[..., None], length), _left_pad(mask[..., None], length)])[..., 0]
         self.rows.append(generation)
 
@@ -127,9 +170,8 @@ class DecodeBatch:
         mask = self._mask.index_select(0, index)
         start = int(mask.any(0).long().argmax())  # the first column some row still uses
         self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._cache.layers = [_GrowingLayer(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
+                              for layer in self._cache.layers]
         if len(self.rows) == 1 and self._solo is None:
             self._solo = self._unbatch()[0]
 
@@ -148,7 +190,8 @@ class DecodeBatch:
             seens, logits = self._forward_rows()
         except Exception:
             # A forward that raised for the batch (one row's hook refusing its steering) is retried row by row
-            # from the cache as it was, so the error reaches only the rows it belongs to.
+            # from the cache as it was (the positions before this step; the layers that ran wrote past them), so
+            # the error reaches only the rows it belongs to.
             for layer, (keys, values) in zip(self._cache.layers, before[0]):
                 layer.keys, layer.values = keys, values
             self._mask = before[1]
@@ -169,9 +212,7 @@ class DecodeBatch:
         for row, generation in enumerate(moved):
             start = int(self._mask[row].argmax())  # left-padded: its real positions are a suffix
             cache = copy.copy(self._cache)
-            cache.layers = [copy.copy(layer) for layer in self._cache.layers]
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:]
+            cache.layers = [_plain(layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:]) for layer in self._cache.layers]
             generation.take_back_cache(cache)
         self.rows, self._cache, self._mask = [], None, None
         return moved

@@ -207,3 +207,30 @@ def test_rows_steering_through_two_dictionaries_at_two_hooks_batch_exactly(refer
     for k in range(len(plan)):
         _assert_same(alone[k], batched[k])
     assert {s.dictionary for s in alone[0][0].steered} == {"reference", "residual"}
+
+
+def test_rows_outgrowing_the_cache_s_spare_room_still_generate_exactly_their_texts_alone(reference_model, reference_dictionary):
+    # A batch's cache has room for about its length again (monosemantic/decode_batch.py's _GrowingLayer); 120
+    # steps from ~6-token prompts outgrow it twice.
+    alone = [_alone(_generation(reference_model, reference_dictionary, i, STEERINGS[i], steps=120)) for i in range(3)]
+    rows = [_generation(reference_model, reference_dictionary, i, STEERINGS[i], steps=120) for i in range(3)]
+    batch = DecodeBatch()
+    for g in rows:
+        g.step()
+        batch.join(g)
+    capacity = batch._cache.layers[0]._keys.shape[-2]
+    batched = _batched_from(batch, rows)
+    assert max(len(g.prompt_ids) for g in rows) + 120 > 2 * capacity  # it grew more than once
+    for i in range(3):
+        assert [s.token_id for s in batched[i]] == [s.token_id for s in alone[i]][1:]
+
+
+def _batched_from(batch: DecodeBatch, rows: list[Generation]) -> list[list]:
+    steps = {id(g): [] for g in rows}
+    while len(batch):
+        outcomes = batch.step()
+        for o in outcomes:
+            assert o.error is None
+            steps[id(o.generation)].append(o.result)
+        batch.leave({id(o.generation) for o in outcomes if o.generation.done})
+    return [steps[id(g)] for g in rows]
