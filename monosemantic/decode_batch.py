@@ -63,16 +63,17 @@ def _left_pad(t: Tensor, length: int) -> Tensor:
 class _GrowingLayer(DynamicLayer):
     """A batch's keys and values for one layer in buffers with room to grow: a step writes its position into the
     spare room, where DynamicLayer concatenates the whole cache every step (26% of a step at GPT-2's shape with 32
-    rows of ~600 positions). The buffer doubles when full, so each position is copied O(1) times on average."""
+    rows of ~600 positions). The buffer doubles when full, so each position is copied O(1) times on average, and
+    never holds more than `limit` positions (the model's context: no row grows past it) unless it must."""
 
-    def __init__(self, keys: Tensor, values: Tensor) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, limit: int) -> None:
         super().__init__()
-        self.is_initialized, self.device = True, keys.device
+        self.is_initialized, self.device, self._limit = True, keys.device, limit
         self._grow_to(keys, values)
 
     def _grow_to(self, keys: Tensor, values: Tensor) -> None:
         length = keys.shape[-2]
-        capacity = 2 * length + 16
+        capacity = max(length + 1, min(2 * length + 16, self._limit))
         self._keys = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
         self._values = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
         self._keys[..., :length, :] = keys
@@ -141,12 +142,12 @@ class DecodeBatch:
         mask = torch.ones((1, cache.layers[0].keys.shape[-2]), dtype=torch.long, device=cache.layers[0].keys.device)
         if self._cache is None:
             self._cache, self._mask = cache, mask
-            cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in cache.layers]
+            cache.layers = [_GrowingLayer(layer.keys, layer.values, generation.model.max_positions) for layer in cache.layers]
         else:
             length = max(self._mask.shape[1], mask.shape[1])
             self._cache.layers = [
                 _GrowingLayer(torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)]),
-                              torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]))
+                              torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]), generation.model.max_positions)
                 for mine, theirs in zip(self._cache.layers, cache.layers)]
             self._mask = torch.cat([_left_pad(self._mask[..., None], length), _left_pad(mask[..., None], length)])[..., 0]
         self.rows.append(generation)
@@ -170,7 +171,8 @@ class DecodeBatch:
         mask = self._mask.index_select(0, index)
         start = int(mask.any(0).long().argmax())  # the first column some row still uses
         self._mask = mask[:, start:]
-        self._cache.layers = [_GrowingLayer(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
+        limit = self.rows[0].model.max_positions
+        self._cache.layers = [_GrowingLayer(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:], limit)
                               for layer in self._cache.layers]
         if len(self.rows) == 1 and self._solo is None:
             self._solo = self._unbatch()[0]
