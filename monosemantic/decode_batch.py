@@ -111,8 +111,8 @@ class DecodeBatch:
         self._cache: DynamicCache | None = None
         self._mask: Tensor | None = None  # [rows, length] long: 1 where a row has a real position
         self._alone: list[Generation] = []  # rows whose cache cannot be batched: each steps its own forward
-        # A lone row steps with its own cache, as a generation outside any batch does (a batch of one measured 20%
-        # slower: the mask and position ids it must build); it is merged in when a second row joins.
+        # A lone row steps with its own cache, as a generation outside any batch does (a padded batch of one
+        # measured 630 tokens/s against 654 alone on the reference); it is merged in when a second row joins.
         self._solo: Generation | None = None
 
     def __len__(self) -> int:

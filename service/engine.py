@@ -3,7 +3,8 @@ worker thread and answered in the API's shapes. No HTTP and no gRPC here: servic
 adapters over Engine, so both transports give the same results and the same errors.
 
 Its parts live beside it: the repository of loaded dictionaries (service/repository.py), admission to the worker's
-queue (service/admission.py), generations batched across requests (service/decoder.py), request checks (service/validation.py), key-file reloads (service/keys.py); the maths
+queue (service/admission.py), generations batched across requests (service/decoder.py), request checks
+(service/validation.py), key-file reloads (service/keys.py); the maths
 is the core's (monosemantic/readout.py, steering.py, attribution.py, generation.py, dashboards.py).
 """
 
@@ -465,6 +466,30 @@ class Engine:
                 yield step
         except NonFiniteOutput as exc:
             raise invalid(field, str(exc)) from None
+        except ServiceError as exc:
+            if exc.kind is ErrorKind.DEADLINE_EXCEEDED:  # counted as the per-step jobs' deadline was (service/admission.py)
+                self.metrics.rejected.labels("deadline").inc()
+            raise
+
+    async def interleaved(self, generations: list[Generation], deadline: float | None,
+                          field: str = "steering") -> AsyncIterator[tuple[int, StepResult]]:
+        """Several generations' steps as (index, step), one of each unfinished generation in turn: they run side
+        by side as rows of the decode batch; the caller holds their admission slots."""
+        running = [(i, self.steps(g, deadline, field)) for i, g in enumerate(generations)]
+        try:
+            while running:
+                still = []
+                for i, steps in running:
+                    try:
+                        step = await anext(steps)
+                    except StopAsyncIteration:
+                        continue
+                    still.append((i, steps))
+                    yield i, step
+                running = still
+        finally:
+            for _, steps in running:
+                await steps.aclose()
 
     async def _run_generation(self, generation: Generation, order: dict, deadline: float | None) -> AsyncIterator[schemas.GeneratedToken]:
         async for step in self.steps(generation, deadline):

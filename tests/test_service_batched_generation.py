@@ -173,6 +173,17 @@ def test_a_row_past_its_deadline_ends_alone_and_the_others_finish_as_alone(serve
     assert together == alone
 
 
+def test_a_stream_past_its_deadline_ends_with_an_error_event_counted_as_a_deadline_refusal(served):
+    rejected = served.engine.metrics.rejected.labels("deadline")
+    before = rejected._value.get()
+    body = {"prompt": PROMPT, "max_new_tokens": 240, "temperature": 0.9, "seed": 9, "stream": True}
+    with httpx.stream("POST", f"{served.http_url}/v1/generate", json=body, headers={"X-Request-Timeout": "0.1"}, timeout=30) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "event: token" and events[-1] == "event: error"
+    assert rejected._value.get() == before + 1
+
+
 def test_with_batching_off_streams_still_interleave_step_by_step_and_each_gets_its_text_alone():
     running = RunningServer(dictionary="reference", max_batch_requests=1)
     try:

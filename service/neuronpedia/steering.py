@@ -154,33 +154,18 @@ class NeuronpediaSteering:
         model = self.engine.loaded.model
         field = "features" if req.features is not None else "vectors"
         with self.engine.admission.admitted():
-            running = []
-            for kind in req.types:
-                run = generation(kind)
-                running.append((kind, run, self.engine.steps(run, deadline, field=field)))
-            try:
-                while running:
-                    still = []
-                    for kind, run, steps in running:
-                        try:
-                            step = await anext(steps)
-                        except StopAsyncIteration:
-                            outputs[kind]["output"] = run.text
-                            continue
-                        still.append((kind, run, steps))
-                        out = outputs[kind]
-                        out["output"] = run.text
-                        if step.logprobs is not None:
-                            lp = step.logprobs
-                            out["logprobs"].append({
-                                "token": model.token_text(lp.token_id), "logprob": lp.logprob,
-                                "top_logprobs": [{"token": model.token_text(t), "logprob": v} for t, v in lp.top],
-                            })
-                        yield {"outputs": [dict(o) for o in outputs.values()]}
-                    running = still
-            finally:
-                for _, _, steps in running:
-                    await steps.aclose()
+            runs = [(kind, generation(kind)) for kind in req.types]
+            async for i, step in self.engine.interleaved([run for _, run in runs], deadline, field=field):
+                kind, run = runs[i]
+                out = outputs[kind]
+                out["output"] = run.text
+                if step.logprobs is not None:
+                    lp = step.logprobs
+                    out["logprobs"].append({
+                        "token": model.token_text(lp.token_id), "logprob": lp.logprob,
+                        "top_logprobs": [{"token": model.token_text(t), "logprob": v} for t, v in lp.top],
+                    })
+                yield {"outputs": [dict(o) for o in outputs.values()]}
 
 
 def _hook_width(jobs: list[Job]) -> list[int]:

@@ -141,21 +141,8 @@ class ChoiceRunner:
         return Plan(reader, choices, sum(len(p) for p in prompts), list(req.steering), order)
 
     async def steps(self, plan: Plan, deadline: float | None) -> AsyncIterator[tuple[Choice, StepResult]]:
-        """Every choice's steps, one step of each unfinished choice in turn (each step is a job on the worker,
-        interleaved with everyone else's), holding one admission slot per choice for the whole request."""
+        """Every choice's steps, one step of each unfinished choice in turn (rows of the decode batch, side by
+        side), holding one admission slot per choice for the whole request."""
         with self.engine.admission.admitted(len(plan.choices)):
-            running = [(choice, self.engine.steps(choice.generation, deadline)) for choice in plan.choices]
-            try:
-                while running:
-                    still = []
-                    for choice, steps in running:
-                        try:
-                            step = await anext(steps)
-                        except StopAsyncIteration:
-                            continue
-                        still.append((choice, steps))
-                        yield choice, step
-                    running = still
-            finally:
-                for _, steps in running:
-                    await steps.aclose()
+            async for i, step in self.engine.interleaved([choice.generation for choice in plan.choices], deadline):
+                yield plan.choices[i], step
