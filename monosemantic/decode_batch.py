@@ -316,3 +316,27 @@ def _by_group(groups: list[tuple[list[int], Callable[[Tensor], Tensor]]], rows: 
             out.index_copy_(0, index, part.to(out.dtype))
         return out
     return replace
+
+
+def run_together(generations: list[Generation]) -> dict[int, BaseException]:
+    """Every generation to its end in one DecodeBatch (a notebook's or an evaluation's many rows; the service feeds
+    its batch itself, service/decoder.py): each prefilled alone, then stepped with the others. Returns the errors
+    that ended rows early, by the failed generation's id()."""
+    batch, failed = DecodeBatch(), {}
+    for g in generations:
+        try:
+            g.step()
+        except Exception as exc:  # its own failure (a non-finite steered prompt); the others go on
+            failed[id(g)] = exc
+            continue
+        if not g.done:
+            batch.join(g)
+    while len(batch):
+        gone = set()
+        for outcome in batch.step():
+            if outcome.error is not None:
+                failed[id(outcome.generation)] = outcome.error
+            if outcome.error is not None or outcome.generation.done:
+                gone.add(id(outcome.generation))
+        batch.leave(gone)
+    return failed

@@ -45,6 +45,13 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{option}: comma-separated numbers, got {text!r}") from None
+
+
 def _print_json(data: dict) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=float))
 
@@ -281,6 +288,45 @@ def features(
     except MonosemanticError as exc:
         _fail(exc)
     typer.echo(str(path))
+
+
+@app.command("steer-eval")
+def steer_eval(
+    registry: Registry,
+    dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")],
+    feature: Annotated[int, typer.Option(help="the feature to steer")],
+    model: Annotated[Optional[str], typer.Option(help="HF model directory or hub id (default: the model the dictionary records, else the shipped reference)")] = None,
+    contexts: Annotated[int, typer.Option(min=2, help="held-out contexts: the first half gives the prompts and the baseline's direction, the second the KL and loss")] = 32,
+    context_length: Annotated[int, typer.Option(min=8, help="tokens per context")] = 64,
+    multiples: Annotated[str, typer.Option(help="strengths, comma-separated, in units of the feature's max activation")] = "0,0.25,0.5,1,2,3,4,8,16",
+    methods: Annotated[str, typer.Option(help="comma-separated: clamp, add, mean_difference (the baseline)")] = "clamp,add,mean_difference",
+    kl_budgets: Annotated[str, typer.Option(help="comma-separated KL budgets to pick each method's best strength at")] = "0.1,0.5",
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per continuation")] = 24,
+    prompts: Annotated[int, typer.Option(min=1, help="continuations generated per strength")] = 8,
+    json_output: Annotated[bool, typer.Option("--json", help="print the curves as one JSON object")] = False,
+    dataset: Dataset = None,
+    text_field: TextField = "text",
+    split: Split = "train",
+    revision: Revision = None,
+    model_dtype: ModelDtype = _ModelDtype.auto,
+) -> None:
+    """Steering curves of one feature: for clamp, add and a difference-in-means baseline over a range of strengths,
+    the effect (the feature's reading on steered continuations, the probability of the tokens it promotes) against
+    the cost (KL from the unsteered model and loss on held-out text), and each method's best strength at a KL budget."""
+    from monosemantic.steer_eval import SteerEvalConfig
+    from trainer.measurements import steer_eval_dictionary, steering_table
+
+    try:
+        cfg = SteerEvalConfig(multiples=_floats(multiples, "--multiples"), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                              kl_budgets=_floats(kl_budgets, "--kl-budgets"), new_tokens=new_tokens, prompts=prompts)
+        result, label = steer_eval_dictionary(registry, dictionary, feature, model=model, contexts=contexts, context_length=context_length,
+                                              text=_text(dataset, text_field, split, revision), cfg=cfg, model_dtype=model_dtype.value)
+    except MonosemanticError as exc:
+        _fail(exc)
+    if json_output:
+        typer.echo(json.dumps({"label": label, **result.as_dict()}, default=float))
+    else:
+        typer.echo(steering_table(result, label))
 
 
 @app.command("publish")
