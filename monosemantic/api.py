@@ -214,6 +214,13 @@ class Neighbour(BaseModel):
     label: str
 
 
+class Counterpart(BaseModel):
+    dictionary: str = Field(description="the other loaded dictionary, name:vN")
+    feature: int
+    cosine: float = Field(description="of the two features' decoder directions")
+    label: str
+
+
 class Histogram(BaseModel):
     log10_edges: list[float]
     counts: list[int]
@@ -233,11 +240,14 @@ class FeatureResponse(BaseModel):
     logit_down: list[LogitEffect]
     neighbours: list[Neighbour] = Field(description="features with the closest decoder directions")
     statistics_tokens: int = Field(description="tokens the statistics were computed over")
+    counterparts: list[Counterpart] = Field(default_factory=list, description="the closest features (decoder cosine) of each "
+                                            "other loaded dictionary that writes into the same space (same model and hook)")
 
 
 class SearchFeaturesRequest(_OnDictionary):
-    q: Text = Field(description="a token (by=token) or a text snippet (by=snippet)")
-    by: Literal["token", "snippet"] = "snippet"
+    q: Text = Field(description="a token (by=token), a text snippet (by=snippet), or a feature id of dictionary `of` (by=feature)")
+    by: Literal["token", "snippet", "feature"] = "snippet"
+    of: str | None = Field(None, description="by=feature: the loaded dictionary whose feature q is (default: the one searched)")
     page: int = Field(1, ge=1)
     page_size: int = Field(20, ge=1)
 
@@ -245,7 +255,7 @@ class SearchFeaturesRequest(_OnDictionary):
 class FeatureHit(BaseModel):
     feature: int
     label: str
-    score: float = Field(description="by=snippet: the highest activation on the snippet over the feature's max; by=token: share of top examples peaking on the token, plus 0.5 if it is among the logits raised most")
+    score: float = Field(description="by=snippet: the highest activation on the snippet over the feature's max; by=token: share of top examples peaking on the token, plus 0.5 if it is among the logits raised most; by=feature: the decoder cosine with that feature")
     density: float
     max_activation: float
 

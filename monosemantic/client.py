@@ -96,8 +96,10 @@ class RestClient:
         params = {"dictionary": dictionary} if dictionary is not None else {}
         return api.FeatureResponse.model_validate(self._check(self._http.get(f"/v1/features/{feature}", params=params)))
 
-    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20, dictionary: str | None = None) -> api.SearchFeaturesResponse:
-        params = {"q": q, "by": by, "page": page, "page_size": page_size, **({"dictionary": dictionary} if dictionary is not None else {})}
+    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20, dictionary: str | None = None,
+                        of: str | None = None) -> api.SearchFeaturesResponse:
+        params = {"q": q, "by": by, "page": page, "page_size": page_size,
+                  **{k: v for k, v in (("dictionary", dictionary), ("of", of)) if v is not None}}
         return api.SearchFeaturesResponse.model_validate(self._check(self._http.get("/v1/features/search", params=params)))
 
     def list_features(self, **request: Any) -> api.ListFeaturesResponse:
@@ -186,8 +188,9 @@ class GrpcClient:
     def feature(self, feature: int, dictionary: str | None = None) -> api.FeatureResponse:
         return self._call("GetFeature", {"feature": feature, "dictionary": dictionary}, "GetFeatureRequest", api.FeatureResponse)
 
-    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20, dictionary: str | None = None) -> api.SearchFeaturesResponse:
-        request = {"q": q, "by": by, "page": page, "page_size": page_size, "dictionary": dictionary}
+    def search_features(self, q: str, by: str = "snippet", page: int = 1, page_size: int = 20, dictionary: str | None = None,
+                        of: str | None = None) -> api.SearchFeaturesResponse:
+        request = {"q": q, "by": by, "page": page, "page_size": page_size, "dictionary": dictionary, "of": of}
         return self._call("SearchFeatures", request, "SearchFeaturesRequest", api.SearchFeaturesResponse)
 
     def list_features(self, **request: Any) -> api.ListFeaturesResponse:

@@ -16,7 +16,8 @@ Methods (monosemantic/steering.py): `clamp` and `add` at strength m × scale, th
 activation (its dashboard's, else the most it reaches in `pool`); `mean_difference`, x + m·v with v the mean
 activation at the hook over the `pool` positions where the feature fires most minus the mean over all of `pool`
 (the difference in means of Marks & Tegmark 2023 and AxBench's DiffMean).
-The best strength at a KL budget is the point of highest `reading` whose KL is within it.
+The best strength at a KL budget is the point of highest effect (`reading`, or `promoted` if asked) whose KL is
+within it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from monosemantic.sampling import SamplingConfig
 from monosemantic.steering import DirectionEdit, SteeringSpec, apply_direction_edits, apply_steering
 
 METHODS = ("clamp", "add", "mean_difference")
+EFFECTS = ("reading", "promoted")
 
 
 class NothingToSteer(MonosemanticError):
@@ -50,6 +52,7 @@ class SteerEvalConfig:
     multiples: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0)  # strengths, in units of the feature's scale
     methods: tuple[str, ...] = METHODS
     kl_budgets: tuple[float, ...] = (0.1, 0.5)
+    effect: str = "reading"  # what the best point maximises: "reading" or "promoted"
     prompts: int = 8  # continuations generated per point (from the first `pool` contexts)
     prompt_tokens: int = 8  # each prompt: BOS and the next tokens of its context
     new_tokens: int = 24
@@ -62,6 +65,8 @@ class SteerEvalConfig:
             raise ConfigError("multiples: at least one finite strength >= 0")
         if not self.methods or any(m not in METHODS for m in self.methods):
             raise ConfigError(f"methods: some of {', '.join(METHODS)}")
+        if self.effect not in EFFECTS:
+            raise ConfigError(f"effect: one of {', '.join(EFFECTS)}")
         if any(not math.isfinite(b) or b <= 0 for b in self.kl_budgets):
             raise ConfigError("kl_budgets: finite and > 0")
         for name in ("prompts", "prompt_tokens", "new_tokens", "promoted_tokens", "top_positions", "batch"):
@@ -87,10 +92,10 @@ class Curve(NamedTuple):
     method: str
     points: list[Point]
 
-    def best(self, budget: float) -> Point | None:
-        """The point of highest reading whose KL is within `budget` (None: every point exceeds it)."""
+    def best(self, budget: float, effect: str = "reading") -> Point | None:
+        """The point of highest `effect` whose KL is within `budget` (None: every point exceeds it)."""
         within = [p for p in self.points if p.finite and p.kl <= budget]
-        return max(within, key=lambda p: (p.reading, -p.kl), default=None)
+        return max(within, key=lambda p: (getattr(p, effect), -p.kl), default=None)
 
 
 class Best(NamedTuple):
@@ -108,7 +113,7 @@ class SteeringEvaluation(NamedTuple):
     unsteered: Point  # the model as it is: kl 0, its loss, promoted probability and reading
     curves: list[Curve]
     best: list[Best]  # per budget, per method
-    winners: dict[float, str | None]  # per budget: the method reading highest within it (None: none beats unsteered)
+    winners: dict[float, str | None]  # per budget: the method of most effect within it (None: none beats unsteered)
     measured_tokens: int  # teacher-forced positions per point
     generated_tokens: int  # continuation tokens read per point
 
@@ -272,10 +277,11 @@ def evaluate_steering(model: Model, dictionary: BoundDictionary, feature: int, c
     curves = [Curve(method, [p for (name, _), p in zip(plan, points) if name == method]) for method in cfg.methods]
     best, winners = [], {}
     for budget in cfg.kl_budgets:
-        found = [(c.method, c.best(budget)) for c in curves]
+        found = [(c.method, c.best(budget, cfg.effect)) for c in curves]
         best.extend(Best(budget, method, p) for method, p in found)
-        # A method wins a budget only by reading more than the model unsteered: else none does.
-        ranked = [(p.reading, method) for method, p in found if p is not None and p.reading > unsteered.reading]
+        # A method wins a budget only by more effect than the model unsteered has: else none does.
+        baseline = getattr(unsteered, cfg.effect)
+        ranked = [(getattr(p, cfg.effect), method) for method, p in found if p is not None and getattr(p, cfg.effect) > baseline]
         winners[budget] = max(ranked)[1] if ranked else None
     return SteeringEvaluation(feature, pool.scale, pool.scale_from, promoted, promoted_from, unsteered, curves, best, winners,
                               int(measure[:, 1:].numel()), len(prompts) * cfg.new_tokens)

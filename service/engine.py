@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from monosemantic import api as schemas
-from monosemantic import dashboards
+from monosemantic import compare, dashboards
 from monosemantic.artifact import list_dictionaries, parse_reference, recorded_model_source
 from monosemantic.attribution import Attribution, FeatureScore, attribute
 from monosemantic.bound import BoundDictionary, load_bound, width_mismatch
@@ -522,6 +522,9 @@ class Engine:
         self.limits.feature(entry, "feature", feature, missing=not_found)
         self._with_statistics(entry)
         page = dashboards.feature_page(repository.model, entry, feature)
+        page["counterparts"] = [
+            {"dictionary": other.ref, "feature": p.b, "cosine": p.score, "label": other.labels[p.b] if other.labels else ""}
+            for other in repository if other is not entry for p in compare.counterparts(entry, feature, other)]
         return schemas.FeatureResponse.model_validate({"dictionary": _ref(entry).model_dump(), **page})
 
     def list_features(self, req: schemas.ListFeaturesRequest) -> schemas.ListFeaturesResponse:
@@ -546,7 +549,9 @@ class Engine:
         entry = repository.get(req.dictionary)
         page_size = self.limits.page_size(req.page_size)
         self._with_statistics(entry)
-        if req.by == "token":
+        if req.by == "feature":
+            scores = self._like_feature(repository, entry, req)
+        elif req.by == "token":
             if len(req.q) > 200:
                 raise invalid("q", "a token search takes one token (at most 200 characters)")
             token_ids = model.tokenize(req.q, prepend_bos=False).ids
@@ -570,6 +575,19 @@ class Engine:
             "dictionary": _ref(entry).model_dump(), "by": req.by, "total": int(ranked.numel()),
             "page": req.page, "page_size": page_size, "results": results,
         })
+
+    def _like_feature(self, repository, entry: BoundDictionary, req: schemas.SearchFeaturesRequest):
+        """by=feature: every feature of `entry` scored by its decoder cosine with feature q of dictionary `of`."""
+        source = repository.get(req.of, field="of") if req.of is not None else entry
+        if not req.q.strip().isdigit():
+            raise invalid("q", f"by=feature takes a feature id of {source.ref}, got {req.q[:40]!r}")
+        feature = int(req.q)
+        if feature >= source.d_sae:
+            raise invalid("q", f"feature {feature} is not a feature of {source.ref} (0 to {source.d_sae - 1})")
+        if not compare.same_space(source, entry):
+            raise invalid("of", f"{source.ref} and {entry.ref} do not write into one space (another model, hook or width): "
+                                "their features cannot be matched by direction")
+        return compare.cosine_to(source.sae.W_dec[feature], entry)
 
     def _run_snippet_peaks(self, jobs: list[Job]) -> list:
         job: SnippetJob = jobs[0].payload

@@ -301,6 +301,7 @@ def steer_eval(
     multiples: Annotated[str, typer.Option(help="strengths, comma-separated, in units of the feature's max activation")] = "0,0.25,0.5,1,2,3,4,8,16",
     methods: Annotated[str, typer.Option(help="comma-separated: clamp, add, mean_difference (the baseline)")] = "clamp,add,mean_difference",
     kl_budgets: Annotated[str, typer.Option(help="comma-separated KL budgets to pick each method's best strength at")] = "0.1,0.5",
+    effect: Annotated[str, typer.Option(help="what the best strength maximises: reading (the feature on steered continuations) or promoted (its tokens' probability)")] = "reading",
     new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per continuation")] = 24,
     prompts: Annotated[int, typer.Option(min=1, help="continuations generated per strength")] = 8,
     json_output: Annotated[bool, typer.Option("--json", help="print the curves as one JSON object")] = False,
@@ -318,7 +319,7 @@ def steer_eval(
 
     try:
         cfg = SteerEvalConfig(multiples=_floats(multiples, "--multiples"), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                              kl_budgets=_floats(kl_budgets, "--kl-budgets"), new_tokens=new_tokens, prompts=prompts)
+                              kl_budgets=_floats(kl_budgets, "--kl-budgets"), effect=effect, new_tokens=new_tokens, prompts=prompts)
         result, label = steer_eval_dictionary(registry, dictionary, feature, model=model, contexts=contexts, context_length=context_length,
                                               text=_text(dataset, text_field, split, revision), cfg=cfg, model_dtype=model_dtype.value)
     except MonosemanticError as exc:
@@ -327,6 +328,44 @@ def steer_eval(
         typer.echo(json.dumps({"label": label, **result.as_dict()}, default=float))
     else:
         typer.echo(steering_table(result, label))
+
+
+class _By(str, Enum):
+    correlation = "correlation"
+    cosine = "cosine"
+
+
+@app.command("compare")
+def compare_cmd(
+    registry: Registry,
+    a: Annotated[str, typer.Argument(help="dictionary A: NAME[:VERSION]")],
+    b: Annotated[str, typer.Argument(help="dictionary B: NAME[:VERSION]")],
+    registry_b: Annotated[Optional[Path], typer.Option(help="B's registry (default: --registry)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="A's model (default: the model A records, else the shipped reference)")] = None,
+    model_b: Annotated[Optional[str], typer.Option(help="B's model, for two models that share a tokenizer (default: the model B records)")] = None,
+    by: Annotated[_By, typer.Option(help="correlation: of activations on the same text (also across models); cosine: of decoder rows (same model and hook, no text)")] = _By.correlation,
+    threshold: Annotated[float, typer.Option(help="the score a counterpart needs")] = 0.5,
+    min_firing: Annotated[int, typer.Option(min=1, help="by correlation: a feature firing on fewer tokens of the text has no correlation (reported as too rare)")] = 5,
+    contexts: Annotated[int, typer.Option(min=1, help="held-out contexts to correlate on")] = 64,
+    context_length: Annotated[int, typer.Option(min=2, help="tokens per context")] = 128,
+    json_output: Annotated[bool, typer.Option("--json", help="print every match as one JSON object")] = False,
+    dataset: Dataset = None,
+    text_field: TextField = "text",
+    split: Split = "train",
+    revision: Revision = None,
+    model_dtype: ModelDtype = _ModelDtype.auto,
+) -> None:
+    """Match the features of two dictionaries: one-to-one, split (one of A into several of B), merged, or without a
+    counterpart, by activation correlation on the same text or by decoder cosine."""
+    from trainer.measurements import compare_dictionaries, comparison_dict, comparison_table
+
+    try:
+        result, da, db = compare_dictionaries(registry, a, b, registry_b=registry_b, model_a=model, model_b=model_b, by=by.value,
+                                              threshold=threshold, min_firing=min_firing, contexts=contexts, context_length=context_length,
+                                              text=_text(dataset, text_field, split, revision), model_dtype=model_dtype.value)
+    except MonosemanticError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(comparison_dict(result, da, db)) if json_output else comparison_table(result, da, db))
 
 
 @app.command("publish")
