@@ -359,3 +359,74 @@ class UnloadRequest(_Request):
 class UnloadResponse(BaseModel):
     dictionary: DictionaryRef = Field(description="the dictionary unloaded")
     default: DictionaryRef = Field(description="the default dictionary now")
+
+
+# ---- steering evaluation (monosemantic/steer_eval.py) ----------------------------------------------------------------
+SteerMethod = Literal["clamp", "add", "mean_difference"]
+
+
+class SteerEvalRequest(_OnDictionary):
+    """Lists left empty (or absent) take their defaults: gRPC cannot tell an empty repeated field from an absent one."""
+
+    feature: int = Field(ge=0, description="the feature to steer")
+    texts: list[Text] = Field([], max_length=32, description="neutral held-out text, at least 2 contexts (cut to the shortest, "
+                              "at least 9 tokens): the first half gives the prompts and the baseline's direction, the second the "
+                              "KL and loss; empty: 16 samples of the model's own, 64 tokens each")
+    multiples: list[Annotated[float, Field(ge=0, le=64, allow_inf_nan=False)]] = Field(
+        [], max_length=16, description="strengths, in units of the feature's max activation (mean_difference: of the direction); "
+                                       "empty: 0, 0.25, 0.5, 1, 2, 3, 4, 8, 16")
+    methods: list[SteerMethod] = Field([], max_length=3, description="empty: clamp, add and mean_difference")
+    kl_budgets: list[Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]] = Field([], max_length=4, description="empty: 0.1, 0.5")
+    effect: Literal["reading", "promoted"] = Field("reading", description="what each method's best strength maximises")
+    new_tokens: int = Field(24, ge=1, le=64, description="tokens generated per continuation")
+    prompts: int = Field(8, ge=1, le=16, description="continuations generated per strength")
+
+
+class SteerPoint(BaseModel):
+    multiple: float
+    strength: float = Field(description="a feature activation (clamp, add) or the coefficient of the direction (mean_difference)")
+    kl: float | None = Field(None, description="mean KL(unsteered || steered) of the next-token distribution on the held-out text; null: not finite")
+    loss: float | None = None
+    promoted: float | None = Field(None, description="probability of the tokens the feature promotes, on the held-out text")
+    reading: float | None = Field(None, description="the feature's mean activation on steered continuations read back unsteered, over its scale")
+    firing: float | None = Field(None, description="share of those continuation tokens where it fires")
+
+
+class SteerCurve(BaseModel):
+    method: SteerMethod
+    points: list[SteerPoint]
+
+
+class SteerBest(BaseModel):
+    budget: float
+    method: SteerMethod
+    point: SteerPoint | None = Field(None, description="the point of most effect within the KL budget; null: every point exceeds it")
+
+
+class SteerWinner(BaseModel):
+    budget: float
+    method: SteerMethod | None = Field(None, description="the method of most effect within the budget; null: none beats the model unsteered")
+
+
+class PromotedToken(BaseModel):
+    id: int
+    token: str
+
+
+class SteerEvalResponse(BaseModel):
+    dictionary: DictionaryRef
+    feature: int
+    label: str
+    scale: float = Field(description="the feature activation a multiple of 1 means: its max activation")
+    scale_from: Literal["statistics", "text"]
+    promoted: list[PromotedToken] = Field(description="the tokens whose probability `promoted` sums")
+    promoted_from: Literal["logit_effects", "top_contexts"]
+    effect: Literal["reading", "promoted"]
+    text: Literal["given", "model_samples"]
+    unsteered: SteerPoint
+    curves: list[SteerCurve]
+    best: list[SteerBest]
+    winners: list[SteerWinner]
+    measured_tokens: int
+    generated_tokens: int
+    cached: bool = Field(description="answered from the cache of this dictionary version's evaluations")

@@ -102,6 +102,9 @@ class RestClient:
                   **{k: v for k, v in (("dictionary", dictionary), ("of", of)) if v is not None}}
         return api.SearchFeaturesResponse.model_validate(self._check(self._http.get("/v1/features/search", params=params)))
 
+    def steer_eval(self, feature: int, **request: Any) -> api.SteerEvalResponse:
+        return api.SteerEvalResponse.model_validate(self._check(self._http.post("/v1/steer-eval", json={"feature": feature, **request})))
+
     def list_features(self, **request: Any) -> api.ListFeaturesResponse:
         params = {k: v for k, v in request.items() if v is not None}
         return api.ListFeaturesResponse.model_validate(self._check(self._http.get("/v1/features", params=params)))
@@ -192,6 +195,9 @@ class GrpcClient:
                         of: str | None = None) -> api.SearchFeaturesResponse:
         request = {"q": q, "by": by, "page": page, "page_size": page_size, "dictionary": dictionary, "of": of}
         return self._call("SearchFeatures", request, "SearchFeaturesRequest", api.SearchFeaturesResponse)
+
+    def steer_eval(self, feature: int, **request: Any) -> api.SteerEvalResponse:
+        return self._call("SteerEval", {"feature": feature, **request}, "SteerEvalRequest", api.SteerEvalResponse)
 
     def list_features(self, **request: Any) -> api.ListFeaturesResponse:
         return self._call("ListFeatures", request, "ListFeaturesRequest", api.ListFeaturesResponse)

@@ -251,10 +251,24 @@ def _readings(model: Model, dictionary: BoundDictionary, feature: int, prompts: 
     return out
 
 
-def evaluate_steering(model: Model, dictionary: BoundDictionary, feature: int, contexts: Tensor,
-                      cfg: SteerEvalConfig = SteerEvalConfig(), scale: float | None = None) -> SteeringEvaluation:
-    """The steering curves of `feature` (module docstring) on held-out `contexts` [n, ctx] token ids, each
-    starting with BOS; `scale`: the feature's max activation where its statistics record one."""
+class SteeringPlan(NamedTuple):
+    """What every point of an evaluation shares, decided once (`plan_steering`); the points are then measured in
+    any grouping (`measure`: the service runs a few per worker job, so other requests interleave) and concluded."""
+
+    feature: int
+    cfg: SteerEvalConfig
+    pool: _Pool
+    promoted: list[int]
+    promoted_from: str
+    points: list[tuple[str, float, float]]  # (method, multiple, strength); index 0 is the model unsteered
+    methods: list[_Method | None]  # one per point; None: unsteered
+    prompts: list[list[int]]
+    measure: Tensor
+
+
+@torch.no_grad()
+def plan_steering(model: Model, dictionary: BoundDictionary, feature: int, contexts: Tensor,
+                  cfg: SteerEvalConfig = SteerEvalConfig(), scale: float | None = None) -> SteeringPlan:
     cfg.check()
     if dictionary.hook_out is not None:
         raise ConfigError(f"{dictionary.ref} is a transcoder: steering evaluation reads and steers at one hook")
@@ -266,15 +280,25 @@ def evaluate_steering(model: Model, dictionary: BoundDictionary, feature: int, c
     pool_ids, measure = (contexts[:half], contexts[half:]) if half else (contexts, contexts)
     pool = _pool(model, dictionary, feature, pool_ids, cfg, scale)
     promoted, promoted_from = _promoted(model, dictionary, feature, pool, cfg.promoted_tokens)
-    plan = [(method, m) for method in cfg.methods for m in cfg.multiples]
-    strengths = [m * (1.0 if method == "mean_difference" else pool.scale) for method, m in plan]
-    methods = [None] + [_method(dictionary, feature, method, s, pool.direction) for (method, _), s in zip(plan, strengths)]
+    points = [("none", 0.0, 0.0)] + [(method, m, m * (1.0 if method == "mean_difference" else pool.scale))
+                                     for method in cfg.methods for m in cfg.multiples]
+    methods = [None] + [_method(dictionary, feature, method, s, pool.direction) for method, _, s in points[1:]]
     prompts = [row[:cfg.prompt_tokens + 1].tolist() for row in pool_ids[:cfg.prompts]]
-    costs = _costs(model, dictionary, measure, methods, promoted, cfg.batch)
-    readings = _readings(model, dictionary, feature, prompts, methods, cfg, pool.scale)
-    points = [Point(m, s, *cost, *reading) for (_, m), s, cost, reading in zip([("none", 0.0)] + plan, [0.0] + strengths, costs, readings)]
-    unsteered, points = points[0], points[1:]
-    curves = [Curve(method, [p for (name, _), p in zip(plan, points) if name == method]) for method in cfg.methods]
+    return SteeringPlan(feature, cfg, pool, promoted, promoted_from, points, methods, prompts, measure)
+
+
+def measure(model: Model, dictionary: BoundDictionary, plan: SteeringPlan, indices: list[int]) -> list[Point]:
+    """The points `indices` of the plan (0: unsteered)."""
+    methods = [plan.methods[i] for i in indices]
+    costs = _costs(model, dictionary, plan.measure, methods, plan.promoted, plan.cfg.batch)
+    readings = _readings(model, dictionary, plan.feature, plan.prompts, methods, plan.cfg, plan.pool.scale)
+    return [Point(plan.points[i][1], plan.points[i][2], *cost, *reading) for i, cost, reading in zip(indices, costs, readings)]
+
+
+def conclude(plan: SteeringPlan, points: list[Point]) -> SteeringEvaluation:
+    """The evaluation from every point of the plan, in its order."""
+    cfg, unsteered = plan.cfg, points[0]
+    curves = [Curve(method, [p for (name, _, _), p in zip(plan.points, points) if name == method]) for method in cfg.methods]
     best, winners = [], {}
     for budget in cfg.kl_budgets:
         found = [(c.method, c.best(budget, cfg.effect)) for c in curves]
@@ -283,5 +307,30 @@ def evaluate_steering(model: Model, dictionary: BoundDictionary, feature: int, c
         baseline = getattr(unsteered, cfg.effect)
         ranked = [(getattr(p, cfg.effect), method) for method, p in found if p is not None and getattr(p, cfg.effect) > baseline]
         winners[budget] = max(ranked)[1] if ranked else None
-    return SteeringEvaluation(feature, pool.scale, pool.scale_from, promoted, promoted_from, unsteered, curves, best, winners,
-                              int(measure[:, 1:].numel()), len(prompts) * cfg.new_tokens)
+    return SteeringEvaluation(plan.feature, plan.pool.scale, plan.pool.scale_from, plan.promoted, plan.promoted_from, unsteered,
+                              curves, best, winners, int(plan.measure[:, 1:].numel()), len(plan.prompts) * cfg.new_tokens)
+
+
+def evaluate_steering(model: Model, dictionary: BoundDictionary, feature: int, contexts: Tensor,
+                      cfg: SteerEvalConfig = SteerEvalConfig(), scale: float | None = None) -> SteeringEvaluation:
+    """The steering curves of `feature` (module docstring) on held-out `contexts` [n, ctx] token ids, each
+    starting with BOS; `scale`: the feature's max activation where its statistics record one."""
+    plan = plan_steering(model, dictionary, feature, contexts, cfg, scale)
+    return conclude(plan, measure(model, dictionary, plan, list(range(len(plan.points)))))
+
+
+@torch.no_grad()
+def neutral_text(model: Model, dictionary: BoundDictionary, contexts: int = 16, length: int = 64, seed: int = 0) -> Tensor:
+    """[contexts, length + 1] token ids: BOS and the model's own unsteered samples (temperature 1, seeds seed…),
+    neutral text for an evaluation where the user gives none (the service's default). A sample that ends early
+    (EOS) is left out; ConfigError if every one does."""
+    start = model.bos_id if model.bos_id is not None else model.eos_id
+    if start is None:
+        raise ConfigError("the model has neither a BOS nor an EOS token to start samples from: give the text")
+    rows = [Generation(model, dictionary, [start], SamplingConfig(length, 1.0, 1.0, 0, seed + i, (), 1), [], False)
+            for i in range(contexts)]
+    run_together(rows)
+    kept = [[start, *g.generated] for g in rows if len(g.generated) == length and g.finish_reason == "length"]
+    if not kept:
+        raise ConfigError("every sample of the model ended before its length: no neutral text (give the text)")
+    return torch.tensor(kept, dtype=torch.long)

@@ -43,6 +43,7 @@ from service.keys import KeyFileWatcher
 from service.metrics import Metrics
 from service.repository import DictionaryRepository, bound_to_model
 from service.settings import ServiceSettings
+from service.steer_evals import SteerEvaluations
 from service.tokenizing import Tokenizing
 from service.validation import Limits
 
@@ -112,6 +113,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._background: set[asyncio.Task] = set()  # observe jobs nobody awaits
+        self.steer_evals = SteerEvaluations(self)
         self.metrics.queue_capacity.set(settings.max_queue)
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         admin = settings.admin_key.get_secret_value() if settings.admin_key is not None else None
@@ -594,6 +596,10 @@ class Engine:
         with torch.inference_mode():
             x = hook_activations(self.repository.model, [job.ids], [job.dictionary.hook])[0][0][1:]  # BOS is not part of the snippet
             return [job.dictionary.sae.encode(x).max(0).values]
+
+    # ---- steering evaluation (service/steer_evals.py) ------------------------------------------------------------
+    async def steer_eval(self, req: schemas.SteerEvalRequest, deadline: float | None = None) -> schemas.SteerEvalResponse:
+        return await self.steer_evals.evaluate(req, deadline)
 
     # ---- access --------------------------------------------------------------------------------------------------
     def identify(self, authorizations: list[str]) -> Identity:

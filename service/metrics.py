@@ -15,7 +15,7 @@ from service.bulk_histogram import BulkHistogram
 from service.monitoring import FeatureMonitor
 
 PROTOCOLS = ("rest", "grpc")
-METHODS = ("activations", "attributions", "generate", "feature", "search_features", "list_features", "observe", "dictionaries",
+METHODS = ("activations", "attributions", "generate", "feature", "search_features", "list_features", "observe", "dictionaries", "steer_eval",
            "reload", "unload")
 # The Neuronpedia-compatible API (service/neuronpedia/), counted as its own protocol under its own method names.
 NEURONPEDIA_METHODS = ("activation_all", "activation_all_batch", "activation_single", "activation_single_batch",

@@ -207,6 +207,14 @@ def create_app(engine: Engine) -> FastAPI:
         first, accounting = await observed("generate", start, until, stream=True)
         return StreamingResponse(_sse(first, events, accounting), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    @app.post("/v1/steer-eval", response_model=schemas.SteerEvalResponse, tags=["features"], responses={409: {"description": "the feature never fires on the text and has no statistics"}})
+    async def steer_eval(req: schemas.SteerEvalRequest, request: Request) -> Response:
+        """Steering curves of one feature: for clamp, add and a difference-in-means baseline over a range of strengths,
+        the effect (its reading on steered continuations, its promoted tokens' probability) against the cost (KL from
+        the unsteered model, loss), and each method's best strength within each KL budget. Cached per dictionary version."""
+        until = deadline(request)
+        return _json(await observed("steer_eval", lambda: engine.steer_eval(req, until), until))
+
     @app.get("/v1/features", response_model=schemas.ListFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
     async def list_features(
         dictionary: str | None = Query(None, description=schemas.DICTIONARY_FIELD),
