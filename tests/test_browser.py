@@ -271,6 +271,35 @@ def test_steer_this_feature_prefills_the_steering_form(page, browsed_server):
     assert hash_params(page)["dictionary"] == "second"
 
 
+def test_a_feature_page_lists_its_counterpart_in_the_other_dictionary_and_links_to_it(page, browsed_server):
+    open_view(page, "#/feature/7?dictionary=reference")
+    first = wait_for(page, ready.visibility_of_element_located((By.CSS_SELECTOR, "#counterparts li[data-feature]")))
+    assert (first.get_attribute("data-dictionary"), first.get_attribute("data-feature")) == ("second:v1", "4088")  # second is reference reversed
+    first.find_element(By.TAG_NAME, "a").click()
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-summary"), "dictionary second v1"))
+    assert page.find_element(By.ID, "feature-title").text.startswith("Feature #4088")
+
+
+def test_measuring_steering_draws_every_methods_curve_and_the_steer_view_gets_the_suggested_strength(page, browsed_server):
+    open_view(page, "#/feature/100?dictionary=reference")
+    wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-summary"), "dictionary reference v1"))
+    page.find_element(By.ID, "steer-eval-run").click()
+    wait_for(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#steer-eval-chart polyline")) == 3 or None, timeout=120)
+    assert {line.get_attribute("data-method") for line in page.find_elements(By.CSS_SELECTOR, "#steer-eval-chart polyline")} == {"clamp", "add", "mean_difference"}
+    assert [li.get_attribute("data-budget") for li in page.find_elements(By.CSS_SELECTOR, "#steer-eval-best li")] == ["0.1", "0.5"]
+    # The same question over the API (answered from the cache) names the strength the page suggests.
+    answer = httpx.post(browsed_server.http_url + "/v1/steer-eval", json={"dictionary": "reference", "feature": 100, "effect": "promoted",
+                                                                          "new_tokens": 12, "prompts": 4}, timeout=120).json()
+    assert answer["cached"]
+    own = max((b for b in answer["best"] if b["budget"] == 0.5 and b["point"] and b["method"] != "mean_difference" and b["point"]["multiple"] > 0),
+              key=lambda b: b["point"]["promoted"])
+    page.find_element(By.ID, "steer-this").click()
+    row = wait_for(page, ready.visibility_of_element_located((By.CSS_SELECTOR, "#steer-rows .steer-row")))
+    assert Select(row.find_element(By.CLASS_NAME, "steer-mode")).first_selected_option.get_attribute("value") == own["method"]
+    assert float(row.find_element(By.CLASS_NAME, "steer-value").get_attribute("value")) == pytest.approx(own["point"]["strength"], abs=0.01)
+    assert page.find_element(By.ID, "steer-suggested").text.startswith("suggested by the steering curve:")
+
+
 def test_every_histogram_labels_both_axes(page):
     wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#density-histogram rect") or None)
     density = {e.get_attribute("class"): e.text for e in page.find_elements(By.CSS_SELECTOR, "#density-histogram text.axis-label")}

@@ -261,12 +261,69 @@ async function showFeature(id) {
     `fires on ${(100 * f.density).toPrecision(3)}% of ${f.statistics_tokens.toLocaleString()} tokens · mean ${f.mean_activation.toFixed(2)} · max ${f.max_activation.toFixed(2)} · dictionary ${f.dictionary.name} v${f.dictionary.version}`;
   // A clamp at twice the feature's largest activation seen: strong, in its own units.
   $("#steer-this").href = href("steer", { dictionary: f.dictionary.name, feature: f.feature, value: Math.max(1, 2 * f.max_activation).toFixed(1) });
+  $("#steer-this").textContent = "steer this feature →";
   drawHistogram($("#feature-histogram"), f.histogram, { x: "activation (log10 bins)", y: "tokens (log count)", power: true });
   $("#logit-up").replaceChildren(...f.logit_up.map((l) => el("li", {}, `${JSON.stringify(l.token)} ${l.value.toFixed(2)}`)));
   $("#logit-down").replaceChildren(...f.logit_down.map((l) => el("li", {}, `${JSON.stringify(l.token)} ${l.value.toFixed(2)}`)));
   $("#neighbours").replaceChildren(...f.neighbours.map((n) => el("li", {}, featureLink(n.feature, n.label), ` cos ${n.cosine.toFixed(2)}`)));
+  $("#counterparts").replaceChildren(...(f.counterparts.length ? f.counterparts.map((c) => el("li", { "data-dictionary": c.dictionary, "data-feature": c.feature },
+    `${c.dictionary} `, featureLink(c.feature, c.label, nameOf(c.dictionary)), ` cos ${c.cosine.toFixed(2)}`)) : [el("li", { class: "muted" }, "no other loaded dictionary at this hook")]));
+  shownFeature = f;
+  $("#steer-eval-status").textContent = "";
+  $("#steer-eval-chart").hidden = true;
+  $("#steer-eval-best").replaceChildren();
   examples($("#top-examples"), f.top_examples, f.max_activation);
   examples($("#quantile-examples"), f.quantile_examples, f.max_activation);
+}
+
+// ---- a feature's steering curves (POST /v1/steer-eval, cached by the server per dictionary version) ---------------
+let shownFeature = null;
+const METHOD_NAMES = { clamp: "clamp", add: "add", mean_difference: "mean difference (baseline)" };
+
+function drawCurves(svg, result) {
+  const left = 40, right = 392, top = 8, bottom = 128, effect = result.effect;
+  const points = result.curves.flatMap((c) => c.points).filter((p) => p.kl !== null && p[effect] !== null);
+  const maxKl = Math.max(1e-6, ...points.map((p) => p.kl)), maxEffect = Math.max(1e-9, ...points.map((p) => p[effect]));
+  const x = (kl) => left + (kl / maxKl) * (right - left), y = (v) => bottom - (v / maxEffect) * (bottom - top);
+  const lines = result.curves.map((c) => el("svg:polyline", { class: `curve ${c.method}`, "data-method": c.method, fill: "none",
+    points: c.points.filter((p) => p.kl !== null && p[effect] !== null).map((p) => `${x(p.kl).toFixed(1)},${y(p[effect]).toFixed(1)}`).join(" ") },
+    el("svg:title", {}, METHOD_NAMES[c.method])));
+  const budgets = result.winners.map((w) => el("svg:line", { class: "budget", x1: x(w.budget), x2: x(w.budget), y1: top, y2: bottom }));
+  svg.replaceChildren(...budgets, ...lines,
+    el("svg:path", { class: "axis", d: `M${left},${top} V${bottom} H${right}` }),
+    el("svg:text", { x: left, y: bottom + 12, "text-anchor": "start" }, "0"),
+    el("svg:text", { x: right, y: bottom + 12, "text-anchor": "end" }, maxKl.toPrecision(2)),
+    el("svg:text", { x: left - 4, y: top + 8, "text-anchor": "end" }, maxEffect.toPrecision(2)),
+    el("svg:text", { class: "axis-label x", x: (left + right) / 2, y: bottom + 30, "text-anchor": "middle" }, "KL from the unsteered model"),
+    el("svg:text", { class: "axis-label y", transform: `translate(10 ${(top + bottom) / 2}) rotate(-90)`, "text-anchor": "middle" }, effect));
+  svg.hidden = false;
+}
+
+async function measureSteering() {
+  const f = shownFeature;
+  if (!f) return;
+  const effect = $("#steer-eval-effect").value;
+  $("#steer-eval-status").textContent = "measuring… (the first time a few seconds; then cached)";
+  const result = await post("/v1/steer-eval", { dictionary: f.dictionary.name, feature: f.feature, effect, new_tokens: 12, prompts: 4 });
+  if (shownFeature !== f) return;
+  drawCurves($("#steer-eval-chart"), result);
+  const tokens = result.promoted.slice(0, 5).map((t) => JSON.stringify(t.token)).join(" ");
+  $("#steer-eval-status").textContent = `scale ×1 = ${result.scale.toFixed(2)} (its max activation) · promoted tokens ${tokens} · ` +
+    `unsteered ${effect} ${result.unsteered[effect].toFixed(4)} · on ${result.text === "given" ? "the given text" : "the model's own samples"}`;
+  $("#steer-eval-best").replaceChildren(...result.winners.map((w) => {
+    const best = result.best.filter((b) => b.budget === w.budget && b.point);
+    const cells = best.map((b) => `${METHOD_NAMES[b.method]} ×${b.point.multiple} (${b.point[effect].toFixed(4)})`).join(", ");
+    return el("li", { "data-budget": w.budget, "data-winner": w.method || "" }, `KL ≤ ${w.budget}: ${cells}; best: ${w.method ? METHOD_NAMES[w.method] : "none beats unsteered"}`);
+  }));
+  // The steer view is suggested the strength of the dictionary's own method that did best within the largest budget.
+  const budget = Math.max(...result.winners.map((w) => w.budget));
+  const own = result.best.filter((b) => b.budget === budget && b.point && b.method !== "mean_difference" && b.point.multiple > 0)
+    .sort((a, b) => b.point[effect] - a.point[effect])[0];
+  if (own) {
+    $("#steer-this").href = href("steer", { dictionary: f.dictionary.name, feature: f.feature, mode: own.method, value: own.point.strength.toFixed(2),
+      suggested: `${own.method} ×${own.point.multiple} of the max activation: the most ${effect} within KL ${budget} (KL ${own.point.kl.toFixed(3)})` });
+    $("#steer-this").textContent = `steer this feature (suggested: ${own.method} ${own.point.strength.toFixed(2)}) →`;
+  }
 }
 
 // ---- inspect a text: every ticked dictionary read in one request, one column each per token -----------------------
@@ -351,6 +408,7 @@ function prefillSteer(params) {
     addSteerRow(Object.fromEntries(new URLSearchParams(wanted)));
   } else if (!$("#steer-rows").children.length) addSteerRow();
   prefilled = wanted;
+  $("#steer-suggested").textContent = params.get("suggested") ? `suggested by the steering curve: ${params.get("suggested")}` : "";
 }
 
 // POST /v1/generate with stream: true, reading server-sent events (`token` … `done`) as they arrive.
@@ -430,6 +488,7 @@ $("#goto-feature").addEventListener("change", (e) => { if (e.target.value !== ""
 $("#inspect-form").addEventListener("submit", guard(() => inspect($("#inspect-text").value)));
 $("#steer-form").addEventListener("submit", guard(steer));
 $("#steer-add").addEventListener("click", () => addSteerRow());
+$("#steer-eval-form").addEventListener("submit", guard(measureSteering));
 $("#key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const key = $("#api-key").value.trim();
