@@ -17,12 +17,16 @@ best per row and per column.
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from monosemantic.errors import ConfigError
+
+if TYPE_CHECKING:
+    from monosemantic.bound import BoundDictionary
+    from monosemantic.lm import LoadedLM
 
 BLOCK_BYTES = 256 << 20  # one [block, n_b] block of scores held at a time
 
@@ -191,7 +195,7 @@ class Comparison(NamedTuple):
 
 
 @torch.no_grad()
-def codes_on(lm, dictionary, contexts: Tensor, batch: int = 8, min_firing: int = 1) -> Codes:
+def codes_on(lm: "LoadedLM", dictionary: "BoundDictionary", contexts: Tensor, batch: int = 8, min_firing: int = 1) -> Codes:
     """A bound dictionary's activations on contexts [n, ctx] (BOS first; its position is skipped), read from `lm`."""
     from monosemantic.lm import read_activations
 
@@ -203,13 +207,14 @@ def codes_on(lm, dictionary, contexts: Tensor, batch: int = 8, min_firing: int =
     return codes
 
 
-def same_space(a, b) -> bool:
+def same_space(a: "BoundDictionary", b: "BoundDictionary") -> bool:
     """Two bound dictionaries write into one space: the same model (weights checksum) and hook, the same width."""
     ma, mb = a.dictionary.manifest, b.dictionary.manifest
     return (ma.model.checksum == mb.model.checksum and a.hook.key == b.hook.key and a.sae.W_dec.shape[1] == b.sae.W_dec.shape[1])
 
 
-def compare(a, b, *, lm_a=None, lm_b=None, contexts: Tensor | None = None, by: str = "correlation", threshold: float = 0.5,
+def compare(a: "BoundDictionary", b: "BoundDictionary", *, lm_a: "LoadedLM | None" = None, lm_b: "LoadedLM | None" = None,
+            contexts: Tensor | None = None, by: str = "correlation", threshold: float = 0.5,
             min_firing: int = 5, block_bytes: int = BLOCK_BYTES) -> Comparison:
     """Match the features of bound dictionaries `a` and `b`: by the correlation of their activations on `contexts`
     (read from `lm_a` and `lm_b`, which may be two models that share a tokenizer), or by decoder cosine (no text).
@@ -231,7 +236,7 @@ def compare(a, b, *, lm_a=None, lm_b=None, contexts: Tensor | None = None, by: s
     return Comparison(by, threshold, a.d_sae, b.d_sae, tokens, classify(best, threshold), best, cosine)
 
 
-def counterparts(a, feature: int, b, k: int = 3) -> list[Pair]:
+def counterparts(a: "BoundDictionary", feature: int, b: "BoundDictionary", k: int = 3) -> list[Pair]:
     """Feature `feature` of `a`'s k closest features in `b` by decoder cosine, closest first (a feature page's
     counterparts in another loaded dictionary, and search from a feature of another dictionary); [] where the two
     do not write into one space."""
@@ -242,7 +247,7 @@ def counterparts(a, feature: int, b, k: int = 3) -> list[Pair]:
     return [Pair(feature, int(i), float(s)) for s, i in zip(top.values, top.indices)]
 
 
-def cosine_to(direction: Tensor, b) -> Tensor:
+def cosine_to(direction: Tensor, b: "BoundDictionary") -> Tensor:
     """[d_sae of b]: the cosine of each of b's decoder rows with `direction` [d]."""
     rows = b.sae.W_dec.float()
     return (rows @ direction.float()) / (rows.norm(dim=1) * direction.float().norm()).clamp_min(1e-12)

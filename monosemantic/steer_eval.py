@@ -188,8 +188,7 @@ def _pool(model: Model, dictionary: BoundDictionary, feature: int, pool: Tensor,
 
 
 def _promoted(model: Model, dictionary: BoundDictionary, feature: int, pool: _Pool, k: int) -> tuple[list[int], str]:
-    written = dictionary.hook
-    extremes = direct_logit_extremes(model.lm, written, dictionary.sae.W_dec[feature:feature + 1].float(), k)
+    extremes = direct_logit_extremes(model.lm, dictionary.hook, dictionary.sae.W_dec[feature:feature + 1].float(), k)
     if extremes is not None:
         return extremes.up_ids[0].tolist(), "logit_effects"
     return pool.top_tokens[:k], "top_contexts"

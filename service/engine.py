@@ -598,7 +598,10 @@ class Engine:
             return [job.dictionary.sae.encode(x).max(0).values]
 
     # ---- steering evaluation (service/steer_evals.py) ------------------------------------------------------------
-    async def steer_eval(self, req: schemas.SteerEvalRequest, deadline: float | None = None) -> schemas.SteerEvalResponse:
+    async def steer_eval(self, req: schemas.SteerEvalRequest, deadline: float | None = None, identity: Identity | None = None) -> schemas.SteerEvalResponse:
+        """Steers the model (its generations), so it needs `steer` where keys are configured, as steered generation does."""
+        if identity is not None:
+            identity.require("steer", count=False)
         return await self.steer_evals.evaluate(req, deadline)
 
     # ---- access --------------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ UNARY: dict[str, Rpc] = {
     "GetFeature": Rpc("feature", None, _feature, pb.FeatureResponse),
     "SearchFeatures": Rpc("search_features", schemas.SearchFeaturesRequest, lambda e, r, m, i, d: e.search_features(r, d), pb.SearchFeaturesResponse),
     "ListFeatures": Rpc("list_features", schemas.ListFeaturesRequest, _list_features, pb.ListFeaturesResponse),
-    "SteerEval": Rpc("steer_eval", schemas.SteerEvalRequest, lambda e, r, m, i, d: e.steer_eval(r, d), pb.SteerEvalResponse),
+    "SteerEval": Rpc("steer_eval", schemas.SteerEvalRequest, lambda e, r, m, i, d: e.steer_eval(r, d, i), pb.SteerEvalResponse),
     "Observe": Rpc("observe", schemas.ObserveRequest, _observe, pb.ObserveResponse),
     "ListDictionaries": Rpc("dictionaries", None, _dictionaries, pb.ListDictionariesResponse),
     "Reload": Rpc("reload", schemas.ReloadRequest, lambda e, r, m, i, d: e.reload(r), pb.ReloadResponse, "admin"),

@@ -211,9 +211,10 @@ def create_app(engine: Engine) -> FastAPI:
     async def steer_eval(req: schemas.SteerEvalRequest, request: Request) -> Response:
         """Steering curves of one feature: for clamp, add and a difference-in-means baseline over a range of strengths,
         the effect (its reading on steered continuations, its promoted tokens' probability) against the cost (KL from
-        the unsteered model, loss), and each method's best strength within each KL budget. Cached per dictionary version."""
+        the unsteered model, loss), and each method's best strength within each KL budget. Cached per dictionary version.
+        It steers the model, so it needs a key with the `steer` scope when keys are configured."""
         until = deadline(request)
-        return _json(await observed("steer_eval", lambda: engine.steer_eval(req, until), until))
+        return _json(await observed("steer_eval", lambda: engine.steer_eval(req, until, request.state.identity), until))
 
     @app.get("/v1/features", response_model=schemas.ListFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
     async def list_features(

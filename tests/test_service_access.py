@@ -57,6 +57,18 @@ def test_a_steer_key_steers_and_an_admin_key_reloads(keyed):
             assert client.reload("reference", 1).dictionary.version == 1
 
 
+def test_measuring_steering_needs_the_steer_scope_as_steering_does(keyed):
+    texts = ["import os\nimport sys\n\ndef main(argv):\n    return 0\n", "for i in range(10):\n    print(i * i, end=' ')\n"]
+    for client in clients(keyed, READ):
+        with client:
+            with pytest.raises(ServiceCallError) as refused:
+                client.steer_eval(7, texts=texts, methods=["add"], multiples=[1.0], new_tokens=2, prompts=1)
+            assert refused.value.status in (403, "PERMISSION_DENIED") and "steer" in refused.value.message
+    for client in clients(keyed, STEER):
+        with client:
+            assert client.steer_eval(7, texts=texts, methods=["add"], multiples=[1.0], new_tokens=2, prompts=1).curves[0].method == "add"
+
+
 @pytest.mark.parametrize("key", [None, "not-a-key-0123456789"])
 def test_a_missing_or_wrong_key_is_unauthenticated_and_says_nothing_about_the_keys(keyed, key):
     for client in clients(keyed, key):

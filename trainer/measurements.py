@@ -55,15 +55,12 @@ def _bound(registry: Path, reference: str, model: str | Path | None, model_dtype
     """NAME[:VERSION] bound to its model (`model`, else the one it records, else the shipped reference); `loaded`:
     a model already loaded, used when the dictionary was made for it."""
     name, version = parse_reference(reference)
-    if loaded is None:
-        loaded = Model.of(_dictionary_model(registry, name, version, model, model_dtype))
-        dictionary = load_dictionary(registry, name, version, expected_model_checksum=loaded.checksum)
-    else:
+    if loaded is not None:
         dictionary = load_dictionary(registry, name, version)
-        if dictionary.manifest.model.checksum != loaded.checksum:
-            return _bound(registry, reference, model, model_dtype)
-        dictionary = load_dictionary(registry, name, version, expected_model_checksum=loaded.checksum)
-    return loaded, bind(loaded, dictionary)
+        if dictionary.manifest.model.checksum == loaded.checksum:  # the check expected_model_checksum makes
+            return loaded, bind(loaded, dictionary)
+    loaded = Model.of(_dictionary_model(registry, name, version, model, model_dtype))
+    return loaded, bind(loaded, load_dictionary(registry, name, version, expected_model_checksum=loaded.checksum))
 
 
 def compare_dictionaries(registry: Path, reference_a: str, reference_b: str, *, registry_b: Path | None = None,
