@@ -77,7 +77,8 @@ class SteerEvaluations:
         if entry.hook_out is not None:
             raise invalid("dictionary", f"{entry.ref} is a transcoder: steering evaluation reads and steers at one hook")
         cfg = self._config(req)
-        key = (id(entry), req.feature, cfg, tuple(req.texts))  # id(entry): a reload binds a new entry, a new key
+        # The version's manifest digest names its weights (versions are immutable); the model's checksum, what they read.
+        key = (entry.ref, entry.dictionary.manifest_sha256, model.checksum, req.feature, cfg, tuple(req.texts))
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key].model_copy(update={"cached": True})
