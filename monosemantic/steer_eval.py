@@ -16,6 +16,8 @@ Methods (monosemantic/steering.py): `clamp` and `add` at strength m × scale, th
 activation (its dashboard's, else the most it reaches in `pool`); `mean_difference`, x + m·v with v the mean
 activation at the hook over the `pool` positions where the feature fires most minus the mean over all of `pool`
 (the difference in means of Marks & Tegmark 2023 and AxBench's DiffMean).
+A transcoder reads at its hook and is steered where it writes (its hook_out, apply_transcoder_steering): the
+baseline's direction and the promoted tokens are taken there, the reading at its input.
 The best strength at a KL budget is the point of highest effect (`reading`, or `promoted` if asked) whose KL is
 within it.
 """
@@ -23,9 +25,9 @@ within it.
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,10 +36,10 @@ from monosemantic.bound import BoundDictionary
 from monosemantic.decode_batch import run_together
 from monosemantic.errors import ConfigError, MonosemanticError
 from monosemantic.generation import DictionarySteering, Generation, HookDirections
-from monosemantic.lm import direct_logit_extremes, hooked_replacement, read_activations
+from monosemantic.lm import HookPoint, direct_logit_extremes, hooked_replacement, read_activations, read_activations_at
 from monosemantic.model import Model
 from monosemantic.sampling import SamplingConfig
-from monosemantic.steering import DirectionEdit, SteeringSpec, apply_direction_edits, apply_steering
+from monosemantic.steering import DirectionEdit, SteeringSpec, apply_direction_edits, apply_steering, apply_transcoder_steering
 
 METHODS = ("clamp", "add", "mean_difference")
 EFFECTS = ("reading", "promoted")
@@ -140,38 +142,60 @@ def _feature_values(dictionary: BoundDictionary, x: Tensor, feature: int) -> Ten
 
 
 class _Method(NamedTuple):
-    edit: Callable[[Tensor], Tensor]  # x [..., d_in] -> the steered x
+    edit: Callable[[Tensor, Tensor], Tensor]  # (read at the hook, written at the edited hook) -> the steered written
     steering: list[DictionarySteering]  # the same edit, as a Generation takes it
     directions: list[HookDirections]
+
+
+def _written(dictionary: BoundDictionary) -> HookPoint:
+    """Where steering edits: a transcoder's output hook (it reads at `hook` and writes at `hook_out`), else the hook."""
+    return dictionary.hook_out if dictionary.hook_out is not None else dictionary.hook
 
 
 def _method(dictionary: BoundDictionary, feature: int, method: str, strength: float, direction: Tensor) -> _Method:
     if method == "mean_difference":
         edits = [DirectionEdit(direction, "add", strength)]
-        return _Method(lambda x: apply_direction_edits(x, edits), [], [HookDirections(dictionary.hook, edits)])
+        return _Method(lambda x, y: apply_direction_edits(y, edits), [], [HookDirections(_written(dictionary), edits)])
     specs = [SteeringSpec(feature, method, strength)]
-    return _Method(lambda x: apply_steering(dictionary.sae, x, specs).activation, [DictionarySteering(dictionary, specs)], [])
+    if dictionary.hook_out is not None:
+        return _Method(lambda x, y: apply_transcoder_steering(dictionary.sae, x, y, specs).activation, [DictionarySteering(dictionary, specs)], [])
+    return _Method(lambda x, y: apply_steering(dictionary.sae, y, specs).activation, [DictionarySteering(dictionary, specs)], [])
 
 
-def _after_bos(edit: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    def replace(x: Tensor) -> Tensor:
-        out = x.clone()
-        out[:, 1:] = edit(x[:, 1:].float()).to(x.dtype)
+@contextmanager
+def _steered(net, dictionary: BoundDictionary, edit: Callable[[Tensor, Tensor], Tensor]) -> Iterator[None]:
+    """Within it every forward steers at every position after BOS (a transcoder's input captured at its hook first)."""
+    read: list[Tensor] = []
+
+    def capture(x: Tensor) -> Tensor:
+        read[:] = [x[:, 1:].float()]
+        return x
+
+    def replace(y: Tensor) -> Tensor:
+        out = y.clone()
+        out[:, 1:] = edit(read[0] if read else y[:, 1:].float(), y[:, 1:].float()).to(y.dtype)
         return out
-    return replace
+
+    with ExitStack() as hooks:
+        if dictionary.hook_out is not None:
+            hooks.enter_context(hooked_replacement(net, dictionary.hook, capture))
+        hooks.enter_context(hooked_replacement(net, _written(dictionary), replace))
+        yield
 
 
 class _Pool(NamedTuple):
     scale: float
     scale_from: str
-    direction: Tensor  # [d_in] the difference in means, raw units
+    direction: Tensor  # [d] the difference in means where steering writes, raw units
     top_tokens: list[int]  # the tokens at the feature's strongest positions, strongest first, without repeats
 
 
 @torch.no_grad()
 def _pool(model: Model, dictionary: BoundDictionary, feature: int, pool: Tensor, cfg: SteerEvalConfig, scale: float | None) -> _Pool:
-    x = read_activations(model.lm, pool, dictionary.hook, attention_mask=torch.ones_like(pool))[:, 1:].float()  # BOS's activation is no context's
-    x, ids = x.reshape(-1, x.shape[-1]), pool[:, 1:].reshape(-1)
+    hooks = [dictionary.hook] if dictionary.hook_out is None else [dictionary.hook, dictionary.hook_out]
+    read = read_activations_at(model.lm, pool, hooks, attention_mask=torch.ones_like(pool))  # BOS's activation is no context's
+    x, y = (r[:, 1:].float().reshape(-1, r.shape[-1]) for r in (read[0], read[-1]))
+    ids = pool[:, 1:].reshape(-1)
     values = _feature_values(dictionary, x, feature)
     found = float(values.max()) if values.numel() else 0.0
     if scale is None or not math.isfinite(scale) or scale <= 0:
@@ -183,12 +207,12 @@ def _pool(model: Model, dictionary: BoundDictionary, feature: int, pool: Tensor,
         scale_from = "statistics"
     firing = int((values > 0).sum())
     top = values.topk(max(1, min(cfg.top_positions, firing))).indices
-    direction = x[top].mean(0) - x.mean(0)
+    direction = y[top].mean(0) - y.mean(0)  # where steering writes: a transcoder's output
     return _Pool(float(scale), scale_from, direction, list(dict.fromkeys(ids[top].tolist())))
 
 
 def _promoted(model: Model, dictionary: BoundDictionary, feature: int, pool: _Pool, k: int) -> tuple[list[int], str]:
-    extremes = direct_logit_extremes(model.lm, dictionary.hook, dictionary.sae.W_dec[feature:feature + 1].float(), k)
+    extremes = direct_logit_extremes(model.lm, _written(dictionary), dictionary.sae.W_dec[feature:feature + 1].float(), k)
     if extremes is not None:
         return extremes.up_ids[0].tolist(), "logit_effects"
     return pool.top_tokens[:k], "top_contexts"
@@ -213,8 +237,7 @@ def _costs(model: Model, dictionary: BoundDictionary, measure: Tensor, methods: 
             if method is None:
                 logq = clean
             else:
-                with ExitStack() as hooks:
-                    hooks.enter_context(hooked_replacement(net, dictionary.hook, _after_bos(method.edit)))
+                with _steered(net, dictionary, method.edit):
                     logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
                 logq = torch.log_softmax(logits, -1).reshape(targets.numel(), -1)
             totals[0] += float((clean.exp() * (clean - logq)).sum())
@@ -269,8 +292,6 @@ class SteeringPlan(NamedTuple):
 def plan_steering(model: Model, dictionary: BoundDictionary, feature: int, contexts: Tensor,
                   cfg: SteerEvalConfig = SteerEvalConfig(), scale: float | None = None) -> SteeringPlan:
     cfg.check()
-    if dictionary.hook_out is not None:
-        raise ConfigError(f"{dictionary.ref} is a transcoder: steering evaluation reads and steers at one hook")
     if not 0 <= feature < dictionary.d_sae:
         raise ConfigError(f"feature: {feature} is not a feature of {dictionary.ref} (0 to {dictionary.d_sae - 1})")
     if contexts.ndim != 2 or contexts.shape[1] < 2:

@@ -74,8 +74,6 @@ class SteerEvaluations:
         repository = engine.loaded
         model, entry = repository.model, repository.get(req.dictionary)
         engine.limits.feature(entry, "feature", req.feature, missing=not_found)
-        if entry.hook_out is not None:
-            raise invalid("dictionary", f"{entry.ref} is a transcoder: steering evaluation reads and steers at one hook")
         cfg = self._config(req)
         # The version's manifest digest names its weights (versions are immutable); the model's checksum, what they read.
         key = (entry.ref, entry.dictionary.manifest_sha256, model.checksum, req.feature, cfg, tuple(req.texts))

@@ -140,3 +140,27 @@ def test_on_the_reference_every_curve_costs_more_as_it_steers_harder(reference_m
         kl = [p.kl for p in curve.points]
         assert kl == sorted(kl) and all(p.finite for p in curve.points)
     assert result.measured_tokens == 8 * 47 and result.generated_tokens == 4 * 12
+
+
+def test_a_transcoder_is_steered_where_it_writes_and_read_where_it_reads(reference_model, tmp_path):
+    """A TopK transcoder from the reference MLP's input to its output (random weights: k features fire on every
+    token): its curves are measured with the edit at hook_mlp_out."""
+    from monosemantic.sae import SAEConfig, build_sae
+    from trainer.pipeline import corpus_contexts
+
+    read, written = resolve_hook(reference_model.lm, "blocks.0.ln2.hook_normalized"), resolve_hook(reference_model.lm, "blocks.0.hook_mlp_out")
+    sae = build_sae(SAEConfig.build(architecture="transcoder", d_in=128, d_out=128, d_sae=256, k=8), seed=0)
+    ref = lambda p: HookRef(name=p.name, module_path=p.module_path, alias=p.alias, kind=p.kind)  # noqa: E731
+    publish(tmp_path, "tc", sae, model=ModelRef(name="reference-lm", checksum=reference_model.checksum), hook=ref(read), extra={"hook_out": ref(written)})
+    transcoder = load_bound(reference_model, tmp_path, "tc", None)
+    contexts, _ = corpus_contexts(reference_model.lm.tokenizer, "heldout", 32, None, 8)
+    result = evaluate_steering(reference_model, transcoder, 3, contexts, SteerEvalConfig(multiples=(0.0, 2.0, 8.0), prompts=2, new_tokens=4))
+    assert result.scale_from == "text" and result.promoted_from == "logit_effects"  # hook_mlp_out has a direct path
+    for method in ("add", "mean_difference"):
+        kl = [p.kl for p in _curve(result, method).points]
+        assert kl == sorted(kl) and kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0
+    # Added along its decoder row at hook_mlp_out, the tokens that row raises through the direct path gain.
+    assert _curve(result, "add").points[-1].promoted > 3 * result.unsteered.promoted
+    # A clamp replaces the MLP's output by the transcoder's prediction (apply_transcoder_steering), here an untrained
+    # one's: it costs even at strength 0, where add costs nothing.
+    assert all(p.finite and p.kl > 0.1 for p in _curve(result, "clamp").points)
