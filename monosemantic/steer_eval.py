@@ -39,7 +39,8 @@ from monosemantic.generation import DictionarySteering, Generation, HookDirectio
 from monosemantic.lm import HookPoint, direct_logit_extremes, hooked_replacement, read_activations, read_activations_at
 from monosemantic.model import Model
 from monosemantic.sampling import SamplingConfig
-from monosemantic.steering import DirectionEdit, SteeringSpec, apply_direction_edits, apply_steering, apply_transcoder_steering
+from monosemantic.steering import (DirectionEdit, SteeringSpec, apply_direction_edits, apply_steering, apply_transcoder_steering,
+                                   features_at)
 
 METHODS = ("clamp", "add", "mean_difference")
 EFFECTS = ("reading", "promoted")
@@ -135,10 +136,8 @@ class SteeringEvaluation(NamedTuple):
 
 
 def _feature_values(dictionary: BoundDictionary, x: Tensor, feature: int) -> Tensor:
-    """The feature's activation at each row of x [..., d_in] (its own encoder column where the activation allows)."""
-    sae, ids = dictionary.sae, torch.tensor([feature], device=x.device)
-    values = sae.activate_at(sae.pre_activations_at(x * sae.cfg.input_scale, ids), ids)
-    return (values if values is not None else sae.encode(x)[..., ids])[..., 0]
+    """The feature's activation at each row of x [..., d_in]."""
+    return features_at(dictionary.sae, x, torch.tensor([feature], device=x.device))[..., 0]
 
 
 class _Method(NamedTuple):
@@ -232,6 +231,7 @@ def _costs(model: Model, dictionary: BoundDictionary, measure: Tensor, methods: 
         targets = ids[:, 1:].reshape(-1)
         mask = torch.ones_like(ids)
         clean = torch.log_softmax(net(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float(), -1).reshape(targets.numel(), -1)
+        clean_p = clean.exp()  # once per batch, not per method
         count += targets.numel()
         for totals, method in zip(sums, methods):
             if method is None:
@@ -240,7 +240,7 @@ def _costs(model: Model, dictionary: BoundDictionary, measure: Tensor, methods: 
                 with _steered(net, dictionary, method.edit):
                     logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
                 logq = torch.log_softmax(logits, -1).reshape(targets.numel(), -1)
-            totals[0] += float((clean.exp() * (clean - logq)).sum())
+            totals[0] += float((clean_p * (clean - logq)).sum())
             totals[1] += float(-logq.gather(1, targets[:, None]).sum())
             totals[2] += float(logq.index_select(1, promoted_ids).exp().sum())
     return [tuple(t / max(count, 1) for t in totals) for totals in sums]

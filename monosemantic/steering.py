@@ -55,15 +55,19 @@ def encode_pre(sae: SparseAutoencoder, x: Tensor) -> Tensor:
     return sae.pre_activations(x * sae.cfg.input_scale)
 
 
+def features_at(sae: SparseAutoencoder, x: Tensor, ids: Tensor) -> Tensor:
+    """The features `ids` of raw activations x [..., d_in] → [..., len(ids)]: from their own encoder columns where the
+    activation allows (a full encode is a 75 MB matvec per generated token at 768 x 24,576), else from every
+    pre-activation (TopK's k-th largest)."""
+    values = sae.activate_at(sae.pre_activations_at(x * sae.cfg.input_scale, ids), ids)
+    return values if values is not None else sae.activate(encode_pre(sae, x))[..., ids]
+
+
 def apply_steering(sae: SparseAutoencoder, x: Tensor, specs: list[SteeringSpec]) -> SteeringResult:
     """x [..., d_in] raw activations → the steered activation and the steered features before/after."""
     ids = torch.tensor([s.feature for s in specs], dtype=torch.long, device=x.device)
     scale = sae.cfg.input_scale
-    # The steered features before: from their own encoder columns where the activation allows (a full encode is a
-    # 75 MB matvec per generated token at 768 x 24,576), else from every pre-activation (TopK).
-    before = sae.activate_at(sae.pre_activations_at(x * scale, ids), ids)
-    if before is None:
-        before = sae.activate(encode_pre(sae, x))[..., ids]
+    before = features_at(sae, x, ids)
     directions = sae.W_dec[ids] / scale  # [n, d_in] raw units
     x_new = x.clone()
     adds = [i for i, s in enumerate(specs) if s.mode == "add"]

@@ -31,10 +31,6 @@ def _call(jobs: list[Job]) -> list[Any]:
         return [jobs[0].payload()]
 
 
-def _number(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None
-
-
 class SteerEvaluations:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
@@ -101,16 +97,11 @@ class SteerEvaluations:
 
     @staticmethod
     def _response(entry: "BoundDictionary", model: Any, result: SteeringEvaluation, text: str, cfg: SteerEvalConfig) -> schemas.SteerEvalResponse:
-        def point(p) -> dict:
-            return {k: (_number(v) if k not in ("multiple", "strength") else v) for k, v in p._asdict().items()}
-
+        plain = result.as_dict()  # non-finite values already None
         return schemas.SteerEvalResponse.model_validate({
-            "dictionary": {"name": entry.name, "version": entry.version}, "feature": result.feature,
-            "label": entry.labels[result.feature] if entry.labels else "", "scale": result.scale, "scale_from": result.scale_from,
-            "promoted": [{"id": t, "token": model.token_text(t)} for t in result.promoted_ids], "promoted_from": result.promoted_from,
-            "effect": cfg.effect, "text": text, "unsteered": point(result.unsteered),
-            "curves": [{"method": c.method, "points": [point(p) for p in c.points]} for c in result.curves],
-            "best": [{"budget": b.budget, "method": b.method, "point": None if b.point is None else point(b.point)} for b in result.best],
+            **plain, "dictionary": {"name": entry.name, "version": entry.version},
+            "label": entry.labels[result.feature] if entry.labels else "",
+            "promoted": [{"id": t, "token": model.token_text(t)} for t in result.promoted_ids],
             "winners": [{"budget": budget, "method": method} for budget, method in result.winners.items()],
-            "measured_tokens": result.measured_tokens, "generated_tokens": result.generated_tokens, "cached": False,
+            "effect": cfg.effect, "text": text, "cached": False,
         })
