@@ -77,8 +77,9 @@ def sparsify_peer(arch: str) -> bool | None:
 
 
 def ours_quality(arch: str, train: PairedSource, held: PairedSource, d_sae: int, k: int, tokens: int,
-                 lr: float | None) -> tuple[float, float, float]:
-    """(held-out FVU, held-out mean L0, seconds) of our trainer's defaults (but ``lr``, where given) after ``tokens``."""
+                 lr: float | None) -> tuple[float, float, float, float]:
+    """(held-out FVU, held-out mean L0, seconds, the learning rate it ran at) of our trainer's defaults (but ``lr``,
+    where given) after ``tokens``."""
     start = time.perf_counter()
     result = Trainer(TrainConfig.build(architecture=arch, d_sae=d_sae, tokens=tokens, batch_size=BATCH, **options(arch, k),
                                        **({"lr": lr} if lr else {})), train).run(progress=False)
@@ -91,7 +92,7 @@ def ours_quality(arch: str, train: PairedSource, held: PairedSource, d_sae: int,
         fired.append(float((features > 0).sum(-1).float().mean()))
         return sae.reconstruct(x, features)
 
-    return fvu(predict, held), fired[0], seconds
+    return fvu(predict, held), fired[0], seconds, result.config.lr
 
 
 def sparsify_quality(skip: bool, train: PairedSource, held: PairedSource, d_sae: int, k: int, tokens: int) -> tuple[float, float]:
@@ -145,10 +146,10 @@ def main() -> None:
                   f"({theirs[skip][1]:.0f} s)")
         for lr in (None if text == "default" else float(text) for text in args.lrs.split(",")):
             for arch in archs:
-                value, l0, seconds = ours_quality(arch, train, held, args.d_sae, args.k, args.tokens, lr)
+                value, l0, seconds, ran_at = ours_quality(arch, train, held, args.d_sae, args.k, args.tokens, lr)
                 peer = sparsify_peer(arch)
                 versus = f", ours/sparsify FVU {value / theirs[peer][0]:.2f}x" if peer is not None else " (no peer trains it)"
-                print(f"  ours {arch}, lr {lr or TrainConfig.model_fields['lr'].default:g}: FVU {value:.4f} at L0 {l0:.1f} "
+                print(f"  ours {arch}, lr {ran_at:g}{'' if lr else ' (default)'}: FVU {value:.4f} at L0 {l0:.1f} "
                       f"({seconds:.0f} s){versus}")
     if args.steps:
         print(f"training step, tokens/s ({WARMUP} warm-up steps, then {args.steps} timed):")

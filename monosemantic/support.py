@@ -122,9 +122,23 @@ class _SupportPreActivations(torch.autograd.Function):
         grad_W_enc_t = F.embedding_bag(rows, centred.to(W_enc.dtype), offsets, per_sample_weights=grad[order], mode="sum")
         # centred = x − b_dec, so ∂b_dec = −Σ_r ∂pre[r]·W_encᵀ = −W_enc·∂b_enc.
         grad_b_dec = -(W_enc @ grad_b_enc)
-        # The transposed copy costs ~70 ms a step at 768 → 24,576 (single-threaded): fused Adam needs the gradient
-        # in W_enc's contiguous layout, so storing W_enc by latent would only move the copy into the optimizer.
-        return None, None, None, grad_W_enc_t.t().contiguous(), grad_b_enc, grad_b_dec
+        # Fused Adam needs the gradient in W_enc's contiguous layout, so storing W_enc by latent would only move
+        # this transpose into the optimizer.
+        return None, None, None, transposed(grad_W_enc_t), grad_b_enc, grad_b_dec
+
+
+def transposed(matrix: Tensor, block: int = 96) -> Tensor:
+    """``matrix.t().contiguous()``, copied a band of ``block`` source rows at a time. One strided copy of a
+    [16,384, 768] fp32 matrix took 33 ms here (every write a cache miss a row apart); in bands of 96 rows each band's
+    writes stay within cache lines still held, 9 ms (2304 × 16,384: 92 → 31 ms). Small matrices are copied whole:
+    at 4,096 × 128 the loop's overhead is the larger cost (0.49 against 0.65 ms)."""
+    rows = matrix.shape[0]
+    if matrix.numel() < (1 << 22) or rows <= block:
+        return matrix.t().contiguous()
+    out = torch.empty((matrix.shape[1], rows), dtype=matrix.dtype, device=matrix.device)
+    for start in range(0, rows, block):
+        out[:, start:start + block].copy_(matrix[start:start + block].t())
+    return out
 
 
 class DenseEncoder:

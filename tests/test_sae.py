@@ -84,6 +84,16 @@ def test_the_gradient_along_each_decoder_row_is_removed_before_the_step():
     assert parallel.abs().max() < 1e-6
 
 
+def test_the_gradient_along_each_decoder_row_is_removed_in_every_block_of_rows():
+    # 2,500 rows: the row dot products go 1,024 rows at a time, so the last block is partial.
+    sae = build_sae(SAEConfig.build(architecture="relu", d_in=8, d_sae=2500), seed=0)
+    sae(torch.randn(64, 8).abs()).mse.backward()
+    grad = sae.W_dec.grad.clone()
+    sae.remove_parallel_decoder_grad()
+    expected = grad - (grad * sae.W_dec.data).sum(dim=1, keepdim=True) * sae.W_dec.data
+    assert (sae.W_dec.grad - expected).abs().max() <= 1e-6 * grad.abs().max()  # fp32 rounding of a sum of 8
+
+
 def test_topk_activates_exactly_k_features_per_token():
     sae = build_sae(SAEConfig.build(architecture="topk", d_in=8, d_sae=32, k=3), seed=0)
     with torch.no_grad():
@@ -234,3 +244,13 @@ def test_the_support_steps_dense_encoder_equals_the_encoder_matmul_each_step(dty
         got = encoder(centred, W_enc, b_enc, dtype)
         assert got.dtype == dtype and got.shape == (48, 96)
         assert torch.allclose(got.float(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max())), step
+
+
+@pytest.mark.parametrize("shape", [(4_200, 1_000), (64, 48)], ids=["in-bands", "whole"])
+def test_the_encoder_gradients_transpose_equals_torchs(shape):
+    # 4,200 rows: 43 bands of 96 and a partial one; the small matrix is copied whole.
+    from monosemantic.support import transposed
+
+    matrix = torch.randn(shape)
+    result = transposed(matrix)
+    assert result.is_contiguous() and torch.equal(result, matrix.t())

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from monosemantic.errors import ConfigError
 from trainer.activations import ActivationSource, open_activation_file, split_tail
 from trainer.synthetic import make_sparse_data
-from trainer.train import TrainConfig, Trainer
+from trainer.train import TrainConfig, Trainer, clip_gradients
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,17 @@ def test_bf16_left_unset_is_on_only_where_this_machine_multiplies_it_faster_and_
 
     assert TrainConfig.build(d_sae=64).bf16 == (fastest_dtype(512, 4096, "cpu") == torch.bfloat16)
     assert TrainConfig.build(d_sae=64, bf16=False).bf16 is False and TrainConfig.build(d_sae=64, bf16=True).bf16 is True
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3], ids=["under-the-clip", "clipped"])
+def test_gradient_clipping_scales_and_reports_exactly_as_clip_grad_norm(scale):
+    torch.manual_seed(0)
+    ours, theirs = ([torch.nn.Parameter(torch.zeros(s)) for s in ((30, 7), (7,))] for _ in range(2))
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape) * scale
+        b.grad = a.grad.clone()
+    norm = clip_gradients(ours, 1.0)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert norm == pytest.approx(float(expected), rel=1e-6)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad)
