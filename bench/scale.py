@@ -51,6 +51,19 @@ print("peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 102
 """
 
 
+# The harvest's baseline: a bare process that loads the same checkpoint with transformers, in the same dtype, and
+# runs one forward of the model's body on one harvest batch (trainer/harvest.py's 32 contexts of the CLI's default
+# 256 tokens). At GPT-2's shape that forward's activations, not the model or a shard, set the high-water mark.
+_BARE_FORWARD = """
+import resource, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+with torch.inference_mode():
+    model.base_model(torch.randint(0, model.config.vocab_size, (32, 256)))
+print("bare_peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
 def model_dir(shape: str) -> Path:
     sys.path.insert(0, str(BENCH))
     if shape == "gemma":
@@ -71,7 +84,8 @@ def stages(shape: str, quick: bool, tree: Path | None) -> list[tuple[str, list[s
     runs = [
         ("harvest", [py, str(BENCH / "harvest.py"), "--model", model, "--hook", s["hook"], "--contexts", "16" if quick else "64",
                      "--batch", "8"], {}),
-        ("harvest", [py, "-c", _HARVEST_PEAK, "--model", model, "--hook", s["hook"], "--out", tempfile.mkdtemp(prefix="scale-harvest-"),
+        ("harvest", [py, "-c", _BARE_FORWARD, model], {}),
+        ("harvest", [py, "-c", _HARVEST_PEAK, "--model", model, "--hook", s["hook"], "--out", HARVEST_OUT[shape],
                      "--contexts", "16" if quick else "64", "--dtype", "bfloat16"], {}),
         ("train", [py, str(BENCH / "train_sae.py"), "--d-in", str(s["d_in"]), "--d-sae", str(s["d_sae"]), "--k", "32",
                    "--steps", "3" if quick else "5"], {}),
@@ -90,6 +104,7 @@ def stages(shape: str, quick: bool, tree: Path | None) -> list[tuple[str, list[s
 
 
 SUMMARY = re.compile(r"^\|(?! ---)|ours/peer|->|tok/s|peak_rss_bytes|min;|1M tokens")
+HARVEST_OUT = {shape: tempfile.mkdtemp(prefix=f"scale-harvest-{shape}-") for shape in SHAPES}
 
 
 def main() -> None:
@@ -103,6 +118,7 @@ def main() -> None:
     wanted = set(args.stages.split(","))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     summary: list[str] = []
+    bare = float('nan')
     with args.log.open("w") as log:
         for shape in args.shapes.split(","):
             checkpoint = sum(p.stat().st_size for p in model_dir(shape).glob("*.safetensors"))
@@ -120,10 +136,15 @@ def main() -> None:
                 log.flush()
                 lines = [line for line in done.stdout.splitlines() if SUMMARY.search(line)]
                 for line in lines:
-                    if line.startswith("peak_rss_bytes"):
+                    if line.startswith("bare_peak_rss_bytes"):
+                        bare = int(line.split()[1])
+                        line = f"a bare transformers load + one forward of a harvest batch: peak RSS {bare / 2**30:.2f} GiB"
+                    elif line.startswith("peak_rss_bytes"):
                         peak = int(line.split()[1])
-                        line = (f"harvest peak RSS {peak / 2**30:.2f} GiB = {peak / checkpoint:.2f}× the checkpoint "
-                                f"({checkpoint / 2**30:.2f} GiB; goal ≤ 1.3× the model plus one shard)")
+                        shards = sum(f.stat().st_size for f in Path(HARVEST_OUT[shape]).rglob("shard_*.npy"))
+                        line = (f"harvest peak RSS {peak / 2**30:.2f} GiB = {peak / (checkpoint + shards):.2f}× the checkpoint "
+                                f"plus its shards ({(checkpoint + shards) / 2**30:.2f} GiB; goal ≤ 1.3×), "
+                                f"{peak / bare:.2f}× the bare load + forward above")
                     summary.append(f"{shape} {stage}: {line}")
                 if done.returncode:
                     summary.append(f"{shape} {stage}: FAILED (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")

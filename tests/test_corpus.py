@@ -109,3 +109,25 @@ def test_token_contexts_are_the_same_whatever_the_encoding_chunk(monkeypatch):
     monkeypatch.setattr(corpus, "ENCODE_CHUNK", 4)  # 23 documents in six calls, the last one short
     assert torch.equal(token_contexts(_char_tokenizer(), docs, context_length=7, bos_token_id=0), whole)
     assert whole.shape[0] > 10
+
+
+def test_a_packed_stream_builds_exactly_the_contexts_asked_for():
+    from trainer.corpus import pack_stream
+
+    docs = [f"document {i} " * (i % 5 + 1) for i in range(23)]
+    every = token_contexts(_char_tokenizer(), docs, context_length=7, bos_token_id=0)
+    packed = pack_stream(_char_tokenizer(), docs, context_length=7, bos_token_id=0)
+    rows = torch.randperm(len(packed), generator=torch.Generator().manual_seed(0))[:9]
+    assert len(packed) == every.shape[0]
+    assert torch.equal(packed.contexts(rows), every[rows])
+
+
+def test_a_harvests_built_in_contexts_are_the_shuffled_corpus_cut_to_the_limit():
+    from trainer.pipeline import corpus_contexts
+
+    tok = _char_tokenizer()
+    corpus = build_corpus(max_chars=30_000)
+    every = token_contexts(tok, corpus.train, 16, bos_token_id=0)
+    order = torch.randperm(every.shape[0], generator=torch.Generator().manual_seed(5))
+    contexts, fingerprint = corpus_contexts(tok, "train", 16, 30_000, 12, seed=5)
+    assert torch.equal(contexts, every[order][:12]) and fingerprint == corpus.fingerprint

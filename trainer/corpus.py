@@ -202,17 +202,37 @@ def build_corpus(max_chars: int | None = None, heldout_fraction: float = 0.03,
     )
 
 
-ENCODE_CHUNK = 256  # documents per encode_batch call
+ENCODE_CHUNK = 64  # documents per encode_batch call
 
 
-def token_contexts(tokenizer, documents: list[str], context_length: int,
-                   bos_token_id: int | None = None) -> torch.Tensor:
-    """Tokenise `documents` and pack them into a LongTensor [n_contexts, context_length].
+@dataclass(frozen=True)
+class PackedStream:
+    """The token stream doc₁ BOS doc₂ BOS … of a list of documents, cut into contexts of ``context_length`` on
+    demand: context i is BOS + the stream's i-th piece of ``context_length - 1`` tokens (the ragged tail dropped).
 
-    The token stream is doc₁ BOS doc₂ BOS …; it is cut into pieces of `context_length - 1` tokens and
-    each context is BOS + piece, so every context starts with BOS and BOS also separates documents
-    (as in the paper's setup). The ragged tail is dropped.
-    """
+    Kept as int32 ids, and only the contexts asked for are built: a harvest of 64 contexts of the standard library
+    (10M tokens) built every context as int64 and then a shuffled copy, 574 MB over the tokenizer for 64 × 128
+    ids (bench/RESULTS.md)."""
+
+    stream: np.ndarray
+    context_length: int
+    bos_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.stream) // (self.context_length - 1)
+
+    def contexts(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """LongTensor [len(rows), context_length] of the contexts at ``rows`` (all of them, in order, when None)."""
+        body = self.context_length - 1
+        index = np.arange(len(self)) if rows is None else rows.numpy()
+        contexts = np.empty((len(index), self.context_length), dtype=np.int64)
+        contexts[:, 0] = self.bos_token_id
+        contexts[:, 1:] = self.stream[: len(self) * body].reshape(-1, body)[index]
+        return torch.from_numpy(contexts)
+
+
+def pack_stream(tokenizer, documents: list[str], context_length: int, bos_token_id: int | None = None) -> PackedStream:
+    """Tokenise `documents` into a PackedStream (see token_contexts)."""
     if context_length < 2:
         raise ConfigError(f"context_length must be at least 2, got {context_length}")
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # a fast tokenizer or a raw one
@@ -224,15 +244,21 @@ def token_contexts(tokenizer, documents: list[str], context_length: int,
             raise ConfigError(f"bos_token_id: the tokenizer has no BOS token and no {BOS_TOKEN!r}")
     # In chunks: an Encoding holds offsets, token strings and masks beside its ids, so encoding the standard library
     # in one call held 1.4 GB of them (bench/RESULTS.md); a chunk's are dropped once its ids are taken.
-    documents, pieces, separator = list(documents), [], np.asarray([bos_token_id], dtype=np.int64)
+    pieces, separator = [], np.asarray([bos_token_id], dtype=np.int32)
     for start in range(0, len(documents), ENCODE_CHUNK):
-        for enc in backend.encode_batch(documents[start : start + ENCODE_CHUNK], add_special_tokens=False):
-            pieces.append(np.asarray(enc.ids, dtype=np.int64))
+        for enc in backend.encode_batch(list(documents[start : start + ENCODE_CHUNK]), add_special_tokens=False):
+            pieces.append(np.asarray(enc.ids, dtype=np.int32))
             pieces.append(separator)
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    body = context_length - 1
-    n = len(stream) // body
-    contexts = np.empty((n, context_length), dtype=np.int64)
-    contexts[:, 0] = bos_token_id
-    contexts[:, 1:] = stream[: n * body].reshape(n, body)
-    return torch.from_numpy(contexts)
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return PackedStream(stream=stream, context_length=context_length, bos_token_id=int(bos_token_id))
+
+
+def token_contexts(tokenizer, documents: list[str], context_length: int,
+                   bos_token_id: int | None = None) -> torch.Tensor:
+    """Tokenise `documents` and pack them into a LongTensor [n_contexts, context_length].
+
+    The token stream is doc₁ BOS doc₂ BOS …; it is cut into pieces of `context_length - 1` tokens and
+    each context is BOS + piece, so every context starts with BOS and BOS also separates documents
+    (as in the paper's setup). The ragged tail is dropped.
+    """
+    return pack_stream(tokenizer, documents, context_length, bos_token_id).contexts()

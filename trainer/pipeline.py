@@ -24,7 +24,7 @@ from monosemantic.lm import LoadedLM, load_lm, model_source, resolve_hook, weigh
 from monosemantic.shipped import REFERENCE_DICTIONARY, REFERENCE_HOOK, reference_lm_path, reference_registry_path
 from trainer.activations import SHARD_DTYPES, open_activation_file, open_harvest, split_tail
 from trainer.checkpoint import Checkpoint, write_checkpoint
-from trainer.corpus import build_corpus, token_contexts
+from trainer.corpus import build_corpus, pack_stream
 from trainer.evaluate import model_metrics, reconstruction_metrics
 from trainer.harvest import harvest_hooks, hook_directory
 from trainer.paired import input_directory, is_paired, open_training_data, split_paired_tail, write_pairing
@@ -54,11 +54,11 @@ def corpus_contexts(tokenizer: Any, split: str, context_length: int, max_chars: 
     if text is not None:
         return packed_contexts(tokenizer, text, split, context_length, limit, seed)
     corpus = build_corpus(max_chars=max_chars)
-    docs = corpus.train if split == "train" else corpus.heldout
-    contexts = token_contexts(tokenizer, docs, context_length)
-    order = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(seed))
-    contexts = contexts[order]
-    return (contexts[:limit] if limit else contexts), corpus.fingerprint
+    docs, fingerprint = (corpus.train if split == "train" else corpus.heldout), corpus.fingerprint
+    packed = pack_stream(tokenizer, docs, context_length)
+    del corpus, docs  # the text, once its ids are taken
+    order = torch.randperm(len(packed), generator=torch.Generator().manual_seed(seed))
+    return packed.contexts(order[:limit] if limit else order), fingerprint
 
 
 def harvest_corpus(model: str | Path | None, out: Path, *, hook: str | list[str], contexts: int, context_length: int,
