@@ -216,6 +216,22 @@ def test_resampling_revives_dead_features(synthetic):
     assert fired.float().mean() > 0.9
 
 
+def test_resampled_features_fire_on_the_initial_rate_as_they_did_at_the_start(synthetic):
+    # With b_enc 0 a revived ReLU latent fires on about half of all tokens: at each resample L0 spiked by
+    # half the dead count, and the L0 controller wound λ up against spikes (bench/RESULTS.md).
+    source = ActivationSource(parts=[synthetic.activations.numpy()], dtype="float32")
+    trainer = Trainer(TrainConfig.build(architecture="relu", d_sae=64, tokens=100_000, batch_size=512, seed=0,
+                                        target_l0=4.0), source)
+    dead = torch.arange(0, 64, 2)
+    with torch.no_grad():
+        trainer.sae.b_enc[dead] = -1e4
+    trainer.tokens_since_fired[dead] = trainer.dead_window
+    trainer.resample_dead_features()
+    rate = (trainer.sae.encode(synthetic.activations[:8192])[:, dead] > 0).float().mean(0)
+    assert trainer.initial_firing_rate() == 0.125  # 2 × 4 / 64
+    assert rate.min() > 0.06 and rate.max() < 0.25  # each near 0.125 of tokens, none near half
+
+
 def test_geometric_median_resists_outliers():
     points = torch.cat([torch.zeros(99, 3), torch.full((1, 3), 1000.0)])
     assert geometric_median(points).norm() < 1.0 < points.mean(0).norm()

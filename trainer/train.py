@@ -305,7 +305,7 @@ class Trainer:
         return min(0.5, 2 * wanted / cfg.d_sae) if wanted else 0.01
 
     @torch.no_grad()
-    def _calibrate_encoder_bias(self, x_normalised: Tensor) -> None:
+    def _calibrate_encoder_bias(self, x_normalised: Tensor, features: Tensor | None = None) -> None:
         """An architecture with a calibrated start (ReLU, JumpReLU): set b_enc so that each feature's pre-activation
         clears its firing threshold (0, or JumpReLU's θ) on `initial_firing_rate` of the sample (the data-dependent
         initialisation of Anthropic's January 2025 update).
@@ -317,8 +317,9 @@ class Trainer:
         sae, rows = self.sae, x_normalised.shape[0]
         keep = max(1, math.ceil(self.initial_firing_rate() * rows))
         centred, threshold = x_normalised - sae.input_bias, sae.firing_threshold()
-        for start in range(0, sae.cfg.d_sae, 4096):  # [rows, 4096] at a time: bounded memory for any d_sae
-            columns = slice(start, start + 4096)
+        features = torch.arange(sae.cfg.d_sae) if features is None else features  # `features`: only those (revived ones)
+        for start in range(0, features.numel(), 4096):  # [rows, 4096] at a time: bounded memory for any d_sae
+            columns = features[start:start + 4096]
             pre_bias = centred @ sae.W_enc[:, columns]
             # The keep-th largest value per feature: exactly `keep` rows lie at or above it.
             kth_largest = pre_bias.topk(keep, dim=0).values[-1]
@@ -432,6 +433,12 @@ class Trainer:
         sae.W_enc[:, dead] = (directions * 0.2 * alive_norm).t()
         sae.b_enc[dead] = 0.0
         own = sae.revive(dead)  # the architecture's own parameters (gated's magnitude path)
+        if self.arch.calibrated_start:
+            # Revived as they started: firing on the initial rate of a sample. With b_enc 0 a revived ReLU latent
+            # fires on about half of all tokens: a ReLU transcoder's 170 revived latents took L0 from 8 to 341 at
+            # each resample, the L0 controller read the spikes as L0 above target and wound λ from 5 to 19, and
+            # the run ended at L0 3.5 for a target of 16 (bench/RESULTS.md).
+            self._calibrate_encoder_bias(inputs[:8192] * self.input_scale, dead)
         for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,)), *own):
             state = self.optimizer.state.get(param, {})
             for moment in ("exp_avg", "exp_avg_sq"):
