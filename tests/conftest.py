@@ -213,3 +213,49 @@ def exported_to_saelens(sae, x, out):
         assert float((theirs.encode(x) - ours).abs().max() / ours.abs().max()) <= 1e-4
         assert float((theirs.decode(ours) - sae.decode(ours)).abs().max() / x.abs().max()) <= 1e-4
     return theirs
+
+
+def scripted_chat_model(directory: Path, answer: list[str]) -> Path:
+    """A one-layer GPT-2 built from its config class whose greedy reply to any chat is ``answer``: its next token
+    depends on the current one alone (one-hot embeddings, no position embeddings, attention and MLP writing
+    nothing, an untied head holding the chain <|assistant|> → answer[0] → … → <|endoftext|>). Every other word is
+    one unknown token. The tokens are fused on decoding, so the reply is exactly ''.join(answer). With its chat
+    template it is served by /openai/v1 like any model: a real endpoint whose answers a test knows."""
+    import torch
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    if len(set(answer)) != len(answer):
+        raise ValueError("a chain needs distinct tokens")
+    words = ["<|endoftext|>", "<|assistant|>", "<unk>", *answer]
+    vocab = len(words) + (-len(words)) % 4  # n_embd divisible by the heads
+    words += [f"<pad{i}>" for i in range(vocab - len(words))]
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=vocab, n_layer=1, n_head=4, n_positions=4096,
+                                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)).eval()
+    chain = ["<|assistant|>", *answer, "<|endoftext|>"]
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(torch.eye(vocab))
+        model.transformer.wpe.weight.zero_()
+        for block in model.transformer.h:
+            for layer in (block.attn.c_proj, block.mlp.c_proj):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        head = torch.zeros(vocab, vocab)
+        for i in range(vocab):  # anything else ends the reply
+            head[0, i] = 20.0
+        for now, then in zip(chain, chain[1:]):
+            head[:, words.index(now)] = 0.0
+            head[words.index(then), words.index(now)] = 40.0
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(directory)
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                        additional_special_tokens=["<|assistant|>"])
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -330,6 +330,62 @@ def steer_eval(
         typer.echo(steering_table(result, label))
 
 
+@app.command("explain")
+def explain_cmd(
+    registry: Registry,
+    dictionary: Annotated[str, typer.Option(help="NAME[:VERSION] (it needs feature statistics: `monosemantic-train features`)")],
+    explainer_url: Annotated[str, typer.Option(help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM) or http://localhost:11434/v1 (Ollama)")],
+    explainer_model: Annotated[str, typer.Option(help="the model that writes the explanations")],
+    scorer_model: Annotated[Optional[str], typer.Option(help="the model that scores them (default: the explainer)")] = None,
+    scorer_url: Annotated[Optional[str], typer.Option(help="the scorer's OpenAI-compatible base URL (default: --explainer-url)")] = None,
+    features: Annotated[Optional[str], typer.Option(help="feature ids and ranges, e.g. 0-99,512")] = None,
+    sample: Annotated[Optional[int], typer.Option(help="a seeded random sample of this many features")] = None,
+    every: Annotated[bool, typer.Option("--all", help="every feature")] = False,
+    api_key_env: Annotated[Optional[str], typer.Option(help="the environment variable holding the endpoint's key (never logged or stored)")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 4,
+    shown: Annotated[int, typer.Option(min=1, help="top examples shown to the explainer; the other examples are scored")] = 6,
+    retries: Annotated[int, typer.Option(min=0, help="retries of a request answered 408/409/429/5xx (backoff, honouring Retry-After)")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=16, help="the longest answer asked for")] = 200,
+    chat_template: Annotated[Optional[Path], typer.Option(help="a Jinja chat template sent with each request (for a server whose model has none, as this project's /openai/v1 accepts)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="HF model directory or hub id (default: the model the dictionary records, else the shipped reference)")] = None,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    model_dtype: ModelDtype = _ModelDtype.auto,
+) -> None:
+    """Explain and score features with any OpenAI-compatible model: an explainer reads each feature's top examples and
+    writes an explanation; a scorer given only the explanation tells the feature's other examples from text where it
+    is silent (detection) and its own marked tokens from wrong ones (fuzzing); each score is a balanced accuracy.
+    Kept beside the version in REGISTRY/NAME/explanations/vN/ (one file per explainer, scorer and prompt version);
+    run again, it continues where it stopped."""
+    import os
+
+    from trainer.explain import Endpoint, ExplainSettings, explain_dictionary
+
+    key = None
+    if api_key_env is not None:
+        key = os.environ.get(api_key_env)
+        if not key:
+            _fail(ConfigError(f"--api-key-env: the environment variable {api_key_env} is not set"))
+    try:
+        template = chat_template.read_text(encoding="utf-8") if chat_template is not None else None
+    except OSError as exc:
+        _fail(ConfigError(f"--chat-template: cannot read {chat_template}: {exc.strerror}"))
+    endpoint = Endpoint(url=explainer_url, explainer_model=explainer_model, scorer_model=scorer_model or explainer_model,
+                        api_key=key, extra_body={"chat_template": template} if template else {}, scorer_url=scorer_url)
+    settings = ExplainSettings(shown=shown, concurrency=concurrency, retries=retries, max_tokens=max_tokens, seed=seed)
+    try:
+        result = explain_dictionary(registry, dictionary, endpoint, features=features, sample=sample, every=every, model=model,
+                                    settings=settings, model_dtype=model_dtype.value)
+    except MonosemanticError as exc:
+        _fail(exc)
+    except Exception as exc:  # the endpoint's own failures (refused connection, 4xx) after the SDK's retries
+        if type(exc).__module__.split(".")[0] != "openai":
+            raise
+        _fail(ConfigError(f"the endpoint {explainer_url} failed: {exc}"))
+    u = result.usage
+    typer.echo(f"{result.done} features explained ({result.parsed} parsed), {result.resumed} already done; "
+               f"{u.requests} requests, {u.prompt_tokens:,} prompt and {u.completion_tokens:,} completion tokens; {result.path}")
+
+
 class _By(str, Enum):
     correlation = "correlation"
     cosine = "cosine"

@@ -1,0 +1,99 @@
+"""Specifications of the explanation and scoring arithmetic (monosemantic/explain.py) on planted answers."""
+
+import pytest
+
+from monosemantic.explain import (Example, Trial, balanced_accuracy, batches, detection_trials, explainer_messages,
+                                  fuzzing_trials, parse_explanation, parse_labels, scaled, score, split_examples)
+
+
+def _example(text: str, values: list[float]) -> Example:
+    return Example(tuple(text.split("|")), tuple(values))
+
+
+def test_the_tokens_at_or_above_three_tenths_of_the_peak_are_marked_and_neighbours_share_brackets():
+    example = _example("the| cat| sat| on| the| mat", [0.0, 10.0, 3.0, 2.9, 0.0, 5.0])
+    assert example.marked() == "the<< cat sat>> on the<< mat>>"
+    assert example.plain() == "the cat sat on the mat"
+
+
+def test_an_example_that_never_fires_marks_nothing():
+    assert _example("a| b", [0.0, 0.0]).marked() == "a b"
+
+
+def test_activations_are_shown_as_integers_from_0_to_10_of_the_features_maximum():
+    assert scaled([0.0, 1.0, 4.96, 10.0, 12.0], maximum=10.0) == [0, 1, 5, 10, 10]
+    assert scaled([1.0], maximum=0.0) == [0]
+
+
+def test_the_explainer_is_shown_each_examples_marked_text_and_the_marked_tokens_values():
+    messages = explainer_messages([_example("x| cat", [0.0, 2.0])], maximum=4.0)
+    assert messages[0]["role"] == "system" and "[EXPLANATION]:" in messages[0]["content"]
+    assert "Example 1: x<< cat>>" in messages[1]["content"] and "' cat' (5)" in messages[1]["content"]
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Thinking...\n[EXPLANATION]: the word cat", "the word cat"),
+    ("[explanation]: first\n[EXPLANATION]: \"second\"", "second"),
+    ("it fires on cats", None),
+    ("[EXPLANATION]:   ", None),
+    ("", None),
+])
+def test_the_explanation_is_what_follows_the_last_marker_and_none_without_one(answer, expected):
+    assert parse_explanation(answer) == expected
+
+
+@pytest.mark.parametrize("answer, count, expected", [
+    ("[1, 0, 0, 1, 0]", 5, [1, 0, 0, 1, 0]),
+    ("Let me see [0, 1] ... final: [1, 1, 0]", 3, [1, 1, 0]),
+    ("[1, 0, 2]", 3, None),  # not binary
+    ("[1.0, 0, 1]", 3, None),  # a float is not a label
+    ("[1, 0]", 3, None),  # wrong count
+    ("yes, no, yes", 3, None),
+])
+def test_a_scorers_answer_is_its_last_list_of_the_right_count_of_0s_and_1s(answer, count, expected):
+    assert parse_labels(answer, count) == expected
+
+
+def test_balanced_accuracy_is_the_mean_of_the_two_rates():
+    assert balanced_accuracy([1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0]) == (0.625, 0.75, 0.5)
+    assert balanced_accuracy([1, 1, 0, 0], [1, 1, 1, 1])[0] == 0.5  # answering all 1s is chance
+    assert balanced_accuracy([1, 0], [1, 0])[0] == 1.0
+    assert balanced_accuracy([1, 1], [1, 0]) == (0.5, 0.5, None)  # one class: its rate alone
+
+
+def test_a_batch_whose_answer_does_not_parse_is_counted_as_unparsed_not_as_wrong():
+    asked = [[Trial("a", 1), Trial("b", 0)], [Trial("c", 1), Trial("d", 0), Trial("e", 0)]]
+    result = score(asked, [[1, 0], None])
+    assert result.balanced_accuracy == 1.0 and result.examples == 2 and result.unparsed == 3
+    assert score(asked, [None, None]).balanced_accuracy is None
+
+
+def test_fuzzing_marks_the_features_own_tokens_on_half_and_as_many_other_tokens_on_the_rest():
+    examples = [(_example("a| b| c| d| e", [0.0, 4.0, 0.0, 0.0, 0.0]), q) for q in range(4)]
+    trials = fuzzing_trials(examples, seed=0)
+    assert [t.truth for t in trials] == [1, 0, 1, 0]
+    assert all(t.text == "a<< b>> c d e" for t in trials if t.truth == 1)
+    for wrong in (t for t in trials if t.truth == 0):
+        assert wrong.text.count("<<") == 1 and "<< b>>" not in wrong.text
+
+
+def test_detection_shows_plain_text_with_the_activating_examples_true_and_the_quiet_ones_false():
+    trials = detection_trials([(_example("a| b", [0.0, 1.0]), 2)], [_example("c| d", [0.0, 0.0])])
+    assert trials == [Trial("a b", 1, 2), Trial("c d", 0, None)]
+
+
+def test_no_example_is_both_shown_to_the_explainer_and_scored():
+    top = [_example(f"t{i}| x", [float(10 - i), 0.0]) for i in range(6)]
+    quantiles = [(top[1], 3), (_example("q| y", [0.5, 0.0]), 0), (_example("z| z", [0.0, 0.0]), 1)]
+    split = split_examples(top, quantiles, shown=3)
+    assert split.shown == top[:3]
+    scored = [e for e, _ in split.scored]
+    assert not set(scored) & set(split.shown)
+    assert scored == top[3:] + [quantiles[1][0]]  # the shown duplicate and the silent sample are left out
+
+
+def test_the_scorers_questions_are_the_same_on_a_rerun_and_five_to_a_prompt():
+    trials = [Trial(str(i), i % 2) for i in range(12)]
+    first = batches(trials, seed=7)
+    assert first == batches(trials, seed=7) and [len(b) for b in first] == [5, 5, 2]
+    assert sorted(t.text for b in first for t in b) == sorted(t.text for t in trials)

@@ -1,0 +1,160 @@
+"""Explaining a dictionary end to end against real OpenAI-compatible servers on loopback: this project's own
+/openai/v1, each serving a tiny chat model built from GPT-2's config class whose greedy answer is a fixed string
+(tests/conftest.py's scripted_chat_model): the explainer's parses as an explanation, the scorer's as a list of five
+labels, and the scorer's, asked to explain, does not parse. The scorer's server takes a key rate-limited so that
+it answers 429 (with Retry-After) while the run keeps more requests in flight than the key allows. The answers are
+fixed, so the scores mean nothing: this proves the pipeline, the recording of answers that do not parse, the
+retries and resume; the scoring arithmetic is tests/test_explain.py's."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from conftest import RunningServer
+from monosemantic.explanations import list_runs, read_run
+from monosemantic.shipped import reference_registry_path
+from trainer.cli import app
+from trainer.explain import Endpoint, ExplainSettings, explain_dictionary
+
+KEY = "explainer-key-0123456789"
+SETTINGS = ExplainSettings(concurrency=6, max_tokens=12, quiet_contexts=8)
+EXPLAINER_ANSWER = ["[EXPLANATION]:", " fires", " on", " x"]
+SCORER_ANSWER = ["[1,", " 0,", " 1,", "0,", " 1]"]  # distinct tokens for the chain: "[1, 0, 1,0, 1]"
+
+
+def _serve_scripted(root, answer: list[str], **settings) -> RunningServer:
+    from conftest import scripted_chat_model
+    from monosemantic.artifact import HookRef, ModelRef, publish
+    from monosemantic.lm import load_lm, resolve_hook
+    from monosemantic.sae import SAEConfig, build_sae
+
+    lm = load_lm(scripted_chat_model(root / "model", answer))
+    point = resolve_hook(lm, "blocks.0.hook_resid_pre")
+    width = lm.model.config.n_embd
+    publish(root / "registry", "d", build_sae(SAEConfig.build(architecture="relu", d_in=width, d_sae=2 * width), seed=0),
+            model=ModelRef(name="scripted", checksum=lm.checksum),
+            hook=HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
+    return RunningServer(model=str(root / "model"), registry=root / "registry", dictionary="d", sae_dtype="float32",
+                         openai_model_id="scripted", max_tokens=4096, **settings)
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripted-scorer")
+    (root / "keys.json").write_text(json.dumps({"keys": [{"name": "explainer", "key": KEY, "scopes": ["read", "steer"],
+                                                          "requests_per_second": 4}]}))
+    explainer = _serve_scripted(tmp_path_factory.mktemp("scripted-explainer"), EXPLAINER_ANSWER)
+    scorer = _serve_scripted(root, SCORER_ANSWER, api_keys_file=root / "keys.json")
+    yield explainer, scorer
+    explainer.stop()
+    scorer.stop()
+
+
+@pytest.fixture
+def registry(tmp_path):
+    copy = tmp_path / "registry"
+    shutil.copytree(reference_registry_path(), copy)
+    return copy
+
+
+def _unparsed(scripted) -> Endpoint:
+    """The scorer's model asked to explain: its answer has no [EXPLANATION]: line."""
+    return Endpoint(url=f"{scripted[1].http_url}/openai/v1", explainer_model="scripted", scorer_model="scripted", api_key=KEY)
+
+
+def _parsed(scripted) -> Endpoint:
+    explainer, scorer = scripted
+    return Endpoint(url=f"{explainer.http_url}/openai/v1", explainer_model="scripted", scorer_model="scripted", api_key=KEY,
+                    scorer_url=f"{scorer.http_url}/openai/v1")
+
+
+def _refused(served) -> float:
+    text = httpx.get(f"{served.http_url}/metrics").text
+    return sum(float(v) for v in re.findall(r'^monosemantic_requests_total\{[^}]*code="429"[^}]*\} (\S+)$', text, re.M))
+
+
+def test_an_explanation_that_does_not_parse_is_recorded_with_the_answer_and_the_tokens_spent(scripted, registry):
+    result = explain_dictionary(registry, "reference", _unparsed(scripted), features="0-5", settings=SETTINGS, show_progress=False)
+    header, features = read_run(result.path)
+    assert header.explainer_model == "scripted" and header.dictionary == "reference" and header.version == 1
+    assert sorted(features) == [0, 1, 2, 3, 4, 5] and result.done == 6 and result.resumed == 0
+    for record in features.values():
+        assert record.explanation is None and record.unparsed_answer == "[1, 0, 1,0, 1]"  # kept, not dropped
+        assert record.detection is None and record.fuzzing is None  # nothing to score
+        assert record.shown == 6 and record.usage["explain"].prompt_tokens > 100 and record.usage["explain"].requests == 1
+    assert result.usage.requests == 6 and result.parsed == 0
+    assert result.path.parent == registry / "reference" / "explanations" / "v1"
+    assert not (registry / "reference" / "v1" / "explanations").exists()  # the sealed version is untouched
+
+
+def test_a_parsed_explanation_is_scored_by_detection_and_fuzzing_through_a_rate_limited_key(scripted, registry):
+    _, scorer = scripted
+    before = _refused(scorer)
+    endpoint = _parsed(scripted)
+    result = explain_dictionary(registry, "reference", endpoint, features="0-3", settings=SETTINGS, show_progress=False)
+    header, features = read_run(result.path)
+    assert header.scorer_endpoint == endpoint.scorer_url and result.parsed == 4
+    assert _refused(scorer) > before  # the key's rate was exceeded, and the SDK's retries still finished every feature
+    for record in features.values():
+        assert record.explanation == "fires on x" and record.unparsed_answer is None
+        for kind in ("detection", "fuzzing"):
+            scored, spent = getattr(record, kind), record.usage[kind]
+            trials = scored.examples + scored.unparsed
+            # Five trials a prompt: every full prompt's answer ([1, 0, 1, 0, 1]) parses, a short last one's cannot.
+            assert scored.examples == 5 * (trials // 5) and scored.unparsed == trials % 5
+            assert spent.requests == -(-trials // 5) and spent.prompt_tokens > 50 * spent.requests
+            assert 0.0 <= scored.balanced_accuracy <= 1.0
+        assert record.detection.examples + record.detection.unparsed == 2 * (record.fuzzing.examples + record.fuzzing.unparsed)
+
+
+def test_a_second_run_continues_where_the_first_stopped(scripted, registry):
+    first = explain_dictionary(registry, "reference", _unparsed(scripted), features="0-2", settings=SETTINGS, show_progress=False)
+    lines = first.path.read_bytes()
+    again = explain_dictionary(registry, "reference", _unparsed(scripted), features="0-4", settings=SETTINGS, show_progress=False)
+    assert (again.done, again.resumed) == (2, 3) and again.path == first.path
+    assert again.path.read_bytes().startswith(lines)  # what was done is kept as written
+    assert sorted(read_run(again.path)[1]) == [0, 1, 2, 3, 4]
+
+
+def test_a_run_killed_mid_line_resumes_from_its_last_whole_line(scripted, registry):
+    first = explain_dictionary(registry, "reference", _unparsed(scripted), features="0-1", settings=SETTINGS, show_progress=False)
+    with first.path.open("ab") as f:
+        f.write(b'{"feature": 7, "explanation": nu')  # a write cut off by a kill
+    assert sorted(read_run(first.path)[1]) == [0, 1]
+    again = explain_dictionary(registry, "reference", _unparsed(scripted), features="0-2", settings=SETTINGS, show_progress=False)
+    assert (again.done, again.resumed) == (1, 2)
+    assert [sorted(features) for _, features in list_runs(registry, "reference", 1)] == [[0, 1, 2]]
+
+
+def test_another_scorer_model_is_another_run_kept_beside_the_first(scripted, registry):
+    explain_dictionary(registry, "reference", _unparsed(scripted), features="3", settings=SETTINGS, show_progress=False)
+    other = _unparsed(scripted)
+    other.scorer_model = "another-scorer"  # never asked: nothing parses, so nothing is scored
+    explain_dictionary(registry, "reference", other, features="3", settings=SETTINGS, show_progress=False)
+    assert sorted(h.scorer_model for h, _ in list_runs(registry, "reference", 1)) == ["another-scorer", "scripted"]
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--features", "0-99999"], "--features"),
+    (["--features", "a-b"], "--features"),
+    ([], "--features, --sample and --all"),
+    (["--features", "1", "--all"], "--features, --sample and --all"),
+    (["--sample", "0"], "--sample"),
+    (["--features", "1", "--api-key-env", "MONOSEMANTIC_TEST_UNSET_KEY"], "MONOSEMANTIC_TEST_UNSET_KEY"),
+])
+def test_bad_explain_options_exit_2_naming_the_option(registry, options, named):
+    result = CliRunner().invoke(app, ["explain", "--registry", str(registry), "--dictionary", "reference",
+                                      "--explainer-url", "http://127.0.0.1:9/v1", "--explainer-model", "m", *options])
+    assert result.exit_code == 2 and named in result.output
+
+
+def test_an_endpoint_that_refuses_the_connection_is_a_clear_error_not_a_traceback(registry):
+    result = CliRunner().invoke(app, ["explain", "--registry", str(registry), "--dictionary", "reference", "--features", "0",
+                                      "--explainer-url", "http://127.0.0.1:9/v1", "--explainer-model", "m", "--retries", "0"])
+    assert result.exit_code == 2 and "http://127.0.0.1:9/v1" in result.output
