@@ -221,6 +221,25 @@ class Counterpart(BaseModel):
     label: str
 
 
+class ExplanationScore(BaseModel):
+    balanced_accuracy: float | None = Field(None, description="mean of the true-positive and true-negative rates (0.5 is chance); null when no answer parsed")
+    examples: int = Field(description="answers counted")
+    unparsed: int = Field(description="examples whose prompt's answer did not parse")
+    true_positive_rate: float | None = None
+    true_negative_rate: float | None = None
+
+
+class Explanation(BaseModel):
+    explanation: str
+    score: float | None = Field(None, description="the mean of the scorers' balanced accuracies; null when nothing was scored")
+    detection: ExplanationScore | None = None
+    fuzzing: ExplanationScore | None = None
+    run: str = Field(description="the run's record in REGISTRY/NAME/explanations/vN/")
+    explainer_model: str
+    scorer_model: str
+    prompt_version: str
+
+
 class Histogram(BaseModel):
     log10_edges: list[float]
     counts: list[int]
@@ -242,11 +261,16 @@ class FeatureResponse(BaseModel):
     statistics_tokens: int = Field(description="tokens the statistics were computed over")
     counterparts: list[Counterpart] = Field(default_factory=list, description="the closest features (decoder cosine) of each "
                                             "other loaded dictionary that writes into the same space (same model and hook)")
+    explanations: list[Explanation] = Field(default_factory=list, description="every run's explanation (monosemantic-train "
+                                            "explain), best-scoring first; empty when none")
+
+
+SearchBy = Literal["token", "snippet", "feature", "explanation"]
 
 
 class SearchFeaturesRequest(_OnDictionary):
     q: Text = Field(description="a token (by=token), a text snippet (by=snippet), or a feature id of dictionary `of` (by=feature)")
-    by: Literal["token", "snippet", "feature"] = "snippet"
+    by: SearchBy = "snippet"
     of: str | None = Field(None, description="by=feature: the loaded dictionary whose feature q is (default: the one searched)")
     page: int = Field(1, ge=1)
     page_size: int = Field(20, ge=1)
@@ -255,9 +279,10 @@ class SearchFeaturesRequest(_OnDictionary):
 class FeatureHit(BaseModel):
     feature: int
     label: str
-    score: float = Field(description="by=snippet: the highest activation on the snippet over the feature's max; by=token: share of top examples peaking on the token, plus 0.5 if it is among the logits raised most; by=feature: the decoder cosine with that feature")
+    score: float = Field(description="by=snippet: the highest activation on the snippet over the feature's max; by=token: share of top examples peaking on the token, plus 0.5 if it is among the logits raised most; by=feature: the decoder cosine with that feature; by=explanation: the best score of an explanation containing every word of q (0 when unscored)")
     density: float
     max_activation: float
+    explanation: str = Field("", description="its best-scoring explanation; empty when none")
 
 
 class SearchFeaturesResponse(BaseModel):
@@ -284,6 +309,7 @@ class FeatureSummary(BaseModel):
     label: str
     density: float
     max_activation: float
+    explanation: str = Field("", description="its best-scoring explanation; empty when none")
 
 
 class ListFeaturesResponse(BaseModel):
@@ -332,6 +358,8 @@ class DictionaryInfo(BaseModel):
     hook_out: str = Field("", description="a transcoder's output hook: it reads its features at hook and writes (is "
                           "steered, spliced in) here; empty for others")
     d_out: int = Field(0, description="the width it writes: d_in but for a transcoder")
+    explained: int = Field(0, description="features with an explanation (monosemantic-train explain)")
+    explanation_median_score: float | None = Field(None, description="the median of the explained features' best scores; null when none is scored")
     evaluations: list[EvaluationInfo] = Field(default_factory=list, description="evaluations run since publishing (monosemantic-train evaluate), oldest first")
     source: dict = Field(default_factory=dict, description="where an imported dictionary came from (format, location, "
                          "revision, the source's own config; monosemantic-train import); empty for one trained here")

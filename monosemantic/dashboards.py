@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from monosemantic.bound import BoundDictionary
+from monosemantic.explanations import ExplanationIndex
 from monosemantic.feature_stats import FeatureStatistics
 from monosemantic.model import Model
 
@@ -93,11 +94,24 @@ def snippet_scores(dictionary: BoundDictionary, peak: Tensor) -> Tensor:
     return torch.where(max_activation > 0, peak / max_activation.clamp_min(1e-12), torch.zeros_like(peak))
 
 
-def summaries(dictionary: BoundDictionary, ids: Tensor) -> list[dict]:
-    """One line per feature: id, label, density and max activation (a list, a search hit)."""
+def summaries(dictionary: BoundDictionary, ids: Tensor, explained: ExplanationIndex | None = None) -> list[dict]:
+    """One line per feature: id, label, density, max activation and its best explanation (a list, a search hit)."""
     t, labels = _stats(dictionary), dictionary.labels
+
+    def best(f: int) -> str:
+        found = explained.best(f) if explained is not None else None
+        return found.explanation if found is not None else ""
+
     return [{"feature": int(f), "label": labels[int(f)] if labels else "", "density": float(t.density[f]),
-             "max_activation": float(t.max_activation[f])} for f in ids]
+             "max_activation": float(t.max_activation[f]), "explanation": best(int(f))} for f in ids]
+
+
+def explanations(explained: ExplanationIndex | None, feature: int) -> list[dict]:
+    """A feature page's explanations, best-scoring first."""
+    if explained is None:
+        return []
+    return [{**e._asdict(), "detection": e.detection.model_dump() if e.detection else None,
+             "fuzzing": e.fuzzing.model_dump() if e.fuzzing else None} for e in explained.by_feature.get(feature, [])]
 
 
 def feature_order(dictionary: BoundDictionary, order: str, seed: int = 0) -> Tensor:

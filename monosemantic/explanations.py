@@ -18,7 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -80,6 +80,14 @@ class ExplanationRun(BaseModel):
     endpoint: str  # the explainer's base URL (no key: keys are never stored)
     scorer_endpoint: str | None = None  # the scorer's, when another
     settings: dict
+
+
+def version_digest(dictionary) -> str:
+    """The digest a run records and is matched by: the loaded version's manifest hash (monosemantic/artifact.py's
+    Dictionary), so a version republished under the same number never shows another's explanations."""
+    from monosemantic.artifact import MANIFEST_FILE, sha256_file
+
+    return dictionary.manifest_sha256 or sha256_file(Path(dictionary.path) / MANIFEST_FILE)
 
 
 def run_name(explainer_model: str, scorer_model: str, prompt_version: str) -> str:
@@ -170,3 +178,84 @@ class RunWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+# ---- reading a version's runs for the service and the browser -----------------------------------------------------
+class Explained(NamedTuple):
+    """One run's explanation of one feature, with its scores."""
+
+    explanation: str
+    score: float | None  # the mean of the scorers' balanced accuracies (None: nothing scored)
+    detection: ScoreRecord | None
+    fuzzing: ScoreRecord | None
+    run: str
+    explainer_model: str
+    scorer_model: str
+    prompt_version: str
+
+
+def _score_of(record: FeatureExplanation) -> float | None:
+    values = [s.balanced_accuracy for s in (record.detection, record.fuzzing) if s is not None and s.balanced_accuracy is not None]
+    return sum(values) / len(values) if values else None
+
+
+class ExplanationIndex:
+    """Every run's parsed explanations of one version (for its manifest digest), best-scoring first per feature."""
+
+    def __init__(self, runs: list[tuple[ExplanationRun, dict[int, FeatureExplanation]]]) -> None:
+        self.by_feature: dict[int, list[Explained]] = {}
+        for header, features in runs:
+            for record in features.values():
+                if record.explanation is None:
+                    continue
+                self.by_feature.setdefault(record.feature, []).append(Explained(
+                    record.explanation, _score_of(record), record.detection, record.fuzzing, header.run,
+                    header.explainer_model, header.scorer_model, header.prompt_version))
+        for explained in self.by_feature.values():
+            explained.sort(key=lambda e: (e.score is None, -(e.score or 0.0), e.run))
+
+    def best(self, feature: int) -> Explained | None:
+        found = self.by_feature.get(feature)
+        return found[0] if found else None
+
+    @property
+    def explained(self) -> int:
+        return len(self.by_feature)
+
+    @property
+    def median_score(self) -> float | None:
+        """The median over explained features of each one's best score (None when none is scored)."""
+        scores = sorted(e[0].score for e in self.by_feature.values() if e[0].score is not None)
+        if not scores:
+            return None
+        middle = len(scores) // 2
+        return scores[middle] if len(scores) % 2 else (scores[middle - 1] + scores[middle]) / 2
+
+    def search(self, query: str) -> list[tuple[int, float]]:
+        """(feature, its best score or 0) for the features one of whose explanations contains every word of
+        ``query`` (case-insensitive), best-scoring first."""
+        words = query.lower().split()
+        hits = []
+        for feature, explained in self.by_feature.items():
+            matching = [e for e in explained if all(w in e.explanation.lower() for w in words)]
+            if matching:
+                hits.append((feature, matching[0].score or 0.0))
+        return sorted(hits, key=lambda h: (-h[1], h[0]))
+
+
+_INDEXES: dict[Path, tuple[tuple, ExplanationIndex]] = {}
+
+
+def explanation_index(registry: Path, name: str, version: int, manifest_sha256: str) -> ExplanationIndex:
+    """The version's index, re-read only when a run file changed (size or mtime) since the last call: a feature
+    page asks for it on every view, and a run being written appends to its file while the service reads."""
+    directory = runs_dir(registry, name, version)
+    files = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
+    signature = (manifest_sha256, *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    cached = _INDEXES.get(directory)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    runs = [(h, features) for h, features in list_runs(registry, name, version) if h.manifest_sha256 == manifest_sha256]
+    index = ExplanationIndex(runs)
+    _INDEXES[directory] = (signature, index)
+    return index

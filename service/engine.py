@@ -28,6 +28,7 @@ from monosemantic.attribution import Attribution, FeatureScore, attribute
 from monosemantic.bound import BoundDictionary, load_bound, width_mismatch
 from monosemantic.errors import ArtifactError, ArtifactUnreadable, ConfigError
 from monosemantic.evaluations import read_evaluations
+from monosemantic.explanations import ExplanationIndex, explanation_index, version_digest
 from monosemantic.generation import DictionarySteering, Generation, NonFiniteOutput, SamplingConfig, StepResult
 from monosemantic.model import Model, load_model
 from monosemantic.readout import Read, SequenceReadout, hook_activations, read_features
@@ -518,6 +519,16 @@ class Engine:
         if not dashboards.has_statistics(entry):
             raise ServiceError(ErrorKind.FAILED_PRECONDITION, dashboards.how_to_compute(entry))
 
+    def _explained(self, entry: BoundDictionary) -> ExplanationIndex | None:
+        """The version's explanation runs (kept beside it, REGISTRY/NAME/explanations/vN/), re-read when a run file
+        changes; a damaged record hides the explanations, not the feature."""
+        m = entry.dictionary.manifest
+        try:
+            return explanation_index(self.settings.registry, m.name, m.version, version_digest(entry.dictionary))
+        except (ArtifactError, OSError) as exc:
+            log.warning("explanations of %s: %s", entry.ref, exc)
+            return None
+
     def feature(self, feature: int, dictionary: str | None = None) -> schemas.FeatureResponse:
         repository = self.loaded
         entry = repository.get(dictionary)
@@ -527,6 +538,7 @@ class Engine:
         page["counterparts"] = [
             {"dictionary": other.ref, "feature": p.b, "cosine": p.score, "label": other.labels[p.b] if other.labels else ""}
             for other in repository if other is not entry for p in compare.counterparts(entry, feature, other)]
+        page["explanations"] = dashboards.explanations(self._explained(entry), feature)
         return schemas.FeatureResponse.model_validate({"dictionary": _ref(entry).model_dump(), **page})
 
     def list_features(self, req: schemas.ListFeaturesRequest) -> schemas.ListFeaturesResponse:
@@ -542,7 +554,7 @@ class Engine:
         first = (req.page - 1) * page_size
         return schemas.ListFeaturesResponse.model_validate({
             "dictionary": _ref(entry).model_dump(), "order": req.order, "total": int(order.numel()), "page": req.page,
-            "page_size": page_size, "results": dashboards.summaries(entry, order[first : first + page_size]),
+            "page_size": page_size, "results": dashboards.summaries(entry, order[first : first + page_size], self._explained(entry)),
         })
 
     async def search_features(self, req: schemas.SearchFeaturesRequest, deadline: float | None = None) -> schemas.SearchFeaturesResponse:
@@ -551,8 +563,15 @@ class Engine:
         entry = repository.get(req.dictionary)
         page_size = self.limits.page_size(req.page_size)
         self._with_statistics(entry)
+        explained = self._explained(entry)
         if req.by == "feature":
             scores = self._like_feature(repository, entry, req)
+        elif req.by == "explanation":
+            if not req.q.split():
+                raise invalid("q", "is empty: give words an explanation should contain")
+            scores = torch.zeros(entry.d_sae, dtype=torch.float64)
+            for hit, score in (explained.search(req.q) if explained is not None else []):
+                scores[hit] = score + 1.0  # every hit ranks above the features without one, best score first
         elif req.by == "token":
             if len(req.q) > 200:
                 raise invalid("q", "a token search takes one token (at most 200 characters)")
@@ -572,7 +591,8 @@ class Engine:
         ranked = ranked[scores[ranked] > 0]
         first = (req.page - 1) * page_size
         shown = ranked[first : first + page_size]
-        results = [{**summary, "score": float(scores[summary["feature"]])} for summary in dashboards.summaries(entry, shown)]
+        results = [{**summary, "score": float(scores[summary["feature"]]) - (req.by == "explanation")}
+                   for summary in dashboards.summaries(entry, shown, explained)]
         return schemas.SearchFeaturesResponse.model_validate({
             "dictionary": _ref(entry).model_dump(), "by": req.by, "total": int(ranked.numel()),
             "page": req.page, "page_size": page_size, "results": results,
@@ -635,6 +655,7 @@ class Engine:
                 return []
 
         evaluations = await self._registry_io.run(lambda: [evaluations_of(e) for e in entries], "evaluations")
+        explained = await self._registry_io.run(lambda: [self._explained(e) for e in entries], "explanations")
         infos = []
         for i, (entry, evaluated) in enumerate(zip(entries, evaluations)):
             m = entry.dictionary.manifest
@@ -645,6 +666,8 @@ class Engine:
                 matryoshka_widths=list(m.sae.matryoshka_widths or ()),
                 hook_out=entry.hook_out.name if entry.hook_out is not None else "", d_out=entry.sae.d_out,
                 evaluations=[schemas.EvaluationInfo(**e.model_dump(exclude={"manifest_sha256"})) for e in evaluated],
+                explained=explained[i].explained if explained[i] is not None else 0,
+                explanation_median_score=explained[i].median_score if explained[i] is not None else None,
                 source=(m.model_extra or {}).get("source") or {},
             ))
         available = [schemas.DictionaryRef(name=name, version=v) for name, versions in listing.items() for v in versions]

@@ -237,16 +237,17 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/v1/features/search", response_model=schemas.SearchFeaturesResponse, tags=["features"], responses={409: {"description": "the dictionary has no feature statistics"}})
     async def search_features(
         request: Request,
-        q: str = Query(description="a token (by=token), a text snippet (by=snippet), or a feature id of dictionary `of` (by=feature)"),
-        by: Literal["token", "snippet", "feature"] = "snippet",
+        q: str = Query(description="a token (by=token), a text snippet (by=snippet), a feature id of dictionary `of` (by=feature), "
+                                   "or words an explanation contains (by=explanation)"),
+        by: schemas.SearchBy = "snippet",
         page: int = Query(1, ge=1),
         page_size: int = Query(20, ge=1),
         dictionary: str | None = Query(None, description=schemas.DICTIONARY_FIELD),
         of: str | None = Query(None, description="by=feature: the loaded dictionary whose feature q is (default: the one searched)"),
     ) -> Response:
         """Features by a token (their top examples peak on it, or they raise its logit), by a snippet (ranked by
-        their activation on it relative to their own max), or by a feature of another loaded dictionary at the same
-        hook (ranked by decoder cosine with it)."""
+        their activation on it relative to their own max), by a feature of another loaded dictionary at the same
+        hook (ranked by decoder cosine with it), or by the words of their explanations (best-scoring first)."""
         until = deadline(request)
 
         async def call() -> Any:

@@ -259,3 +259,21 @@ def scripted_chat_model(directory: Path, answer: list[str]) -> Path:
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_explanation_run(registry: Path, name: str, run: str, explanations: dict, digest: str | None = None) -> None:
+    """A run's record beside NAME v1, as `monosemantic-train explain` writes it (monosemantic/explanations.py):
+    feature -> (explanation or None for an answer that did not parse, both scorers' balanced accuracy or None)."""
+    from monosemantic.explanations import ExplanationRun, FeatureExplanation, RunWriter, ScoreRecord, run_path, version_digest
+
+    dictionary = load_dictionary(registry, name, 1)
+    header = ExplanationRun(run=run, dictionary=name, version=1, manifest_sha256=digest or version_digest(dictionary),
+                            explainer_model=f"{run}-explainer", scorer_model=f"{run}-scorer", prompt_version="delphi-1",
+                            endpoint="http://127.0.0.1:1/v1", settings={})
+    score = lambda a: ScoreRecord(balanced_accuracy=a, examples=20, unparsed=0)  # noqa: E731
+    writer = RunWriter(run_path(registry, name, 1, run), header)
+    for feature, (text, accuracy) in explanations.items():
+        scored = accuracy is not None
+        writer.write(FeatureExplanation(feature=feature, explanation=text, shown=6, unparsed_answer=None if text else "noise",
+                                        detection=score(accuracy) if scored else None, fuzzing=score(accuracy) if scored else None))
+    writer.close()

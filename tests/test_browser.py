@@ -56,6 +56,10 @@ def two_dictionaries(tmp_path_factory):
     features = {name: t.flip(0) if SPECS[name].shape[0] == "d_sae" else t for name, t in shipped.features.items()}
     features["neighbour_ids"] = (d_sae - 1) - features["neighbour_ids"]
     publish(root, "second", sae, model=m.model, hook=m.hook, features=features, labels=shipped.labels[::-1], extra={"metrics": m.metrics})
+    from conftest import write_explanation_run
+
+    write_explanation_run(root, REFERENCE_DICTIONARY, "first", {7: ("the word cat", 0.9), 9: ("cats in comments", None)})
+    write_explanation_run(root, REFERENCE_DICTIONARY, "second", {7: ("dogs and cats", 0.6)})
     return root
 
 
@@ -177,7 +181,7 @@ def test_switching_the_dictionary_changes_what_a_feature_page_shows(page, browse
     Select(page.find_element(By.ID, "dictionary")).select_by_value("second")
     wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-summary"), "dictionary second v1"))
     expected = get_json(browsed_server, "/v1/features/5", dictionary="second")
-    assert title() == f"Feature #5 {expected['label']}" != before
+    assert title() == f"Feature #5 {expected['label']} (label from top tokens)" != before  # no explanation: the label, marked
     assert hash_params(page)["dictionary"] == "second" and page.current_url.split("?")[0].endswith("#/feature/5")
     shown = page.find_element(By.CSS_SELECTOR, "#top-examples .example .value").text
     assert float(shown) == pytest.approx(expected["top_examples"][0]["value"], abs=0.006)
@@ -278,6 +282,25 @@ def test_a_feature_page_lists_its_counterpart_in_the_other_dictionary_and_links_
     first.find_element(By.TAG_NAME, "a").click()
     wait_for(page, ready.text_to_be_present_in_element((By.ID, "feature-summary"), "dictionary second v1"))
     assert page.find_element(By.ID, "feature-title").text.startswith("Feature #4088")
+
+
+def test_a_feature_page_shows_its_best_explanation_and_every_runs_with_their_scores(page):
+    open_view(page, "#/feature/7?dictionary=reference")
+    runs = wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#explanations li[data-run]") or None)
+    assert [r.get_attribute("data-run") for r in runs] == ["first", "second"]
+    assert runs[0].text.startswith("the word cat — score 0.90") and "first-explainer explained" in runs[0].text
+    assert page.find_element(By.ID, "feature-title").text == "Feature #7 the word cat"
+
+
+def test_search_by_explanation_lists_the_explained_features_best_scoring_first(page):
+    page.find_element(By.ID, "search-q").send_keys("cats")
+    Select(page.find_element(By.ID, "search-by")).select_by_value("explanation")
+    page.find_element(By.CSS_SELECTOR, "#search-form button").click()
+    wait_for(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results tbody tr")) == 2 or None)
+    rows = page.find_elements(By.CSS_SELECTOR, "#search-results tbody tr")
+    assert [r.get_attribute("data-feature") for r in rows] == ["7", "9"]  # 7's second run says "cats"; 9 is unscored
+    assert rows[1].find_elements(By.TAG_NAME, "td")[1].text == "cats in comments"
+    assert "have an explanation with these words" in page.find_element(By.ID, "search-status").text
 
 
 def test_measuring_steering_draws_every_methods_curve_and_the_steer_view_gets_the_suggested_strength(page, browsed_server):

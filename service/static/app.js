@@ -99,6 +99,18 @@ function tokenSpans(tokens, activations, max, centre) {
   });
 }
 
+// A feature's best-scoring explanation where `monosemantic-train explain` made one; else its heuristic label (from
+// its top tokens), marked as such.
+function described(item) {
+  if (item.explanation) return el("span", { class: "explanation" }, item.explanation);
+  return el("span", { class: "muted heuristic", title: "a label made from the feature's top tokens: it has no explanation yet" },
+    item.label ? `${item.label} (label from top tokens)` : "");
+}
+
+function scoreText(score) {
+  return score === null || score === undefined ? "unscored" : `score ${score.toFixed(2)}`;
+}
+
 function featureLink(feature, label, dictionary = current()) {
   return el("a", { class: "feature-link", href: href(`feature/${feature}`, { dictionary }) }, `#${feature}` + (label ? ` ${label}` : ""));
 }
@@ -142,10 +154,11 @@ async function runSearch(q, by, page) {
   const result = await api(`/v1/features/search?${query({ q, by, page, page_size: 20, dictionary: current() })}`);
   if (location.hash !== asked) return;  // the view moved on while this was on its way
   $("#search-results tbody").replaceChildren(...result.results.map((hit) => el("tr", { "data-feature": hit.feature, onclick: () => go(`feature/${hit.feature}`) },
-    el("td", {}, `#${hit.feature}`), el("td", {}, hit.label), el("td", {}, hit.score.toFixed(3)),
+    el("td", {}, `#${hit.feature}`), el("td", {}, described(hit)), el("td", {}, hit.score.toFixed(3)),
     el("td", {}, hit.density.toExponential(2)), el("td", {}, hit.max_activation.toFixed(2)))));
   $("#search-results").hidden = result.results.length === 0;
-  status.textContent = `${result.total} features of ${result.dictionary.name} ${by === "token" ? "involve this token" : "fire on this snippet"}`;
+  const what = { token: "involve this token", explanation: "have an explanation with these words (best-scoring first)" }[by] || "fire on this snippet";
+  status.textContent = `${result.total} features of ${result.dictionary.name} ${what}`;
   pager($("#search-pages"), page, Math.ceil(result.total / result.page_size), (to) => update({ page: to }));
 }
 
@@ -182,7 +195,7 @@ async function listFeatures(order, page, prefix = "") {
     const result = await api(`/v1/features?${query({ dictionary: current(), order, page, page_size: 20, ...(prefix ? { below: prefix } : {}) })}`);
     if (location.hash !== asked) return;
     rows.replaceChildren(...result.results.map((f) => el("tr", { "data-feature": f.feature, "data-density": f.density, onclick: () => go(`feature/${f.feature}`) },
-      el("td", {}, `#${f.feature}`), el("td", {}, f.label), el("td", {}, f.density.toExponential(2)), el("td", {}, f.max_activation.toFixed(2)))));
+      el("td", {}, `#${f.feature}`), el("td", {}, described(f)), el("td", {}, f.density.toExponential(2)), el("td", {}, f.max_activation.toFixed(2)))));
     $("#list-status").textContent = `${result.total} features${prefix ? ` of the first ${prefix}` : ""}`;
     pager($("#list-pages"), page, Math.ceil(result.total / result.page_size), (to) => update({ list_page: to }));
   } catch (error) {
@@ -256,7 +269,13 @@ async function showFeature(id) {
   const asked = location.hash;
   const f = await api(`/v1/features/${id}?${query({ dictionary: current() })}`);
   if (location.hash !== asked) return;
-  $("#feature-title").replaceChildren(`Feature #${f.feature} `, el("span", { class: "muted" }, f.label));
+  const best = f.explanations[0];
+  $("#feature-title").replaceChildren(`Feature #${f.feature} `, described({ explanation: best && best.explanation, label: f.label }));
+  $("#explanations").replaceChildren(...f.explanations.map((e) => el("li", { "data-run": e.run },
+    el("span", { class: "explanation" }, e.explanation), ` — ${scoreText(e.score)}`,
+    el("span", { class: "muted" }, ` (detection ${e.detection && e.detection.balanced_accuracy !== null ? e.detection.balanced_accuracy.toFixed(2) : "–"}, ` +
+      `fuzzing ${e.fuzzing && e.fuzzing.balanced_accuracy !== null ? e.fuzzing.balanced_accuracy.toFixed(2) : "–"}; ` +
+      `${e.explainer_model} explained, ${e.scorer_model} scored, ${e.prompt_version})`))));
   $("#feature-summary").textContent =
     `fires on ${(100 * f.density).toPrecision(3)}% of ${f.statistics_tokens.toLocaleString()} tokens · mean ${f.mean_activation.toFixed(2)} · max ${f.max_activation.toFixed(2)} · dictionary ${f.dictionary.name} v${f.dictionary.version}`;
   // A clamp at twice the feature's largest activation seen: strong, in its own units.
