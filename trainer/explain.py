@@ -20,11 +20,11 @@ from typing import Any, Sequence
 import torch
 
 from monosemantic import explain as method
-from monosemantic.artifact import MANIFEST_FILE, load_dictionary, parse_reference, sha256_file
+from monosemantic.artifact import load_dictionary, parse_reference
 from monosemantic.bound import BoundDictionary, bind
 from monosemantic.errors import ConfigError
 from monosemantic.explanations import (ExplanationRun, FeatureExplanation, RunWriter, ScoreRecord, Usage, read_run,
-                                       run_name, run_path)
+                                       run_name, run_path, version_digest)
 from monosemantic.model import Model
 from trainer.pipeline import _dictionary_model, corpus_contexts
 from trainer.progress import progress
@@ -218,7 +218,7 @@ def explain_dictionary(registry: Path, reference: str, endpoint: Endpoint, *, fe
     wanted = parse_features(features, sample, every, dictionary.d_sae, settings.seed)
     m = artifact.manifest
     header = ExplanationRun(run=run_name(endpoint.explainer_model, endpoint.scorer_model, method.PROMPT_VERSION), dictionary=m.name,
-                            version=m.version, manifest_sha256=artifact.manifest_sha256 or sha256_file(artifact.path / MANIFEST_FILE), explainer_model=endpoint.explainer_model,
+                            version=m.version, manifest_sha256=version_digest(artifact), explainer_model=endpoint.explainer_model,
                             scorer_model=endpoint.scorer_model, prompt_version=method.PROMPT_VERSION, endpoint=endpoint.url,
                             scorer_endpoint=endpoint.scorer_url,
                             settings=settings.as_record())
