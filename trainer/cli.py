@@ -386,6 +386,38 @@ def explain_cmd(
                f"{u.requests} requests, {u.prompt_tokens:,} prompt and {u.completion_tokens:,} completion tokens; {result.path}")
 
 
+@app.command("explanations")
+def explanations_cmd(
+    registry: Registry,
+    dictionary: Annotated[str, typer.Option(help="NAME[:VERSION]")],
+    out: Annotated[Path, typer.Option(help="the file to write: JSON lines, gzipped when it ends in .gz")],
+    model_id: Annotated[Optional[str], typer.Option(help="Neuronpedia's model id (default: the model name the dictionary records)")] = None,
+) -> None:
+    """Export every run's explanations of a version in the shape of Neuronpedia's explanation export: one JSON object
+    per explanation (modelId, layer = the source id `{layer}-{name}`, index, description, explanationModelName,
+    typeName, scores), features in order, each feature's best-scoring first."""
+    import gzip
+
+    from monosemantic.artifact import load_dictionary, parse_reference
+    from monosemantic.explanations import explanation_index, version_digest
+    from monosemantic.interop.neuronpedia import explanation_records, source_id
+
+    try:
+        name, version = parse_reference(dictionary)
+        loaded = load_dictionary(registry, name, version)
+        m = loaded.manifest
+        index = explanation_index(registry, m.name, m.version, version_digest(loaded))
+        records = list(explanation_records(index, model_id or m.model.name, source_id(m.name, m.hook)))
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        try:
+            out.write_bytes(gzip.compress(data) if out.name.endswith(".gz") else data)
+        except OSError as exc:
+            raise ConfigError(f"--out: cannot write {out}: {exc.strerror}") from None
+    except MonosemanticError as exc:
+        _fail(exc)
+    typer.echo(f"{len(records)} explanations of {index.explained} features of {m.name} v{m.version} written to {out}")
+
+
 class _By(str, Enum):
     correlation = "correlation"
     cosine = "cosine"

@@ -1,5 +1,6 @@
 """Neuronpedia's names for what the service serves: the model id, a source per loaded dictionary
-(`{layer}-{dictionary name}`, the layer read from its hook) and a source set per dictionary name.
+(`{layer}-{dictionary name}`, the layer read from its hook: monosemantic/interop/neuronpedia.py) and a source set
+per dictionary name.
 
 Read from the repository on each request, so a reload or unload is seen at once. Every unknown name is a 400
 naming the field and what is served (Neuronpedia's own server answers an unknown source set the same way).
@@ -7,30 +8,16 @@ naming the field and what is served (Neuronpedia's own server answers an unknown
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import NamedTuple
 
 from monosemantic.bound import BoundDictionary
-from monosemantic.lm import HookPoint
+from monosemantic.interop import neuronpedia
 from service.errors import invalid
 from service.repository import DictionaryRepository
 
-_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
-def layer_of(hook: HookPoint) -> int:
-    """The block a hook is in: `blocks.5.hook_resid_post` → 5, `transformer.h.5.mlp` → 5; 0 for a hook outside the
-    blocks (the embeddings)."""
-    for name in (hook.alias or "", hook.module_path):
-        match = _LAYER.search(name)
-        if match:
-            return int(match.group(1))
-    return 0
-
-
 def source_id(entry: BoundDictionary) -> str:
-    return f"{layer_of(entry.hook)}-{entry.name}"
+    return neuronpedia.source_id(entry.name, entry.hook)
 
 
 def default_model_id(model_source: str) -> str:
