@@ -569,17 +569,29 @@ def import_cmd(
 
 @app.command("export")
 def export_cmd(
-    to: Annotated[str, typer.Option("--to", help="saelens | sparsify")],
+    to: Annotated[str, typer.Option("--to", help="saelens | sparsify | delphi")],
     registry: Registry,
     dictionary: Annotated[str, typer.Option(help="NAME or NAME:VERSION (default version: the latest)")],
     out: Annotated[Path, typer.Option(help="a new (or empty) directory to write")],
+    contexts: Annotated[int, typer.Option(min=1, help="delphi: held-out contexts the activations are read on")] = 256,
+    context_length: Annotated[int, typer.Option(min=8, help="delphi: tokens per context")] = 64,
+    splits: Annotated[int, typer.Option(min=1, help="delphi: files the features are split across")] = 4,
+    model: Annotated[Optional[str], typer.Option(help="delphi: HF model directory or hub id (default: the model the dictionary records)")] = None,
 ) -> None:
     """Write a dictionary for SAELens (sae_lens.SAE.load_from_disk(OUT)) or sparsify (sparsify.Sae.load_from_disk(OUT)),
-    in float32 with the input scale folded into the weights, so the tool encodes and decodes as monosemantic does."""
+    in float32 with the input scale folded into the weights, so the tool encodes and decodes as monosemantic does; or
+    its feature activations on held-out text as EleutherAI delphi's latent cache (delphi.latents.LatentDataset(OUT, …)),
+    so delphi's explainers and scorers run on it."""
     from trainer.interchange import export_dictionary
 
     try:
-        result = export_dictionary(to, registry=registry, dictionary=dictionary, out=out)
+        if to == "delphi":
+            from trainer.delphi_cache import export_latent_cache
+
+            result = {**export_latent_cache(registry, dictionary, out, contexts=contexts, context_length=context_length,
+                                            splits=splits, model=model), "notes": []}
+        else:
+            result = export_dictionary(to, registry=registry, dictionary=dictionary, out=out)
     except MonosemanticError as exc:
         _fail(exc)
     for note in result["notes"]:
