@@ -229,11 +229,20 @@ class ExplanationScore(BaseModel):
     true_negative_rate: float | None = None
 
 
+class SimulationScore(BaseModel):
+    correlation: float | None = Field(None, description="Pearson's r of the activations predicted from the explanation and the true ones; null when none parsed")
+    examples: int
+    tokens: int
+    unparsed: int
+    from_logprobs: bool = Field(False, description="predictions read as expected values from the endpoint's logprobs")
+
+
 class Explanation(BaseModel):
     explanation: str
     score: float | None = Field(None, description="the mean of the scorers' balanced accuracies; null when nothing was scored")
     detection: ExplanationScore | None = None
     fuzzing: ExplanationScore | None = None
+    simulation: SimulationScore | None = None
     run: str = Field(description="the run's record in REGISTRY/NAME/explanations/vN/")
     explainer_model: str
     scorer_model: str

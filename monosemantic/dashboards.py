@@ -110,8 +110,8 @@ def explanations(explained: ExplanationIndex | None, feature: int) -> list[dict]
     """A feature page's explanations, best-scoring first."""
     if explained is None:
         return []
-    return [{**e._asdict(), "detection": e.detection.model_dump() if e.detection else None,
-             "fuzzing": e.fuzzing.model_dump() if e.fuzzing else None} for e in explained.by_feature.get(feature, [])]
+    return [{**e._asdict(), **{kind: getattr(e, kind).model_dump() if getattr(e, kind) else None for kind in ("detection", "fuzzing", "simulation")}}
+            for e in explained.by_feature.get(feature, [])]
 
 
 def feature_order(dictionary: BoundDictionary, order: str, seed: int = 0) -> Tensor:

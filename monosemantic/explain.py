@@ -244,3 +244,77 @@ def feature_examples(statistics, feature: int, token_text) -> tuple[list[Example
         return top, []
     filled = [int(q) for q, v in zip(s.quantile_bins, s.quantile_values[feature]) if float(v) > 0]
     return top, list(zip(windows(s.quantile_tokens, s.quantile_acts, s.quantile_values), filled))
+
+
+# ---- simulation (Bills et al. 2023): the scorer predicts each token's activation from the explanation --------------
+SIMULATION_SYSTEM = (
+    "You are an intelligent and meticulous linguistics researcher. You will be given an explanation of a feature "
+    "of a language model and a text, one numbered token per line. For every token, predict how strongly the "
+    "feature the explanation describes is active on it, from 0 (not at all) to 10 (most). Answer with one line per "
+    "token, in order, each the token's number, a tab and your prediction, e.g.\n1\t0\n2\t7")
+
+_SIMULATED_LINE = re.compile(r"^\s*(\d+)\s*[\t:]\s*(\d+(?:\.\d+)?)\s*$")
+
+
+def simulation_messages(explanation: str, example: Example) -> list[dict]:
+    lines = "\n".join(f"{n}\t{json.dumps(token)}" for n, token in enumerate(example.tokens, 1))
+    return [{"role": "system", "content": SIMULATION_SYSTEM},
+            {"role": "user", "content": f"Explanation: {explanation}\n\nTokens:\n{lines}"}]
+
+
+class TokenChoice(NamedTuple):
+    """One token of an answer and the alternatives the endpoint gave for it (text, logprob)."""
+
+    text: str
+    alternatives: tuple[tuple[str, float], ...]
+
+
+def _expected_digit(choice: TokenChoice) -> float | None:
+    """The expected activation at a token that is itself a prediction 0-10, over the alternatives that are too."""
+    import math
+
+    weights = [(int(text.strip()), math.exp(logprob)) for text, logprob in choice.alternatives
+               if text.strip().isdigit() and 0 <= int(text.strip()) <= 10]
+    total = sum(w for _, w in weights)
+    return sum(v * w for v, w in weights) / total if total > 0 else None
+
+
+def parse_simulation(answer: str, count: int, tokens: Sequence[TokenChoice] | None = None) -> tuple[list[float], bool] | None:
+    """(a prediction per token, whether any came from logprobs) from a simulator's answer, or None unless it gives
+    every token 1..count a value 0-10. Where the endpoint gave logprobs, a prediction whose digits are one token is
+    its expected value over the alternatives (Bills et al.'s simulator reads the distribution, not the sample)."""
+    predicted: dict[int, float] = {}
+    for line in (answer or "").splitlines():
+        found = _SIMULATED_LINE.match(line)
+        if found and 1 <= int(found.group(1)) <= count:
+            predicted[int(found.group(1))] = min(10.0, float(found.group(2)))
+    if sorted(predicted) != list(range(1, count + 1)):
+        return None
+    refined = False
+    if tokens:
+        text, line = "", None
+        for choice in tokens:
+            before = text
+            text += choice.text
+            current = before.rsplit("\n", 1)[-1]
+            if current.endswith("\t") and choice.text.strip().isdigit():
+                index = current.strip().rstrip("\t:").strip()
+                line = int(index) if index.isdigit() else None
+                value = _expected_digit(choice)
+                if line in predicted and value is not None:
+                    predicted[line] = value
+                    refined = True
+    return [predicted[i] for i in range(1, count + 1)], refined
+
+
+def correlation(truth: Sequence[float], predicted: Sequence[float]) -> float | None:
+    """Pearson's r over tokens; None when either side is constant (no correlation to speak of)."""
+    n = len(truth)
+    if n < 2 or len(predicted) != n:
+        return None
+    mt, mp = sum(truth) / n, sum(predicted) / n
+    st = sum((t - mt) ** 2 for t in truth)
+    sp = sum((p - mp) ** 2 for p in predicted)
+    if st <= 0 or sp <= 0:
+        return None
+    return sum((t - mt) * (p - mp) for t, p in zip(truth, predicted)) / (st * sp) ** 0.5

@@ -40,6 +40,19 @@ class ScoreRecord(BaseModel):
     true_negative_rate: float | None = None
 
 
+class SimulationRecord(BaseModel):
+    """The simulation scorer's result on one feature: Pearson's r between the activations it predicted from the
+    explanation and the true ones over ``tokens`` tokens of ``examples`` examples (None when no answer parsed or
+    either side was constant), and whether predictions were read from the endpoint's logprobs."""
+
+    model_config = ConfigDict(extra="forbid")
+    correlation: float | None
+    examples: int
+    tokens: int
+    unparsed: int
+    from_logprobs: bool = False
+
+
 class Usage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt_tokens: int = 0
@@ -62,7 +75,8 @@ class FeatureExplanation(BaseModel):
     shown: int  # examples shown to the explainer
     detection: ScoreRecord | None = None
     fuzzing: ScoreRecord | None = None
-    usage: dict[str, Usage] = {}  # by stage: explain, detection, fuzzing
+    simulation: SimulationRecord | None = None
+    usage: dict[str, Usage] = {}  # by stage: explain, detection, fuzzing, simulation
     skipped: str | None = None  # why the feature was not explained (it never fired on the statistics' text)
 
 
@@ -188,6 +202,7 @@ class Explained(NamedTuple):
     score: float | None  # the mean of the scorers' balanced accuracies (None: nothing scored)
     detection: ScoreRecord | None
     fuzzing: ScoreRecord | None
+    simulation: SimulationRecord | None
     run: str
     explainer_model: str
     scorer_model: str
@@ -209,7 +224,7 @@ class ExplanationIndex:
                 if record.explanation is None:
                     continue
                 self.by_feature.setdefault(record.feature, []).append(Explained(
-                    record.explanation, _score_of(record), record.detection, record.fuzzing, header.run,
+                    record.explanation, _score_of(record), record.detection, record.fuzzing, record.simulation, header.run,
                     header.explainer_model, header.scorer_model, header.prompt_version))
         for explained in self.by_feature.values():
             explained.sort(key=lambda e: (e.score is None, -(e.score or 0.0), e.run))

@@ -97,3 +97,31 @@ def test_the_scorers_questions_are_the_same_on_a_rerun_and_five_to_a_prompt():
     first = batches(trials, seed=7)
     assert first == batches(trials, seed=7) and [len(b) for b in first] == [5, 5, 2]
     assert sorted(t.text for b in first for t in b) == sorted(t.text for t in trials)
+
+
+def test_a_simulation_gives_each_token_its_predicted_activation():
+    from monosemantic.explain import parse_simulation
+
+    assert parse_simulation("1\t0\n2\t7\n3\t10", 3) == ([0.0, 7.0, 10.0], False)
+    assert parse_simulation("Sure!\n1: 2\n3\t1\n2\t4\n", 3) == ([2.0, 4.0, 1.0], False)  # any order, chatter ignored
+    assert parse_simulation("1\t0\n2\t7", 3) is None  # a token without a prediction
+    assert parse_simulation("1\t0\n2\t70\n3\t1", 3) == ([0.0, 10.0, 1.0], False)  # capped at the scale's top
+
+
+def test_with_logprobs_a_prediction_is_its_expected_value_over_the_digit_alternatives():
+    import math
+
+    from monosemantic.explain import TokenChoice, parse_simulation
+
+    tokens = [TokenChoice("1", ()), TokenChoice("\t", ()), TokenChoice("8", (("8", math.log(0.5)), ("6", math.log(0.25)), ("x", math.log(0.25)))),
+              TokenChoice("\n", ()), TokenChoice("2", ()), TokenChoice("\t", ()), TokenChoice("0", (("0", 0.0),))]
+    predicted, refined = parse_simulation("1\t8\n2\t0", 2, tokens)
+    assert refined and predicted == [pytest.approx((8 * 0.5 + 6 * 0.25) / 0.75), 0.0]  # "x" is not a prediction
+
+
+def test_simulation_is_scored_by_pearsons_correlation():
+    from monosemantic.explain import correlation
+
+    assert correlation([0, 1, 2, 3], [0, 2, 4, 6]) == pytest.approx(1.0)
+    assert correlation([0, 1, 2, 3], [3, 2, 1, 0]) == pytest.approx(-1.0)
+    assert correlation([0, 1, 0, 1], [5, 5, 5, 5]) is None  # a constant prediction has no correlation

@@ -26,6 +26,7 @@ KEY = "explainer-key-0123456789"
 SETTINGS = ExplainSettings(concurrency=6, max_tokens=12, quiet_contexts=8)
 EXPLAINER_ANSWER = ["[EXPLANATION]:", " fires", " on", " x"]
 SCORER_ANSWER = ["[1,", " 0,", " 1,", "0,", " 1]"]  # distinct tokens for the chain: "[1, 0, 1,0, 1]"
+SIMULATOR_ANSWER = [f"{n}\t{(3 * n) % 11}\n" for n in range(1, 13)]  # a prediction for each token of a 12-token window
 
 
 def _serve_scripted(root, answer: list[str], **settings) -> RunningServer:
@@ -51,9 +52,10 @@ def scripted(tmp_path_factory):
                                                           "requests_per_second": 4}]}))
     explainer = _serve_scripted(tmp_path_factory.mktemp("scripted-explainer"), EXPLAINER_ANSWER)
     scorer = _serve_scripted(root, SCORER_ANSWER, api_keys_file=root / "keys.json")
-    yield explainer, scorer
-    explainer.stop()
-    scorer.stop()
+    simulator = _serve_scripted(tmp_path_factory.mktemp("scripted-simulator"), SIMULATOR_ANSWER)
+    yield explainer, scorer, simulator
+    for running in (explainer, scorer, simulator):
+        running.stop()
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def _unparsed(scripted) -> Endpoint:
 
 
 def _parsed(scripted) -> Endpoint:
-    explainer, scorer = scripted
+    explainer, scorer, _ = scripted
     return Endpoint(url=f"{explainer.http_url}/openai/v1", explainer_model="scripted", scorer_model="scripted", api_key=KEY,
                     scorer_url=f"{scorer.http_url}/openai/v1")
 
@@ -94,7 +96,7 @@ def test_an_explanation_that_does_not_parse_is_recorded_with_the_answer_and_the_
 
 
 def test_a_parsed_explanation_is_scored_by_detection_and_fuzzing_through_a_rate_limited_key(scripted, registry):
-    _, scorer = scripted
+    _, scorer, _ = scripted
     before = _refused(scorer)
     endpoint = _parsed(scripted)
     result = explain_dictionary(registry, "reference", endpoint, features="0-3", settings=SETTINGS, show_progress=False)
@@ -111,6 +113,34 @@ def test_a_parsed_explanation_is_scored_by_detection_and_fuzzing_through_a_rate_
             assert spent.requests == -(-trials // 5) and spent.prompt_tokens > 50 * spent.requests
             assert 0.0 <= scored.balanced_accuracy <= 1.0
         assert record.detection.examples + record.detection.unparsed == 2 * (record.fuzzing.examples + record.fuzzing.unparsed)
+        # The label lists do not answer a simulation: every simulated example is unparsed, none is dropped.
+        assert record.simulation.examples == 0 and record.simulation.unparsed == record.usage["simulation"].requests == 6
+        assert record.simulation.correlation is None
+
+
+def test_the_simulation_scorer_correlates_its_predictions_with_the_true_activations(scripted, registry, reference_model):
+    from monosemantic.explain import correlation, feature_examples, split_examples
+
+    explainer, _, simulator = scripted
+    endpoint = Endpoint(url=f"{explainer.http_url}/openai/v1", explainer_model="scripted", scorer_model="scripted",
+                        scorer_url=f"{simulator.http_url}/openai/v1")
+    result = explain_dictionary(registry, "reference", endpoint, features="0-1", settings=SETTINGS, show_progress=False)
+    from monosemantic.artifact import load_dictionary
+
+    statistics = load_dictionary(registry, "reference", 1).statistics
+    for feature, record in read_run(result.path)[1].items():
+        simulation = record.simulation
+        assert simulation.examples >= 1 and simulation.tokens == 12 * simulation.examples
+        assert record.detection.examples == 0  # the simulator's lines are not label lists
+        # Its answer is the same twelve predictions for every window: r against the windows it could answer.
+        scored = split_examples(*feature_examples(statistics, feature, reference_model.token_text), 6).scored
+        answered = [e for e, _ in scored[::max(1, len(scored) // 4)][:4] if len(e.tokens) == 12]
+        truth = [a for e in answered for a in e.activations]
+        predicted = [float((3 * n) % 11) for e in answered for n in range(1, 13)]
+        quiet = simulation.examples - len(answered)  # silent windows: all zeros
+        truth += [0.0] * 12 * quiet
+        predicted += [float((3 * n) % 11) for _ in range(quiet) for n in range(1, 13)]
+        assert simulation.correlation == pytest.approx(correlation(truth, predicted), abs=1e-9)
 
 
 def test_a_second_run_continues_where_the_first_stopped(scripted, registry):

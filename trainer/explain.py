@@ -23,7 +23,7 @@ from monosemantic import explain as method
 from monosemantic.artifact import load_dictionary, parse_reference
 from monosemantic.bound import BoundDictionary, bind
 from monosemantic.errors import ConfigError
-from monosemantic.explanations import (ExplanationRun, FeatureExplanation, RunWriter, ScoreRecord, Usage, read_run,
+from monosemantic.explanations import (ExplanationRun, FeatureExplanation, RunWriter, ScoreRecord, SimulationRecord, Usage, read_run,
                                        run_name, run_path, version_digest)
 from monosemantic.model import Model
 from trainer.pipeline import _dictionary_model, corpus_contexts
@@ -36,12 +36,13 @@ class ExplainSettings:
     quiet_contexts: int = 256  # held-out contexts searched for windows where a feature is silent (detection's negatives)
     concurrency: int = 4
     max_tokens: int = 200  # per answer
+    simulated: int = 4  # activating examples the simulation scorer predicts token by token (and half as many silent ones)
     retries: int = 8  # the SDK's max_retries: 8 waits of Retry-After (or its backoff, up to 8 s)
     timeout_s: float = 120.0
     seed: int = 0
 
     def as_record(self) -> dict:
-        return {k: getattr(self, k) for k in ("shown", "quiet_contexts", "max_tokens", "seed")}
+        return {k: getattr(self, k) for k in ("shown", "quiet_contexts", "max_tokens", "simulated", "seed")}
 
 
 @dataclass
@@ -131,21 +132,33 @@ class _Asker:
                         for url in {endpoint.where("explainer")[0], endpoint.where("scorer")[0]}}
         self.gate = asyncio.Semaphore(settings.concurrency)
 
-    async def ask(self, role: str, messages: list[dict]) -> tuple[str, Usage]:
+    async def ask(self, role: str, messages: list[dict], max_tokens: int | None = None, logprobs: bool = False) -> tuple[str, Usage]:
         """The ``explainer``'s or the ``scorer``'s answer to ``messages`` (greedy), and the tokens it cost."""
+        text, usage, _ = await self.ask_with_choices(role, messages, max_tokens, logprobs)
+        return text, usage
+
+    async def ask_with_choices(self, role: str, messages: list[dict], max_tokens: int | None = None,
+                               logprobs: bool = False) -> tuple[str, Usage, list[method.TokenChoice] | None]:
+        """As ask, and the answer's tokens with their alternatives where ``logprobs`` was asked and given."""
         import openai
 
         url, model = self.endpoint.where(role)
+        extra = {"logprobs": True, "top_logprobs": 5} if logprobs else {}
         async with self.gate:
             try:
                 answer = await self.clients[url].chat.completions.create(
-                    model=model, messages=messages, max_tokens=self.settings.max_tokens, temperature=0,
-                    extra_body=self.endpoint.extra_body or None)
+                    model=model, messages=messages, max_tokens=max_tokens or self.settings.max_tokens, temperature=0,
+                    extra_body=self.endpoint.extra_body or None, **extra)
             except openai.BadRequestError as exc:  # this prompt (too long for the model, say), not the endpoint
                 raise Refused(f"the {role} refused the request: {exc.message}") from None
-        usage = answer.usage
-        return (answer.choices[0].message.content or "",
-                Usage(prompt_tokens=usage.prompt_tokens if usage else 0, completion_tokens=usage.completion_tokens if usage else 0, requests=1))
+        usage, choice = answer.usage, answer.choices[0]
+        tokens = None
+        if logprobs and choice.logprobs is not None and choice.logprobs.content:
+            tokens = [method.TokenChoice(t.token, tuple((a.token, a.logprob) for a in (t.top_logprobs or [])))
+                      for t in choice.logprobs.content]
+        return (choice.message.content or "",
+                Usage(prompt_tokens=usage.prompt_tokens if usage else 0, completion_tokens=usage.completion_tokens if usage else 0, requests=1),
+                tokens)
 
     async def close(self) -> None:
         for client in self.clients.values():
@@ -188,11 +201,44 @@ async def _one_feature(asker: _Asker, dictionary: BoundDictionary, model: Model,
         return record
     seed = settings.seed * 1_000_003 + feature
     negatives = random.Random(seed).sample(quiet, min(len(quiet), len(split.scored)))
-    (detection, d_spent), (fuzzing, f_spent) = await asyncio.gather(
+    (detection, d_spent), (fuzzing, f_spent), (simulation, s_spent) = await asyncio.gather(
         _score(asker, "detection", explanation, method.detection_trials(split.scored, negatives), seed),
-        _score(asker, "fuzzing", explanation, method.fuzzing_trials(split.scored, seed), seed))
-    return record.model_copy(update={"detection": detection, "fuzzing": fuzzing,
-                                     "usage": {**record.usage, "detection": d_spent, "fuzzing": f_spent}})
+        _score(asker, "fuzzing", explanation, method.fuzzing_trials(split.scored, seed), seed),
+        _simulate(asker, explanation, split.scored, negatives, settings))
+    return record.model_copy(update={"detection": detection, "fuzzing": fuzzing, "simulation": simulation,
+                                     "usage": {**record.usage, "detection": d_spent, "fuzzing": f_spent, "simulation": s_spent}})
+
+
+async def _simulate(asker: _Asker, explanation: str, scored: list[tuple[method.Example, int | None]],
+                    quiet: list[method.Example], settings: ExplainSettings) -> tuple[SimulationRecord | None, Usage]:
+    """The simulation scorer on a few activating examples spread over the scored ones, and as many silent ones."""
+    if settings.simulated <= 0:
+        return None, Usage()
+    step = max(1, len(scored) // settings.simulated)
+    examples = [e for e, _ in scored[::step][:settings.simulated]] + quiet[:max(1, settings.simulated // 2)]
+
+    async def one(example: method.Example):
+        try:
+            text, spent, tokens = await asker.ask_with_choices("scorer", method.simulation_messages(explanation, example),
+                                                               max_tokens=8 * len(example.tokens) + 16, logprobs=True)
+        except Refused:
+            return None, Usage(requests=1)
+        return method.parse_simulation(text, len(example.tokens), tokens), spent
+
+    answers = await asyncio.gather(*(one(e) for e in examples))
+    truth, predicted, parsed, unparsed, from_logprobs, usage = [], [], 0, 0, False, Usage()
+    for example, (result, spent) in zip(examples, answers):
+        usage = usage.add(spent)
+        if result is None:
+            unparsed += 1
+            continue
+        values, refined = result
+        truth += list(example.activations)
+        predicted += values
+        parsed += 1
+        from_logprobs = from_logprobs or refined
+    return SimulationRecord(correlation=method.correlation(truth, predicted), examples=parsed, tokens=len(truth),
+                            unparsed=unparsed, from_logprobs=from_logprobs), usage
 
 
 @dataclass

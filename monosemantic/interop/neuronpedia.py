@@ -2,7 +2,8 @@
 hook), shared by the service's Neuronpedia-compatible API (service/neuronpedia/) and the explanations export, and
 explanations in the shape of Neuronpedia's explanation export (one JSON object per explanation: ``modelId``,
 ``layer`` — the source id —, ``index``, ``description``, ``explanationModelName``, ``typeName``, and ``scores``
-with ``explanationScoreTypeName``, ``explanationScoreModelName`` and ``value``)."""
+with ``explanationScoreTypeName`` — detection, fuzz, simulation (a correlation) —, ``explanationScoreModelName``
+and ``value``)."""
 
 from __future__ import annotations
 
@@ -40,5 +41,8 @@ def explanation_records(index: ExplanationIndex, model_id: str, source: str) -> 
                        "value": record.balanced_accuracy, "examples": record.examples}
                       for kind, record in (("detection", e.detection), ("fuzzing", e.fuzzing))
                       if record is not None and record.balanced_accuracy is not None]
+            if e.simulation is not None and e.simulation.correlation is not None:
+                scores.append({"explanationScoreTypeName": "simulation", "explanationScoreModelName": e.scorer_model,
+                               "value": e.simulation.correlation, "examples": e.simulation.examples})
             yield {"modelId": model_id, "layer": source, "index": str(feature), "description": e.explanation,
                    "explanationModelName": e.explainer_model, "typeName": f"monosemantic-{e.prompt_version}", "scores": scores}

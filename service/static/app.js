@@ -274,7 +274,8 @@ async function showFeature(id) {
   $("#explanations").replaceChildren(...f.explanations.map((e) => el("li", { "data-run": e.run },
     el("span", { class: "explanation" }, e.explanation), ` — ${scoreText(e.score)}`,
     el("span", { class: "muted" }, ` (detection ${e.detection && e.detection.balanced_accuracy !== null ? e.detection.balanced_accuracy.toFixed(2) : "–"}, ` +
-      `fuzzing ${e.fuzzing && e.fuzzing.balanced_accuracy !== null ? e.fuzzing.balanced_accuracy.toFixed(2) : "–"}; ` +
+      `fuzzing ${e.fuzzing && e.fuzzing.balanced_accuracy !== null ? e.fuzzing.balanced_accuracy.toFixed(2) : "–"}, ` +
+      `simulation r ${e.simulation && e.simulation.correlation !== null ? e.simulation.correlation.toFixed(2) : "–"}; ` +
       `${e.explainer_model} explained, ${e.scorer_model} scored, ${e.prompt_version})`))));
   $("#feature-summary").textContent =
     `fires on ${(100 * f.density).toPrecision(3)}% of ${f.statistics_tokens.toLocaleString()} tokens · mean ${f.mean_activation.toFixed(2)} · max ${f.max_activation.toFixed(2)} · dictionary ${f.dictionary.name} v${f.dictionary.version}`;
