@@ -6,7 +6,9 @@ scorer, and features per minute against a local OpenAI-compatible endpoint at 1 
 The endpoint is this project's own /openai/v1 on loopback, in a separate process (`monosemantic-serve`), serving
 tests/conftest.py's scripted chat model: a one-layer GPT-2 whose greedy answers are fixed strings that parse (an
 explanation for the explainer, a list of labels for the scorer), so every stage runs as it would against vLLM and
-the token counts are the prompts' real sizes. Its replies are 4-5 tokens, so the rates measure the pipeline and the
+the token counts are the prompts' real sizes in its tokenizer (whitespace words: a BPE tokenizer counts more). Its
+replies are 4-5 tokens (and the label list's to a simulation prompt, which does not parse), so the rates measure the
+pipeline and the
 prompts' prefill on this model, not an LLM's decoding: a real explainer's minutes per feature are its own. The
 dictionary explained is the shipped reference (10 top examples and 12 interval samples per feature), a copy of its
 registry in a temporary directory. Prints the table; nothing here is a bound.
@@ -82,8 +84,8 @@ def main() -> None:
     try:
         print(f"reference dictionary, {args.features} features per row, scripted explainer and scorer on loopback")
         print("| requests in flight | features/min | explain: prompt / completion tokens per feature | "
-              "detection: prompt / completion | fuzzing: prompt / completion | requests per feature |")
-        print("| --- | --- | --- | --- | --- | --- |")
+              "detection: prompt / completion | fuzzing: prompt / completion | simulation: prompt / completion | requests per feature |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             registry = work / f"registry-{concurrency}"
             shutil.copytree(reference_registry_path(), registry)
@@ -104,7 +106,8 @@ def main() -> None:
             requests = sum(u.requests for r in scored for u in r.usage.values()) / n
             print(f"| {concurrency} | {len(records) / minutes:.1f} | {per('explain', 'prompt_tokens'):,.0f} / {per('explain', 'completion_tokens'):.0f} | "
                   f"{per('detection', 'prompt_tokens'):,.0f} / {per('detection', 'completion_tokens'):.0f} | "
-                  f"{per('fuzzing', 'prompt_tokens'):,.0f} / {per('fuzzing', 'completion_tokens'):.0f} | {requests:.1f} |")
+                  f"{per('fuzzing', 'prompt_tokens'):,.0f} / {per('fuzzing', 'completion_tokens'):.0f} | "
+                  f"{per('simulation', 'prompt_tokens'):,.0f} / {per('simulation', 'completion_tokens'):.0f} | {requests:.1f} |")
     finally:
         for process in (explainer, scorer):
             process.terminate()

@@ -214,15 +214,26 @@ class ExampleSplit(NamedTuple):
 
 
 def split_examples(top: Sequence[Example], quantiles: Sequence[tuple[Example, int]], shown: int) -> ExampleSplit:
-    """The first ``shown`` activating top examples go to the explainer; the rest of the top examples and the
-    interval samples are scored. An interval sample that is the same window as a shown example (the same tokens
-    and activations: the two samplers can pick one window) is left out of the scored set."""
+    """The explainer sees the first ``shown`` activating top examples and every other sample of each activation
+    interval (delphi's explainers see quantile samples beside the top, so an explanation covers the weak end too);
+    the rest of the top examples and the other interval samples are scored, so every interval is on both sides. A
+    window that is both a top example and an interval sample (the two samplers can pick one) goes where it was
+    first put and is never on both sides."""
     firing = [e for e in top if e.fires]
-    explainer = firing[:shown]
-    seen = set(explainer)
+    explainer = list(firing[:shown])
     scored: list[tuple[Example, int | None]] = [(e, None) for e in firing[shown:]]
-    scored += [(e, q) for e, q in quantiles if e.fires and e not in seen]
-    return ExampleSplit(explainer, scored)
+    taken: dict[int, int] = {}  # interval -> samples seen so far
+    for example, quantile in quantiles:
+        if not example.fires:
+            continue
+        nth = taken.get(quantile, 0)
+        taken[quantile] = nth + 1
+        if nth % 2 == 0:
+            explainer.append(example)
+        else:
+            scored.append((example, quantile))
+    seen = set(explainer)
+    return ExampleSplit(explainer, [(e, q) for e, q in scored if e not in seen])
 
 
 def feature_examples(statistics, feature: int, token_text) -> tuple[list[Example], list[tuple[Example, int]]]:

@@ -17,6 +17,8 @@ from monosemantic.lm import read_activations
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 from trainer.cli import app
 
+pytestmark = pytest.mark.slow  # reads 48 contexts through the model and imports delphi (sentence-transformers, faiss)
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

@@ -84,12 +84,14 @@ def test_detection_shows_plain_text_with_the_activating_examples_true_and_the_qu
 
 def test_no_example_is_both_shown_to_the_explainer_and_scored():
     top = [_example(f"t{i}| x", [float(10 - i), 0.0]) for i in range(6)]
-    quantiles = [(top[1], 3), (_example("q| y", [0.5, 0.0]), 0), (_example("z| z", [0.0, 0.0]), 1)]
+    samples = [(_example(f"q{i}| y", [0.5 + i, 0.0]), i // 2) for i in range(6)]  # two samples in each of 3 intervals
+    quantiles = [(top[4], 3), *samples, (_example("z| z", [0.0, 0.0]), 1)]
     split = split_examples(top, quantiles, shown=3)
-    assert split.shown == top[:3]
     scored = [e for e, _ in split.scored]
     assert not set(scored) & set(split.shown)
-    assert scored == top[3:] + [quantiles[1][0]]  # the shown duplicate and the silent sample are left out
+    assert split.shown == top[:3] + [top[4], samples[0][0], samples[2][0], samples[4][0]]  # every other sample per interval
+    assert scored == [top[3], top[5], samples[1][0], samples[3][0], samples[5][0]]  # top[4] went to the explainer first
+    assert {q for _, q in split.scored if q is not None} == {0, 1, 2}  # every interval is scored too
 
 
 def test_the_scorers_questions_are_the_same_on_a_rerun_and_five_to_a_prompt():

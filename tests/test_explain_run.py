@@ -13,14 +13,18 @@ import re
 import shutil
 
 import httpx
+import torch
 import pytest
 from typer.testing import CliRunner
 
 from conftest import RunningServer
+from monosemantic.client import RestClient
 from monosemantic.explanations import list_runs, read_run
 from monosemantic.shipped import reference_registry_path
 from trainer.cli import app
 from trainer.explain import Endpoint, ExplainSettings, explain_dictionary
+
+pytestmark = pytest.mark.slow  # three servers and a dozen runs: ~40 s on 2 cores
 
 KEY = "explainer-key-0123456789"
 SETTINGS = ExplainSettings(concurrency=6, max_tokens=12, quiet_contexts=8)
@@ -89,7 +93,8 @@ def test_an_explanation_that_does_not_parse_is_recorded_with_the_answer_and_the_
     for record in features.values():
         assert record.explanation is None and record.unparsed_answer == "[1, 0, 1,0, 1]"  # kept, not dropped
         assert record.detection is None and record.fuzzing is None  # nothing to score
-        assert record.shown == 6 and record.usage["explain"].prompt_tokens > 100 and record.usage["explain"].requests == 1
+        assert record.shown > 6 and record.usage["explain"].requests == 1  # 6 top examples and half the interval samples
+        assert record.usage["explain"].prompt_tokens > 100
     assert result.usage.requests == 6 and result.parsed == 0
     assert result.path.parent == registry / "reference" / "explanations" / "v1"
     assert not (registry / "reference" / "v1" / "explanations").exists()  # the sealed version is untouched
@@ -116,6 +121,15 @@ def test_a_parsed_explanation_is_scored_by_detection_and_fuzzing_through_a_rate_
         # The label lists do not answer a simulation: every simulated example is unparsed, none is dropped.
         assert record.simulation.examples == 0 and record.simulation.unparsed == record.usage["simulation"].requests == 6
         assert record.simulation.correlation is None
+    # Served from where the run left it, with its scores.
+    running = RunningServer(registry=registry, dictionary="reference")
+    try:
+        with RestClient(running.http_url) as rest:
+            shown = rest.feature(2).explanations[0]
+            assert shown.explanation == "fires on x" and shown.detection.examples == features[2].detection.examples
+            assert rest.dictionaries().dictionaries[0].explained == 4
+    finally:
+        running.stop()
 
 
 def test_the_simulation_scorer_correlates_its_predictions_with_the_true_activations(scripted, registry, reference_model):
@@ -130,16 +144,16 @@ def test_the_simulation_scorer_correlates_its_predictions_with_the_true_activati
     statistics = load_dictionary(registry, "reference", 1).statistics
     for feature, record in read_run(result.path)[1].items():
         simulation = record.simulation
-        assert simulation.examples >= 1 and simulation.tokens == 12 * simulation.examples
+        assert simulation.examples == 6 and simulation.unparsed == 0  # 4 activating and 2 silent windows, all answered
         assert record.detection.examples == 0  # the simulator's lines are not label lists
-        # Its answer is the same twelve predictions for every window: r against the windows it could answer.
+        # Its answer is the same twelve predictions for every window (a window clipped at its context's start takes
+        # the first ones): r against the true activations of the windows it was shown.
         scored = split_examples(*feature_examples(statistics, feature, reference_model.token_text), 6).scored
-        answered = [e for e, _ in scored[::max(1, len(scored) // 4)][:4] if len(e.tokens) == 12]
-        truth = [a for e in answered for a in e.activations]
-        predicted = [float((3 * n) % 11) for e in answered for n in range(1, 13)]
-        quiet = simulation.examples - len(answered)  # silent windows: all zeros
-        truth += [0.0] * 12 * quiet
-        predicted += [float((3 * n) % 11) for _ in range(quiet) for n in range(1, 13)]
+        shown = [e for e, _ in scored[::max(1, len(scored) // 4)][:4]]
+        truth = [a for e in shown for a in e.activations] + [0.0] * (simulation.tokens - sum(len(e.tokens) for e in shown))
+        predicted = [float((3 * n) % 11) for e in shown for n in range(1, len(e.tokens) + 1)]
+        predicted += [float((3 * n) % 11) for _ in range(2) for n in range(1, 13)]  # the silent windows: 12 tokens each
+        assert simulation.tokens == len(truth) == len(predicted)
         assert simulation.correlation == pytest.approx(correlation(truth, predicted), abs=1e-9)
 
 
@@ -188,3 +202,23 @@ def test_an_endpoint_that_refuses_the_connection_is_a_clear_error_not_a_tracebac
     result = CliRunner().invoke(app, ["explain", "--registry", str(registry), "--dictionary", "reference", "--features", "0",
                                       "--explainer-url", "http://127.0.0.1:9/v1", "--explainer-model", "m", "--retries", "0"])
     assert result.exit_code == 2 and "http://127.0.0.1:9/v1" in result.output
+
+
+def test_detections_silent_windows_are_silent_and_bounded_per_feature(registry, reference_model):
+    from monosemantic.artifact import load_dictionary
+    from monosemantic.bound import bind
+    from monosemantic.lm import read_activations
+    from trainer.explain import quiet_windows
+    from trainer.pipeline import corpus_contexts
+
+    dictionary = bind(reference_model, load_dictionary(registry, "reference", 1))
+    contexts, _ = corpus_contexts(reference_model.lm.tokenizer, "heldout", 49, None, 16)
+    found = quiet_windows(reference_model, dictionary, contexts, 12, [0, 1, 2, 2201], per_feature=5)
+    assert all(len(windows) <= 5 for windows in found.values()) and len(found[0]) == 5
+    ids = {tuple(reference_model.token_text(int(t)) for t in row[1:][lo:lo + 12]): (r, lo) for r, row in enumerate(contexts) for lo in range(0, 48, 12)}
+    x = read_activations(reference_model.lm, contexts, dictionary.hook, attention_mask=torch.ones_like(contexts))[:, 1:].float()
+    codes = dictionary.sae.encode(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)
+    for feature, windows in found.items():
+        for window in windows:
+            r, lo = ids[window.tokens]
+            assert float(codes[r, lo:lo + 12, feature].max()) <= 0  # silent on every token of it

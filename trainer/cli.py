@@ -343,7 +343,7 @@ def explain_cmd(
     every: Annotated[bool, typer.Option("--all", help="every feature")] = False,
     api_key_env: Annotated[Optional[str], typer.Option(help="the environment variable holding the endpoint's key (never logged or stored)")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 4,
-    shown: Annotated[int, typer.Option(min=1, help="top examples shown to the explainer; the other examples are scored")] = 6,
+    shown: Annotated[int, typer.Option(min=1, help="top examples shown to the explainer, beside every other interval sample; the other examples are scored")] = 6,
     retries: Annotated[int, typer.Option(min=0, help="retries of a request answered 408/409/429/5xx (backoff, honouring Retry-After)")] = 8,
     max_tokens: Annotated[int, typer.Option(min=16, help="the longest answer asked for")] = 200,
     chat_template: Annotated[Optional[Path], typer.Option(help="a Jinja chat template sent with each request (for a server whose model has none, as this project's /openai/v1 accepts)")] = None,

@@ -32,7 +32,7 @@ from trainer.progress import progress
 
 @dataclass(frozen=True)
 class ExplainSettings:
-    shown: int = 6  # top examples shown to the explainer; the rest of the top ones and the interval samples are scored
+    shown: int = 6  # top examples shown to the explainer (with every other interval sample); the rest are scored
     quiet_contexts: int = 256  # held-out contexts searched for windows where a feature is silent (detection's negatives)
     concurrency: int = 4
     max_tokens: int = 200  # per answer
@@ -89,13 +89,16 @@ def parse_features(spec: str | None, sample: int | None, every: bool, d_sae: int
 
 
 def quiet_windows(model: Model, dictionary: BoundDictionary, contexts: torch.Tensor, window: int,
-                  features: Sequence[int]) -> dict[int, list[method.Example]]:
-    """For each feature, windows of ``window`` tokens of the held-out ``contexts`` on which it does not fire at all
-    (read through the model and the dictionary, as the service reads them): detection's non-activating examples."""
+                  features: Sequence[int], per_feature: int = 32) -> dict[int, list[method.Example]]:
+    """For each feature, up to ``per_feature`` windows of ``window`` tokens of the held-out ``contexts`` on which it
+    does not fire at all (read through the model and the dictionary, as the service reads them): detection's
+    non-activating examples. Bounded per feature, so explaining every feature of a wide dictionary holds a few
+    thousand windows, not one per silent feature per window."""
     from monosemantic.lm import read_activations
 
     wanted = torch.tensor(list(features), dtype=torch.long)
     found: dict[int, list[method.Example]] = {f: [] for f in features}
+    short = torch.ones(len(wanted), dtype=torch.bool)  # features still short of `per_feature` windows
     for start in range(0, contexts.shape[0], 8):
         ids = contexts[start:start + 8]
         with torch.no_grad():
@@ -104,12 +107,18 @@ def quiet_windows(model: Model, dictionary: BoundDictionary, contexts: torch.Ten
         body = ids[:, 1:]
         for row in range(body.shape[0]):
             for lo in range(0, body.shape[1] - window + 1, window):
-                fired = codes[row, lo:lo + window].amax(0) > 0  # [features]
-                if bool(fired.all()):
+                takers = (codes[row, lo:lo + window].amax(0) <= 0) & short  # silent here, and still wanting windows
+                if not bool(takers.any()):
                     continue
                 tokens = tuple(model.token_text(int(t)) for t in body[row, lo:lo + window])
-                for column in (~fired).nonzero().flatten().tolist():
-                    found[int(wanted[column])].append(method.Example(tokens, tuple(0.0 for _ in tokens)))
+                example = method.Example(tokens, tuple(0.0 for _ in tokens))  # one object, shared by every taker
+                for column in takers.nonzero().flatten().tolist():
+                    mine = found[int(wanted[column])]
+                    mine.append(example)
+                    if len(mine) >= per_feature:
+                        short[column] = False
+        if not bool(short.any()):
+            break
     return found
 
 
