@@ -262,6 +262,8 @@ class ExplainResult:
 def explain_dictionary(registry: Path, reference: str, endpoint: Endpoint, *, features: str | None = None,
                        sample: int | None = None, every: bool = False, model: str | Path | None = None,
                        settings: ExplainSettings = ExplainSettings(), model_dtype: str = "auto", show_progress: bool = True) -> ExplainResult:
+    """Explain and score the chosen features of NAME[:VERSION] at ``endpoint``, appending each to the run's record
+    (a rerun with the same models continues it); the model reads the held-out windows detection needs silent."""
     name, version = parse_reference(reference)
     lm = _dictionary_model(registry, name, version, model, model_dtype)
     loaded = Model.of(lm)
