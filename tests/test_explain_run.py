@@ -46,7 +46,7 @@ def _serve_scripted(root, answer: list[str], **settings) -> RunningServer:
             model=ModelRef(name="scripted", checksum=lm.checksum),
             hook=HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
     return RunningServer(model=str(root / "model"), registry=root / "registry", dictionary="d", sae_dtype="float32",
-                         openai_model_id="scripted", max_tokens=4096, **settings)
+                         openai_model_id="scripted", **{"max_tokens": 4096, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +222,15 @@ def test_detections_silent_windows_are_silent_and_bounded_per_feature(registry, 
         for window in windows:
             r, lo = ids[window.tokens]
             assert float(codes[r, lo:lo + 12, feature].max()) <= 0  # silent on every token of it
+
+
+def test_a_prompt_the_endpoint_refuses_records_the_feature_as_refused_with_the_reason_and_goes_on(tmp_path, registry):
+    short = _serve_scripted(tmp_path, EXPLAINER_ANSWER, max_tokens=64)  # a context shorter than any prompt
+    try:
+        endpoint = Endpoint(url=f"{short.http_url}/openai/v1", explainer_model="scripted", scorer_model="scripted")
+        result = explain_dictionary(registry, "reference", endpoint, features="0-2", settings=SETTINGS, show_progress=False)
+        records = read_run(result.path)[1]
+        assert result.done == 3 and result.skipped == 3 and sorted(records) == [0, 1, 2]
+        assert all(r.explanation is None and "refused" in r.skipped and "64" in r.skipped for r in records.values())
+    finally:
+        short.stop()

@@ -382,6 +382,9 @@ def explain_cmd(
             raise
         _fail(ConfigError(f"the endpoint {explainer_url} failed: {exc}"))
     u = result.usage
+    if result.skipped:
+        typer.echo(f"note: {result.skipped} features were not explained (never fired, or the explainer refused the prompt: "
+                   f"each one's reason is in {result.path})", err=True)
     typer.echo(f"{result.done} features explained ({result.parsed} parsed), {result.resumed} already done; "
                f"{u.requests} requests, {u.prompt_tokens:,} prompt and {u.completion_tokens:,} completion tokens; {result.path}")
 

@@ -257,6 +257,7 @@ class ExplainResult:
     resumed: int  # features already in the record, not asked again
     usage: Usage
     parsed: int  # of the features done, those whose explanation parsed
+    skipped: int = 0  # of the features done, those not explained (never fired, or the explainer refused the prompt)
 
 
 def explain_dictionary(registry: Path, reference: str, endpoint: Endpoint, *, features: str | None = None,
@@ -295,7 +296,7 @@ def explain_dictionary(registry: Path, reference: str, endpoint: Endpoint, *, fe
 async def _run(writer: RunWriter, endpoint: Endpoint, settings: ExplainSettings, dictionary: BoundDictionary, model: Model,
                todo: list[int], quiet: dict[int, list[method.Example]], path: Path, resumed: int, show_progress: bool) -> ExplainResult:
     asker = _Asker(endpoint, settings)
-    usage, parsed = Usage(), 0
+    usage, parsed, skipped = Usage(), 0, [0]
     bar: Any = progress(total=len(todo), desc="explain", unit="feature", enabled=show_progress)
     try:
         # Features are started a few at a time beyond the request bound, so a finished one is written while others
@@ -305,25 +306,26 @@ async def _run(writer: RunWriter, endpoint: Endpoint, settings: ExplainSettings,
         for feature in queue:
             pending.add(asyncio.create_task(_one_feature(asker, dictionary, model, feature, quiet.get(feature, []), settings)))
             if len(pending) >= 2 * settings.concurrency:
-                parsed, usage = await _drain(pending, writer, bar, parsed, usage)
+                parsed, usage = await _drain(pending, writer, bar, parsed, usage, skipped)
         while pending:
-            parsed, usage = await _drain(pending, writer, bar, parsed, usage)
+            parsed, usage = await _drain(pending, writer, bar, parsed, usage, skipped)
     finally:
         for task in pending:
             task.cancel()
         bar.close()
         await asker.close()
-    return ExplainResult(path=path, done=len(todo), resumed=resumed, usage=usage, parsed=parsed)
+    return ExplainResult(path=path, done=len(todo), resumed=resumed, usage=usage, parsed=parsed, skipped=skipped[0])
 
 
-async def _drain(pending: set, writer: RunWriter, bar: Any, parsed: int, usage: Usage) -> tuple[int, Usage]:
-    """Write the features that finish next (at least one)."""
+async def _drain(pending: set, writer: RunWriter, bar: Any, parsed: int, usage: Usage, skipped: list[int]) -> tuple[int, Usage]:
+    """Write the features that finish next (at least one); ``skipped[0]`` counts those not explained."""
     done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         pending.discard(task)
         record = task.result()
         writer.write(record)
         parsed += record.explanation is not None
+        skipped[0] += record.skipped is not None
         for spent in record.usage.values():
             usage = usage.add(spent)
         bar.update(1)
