@@ -385,7 +385,7 @@ def explain_cmd(
     if result.skipped:
         typer.echo(f"note: {result.skipped} features were not explained (never fired, or the explainer refused the prompt: "
                    f"each one's reason is in {result.path})", err=True)
-    typer.echo(f"{result.done} features explained ({result.parsed} parsed), {result.resumed} already done; "
+    typer.echo(f"{result.done} features done ({result.parsed} explained), {result.resumed} already done; "
                f"{u.requests} requests, {u.prompt_tokens:,} prompt and {u.completion_tokens:,} completion tokens; {result.path}")
 
 
