@@ -32,10 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from conftest import scripted_chat_model  # noqa: E402
-from monosemantic.artifact import HookRef, ModelRef, publish  # noqa: E402
-from monosemantic.lm import load_lm, resolve_hook  # noqa: E402
-from monosemantic.sae import SAEConfig, build_sae  # noqa: E402
+from conftest import scripted_chat_registry  # noqa: E402
 from monosemantic.shipped import reference_registry_path  # noqa: E402
 from trainer.explain import Endpoint, ExplainSettings, explain_dictionary  # noqa: E402
 
@@ -50,14 +47,9 @@ def _port() -> int:
 
 
 def serve(root: Path, answer: list[str]) -> tuple[subprocess.Popen, str]:
-    lm = load_lm(scripted_chat_model(root / "model", answer))
-    point = resolve_hook(lm, "blocks.0.hook_resid_pre")
-    width = lm.model.config.n_embd
-    publish(root / "registry", "d", build_sae(SAEConfig.build(architecture="relu", d_in=width, d_sae=2 * width), seed=0),
-            model=ModelRef(name="scripted", checksum=lm.checksum),
-            hook=HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
+    model, registry = scripted_chat_registry(root, answer)
     port = _port()
-    env = {**os.environ, "MONOSEMANTIC_MODEL": str(root / "model"), "MONOSEMANTIC_REGISTRY": str(root / "registry"),
+    env = {**os.environ, "MONOSEMANTIC_MODEL": str(model), "MONOSEMANTIC_REGISTRY": str(registry),
            "MONOSEMANTIC_DICTIONARY": "d", "MONOSEMANTIC_HTTP_PORT": str(port), "MONOSEMANTIC_GRPC_PORT": str(_port()),
            "MONOSEMANTIC_OPENAI_MODEL_ID": "scripted", "MONOSEMANTIC_HOST": "127.0.0.1"}
     process = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -277,3 +277,19 @@ def write_explanation_run(registry: Path, name: str, run: str, explanations: dic
         writer.write(FeatureExplanation(feature=feature, explanation=text, shown=6, unparsed_answer=None if text else "noise",
                                         detection=score(accuracy) if scored else None, fuzzing=score(accuracy) if scored else None))
     writer.close()
+
+
+def scripted_chat_registry(root: Path, answer: list[str]) -> tuple[Path, Path]:
+    """(model directory, registry) to serve scripted_chat_model(answer) from: the service binds a dictionary to its
+    model, so a random ReLU one (named ``d``, at blocks.0.hook_resid_pre) is published for it."""
+    from monosemantic.artifact import HookRef
+    from monosemantic.lm import load_lm, resolve_hook
+    from monosemantic.sae import SAEConfig, build_sae
+
+    lm = load_lm(scripted_chat_model(root / "model", answer))
+    point = resolve_hook(lm, "blocks.0.hook_resid_pre")
+    width = lm.model.config.n_embd
+    publish(root / "registry", "d", build_sae(SAEConfig.build(architecture="relu", d_in=width, d_sae=2 * width), seed=0),
+            model=ModelRef(name="scripted", checksum=lm.checksum),
+            hook=HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
+    return root / "model", root / "registry"

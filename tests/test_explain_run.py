@@ -17,7 +17,7 @@ import torch
 import pytest
 from typer.testing import CliRunner
 
-from conftest import RunningServer
+from conftest import RunningServer, scripted_chat_registry
 from monosemantic.client import RestClient
 from monosemantic.explanations import list_runs, read_run
 from monosemantic.shipped import reference_registry_path
@@ -34,18 +34,8 @@ SIMULATOR_ANSWER = [f"{n}\t{(3 * n) % 11}\n" for n in range(1, 13)]  # a predict
 
 
 def _serve_scripted(root, answer: list[str], **settings) -> RunningServer:
-    from conftest import scripted_chat_model
-    from monosemantic.artifact import HookRef, ModelRef, publish
-    from monosemantic.lm import load_lm, resolve_hook
-    from monosemantic.sae import SAEConfig, build_sae
-
-    lm = load_lm(scripted_chat_model(root / "model", answer))
-    point = resolve_hook(lm, "blocks.0.hook_resid_pre")
-    width = lm.model.config.n_embd
-    publish(root / "registry", "d", build_sae(SAEConfig.build(architecture="relu", d_in=width, d_sae=2 * width), seed=0),
-            model=ModelRef(name="scripted", checksum=lm.checksum),
-            hook=HookRef(name=point.name, module_path=point.module_path, alias=point.alias, kind=point.kind))
-    return RunningServer(model=str(root / "model"), registry=root / "registry", dictionary="d", sae_dtype="float32",
+    model, registry = scripted_chat_registry(root, answer)
+    return RunningServer(model=str(model), registry=registry, dictionary="d", sae_dtype="float32",
                          openai_model_id="scripted", **{"max_tokens": 4096, **settings})
 
 
