@@ -27,7 +27,10 @@ def _stats(dictionary: BoundDictionary) -> FeatureStatistics:
     return dictionary.statistics
 
 
-def _examples(model: Model, tokens: Tensor, acts: Tensor, values: Tensor, centre: int, quantiles: Tensor | None) -> list[dict]:
+def window_examples(token_text, tokens: Tensor, acts: Tensor, values: Tensor, centre: int, quantiles: Tensor | None) -> list[dict]:
+    """A feature's stored windows as examples (token ids and text, activations, the interval each was sampled from),
+    the slots never filled (value 0) left out; ``token_text(id)`` renders a token. Feature pages and the explainer's
+    prompts (monosemantic/explain.py) both read them through here."""
     out = []
     for i in range(tokens.shape[0]):
         if float(values[i]) <= 0:
@@ -38,7 +41,7 @@ def _examples(model: Model, tokens: Tensor, acts: Tensor, values: Tensor, centre
         ids, activations = ids[keep].tolist(), acts[i][keep].float().tolist()
         out.append({
             "value": float(values[i]), "centre": centre - first, "token_ids": ids,
-            "tokens": [model.token_text(t) for t in ids], "activations": activations,
+            "tokens": [token_text(t) for t in ids], "activations": activations,
             "quantile": None if quantiles is None else int(quantiles[i]),
         })
     return out
@@ -61,8 +64,8 @@ def feature_page(model: Model, dictionary: BoundDictionary, feature: int) -> dic
         "max_activation": float(t.max_activation[feature]),
         "histogram": {"log10_edges": t.histogram_log10_edges.tolist(), "counts": t.histogram_counts[feature].tolist()}
         if t.histogram_counts is not None else {"log10_edges": [], "counts": []},
-        "top_examples": _examples(model, t.top_tokens[feature], t.top_acts[feature], t.top_values[feature], centre, None),
-        "quantile_examples": _examples(model, t.quantile_tokens[feature], t.quantile_acts[feature], t.quantile_values[feature],
+        "top_examples": window_examples(model.token_text, t.top_tokens[feature], t.top_acts[feature], t.top_values[feature], centre, None),
+        "quantile_examples": window_examples(model.token_text, t.quantile_tokens[feature], t.quantile_acts[feature], t.quantile_values[feature],
                                        centre, t.quantile_bins) if t.quantile_tokens is not None else [],
         "logit_up": _logits(model, t.logit_up_ids[feature], t.logit_up_values[feature]) if t.logit_up_ids is not None else [],
         "logit_down": _logits(model, t.logit_down_ids[feature], t.logit_down_values[feature]) if t.logit_down_ids is not None else [],

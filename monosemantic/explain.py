@@ -237,24 +237,22 @@ def split_examples(top: Sequence[Example], quantiles: Sequence[tuple[Example, in
 
 
 def feature_examples(statistics, feature: int, token_text) -> tuple[list[Example], list[tuple[Example, int]]]:
-    """A feature's stored examples (monosemantic/feature_stats.py): its top windows, strongest first, and its
-    samples across activation intervals with each one's interval; ``token_text(id)`` renders a token. Windows are
-    clipped at their context's start (ids −1), and a sample slot never filled (value 0) is left out."""
-    def windows(tokens, acts, values) -> list[Example]:
-        out = []
-        for ids, activations, value in zip(tokens[feature], acts[feature], values[feature]):
-            if float(value) <= 0:
-                continue
-            keep = ids >= 0
-            out.append(Example(tuple(token_text(int(i)) for i in ids[keep]), tuple(float(a) for a in activations[keep])))
-        return out
+    """A feature's stored examples (monosemantic/feature_stats.py), read as its feature page reads them
+    (dashboards.window_examples): its top windows, strongest first, and its samples across activation intervals with
+    each one's interval; ``token_text(id)`` renders a token."""
+    from monosemantic.dashboards import window_examples
 
     s = statistics
-    top = windows(s.top_tokens, s.top_acts, s.top_values) if s.top_tokens is not None else []
-    if s.quantile_tokens is None:
-        return top, []
-    filled = [int(q) for q, v in zip(s.quantile_bins, s.quantile_values[feature]) if float(v) > 0]
-    return top, list(zip(windows(s.quantile_tokens, s.quantile_acts, s.quantile_values), filled))
+
+    def read(tokens, acts, values, bins) -> list[dict]:
+        return window_examples(token_text, tokens[feature], acts[feature], values[feature], s.centre, bins) if tokens is not None else []
+
+    def as_example(d: dict) -> Example:
+        return Example(tuple(d["tokens"]), tuple(d["activations"]))
+
+    top = [as_example(d) for d in read(s.top_tokens, s.top_acts, s.top_values, None)]
+    samples = read(s.quantile_tokens, s.quantile_acts, s.quantile_values, s.quantile_bins)
+    return top, [(as_example(d), d["quantile"]) for d in samples]
 
 
 # ---- simulation (Bills et al. 2023): the scorer predicts each token's activation from the explanation --------------

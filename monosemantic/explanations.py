@@ -266,7 +266,7 @@ def explanation_index(registry: Path, name: str, version: int, manifest_sha256: 
     page asks for it on every view, and a run being written appends to its file while the service reads."""
     directory = runs_dir(registry, name, version)
     files = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
-    signature = (manifest_sha256, *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    signature = (manifest_sha256, *((f.name, st.st_size, st.st_mtime_ns) for f in files for st in (f.stat(),)))
     cached = _INDEXES.get(directory)
     if cached is not None and cached[0] == signature:
         return cached[1]

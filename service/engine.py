@@ -569,9 +569,11 @@ class Engine:
         elif req.by == "explanation":
             if not req.q.split():
                 raise invalid("q", "is empty: give words an explanation should contain")
+            hits = explained.search(req.q) if explained is not None else []
             scores = torch.zeros(entry.d_sae, dtype=torch.float64)
-            for hit, score in (explained.search(req.q) if explained is not None else []):
-                scores[hit] = score + 1.0  # every hit ranks above the features without one, best score first
+            scores[[f for f, _ in hits]] = torch.tensor([score for _, score in hits], dtype=torch.float64)
+            matched = torch.zeros(entry.d_sae, dtype=torch.bool)
+            matched[[f for f, _ in hits]] = True  # an unscored explanation (score 0) is a hit too
         elif req.by == "token":
             if len(req.q) > 200:
                 raise invalid("q", "a token search takes one token (at most 200 characters)")
@@ -587,12 +589,13 @@ class Engine:
             with self.admission.admitted():
                 peaks = await self.admission.submit(job)
             scores = dashboards.snippet_scores(entry, peaks)
+        if req.by != "explanation":
+            matched = scores > 0
         ranked = scores.argsort(descending=True, stable=True)
-        ranked = ranked[scores[ranked] > 0]
+        ranked = ranked[matched[ranked]]
         first = (req.page - 1) * page_size
         shown = ranked[first : first + page_size]
-        results = [{**summary, "score": float(scores[summary["feature"]]) - (req.by == "explanation")}
-                   for summary in dashboards.summaries(entry, shown, explained)]
+        results = [{**summary, "score": float(scores[summary["feature"]])} for summary in dashboards.summaries(entry, shown, explained)]
         return schemas.SearchFeaturesResponse.model_validate({
             "dictionary": _ref(entry).model_dump(), "by": req.by, "total": int(ranked.numel()),
             "page": req.page, "page_size": page_size, "results": results,

@@ -53,19 +53,13 @@ def many(tmp_path_factory, model):
     return root
 
 
+# `server`: conftest.py's `client` fixture runs every test on it over REST and gRPC alike.
 @pytest.fixture(scope="module")
-def served(many):
+def server(many):
     running = RunningServer(registry=many, dictionaries=["reference:1", "resid", "attn", "pre"], watch_features="7,resid:3:three",
                             sae_dtype="float32", max_new_tokens=16)
     yield running
     running.stop()
-
-
-@pytest.fixture(params=["rest", "grpc"])
-def client(request, served):
-    made = RestClient(served.http_url) if request.param == "rest" else GrpcClient(served.grpc_target)
-    yield made
-    made.close()
 
 
 def _direct(model, many, name, ids):
@@ -192,10 +186,10 @@ def test_search_reads_the_named_dictionary(client):
     assert client.search_features("import os").dictionary.name == "reference"
 
 
-def test_metrics_label_every_loaded_dictionary_and_the_watched_features_by_name(served):
-    with RestClient(served.http_url) as rest:
+def test_metrics_label_every_loaded_dictionary_and_the_watched_features_by_name(server):
+    with RestClient(server.http_url) as rest:
         rest.activations(text=TEXT, dictionaries=["reference", "resid"])
-        text = httpx.get(served.http_url + "/metrics").text
+        text = httpx.get(server.http_url + "/metrics").text
     info = [line for line in text.splitlines() if line.startswith("monosemantic_dictionary_info{")]
     assert len(info) == 4 and sum('default="true"' in line for line in info) == 1
     for name in ("reference", "resid"):
@@ -313,25 +307,25 @@ def test_a_dictionary_whose_statistics_are_off_the_layout_is_refused_at_load_and
         assert c.feature(5).dictionary.name == "reference"
 
 
-def _observed(served, name: str) -> float:
-    for line in httpx.get(served.http_url + "/metrics").text.splitlines():
+def _observed(server, name: str) -> float:
+    for line in httpx.get(server.http_url + "/metrics").text.splitlines():
         if line.startswith(f'monosemantic_observed_tokens_total{{dictionary="{name}",'):
             return float(line.split()[-1])
     return 0.0
 
 
-def test_observe_counts_the_texts_for_the_dictionaries_it_names(served):
+def test_observe_counts_the_texts_for_the_dictionaries_it_names(server):
     import time
 
-    before = {name: _observed(served, name) for name in ("reference", "resid", "attn")}
-    with RestClient(served.http_url) as rest:
+    before = {name: _observed(server, name) for name in ("reference", "resid", "attn")}
+    with RestClient(server.http_url) as rest:
         accepted = rest.observe([TEXT], dictionaries=["resid", "attn"])
     deadline = time.time() + 30
-    while time.time() < deadline and _observed(served, "attn") < before["attn"] + accepted.tokens:
+    while time.time() < deadline and _observed(server, "attn") < before["attn"] + accepted.tokens:
         time.sleep(0.05)
-    assert _observed(served, "resid") == before["resid"] + accepted.tokens
-    assert _observed(served, "attn") == before["attn"] + accepted.tokens
-    assert _observed(served, "reference") == before["reference"]  # not named: not read
+    assert _observed(server, "resid") == before["resid"] + accepted.tokens
+    assert _observed(server, "attn") == before["attn"] + accepted.tokens
+    assert _observed(server, "reference") == before["reference"]  # not named: not read
 
 
 def test_an_engine_started_in_process_leaves_the_callers_grad_mode_alone(many):

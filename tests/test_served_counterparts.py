@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monosemantic.artifact import load_dictionary, publish
-from monosemantic.client import GrpcClient, RestClient, ServiceCallError
+from monosemantic.client import ServiceCallError
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 
 from conftest import RunningServer
@@ -18,8 +18,9 @@ from conftest import RunningServer
 D_SAE = 4096
 
 
+# `server`: conftest.py's `client` fixture runs every test on it over REST and gRPC alike.
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("counterparts")
     shutil.copytree(reference_registry_path() / REFERENCE_DICTIONARY, root / REFERENCE_DICTIONARY)
     shipped = load_dictionary(root, REFERENCE_DICTIONARY, 1)
@@ -32,13 +33,6 @@ def served(tmp_path_factory):
     running = RunningServer(registry=root, dictionaries=["reference:1", "reversed"], max_text_chars=2000, max_new_tokens=16)
     yield running
     running.stop()
-
-
-@pytest.fixture(params=["rest", "grpc"])
-def client(request, served):
-    made = RestClient(served.http_url) if request.param == "rest" else GrpcClient(served.grpc_target)
-    yield made
-    made.close()
 
 
 def test_a_feature_page_names_its_counterpart_in_the_other_dictionary_first(client):

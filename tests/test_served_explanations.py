@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from conftest import RunningServer, write_explanation_run
-from monosemantic.client import GrpcClient, RestClient, ServiceCallError
+from monosemantic.client import RestClient, ServiceCallError
 from monosemantic.explanations import run_path
 from monosemantic.shipped import REFERENCE_DICTIONARY, reference_registry_path
 
@@ -29,18 +29,12 @@ def registry(tmp_path_factory):
     return root
 
 
+# `server`: conftest.py's `client` fixture runs every test on it over REST and gRPC alike.
 @pytest.fixture(scope="module")
-def served(registry):
+def server(registry):
     running = RunningServer(registry=registry, dictionary=REFERENCE_DICTIONARY)
     yield running
     running.stop()
-
-
-@pytest.fixture(params=["rest", "grpc"])
-def client(request, served):
-    made = RestClient(served.http_url) if request.param == "rest" else GrpcClient(served.grpc_target)
-    yield made
-    made.close()
 
 
 def test_a_feature_page_lists_every_runs_explanation_best_scoring_first(client):
@@ -85,9 +79,9 @@ def test_the_dictionary_listing_counts_explained_features_and_their_median_best_
     assert info.explanation_median_score == pytest.approx(0.8)  # the median of 0.9 and 0.7 (5 is unscored)
 
 
-def test_a_run_written_while_serving_shows_on_the_next_request(served, registry):
+def test_a_run_written_while_serving_shows_on_the_next_request(server, registry):
     write_run(registry, "later", {11: ("a later explanation", 0.75)})
-    with RestClient(served.http_url) as rest:
+    with RestClient(server.http_url) as rest:
         assert [e.explanation for e in rest.feature(11).explanations] == ["a later explanation"]
 
 

@@ -296,37 +296,37 @@ def explain_dictionary(registry: Path, reference: str, endpoint: Endpoint, *, fe
 async def _run(writer: RunWriter, endpoint: Endpoint, settings: ExplainSettings, dictionary: BoundDictionary, model: Model,
                todo: list[int], quiet: dict[int, list[method.Example]], path: Path, resumed: int, show_progress: bool) -> ExplainResult:
     asker = _Asker(endpoint, settings)
-    usage, parsed, skipped = Usage(), 0, [0]
+    finished: list[FeatureExplanation] = []
     bar: Any = progress(total=len(todo), desc="explain", unit="feature", enabled=show_progress)
+    pending: set[asyncio.Task] = set()
     try:
         # Features are started a few at a time beyond the request bound, so a finished one is written while others
         # are in flight, and a stop loses at most those in flight.
-        pending: set[asyncio.Task] = set()
-        queue = iter(todo)
-        for feature in queue:
+        for feature in todo:
             pending.add(asyncio.create_task(_one_feature(asker, dictionary, model, feature, quiet.get(feature, []), settings)))
             if len(pending) >= 2 * settings.concurrency:
-                parsed, usage = await _drain(pending, writer, bar, parsed, usage, skipped)
+                finished += await _write_next(pending, writer, bar)
         while pending:
-            parsed, usage = await _drain(pending, writer, bar, parsed, usage, skipped)
+            finished += await _write_next(pending, writer, bar)
     finally:
         for task in pending:
             task.cancel()
         bar.close()
         await asker.close()
-    return ExplainResult(path=path, done=len(todo), resumed=resumed, usage=usage, parsed=parsed, skipped=skipped[0])
+    usage = Usage()
+    for spent in (spent for record in finished for spent in record.usage.values()):
+        usage = usage.add(spent)
+    return ExplainResult(path=path, done=len(todo), resumed=resumed, usage=usage,
+                         parsed=sum(r.explanation is not None for r in finished), skipped=sum(r.skipped is not None for r in finished))
 
 
-async def _drain(pending: set, writer: RunWriter, bar: Any, parsed: int, usage: Usage, skipped: list[int]) -> tuple[int, Usage]:
-    """Write the features that finish next (at least one); ``skipped[0]`` counts those not explained."""
+async def _write_next(pending: set, writer: RunWriter, bar: Any) -> list[FeatureExplanation]:
+    """Write the features that finish next (at least one) and give them back."""
     done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    records = []
     for task in done:
         pending.discard(task)
-        record = task.result()
-        writer.write(record)
-        parsed += record.explanation is not None
-        skipped[0] += record.skipped is not None
-        for spent in record.usage.values():
-            usage = usage.add(spent)
+        records.append(task.result())
+        writer.write(records[-1])
         bar.update(1)
-    return parsed, usage
+    return records
